@@ -1,0 +1,193 @@
+"""What a run writes to disk or puts on a bus: versioned pydantic records.
+
+- `events.jsonl` holds one `Event` per line: a `RunStart` (who the nodes are, the
+  edges), one `RoundEvent` per round (per-node losses, messages, timing) and a `RunEnd`.
+  The live view, `collective watch` and the distributed coordinator all consume these,
+  so their shape is versioned by `EVENT_SCHEMA_VERSION`.
+- `report.json` holds the `Report`: the evaluator's rows with confidence intervals,
+  the two gains and the verdict (`REPORT_SCHEMA_VERSION`).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
+
+EVENT_SCHEMA_VERSION = 1
+REPORT_SCHEMA_VERSION = 1
+
+
+class _Record(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# ---------------------------------------------------------------------------- events
+
+
+class MessageRecord(_Record):
+    """One message on one link."""
+
+    sender: str
+    receiver: str
+    round_sent: int
+    deliver_round: int
+    text: str
+    n_tokens: int
+    n_bytes: int
+    truncated: bool = False
+    dropped: bool = False
+
+
+class NodeInfo(_Record):
+    node_id: str
+    model: str
+    view: str = Field(description="short human description, e.g. 'lagged 64 (lag 32)'")
+    message_policy: str
+    controller: str
+    control_text: str = ""
+
+
+class RunStart(_Record):
+    schema_version: int = EVENT_SCHEMA_VERSION
+    kind: Literal["start"] = "start"
+    run_id: str
+    scenario: str
+    seed: int
+    nodes: list[NodeInfo]
+    edges: list[tuple[str, str]]
+    directed: bool
+    warmup_rounds: int
+    eval_rounds: int
+    round_tokens: int
+    max_message_tokens: int
+    max_message_bytes: int
+    aggregator: str
+    runtime: Literal["embedded", "mqtt"] = "embedded"
+
+
+class NodeRound(_Record):
+    """One node's round. NLLs are mean nats/token over the round; None when it missed it."""
+
+    node_id: str
+    nll_collective: float | None
+    nll_isolated: float | None
+    nll_plain: float | None
+    top1_collective: float | None = None
+    inbox_tokens: int = 0
+    bytes_sent: int = 0
+    messages_sent: int = 0
+    messages_dropped: int = 0
+    messages_truncated: int = 0
+    missed: bool = False
+    last_message: str | None = None
+
+
+class RoundEvent(_Record):
+    schema_version: int = EVENT_SCHEMA_VERSION
+    kind: Literal["round"] = "round"
+    run_id: str
+    round_index: int = Field(description="0-based over all rounds, warm-up first")
+    phase: Literal["warmup", "eval"]
+    eval_round: int | None = Field(None, description="0-based index among eval rounds")
+    start_token: int
+    n_tokens: int
+    nodes: list[NodeRound]
+    messages: list[MessageRecord]
+    nll_collective: float
+    nll_silent: float
+    nll_reference: float
+    wall_seconds: float
+    elapsed_seconds: float
+
+
+class RunEnd(_Record):
+    schema_version: int = EVENT_SCHEMA_VERSION
+    kind: Literal["end"] = "end"
+    run_id: str
+    status: Literal["complete", "interrupted", "failed"]
+    rounds_done: int
+    detail: str = ""
+
+
+Event = Annotated[RunStart | RoundEvent | RunEnd, Field(discriminator="kind")]
+EVENT_ADAPTER: TypeAdapter[RunStart | RoundEvent | RunEnd] = TypeAdapter(Event)
+
+
+def parse_event(line: str) -> RunStart | RoundEvent | RunEnd:
+    return EVENT_ADAPTER.validate_json(line)
+
+
+# ---------------------------------------------------------------------------- report
+
+
+class Interval(_Record):
+    low: float
+    high: float
+
+
+RowKind = Literal[
+    "member_plain", "member_isolated", "member_collective", "ensemble_silent", "collective", "reference"
+]
+
+ROW_TITLES: dict[str, str] = {
+    "member_plain": "member, plain",
+    "member_isolated": "member, isolated",
+    "member_collective": "member, in collective",
+    "ensemble_silent": "ensemble, silent",
+    "collective": "collective",
+    "reference": "reference, full view",
+}
+
+
+class RowReport(_Record):
+    row: RowKind
+    node_id: str | None = None
+    model: str | None = None
+    nll: float = Field(description="mean nats per token")
+    nll_ci: Interval
+    perplexity: float
+    bits_per_byte: float
+    top1: float
+    n_tokens: int
+
+
+class Gain(_Record):
+    """NLL difference in nats/token (positive = the collective is better), with its paired CI."""
+
+    value: float
+    ci: Interval
+    versus: str = Field(description="what the collective is compared with")
+
+
+class Report(_Record):
+    schema_version: int = REPORT_SCHEMA_VERSION
+    run_id: str
+    scenario: str
+    seed: int
+    runtime: Literal["embedded", "mqtt"] = "embedded"
+    aggregator: str
+    n_eval_tokens: int
+    n_eval_rounds: int
+    round_tokens: int
+    eval_bytes: int
+    block_rounds: int
+    n_boot: int
+    rows: list[RowReport]
+    best_member: str
+    collective_gain: Gain
+    communication_gain: Gain
+    verdict: str
+    control_prompts: dict[str, str] = Field(default_factory=dict)
+    missed_rounds: dict[str, int] = Field(default_factory=dict)
+    messages_sent: int = 0
+    messages_dropped: int = 0
+    messages_truncated: int = 0
+    wall_seconds: float = 0.0
+    tokens_per_second: float = 0.0
+
+    def row(self, kind: str, node_id: str | None = None) -> RowReport:
+        for row in self.rows:
+            if row.row == kind and row.node_id == node_id:
+                return row
+        raise KeyError((kind, node_id))
