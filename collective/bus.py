@@ -1,0 +1,183 @@
+"""The text bus: link budgets, latency, seeded drops, and each receiver's inbox.
+
+Data flow for one message: the sender's text goes through `outgoing_messages`, which
+applies each out-link's budget (tokens, then UTF-8 bytes) and decides, from the
+scenario seed, the link and the round, whether the link drops it. Delivered messages
+go into the receiver's `Inbox`, which shows a message from round r only in rounds
+>= r + latency and keeps the last `retain` messages per neighbour. The in-memory bus
+of the embedded runtime and the MQTT runtime both use these same pieces, which is why
+they deliver the same inboxes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import networkx as nx
+
+from collective.records import MessageRecord
+from collective.scenario import BusSpec
+from collective.seeding import uniform
+
+
+class TextCodec(Protocol):
+    def encode(self, text: str, add_special_tokens: bool = ...) -> list[int]: ...
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = ...) -> str: ...
+
+
+@dataclass(frozen=True)
+class LinkPolicy:
+    max_message_tokens: int
+    max_message_bytes: int
+    latency_rounds: int
+    drop_rate: float
+
+
+def link_policies(bus: BusSpec, edges: Iterable[tuple[str, str]]) -> dict[tuple[str, str], LinkPolicy]:
+    """Each directed edge's policy: the bus defaults, then any per-link override."""
+    overrides = {(link.source, link.target): link for link in bus.links}
+    policies = {}
+    for edge in edges:
+        link = overrides.get(edge)
+        policies[edge] = LinkPolicy(
+            max_message_tokens=bus.max_message_tokens if link is None or link.max_message_tokens is None else link.max_message_tokens,
+            max_message_bytes=bus.max_message_bytes if link is None or link.max_message_bytes is None else link.max_message_bytes,
+            latency_rounds=bus.latency_rounds if link is None or link.latency_rounds is None else link.latency_rounds,
+            drop_rate=bus.drop_rate if link is None or link.drop_rate is None else link.drop_rate,
+        )
+    return policies
+
+
+def enforce_budget(text: str, codec: TextCodec, max_tokens: int, max_bytes: int) -> tuple[str, int, int, bool]:
+    """Cut `text` to at most `max_tokens` tokens and `max_bytes` UTF-8 bytes.
+
+    Returns (text, n_tokens, n_bytes, truncated). Bytes are cut at a character boundary.
+    """
+    ids = codec.encode(text, add_special_tokens=False)
+    truncated = False
+    if len(ids) > max_tokens:
+        text = codec.decode(ids[:max_tokens], skip_special_tokens=True)
+        truncated = True
+    raw = text.encode("utf-8")
+    if len(raw) > max_bytes:
+        text = raw[:max_bytes].decode("utf-8", errors="ignore")
+        truncated = True
+    # decode(encode(x)) may differ from x; re-measure what will travel, and cut again if a
+    # re-tokenization made it longer (rare, at most a few passes).
+    for _ in range(4):
+        ids = codec.encode(text, add_special_tokens=False)
+        raw = text.encode("utf-8")
+        if len(ids) <= max_tokens and len(raw) <= max_bytes:
+            break
+        text = codec.decode(ids[: max(0, min(len(ids), max_tokens) - 1)], skip_special_tokens=True)
+        text = text.encode("utf-8")[:max_bytes].decode("utf-8", errors="ignore")
+        truncated = True
+    return text, len(ids), len(raw), truncated
+
+
+def is_dropped(seed: int, sender: str, receiver: str, round_index: int, drop_rate: float) -> bool:
+    """Whether the link drops the message sent in this round (seeded per link and round)."""
+    if drop_rate <= 0.0:
+        return False
+    return uniform(seed, "drop", sender, receiver, round_index) < drop_rate
+
+
+def outgoing_messages(
+    sender: str,
+    text: str,
+    round_index: int,
+    receivers: Sequence[str],
+    policies: dict[tuple[str, str], LinkPolicy],
+    codec: TextCodec,
+    seed: int,
+) -> list[MessageRecord]:
+    """The broadcast of `text` from `sender` as one record per out-link."""
+    records = []
+    for receiver in receivers:
+        policy = policies[(sender, receiver)]
+        cut, n_tokens, n_bytes, truncated = enforce_budget(
+            text, codec, policy.max_message_tokens, policy.max_message_bytes
+        )
+        records.append(
+            MessageRecord(
+                sender=sender,
+                receiver=receiver,
+                round_sent=round_index,
+                deliver_round=round_index + policy.latency_rounds,
+                text=cut,
+                n_tokens=n_tokens,
+                n_bytes=n_bytes,
+                truncated=truncated,
+                dropped=is_dropped(seed, sender, receiver, round_index, policy.drop_rate),
+            )
+        )
+    return records
+
+
+class Inbox:
+    """One receiver's inbox: messages become visible at their deliver round."""
+
+    def __init__(self, node_id: str, neighbours: Sequence[str], retain: int) -> None:
+        self.node_id = node_id
+        self.neighbours = list(neighbours)
+        self.retain = retain
+        self._messages: dict[str, list[MessageRecord]] = {name: [] for name in self.neighbours}
+
+    def deliver(self, message: MessageRecord) -> None:
+        if message.receiver != self.node_id or message.sender not in self._messages:
+            raise ValueError(f"{message.sender} -> {message.receiver} is not a link into {self.node_id}")
+        if message.dropped:
+            return
+        queue = self._messages[message.sender]
+        queue.append(message)
+        queue.sort(key=lambda m: (m.deliver_round, m.round_sent))
+        # keep what could still be shown: the pending ones and the last `retain` delivered
+        del queue[: max(0, len(queue) - self.retain - 8)]
+
+    def visible(self, round_index: int) -> list[MessageRecord]:
+        """Messages readable in `round_index`: the last `retain` per neighbour, neighbours in order."""
+        shown = []
+        for name in self.neighbours:
+            ready = [m for m in self._messages[name] if m.deliver_round <= round_index]
+            shown.extend(ready[-self.retain :])
+        return shown
+
+    def render(self, round_index: int, template: str, header: str = "") -> str:
+        messages = self.visible(round_index)
+        if not messages:
+            return ""
+        body = "".join(
+            template.format(sender=m.sender, text=m.text, round=m.round_sent) for m in messages
+        )
+        return header + body
+
+
+class InMemoryBus:
+    """The embedded runtime's bus: every node's inbox in one process."""
+
+    def __init__(self, graph: nx.DiGraph, bus: BusSpec, codec: TextCodec, seed: int) -> None:
+        self.graph = graph
+        self.spec = bus
+        self.codec = codec
+        self.seed = seed
+        self.policies = link_policies(bus, graph.edges())
+        self.inboxes = {
+            node: Inbox(node, list(graph.predecessors(node)), bus.retain) for node in graph.nodes()
+        }
+
+    def receivers(self, sender: str) -> list[str]:
+        return list(self.graph.successors(sender))
+
+    def send(self, sender: str, text: str, round_index: int) -> list[MessageRecord]:
+        records = outgoing_messages(
+            sender, text, round_index, self.receivers(sender), self.policies, self.codec, self.seed
+        )
+        for record in records:
+            self.inboxes[record.receiver].deliver(record)
+        return records
+
+    def render_inbox(self, node_id: str, round_index: int) -> str:
+        return self.inboxes[node_id].render(round_index, self.spec.inbox_template, self.spec.inbox_header)

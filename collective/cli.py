@@ -1,0 +1,204 @@
+"""`collective`: the command line. Thin: parse, load, call the library, render.
+
+Every user mistake ends in a one-paragraph message and a non-zero exit (2), never a
+traceback; Ctrl-C exits 130 and leaves the run folder marked incomplete.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from rich.console import Console
+
+from collective.scenario import ScenarioError, load_scenario, scenario_json_schema
+
+log = logging.getLogger("collective")
+EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from collective.corpus import CorpusError
+    from collective.models import ModelLoadError, TokenizerMismatchError
+    from collective.runner import RunError
+
+    errors: list[type[BaseException]] = [ScenarioError, RunError, ModelLoadError, TokenizerMismatchError, CorpusError]
+    try:
+        from topologies import TopologyError
+
+        errors.append(TopologyError)
+    except ImportError:  # pragma: no cover
+        pass
+    return tuple(errors)
+
+
+def _setup_logging(verbose: int) -> None:
+    from rich.logging import RichHandler
+
+    level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
+    logging.basicConfig(level=level, format="%(message)s", handlers=[RichHandler(show_path=False)])
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+    except ImportError:  # pragma: no cover
+        pass
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning, module="torch")
+
+
+def _pool(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    from collective.models import ModelPool, default_cache_dir
+
+    cache = Path(args.cache_dir) if getattr(args, "cache_dir", None) else default_cache_dir(os.environ)
+    return ModelPool(cache_dir=cache)
+
+
+# ---------------------------------------------------------------------------- run
+
+
+def cmd_run(args: argparse.Namespace, console: Console) -> int:
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    from collective.report_view import report_table
+    from collective.rundir import default_run_dir
+    from collective.runner import prepare, run_prepared
+
+    scenario = load_scenario(args.scenario)
+    if args.seed is not None:
+        scenario = scenario.model_copy(update={"seed": args.seed})
+    run_dir = Path(args.out) if args.out else default_run_dir(scenario.name)
+    with console.status(f"loading models and corpus for {scenario.name} ..."):
+        prepared = prepare(scenario, _pool(args), base_dir=Path.cwd())
+    total = scenario.evaluation.warmup_rounds + scenario.eval_rounds
+    console.print(f"run folder: {run_dir}")
+    if args.quiet:
+        result = run_prepared(prepared, run_dir)
+    elif console.is_terminal:
+        with Progress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[nll]}"),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            console=console,
+            transient=True,
+        ) as progress:
+            task = progress.add_task("rounds", total=total, nll="")
+
+            def tick(event):  # type: ignore[no-untyped-def]
+                progress.update(
+                    task,
+                    advance=1,
+                    description=f"round {event.round_index + 1}/{total} ({event.phase})",
+                    nll=f"collective {event.nll_collective:.3f} silent {event.nll_silent:.3f} nats/tok",
+                )
+
+            result = run_prepared(prepared, run_dir, on_event=tick)
+    else:
+
+        def line(event):  # type: ignore[no-untyped-def]
+            console.print(
+                f"round {event.round_index + 1}/{total} {event.phase} collective={event.nll_collective:.4f} "
+                f"silent={event.nll_silent:.4f} reference={event.nll_reference:.4f} wall={event.wall_seconds:.2f}s",
+                highlight=False,
+            )
+
+        result = run_prepared(prepared, run_dir, on_event=line)
+    if result.report is None:
+        console.print(f"[yellow]stopped early; {run_dir} is marked incomplete[/]")
+        return 1
+    console.print(report_table(result.report))
+    console.print(f"wrote {run_dir}/report.json, report.md, events.jsonl")
+    return 0
+
+
+# ---------------------------------------------------------------------------- validate, schema
+
+
+def cmd_validate(args: argparse.Namespace, console: Console) -> int:
+    failures = 0
+    for path in args.files:
+        try:
+            scenario = load_scenario(path)
+            from collective.runner import build_graph
+
+            build_graph(scenario)
+            if args.deep:
+                from collective.runner import prepare
+
+                prepare(scenario, _pool(args), base_dir=Path.cwd())
+            console.print(f"[green]ok[/] {path}: {len(scenario.nodes)} nodes, {scenario.eval_rounds} eval rounds", highlight=False)
+        except _user_errors() as exc:
+            failures += 1
+            console.print(f"[red]invalid[/] {exc}", highlight=False)
+    return EXIT_USER_ERROR if failures else 0
+
+
+def cmd_schema(args: argparse.Namespace, console: Console) -> int:
+    sys.stdout.write(json.dumps(scenario_json_schema(), indent=2) + "\n")
+    return 0
+
+
+# ---------------------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="collective",
+        description="Simulate a collective of small language models talking over a low-bandwidth text bus, "
+        "and measure whether it predicts the next token better than its members.",
+    )
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)")
+    parser.add_argument("--cache-dir", help="model cache folder (default $COLLECTIVE_CACHE/models or ~/.cache/collective/models)")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run a scenario and print the evaluation report")
+    run.add_argument("scenario", help="scenario YAML file (see scenarios/)")
+    run.add_argument("--out", help="run folder (default runs/<timestamp>-<name>/)")
+    run.add_argument("--seed", type=int, help="override the scenario's seed")
+    run.add_argument("--quiet", action="store_true", help="no progress output")
+    run.set_defaults(func=cmd_run)
+
+    validate = sub.add_parser("validate", help="check scenario files; non-zero exit on any problem")
+    validate.add_argument("files", nargs="+")
+    validate.add_argument("--deep", action="store_true", help="also load models, tokenizers and corpus (slower)")
+    validate.set_defaults(func=cmd_validate)
+
+    schema = sub.add_parser("schema", help="print the scenario JSON Schema (for editors)")
+    schema.set_defaults(func=cmd_schema)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _setup_logging(args.verbose)
+    console = Console()
+    try:
+        return int(args.func(args, console) or 0)
+    except KeyboardInterrupt:
+        console.print("[yellow]interrupted[/]: any run folder is marked INCOMPLETE and holds no report")
+        return EXIT_INTERRUPTED
+    except _user_errors() as exc:
+        console.print(f"[red]error:[/] {exc}", highlight=False)
+        return EXIT_USER_ERROR
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
