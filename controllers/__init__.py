@@ -1,0 +1,75 @@
+"""Control prompts for language models: GCG, greedy back-generation, reachability.
+
+Depends on torch and transformers only (never on the bus or the round engine).
+"""
+
+from controllers.filters import allowed_token_mask, filter_candidates, retokenizes
+from controllers.gcg import GCG, GCGConfig, GCGResult, one_hot_gradient, run_gcg, sample_candidates
+from controllers.objectives import (
+    ControllerError,
+    MeanObjective,
+    Objective,
+    Scores,
+    SequenceObjective,
+    input_embedding,
+    score_batched,
+    stream_objective,
+    target_objective,
+)
+from controllers.reach import (
+    GameResult,
+    ReachConfig,
+    ReachPair,
+    ReachResult,
+    ReachRow,
+    ReachSummary,
+    draw_pairs,
+    format_summary,
+    play_game,
+    run_reach,
+    summarize,
+)
+from controllers.search import (
+    BackoffResult,
+    GreedyConfig,
+    GreedyResult,
+    backoff_search,
+    greedy_backgenerate,
+)
+
+__all__ = [
+    "GCG",
+    "BackoffResult",
+    "ControllerError",
+    "GCGConfig",
+    "GCGResult",
+    "GameResult",
+    "GreedyConfig",
+    "GreedyResult",
+    "MeanObjective",
+    "Objective",
+    "ReachConfig",
+    "ReachPair",
+    "ReachResult",
+    "ReachRow",
+    "ReachSummary",
+    "Scores",
+    "SequenceObjective",
+    "allowed_token_mask",
+    "backoff_search",
+    "draw_pairs",
+    "filter_candidates",
+    "format_summary",
+    "greedy_backgenerate",
+    "input_embedding",
+    "one_hot_gradient",
+    "play_game",
+    "retokenizes",
+    "run_gcg",
+    "run_reach",
+    "sample_candidates",
+    "score_batched",
+    "stream_objective",
+    "summarize",
+    "target_objective",
+]
