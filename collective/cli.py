@@ -7,6 +7,7 @@ traceback; Ctrl-C exits 130 and leaves the run folder marked incomplete.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -64,7 +65,7 @@ def _pool(args: argparse.Namespace):  # type: ignore[no-untyped-def]
 # ---------------------------------------------------------------------------- run
 
 
-def cmd_run(args: argparse.Namespace, console: Console) -> int:
+def _progress_bar(console: Console, total: int):  # type: ignore[no-untyped-def]
     from rich.progress import (
         BarColumn,
         MofNCompleteColumn,
@@ -74,9 +75,45 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
         TimeRemainingColumn,
     )
 
+    progress = Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[nll]}"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=console,
+        transient=True,
+    )
+    task = progress.add_task("rounds", total=total, nll="")
+
+    def tick(event):  # type: ignore[no-untyped-def]
+        progress.update(
+            task,
+            advance=1,
+            description=f"round {event.round_index + 1}/{total} ({event.phase})",
+            nll=f"collective {event.nll_collective:.3f} silent {event.nll_silent:.3f} nats/tok",
+        )
+
+    return progress, tick
+
+
+def _plain_lines(console: Console, total: int):  # type: ignore[no-untyped-def]
+    def line(event):  # type: ignore[no-untyped-def]
+        console.print(
+            f"round {event.round_index + 1}/{total} {event.phase} collective={event.nll_collective:.4f} "
+            f"silent={event.nll_silent:.4f} reference={event.nll_reference:.4f} wall={event.wall_seconds:.2f}s",
+            highlight=False,
+            soft_wrap=True,
+        )
+
+    return line
+
+
+def cmd_run(args: argparse.Namespace, console: Console) -> int:
     from collective.report_view import report_table
-    from collective.rundir import default_run_dir
-    from collective.runner import prepare, run_prepared
+    from collective.rundir import default_run_dir, run_id_for
+    from collective.runner import prepare, run_prepared, run_start_event
 
     scenario = load_scenario(args.scenario)
     if args.seed is not None:
@@ -85,41 +122,31 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
     with console.status(f"loading models and corpus for {scenario.name} ..."):
         prepared = prepare(scenario, _pool(args), base_dir=Path.cwd())
     total = scenario.evaluation.warmup_rounds + scenario.eval_rounds
+    live = console.is_terminal if args.live is None else args.live
     console.print(f"run folder: {run_dir}")
-    if args.quiet:
-        result = run_prepared(prepared, run_dir)
-    elif console.is_terminal:
-        with Progress(
-            TextColumn("[bold]{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("{task.fields[nll]}"),
-            TimeElapsedColumn(),
-            TimeRemainingColumn(),
-            console=console,
-            transient=True,
-        ) as progress:
-            task = progress.add_task("rounds", total=total, nll="")
+    with contextlib.ExitStack() as stack:
+        executor = None
+        runtime = "embedded"
+        if args.bus and args.bus != "memory":
+            from collective.distributed.coordinator import connect_executor
 
-            def tick(event):  # type: ignore[no-untyped-def]
-                progress.update(
-                    task,
-                    advance=1,
-                    description=f"round {event.round_index + 1}/{total} ({event.phase})",
-                    nll=f"collective {event.nll_collective:.3f} silent {event.nll_silent:.3f} nats/tok",
-                )
-
-            result = run_prepared(prepared, run_dir, on_event=tick)
-    else:
-
-        def line(event):  # type: ignore[no-untyped-def]
-            console.print(
-                f"round {event.round_index + 1}/{total} {event.phase} collective={event.nll_collective:.4f} "
-                f"silent={event.nll_silent:.4f} reference={event.nll_reference:.4f} wall={event.wall_seconds:.2f}s",
-                highlight=False,
+            executor = stack.enter_context(
+                connect_executor(prepared, args.bus, run_id=run_id_for(run_dir), console=console, join_timeout=args.join_timeout)
             )
+            runtime = "mqtt"
+        if args.quiet:
+            on_event = None
+        elif live and console.is_terminal:
+            from collective.live import LiveDisplay
 
-        result = run_prepared(prepared, run_dir, on_event=line)
+            display = stack.enter_context(LiveDisplay(run_start_event(prepared, run_id_for(run_dir), runtime), console))
+            on_event = display.update
+        elif console.is_terminal:
+            progress, on_event = _progress_bar(console, total)
+            stack.enter_context(progress)
+        else:
+            on_event = _plain_lines(console, total)
+        result = run_prepared(prepared, run_dir, executor=executor, runtime=runtime, on_event=on_event)
     if result.report is None:
         console.print(f"[yellow]stopped early; {run_dir} is marked incomplete[/]")
         return 1
@@ -173,6 +200,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--out", help="run folder (default runs/<timestamp>-<name>/)")
     run.add_argument("--seed", type=int, help="override the scenario's seed")
     run.add_argument("--quiet", action="store_true", help="no progress output")
+    run.add_argument("--live", dest="live", action="store_true", default=None, help="full-screen live view (default when stdout is a terminal)")
+    run.add_argument("--no-live", dest="live", action="store_false", help="a progress bar (terminal) or plain lines instead of the live view")
+    run.add_argument("--bus", metavar="URL", help="memory (default) or mqtt://user:pass@host:1883 / mqtts://... for a distributed run")
+    run.add_argument("--join-timeout", type=float, default=300.0, help="seconds to wait for every node to join (distributed)")
     run.set_defaults(func=cmd_run)
 
     validate = sub.add_parser("validate", help="check scenario files; non-zero exit on any problem")
