@@ -48,6 +48,7 @@ def _setup_logging(verbose: int) -> None:
         from transformers.utils import logging as hf_logging
 
         hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
     except ImportError:  # pragma: no cover
         pass
     import warnings

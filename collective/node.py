@@ -54,6 +54,14 @@ class NodeRoundResult:
 
 
 def start_token(tokenizer: object) -> int:
+    """The token every context starts with: a document boundary.
+
+    `<|endoftext|>` where the vocabulary has it (GPT-2 style and SmolLM2 tokenizers, whose
+    BOS is a chat-turn marker), else BOS (Gemma, Llama), else EOS.
+    """
+    vocab = getattr(tokenizer, "get_vocab", lambda: {})()
+    if "<|endoftext|>" in vocab:
+        return int(vocab["<|endoftext|>"])
     for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
         value = getattr(tokenizer, name, None)
         if value is not None:
