@@ -59,9 +59,11 @@ def start_token(tokenizer: object) -> int:
     `<|endoftext|>` where the vocabulary has it (GPT-2 style and SmolLM2 tokenizers, whose
     BOS is a chat-turn marker), else BOS (Gemma, Llama), else EOS.
     """
-    vocab = getattr(tokenizer, "get_vocab", lambda: {})()
-    if "<|endoftext|>" in vocab:
-        return int(vocab["<|endoftext|>"])
+    convert = getattr(tokenizer, "convert_tokens_to_ids", None)
+    if convert is not None:
+        found = convert("<|endoftext|>")
+        if isinstance(found, int) and found != getattr(tokenizer, "unk_token_id", None):
+            return found
     for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
         value = getattr(tokenizer, name, None)
         if value is not None:
