@@ -14,7 +14,16 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 SCENARIO_SCHEMA_VERSION = 1
 NODE_ID_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
@@ -297,6 +306,25 @@ class EvaluationSpec(_Frozen):
 # ---------------------------------------------------------------------------- the scenario
 
 
+def _model_entry_tag(value: Any) -> str:
+    return "ref" if isinstance(value, str) else "spec"
+
+
+def _nodes_tag(value: Any) -> str:
+    return "list" if isinstance(value, list) else "template"
+
+
+# Unions chosen by the input's YAML type, so that an error is reported once, on the branch
+# the user meant (a plain union reports every branch's failure, under tags like
+# `list[NodeEntry]` that are not in the file).
+ModelEntry = Annotated[
+    Annotated[ModelSpec, Tag("spec")] | Annotated[str, Tag("ref")], Discriminator(_model_entry_tag)
+]
+NodesEntry = Annotated[
+    Annotated[list[NodeEntry], Tag("list")] | Annotated[NodeTemplate, Tag("template")], Discriminator(_nodes_tag)
+]
+
+
 class ScenarioFile(_Frozen):
     """The file as written: node list or template, defaults not yet applied."""
 
@@ -305,9 +333,9 @@ class ScenarioFile(_Frozen):
     description: str = ""
     seed: int = 0
     corpus: CorpusSpec = CorpusSpec()
-    models: dict[str, ModelSpec | str]
+    models: dict[str, ModelEntry]
     node_defaults: NodeDefaults = NodeDefaults()
-    nodes: list[NodeEntry] | NodeTemplate
+    nodes: NodesEntry
     topology: TopologySpec = TopologySpec()
     bus: BusSpec = BusSpec()
     aggregator: AggregatorSpec = AggregatorSpec()
@@ -458,26 +486,33 @@ def _format_loc(loc: tuple[Any, ...]) -> str:
     return "".join(parts) or "(top level)"
 
 
-_UNION_KEYS = ("view", "message", "controller")
-
-
-def _clean_loc(loc: tuple[Any, ...]) -> tuple[Any, ...]:
-    """Drop the union-member tags pydantic puts in a location (`view.lagged.lag` -> `view.lag`)."""
+def _clean_loc(loc: tuple[Any, ...], data: Any, missing: bool = False) -> tuple[Any, ...]:
+    """The YAML path of a pydantic error location: the parts that are keys or indexes of the
+    input data. Union tags pydantic inserts (`view.lagged.lag`, `nodes.list[0]`) are not in
+    the data and are dropped; so is nothing else, whatever a key's spelling. The last part is
+    kept when it names a required field that is absent (`missing`)."""
     cleaned: list[Any] = []
+    current = data
     for index, part in enumerate(loc):
-        previous = loc[index - 1] if index else None
-        if isinstance(part, str) and (part[:1].isupper() or part in ("str", "function-after[_file_needs_path(), CorpusSpec]")):
-            continue
-        if isinstance(part, str) and previous in _UNION_KEYS:
-            continue
-        cleaned.append(part)
+        if isinstance(current, dict):
+            if part in current:
+                cleaned.append(part)
+                current = current[part]
+            elif missing and index == len(loc) - 1:
+                cleaned.append(part)
+        elif isinstance(current, list):
+            if isinstance(part, int) and 0 <= part < len(current):
+                cleaned.append(part)
+                current = current[part]
+        elif isinstance(current, BaseModel):  # a validated object: keep pydantic's location
+            cleaned.append(part)
     return tuple(cleaned)
 
 
-def _format_validation_error(source: str, error: ValidationError) -> str:
+def _format_validation_error(source: str, error: ValidationError, data: Any) -> str:
     lines = [f"{source}: the scenario is not valid ({error.error_count()} problem(s)):"]
     for item in error.errors():
-        loc = _clean_loc(item["loc"])
+        loc = _clean_loc(item["loc"], data, missing=item["type"] == "missing")
         found = item.get("input")
         shown = repr(found) if not isinstance(found, dict) else "a mapping"
         if len(shown) > 80:
@@ -499,7 +534,8 @@ def parse_scenario(data: Any, source: str = "<scenario>", base_dir: Path | None 
     try:
         raw = ScenarioFile.model_validate(data)
     except ValidationError as error:
-        raise ScenarioError(_format_validation_error(source, error)) from None
+        raise ScenarioError(_format_validation_error(source, error, data)) from None
+    resolved: dict[str, Any] = {}
     try:
         nodes = _resolve_nodes(raw)
         models = {k: (ModelSpec(ref=v) if isinstance(v, str) else v) for k, v in raw.models.items()}
@@ -509,18 +545,17 @@ def parse_scenario(data: Any, source: str = "<scenario>", base_dir: Path | None 
                 corpus = corpus.model_copy(update={"path": (base_dir / corpus.path)})
             if topology.path is not None and not topology.path.is_absolute():
                 topology = topology.model_copy(update={"path": (base_dir / topology.path)})
-        scenario = Scenario.model_validate(
-            {
-                **raw.model_dump(exclude={"nodes", "node_defaults", "models", "corpus", "topology"}),
-                "models": models,
-                "nodes": nodes,
-                "corpus": corpus,
-                "topology": topology,
-            }
-        )
+        resolved = {
+            **raw.model_dump(exclude={"nodes", "node_defaults", "models", "corpus", "topology"}),
+            "models": models,
+            "nodes": nodes,
+            "corpus": corpus,
+            "topology": topology,
+        }
+        scenario = Scenario.model_validate(resolved)
         _cross_checks(scenario)
     except ValidationError as error:
-        raise ScenarioError(_format_validation_error(source, error)) from None
+        raise ScenarioError(_format_validation_error(source, error, resolved)) from None
     except _FieldError as error:
         raise ScenarioError(f"{source}: {_format_loc(error.loc)}: {error.message}") from None
     return scenario
