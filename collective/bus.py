@@ -134,8 +134,11 @@ class Inbox:
         queue = self._messages[message.sender]
         queue.append(message)
         queue.sort(key=lambda m: (m.deliver_round, m.round_sent))
-        # keep what could still be shown: the pending ones and the last `retain` delivered
-        del queue[: max(0, len(queue) - self.retain - 8)]
+        # keep what could still be shown: every pending one (however long the latency) and
+        # the last `retain` already readable in the round the message was sent
+        now = message.round_sent
+        readable = [m for m in queue if m.deliver_round <= now]
+        queue[:] = readable[-self.retain :] + [m for m in queue if m.deliver_round > now]
 
     def visible(self, round_index: int) -> list[MessageRecord]:
         """Messages readable in `round_index`: the last `retain` per neighbour, neighbours in order."""
