@@ -59,23 +59,36 @@ def enforce_budget(text: str, codec: TextCodec, max_tokens: int, max_bytes: int)
     ids = codec.encode(text, add_special_tokens=False)
     truncated = False
     if len(ids) > max_tokens:
-        text = codec.decode(ids[:max_tokens], skip_special_tokens=True)
+        text = _token_prefix(text, ids, codec, max_tokens)
         truncated = True
     raw = text.encode("utf-8")
     if len(raw) > max_bytes:
         text = raw[:max_bytes].decode("utf-8", errors="ignore")
         truncated = True
-    # decode(encode(x)) may differ from x; re-measure what will travel, and cut again if a
-    # re-tokenization made it longer (rare, at most a few passes).
-    for _ in range(4):
+    # decode(encode(x)) may differ from x; re-measure what will travel, and drop characters
+    # from the end until it fits (a cut text can re-tokenize longer; this always ends).
+    while True:
         ids = codec.encode(text, add_special_tokens=False)
         raw = text.encode("utf-8")
         if len(ids) <= max_tokens and len(raw) <= max_bytes:
             break
-        text = codec.decode(ids[: max(0, min(len(ids), max_tokens) - 1)], skip_special_tokens=True)
-        text = text.encode("utf-8")[:max_bytes].decode("utf-8", errors="ignore")
+        text = text[:-1]
         truncated = True
     return text, len(ids), len(raw), truncated
+
+
+def _token_prefix(text: str, ids: Sequence[int], codec: TextCodec, max_tokens: int) -> str:
+    """The text of the first `max_tokens` tokens, without a character split between tokens.
+
+    A byte-level tokenizer spreads one character over several tokens; decoding a cut in the
+    middle gives a replacement character that is not in the text (and re-tokenizes longer).
+    Back off a few tokens to a cut that decodes to a prefix of the text.
+    """
+    for k in range(max_tokens, max(-1, max_tokens - 4), -1):
+        piece = codec.decode(ids[:k], skip_special_tokens=True)
+        if text.startswith(piece):
+            return piece
+    return codec.decode(ids[:max_tokens], skip_special_tokens=True).rstrip("\ufffd")
 
 
 def is_dropped(seed: int, sender: str, receiver: str, round_index: int, drop_rate: float) -> bool:
