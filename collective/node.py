@@ -101,20 +101,30 @@ def compute_rounds(
             items.append(ScoreItem(context, request.round_inputs, request.targets))
         return index_of[key]
 
-    for request in requests:
-        control = _ids(request.control_ids)
+    # The rows that cannot depend on messages (isolated, plain) are scored in their own
+    # batches: a batch's shape (padding, size) changes the floating-point results a little,
+    # and those rows must come out the same whatever the bus does.
+    without_bus = [
+        (
+            slot(torch.cat([bos, _ids(request.control_ids), request.prefix_ids]), request) if request.want_isolated else None,
+            slot(torch.cat([bos, request.prefix_ids]), request) if request.want_plain else None,
+        )
+        for request in requests
+    ]
+    n_without_bus = len(items)
+    for request, (isolated, plain) in zip(requests, without_bus):
         inbox = _ids(encode(request.inbox_text, add_special_tokens=False)) if request.inbox_text else _ids([])
         inbox_lengths.append(len(inbox))
-        collective_ctx = torch.cat([bos, control, inbox, request.prefix_ids])
+        collective_ctx = torch.cat([bos, _ids(request.control_ids), inbox, request.prefix_ids])
         collective_contexts.append(collective_ctx)
-        slots.append(
-            (
-                slot(collective_ctx, request),
-                slot(torch.cat([bos, control, request.prefix_ids]), request) if request.want_isolated else None,
-                slot(torch.cat([bos, request.prefix_ids]), request) if request.want_plain else None,
-            )
-        )
-    scored = score_items(model, items, pad_id=pad_id, top_k=top_k, batch_tokens=batch_tokens)
+        slots.append((slot(collective_ctx, request), isolated, plain))
+    scored = TokenPredictions.stack(
+        [
+            score_items(model, part, pad_id=pad_id, top_k=top_k, batch_tokens=batch_tokens)
+            for part in (items[:n_without_bus], items[n_without_bus:])
+            if part
+        ]
+    )
     texts = _messages(model, tokenizer, requests, collective_contexts, pad_id)
     results = []
     for request, (c, i, p), n_inbox, text in zip(requests, slots, inbox_lengths, texts):
