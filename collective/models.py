@@ -87,6 +87,11 @@ class ModelSource:
     package: str | None = None
 
     @property
+    def weights_key(self) -> tuple[str, str, str | None]:
+        """What identifies the weights: an alias and the path it names share one key."""
+        return (self.kind, self.location, self.gguf_file)
+
+    @property
     def gguf_path(self) -> Path:
         if self.gguf_file is None:
             raise ValueError(f"model source {self.name!r} is not a GGUF file")
@@ -266,11 +271,12 @@ def convert_gguf(gguf_path: Path, cache_dir: Path) -> Path:
         folder, file_name = str(gguf_path.parent), gguf_path.name
         config = AutoConfig.from_pretrained(folder, gguf_file=file_name)
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=file_name)
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        with torch.device("meta"):  # no random init: every weight comes from the file
+            model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
         tensors = load_gguf_checkpoint(
             str(gguf_path), return_tensors=True, model_to_load=model, torch_dtype=torch.float32
         )["tensors"]
-        missing, unexpected = model.load_state_dict(tensors, strict=False)
+        missing, unexpected = model.load_state_dict(tensors, strict=False, assign=True)
         tied = {"lm_head.weight"} if model.config.tie_word_embeddings else set()
         unset = sorted(set(missing) - tied)
         if unset or unexpected:
@@ -294,7 +300,7 @@ def convert_gguf(gguf_path: Path, cache_dir: Path) -> Path:
                 raise
     except ModelLoadError:
         raise
-    except (OSError, ValueError, KeyError, RuntimeError) as err:
+    except Exception as err:  # a damaged or unsupported file fails in many ways inside gguf/transformers
         raise ModelLoadError(f"Could not convert the GGUF file {gguf_path}: {err}") from err
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -340,19 +346,24 @@ def load_model(
 
 
 class ModelPool:
-    """One LoadedModel per distinct (source, device, dtype), shared by every node that asks."""
+    """One LoadedModel per distinct (weights, device, dtype), shared by every node that asks.
+
+    Two refs naming the same weights (an alias and the GGUF path it resolves to) share
+    one copy; its `ref` and `name` are those of the first request.
+    """
 
     def __init__(self, cache_dir: Path | None = None) -> None:
         self.cache_dir = cache_dir or default_cache_dir()
-        self._models: dict[tuple[ModelSource, torch.device, torch.dtype], LoadedModel] = {}
+        self._models: dict[tuple[tuple[str, str, str | None], torch.device, torch.dtype], LoadedModel] = {}
 
     def get(
         self, ref: str, device: str | torch.device = "auto", dtype: str | torch.dtype = "bfloat16"
     ) -> LoadedModel:
         source = resolve_model_source(ref, cache_dir=self.cache_dir)
-        key = (source, resolve_device(device), resolve_dtype(dtype))
+        torch_device, torch_dtype = resolve_device(device), resolve_dtype(dtype)
+        key = (source.weights_key, torch_device, torch_dtype)
         if key not in self._models:
-            self._models[key] = load_model(ref, device=key[1], dtype=key[2], cache_dir=self.cache_dir)
+            self._models[key] = load_model(ref, device=torch_device, dtype=torch_dtype, cache_dir=self.cache_dir)
         return self._models[key]
 
     def __len__(self) -> int:

@@ -158,6 +158,16 @@ def test_the_pool_holds_one_copy_per_source_device_and_dtype(tiny_folder, tmp_pa
     assert len(pool) == 2
 
 
+def test_an_alias_and_the_gguf_path_it_names_share_one_pool_entry(tmp_path, monkeypatch):
+    calls: list[str] = []
+    monkeypatch.setattr(models, "load_model", lambda ref, **kwargs: calls.append(ref) or object())
+    pool = ModelPool(cache_dir=tmp_path)
+    by_alias = pool.get("smollm2-135m", "cpu", "bfloat16")
+    by_path = pool.get(str(resolve_model_source("smollm2-135m").gguf_path), "cpu", "bfloat16")
+    assert by_path is by_alias
+    assert calls == ["smollm2-135m"]
+
+
 def test_an_uncached_hub_id_offline_says_so_and_how_to_give_a_local_model(monkeypatch):
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(ModelLoadError) as info:
