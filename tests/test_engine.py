@@ -1,0 +1,308 @@
+"""The round engine end to end on a tiny model: determinism, seeding, what may and may not
+depend on the bus, and the evaluator's report built from it."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import networkx as nx
+import pytest
+import torch
+
+from collective.bus import InMemoryBus
+from collective.engine import EmbeddedExecutor, EngineResult, LoadedLM, RoundEngine
+from collective.evaluator import build_report
+from collective.records import Report, RoundEvent
+from collective.scenario import Scenario, parse_scenario
+from tests.tiny import pydoc_text
+
+ROUND = 8
+EVAL_ROUNDS = 5
+TIMING = {"wall_seconds", "tokens_per_second"}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    """Tiny models run many times faster on one thread: OpenMP threads spin-wait for each
+    other on small ops, which on a busy 2-core machine costs far more than it saves."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def scenario(**changes: Any) -> Scenario:
+    data: dict[str, Any] = {
+        "name": "tiny",
+        "seed": 3,
+        "models": {"tiny": {"ref": "tiny", "dtype": "float32"}},
+        "corpus": {"train_tokens": 48, "eval_tokens": ROUND * EVAL_ROUNDS},
+        "node_defaults": {"model": "tiny", "message": {"policy": "generate"}},
+        "nodes": [
+            {"id": "a", "view": {"kind": "window", "tokens": 16}},
+            {"id": "b", "view": {"kind": "lagged", "tokens": 12, "lag": 8}},
+            {"id": "c", "view": {"kind": "masked", "tokens": 16, "keep": 0.5}},
+            {"id": "d", "view": {"kind": "none"}, "message": {"policy": "relay"}},
+        ],
+        "bus": {"round_tokens": ROUND, "max_message_tokens": 4},
+        "evaluation": {"context_tokens": 24, "warmup_rounds": 2, "n_boot": 200, "top_k": 16},
+    }
+    for key, value in changes.items():
+        if isinstance(value, dict) and isinstance(data.get(key), dict):
+            data[key] = {**data[key], **value}
+        else:
+            data[key] = value
+    return parse_scenario(data, source="tiny.yaml")
+
+
+def ring(node_ids: list[str]) -> nx.DiGraph:
+    graph = nx.DiGraph()
+    graph.add_nodes_from(node_ids)
+    for a, b in zip(node_ids, node_ids[1:] + node_ids[:1]):
+        graph.add_edge(a, b)
+        graph.add_edge(b, a)
+    return graph
+
+
+def stream_for(tok, sc: Scenario) -> tuple[torch.Tensor, torch.Tensor]:
+    n = sc.corpus.train_tokens + sc.corpus.eval_tokens
+    ids = torch.tensor(tok.encode(pydoc_text()[:20_000], add_special_tokens=False)[:n])
+    byte_lengths = torch.tensor([len(tok.decode([i]).encode("utf-8")) for i in ids.tolist()])
+    return ids, byte_lengths
+
+
+def run(model, tok, sc: Scenario, executor_wrapper=None) -> tuple[Report, list[RoundEvent], EngineResult]:
+    graph = ring(sc.node_ids)
+    lm = LoadedLM(model, tok, "tiny")
+    executor = EmbeddedExecutor(sc, {"tiny": lm}, InMemoryBus(graph, sc.bus, tok, sc.seed))
+    if executor_wrapper is not None:
+        executor = executor_wrapper(executor)
+    stream, byte_lengths = stream_for(tok, sc)
+    placeholders = {n.id: tok.encode("_", add_special_tokens=False)[0] for n in sc.nodes if n.view.kind == "masked"}
+    engine = RoundEngine(sc, graph, stream, byte_lengths, executor, lm, {}, placeholders, "run")
+    events: list[RoundEvent] = []
+    result = engine.run(on_event=events.append)
+    return build_report(sc, result, run_id="run"), events, result
+
+
+def numbers(report: Report) -> dict[str, Any]:
+    return report.model_dump(exclude=TIMING)
+
+
+def rows(report: Report, kind: str) -> list[Any]:
+    return [r.model_dump() for r in report.rows if r.row == kind]
+
+
+_cache: dict[str, tuple[Report, list[RoundEvent], EngineResult]] = {}
+
+
+@pytest.fixture
+def default_run(tiny_lm, tiny_tok):
+    if "default" not in _cache:
+        _cache["default"] = run(tiny_lm, tiny_tok, scenario())
+    return _cache["default"]
+
+
+# ---------------------------------------------------------------------------- determinism and seeds
+
+
+def test_the_same_scenario_and_seed_give_identical_report_numbers(tiny_lm, tiny_tok, default_run):
+    report, events, _ = default_run
+    again, events_again, _ = run(tiny_lm, tiny_tok, scenario())
+    assert numbers(again) == numbers(report)
+    assert [e.messages for e in events_again] == [e.messages for e in events]
+
+
+def test_a_different_seed_gives_different_messages(tiny_lm, tiny_tok, default_run):
+    _, events, _ = default_run
+    _, other, _ = run(tiny_lm, tiny_tok, scenario(seed=4))
+    texts = [m.text for e in events for m in e.messages]
+    other_texts = [m.text for e in other for m in e.messages]
+    assert texts != other_texts  # the masked view (and so what c says and reads) moved
+
+
+def test_sampled_messages_depend_on_the_seed(tiny_lm, tiny_tok):
+    spec = {"model": "tiny", "message": {"policy": "generate", "sampling": "sample"}}
+    first = run(tiny_lm, tiny_tok, scenario(node_defaults=spec, nodes=[
+        {"id": "a", "view": {"kind": "window", "tokens": 16}}, {"id": "b", "view": {"kind": "window", "tokens": 8}}]))
+    texts = [[m.text for m in e.messages] for e in first[1]]
+    again = run(tiny_lm, tiny_tok, scenario(node_defaults=spec, nodes=[
+        {"id": "a", "view": {"kind": "window", "tokens": 16}}, {"id": "b", "view": {"kind": "window", "tokens": 8}}]))
+    other = run(tiny_lm, tiny_tok, scenario(seed=9, node_defaults=spec, nodes=[
+        {"id": "a", "view": {"kind": "window", "tokens": 16}}, {"id": "b", "view": {"kind": "window", "tokens": 8}}]))
+    assert [[m.text for m in e.messages] for e in again[1]] == texts
+    assert [[m.text for m in e.messages] for e in other[1]] != texts
+    # no view changes with the seed here: the plain rows are the same, only messages moved
+    assert [r.nll for r in other[0].rows if r.row == "member_plain"] == [r.nll for r in first[0].rows if r.row == "member_plain"]
+
+
+# ---------------------------------------------------------------------------- what the bus may change
+
+
+def test_plain_and_isolated_rows_do_not_depend_on_the_bus(tiny_lm, tiny_tok, default_run):
+    report, _, _ = default_run
+    other, _, result = run(
+        tiny_lm, tiny_tok, scenario(bus={"round_tokens": ROUND, "max_message_tokens": 2, "latency_rounds": 2, "drop_rate": 0.5, "retain": 2})
+    )
+    assert result.messages_dropped > 0
+    for kind in ("member_plain", "member_isolated", "ensemble_silent", "reference"):
+        assert rows(other, kind) == rows(report, kind), kind
+    assert rows(other, "collective") != rows(report, "collective")  # the bus did change something
+
+
+def test_a_silent_collective_has_exactly_zero_communication_gain(tiny_lm, tiny_tok):
+    report, events, result = run(tiny_lm, tiny_tok, scenario(node_defaults={"model": "tiny", "message": {"policy": "silent"}},
+                                                              nodes=[{"id": "a", "view": {"kind": "window", "tokens": 16}},
+                                                                     {"id": "b", "view": {"kind": "lagged", "tokens": 12, "lag": 8}},
+                                                                     {"id": "c", "view": {"kind": "none"}}]))
+    assert result.messages_sent == 0
+    assert all(node.inbox_tokens == 0 for e in events for node in e.nodes)
+    gain = report.communication_gain
+    assert gain.value == 0.0
+    assert gain.ci.low <= 0.0 <= gain.ci.high
+    assert report.row("collective").nll == report.row("ensemble_silent").nll
+    for node_id in ("a", "b", "c"):
+        assert report.row("member_collective", node_id).nll == report.row("member_isolated", node_id).nll
+    assert "communication made no measurable difference" in report.verdict
+
+
+@pytest.mark.parametrize("aggregator", ["mean", "logpool", "weighted"])
+def test_every_pooling_aggregator_runs_and_a_silent_run_matches_its_silent_ensemble(tiny_lm, tiny_tok, aggregator):
+    report, _, _ = run(tiny_lm, tiny_tok, scenario(
+        aggregator={"kind": aggregator},
+        node_defaults={"model": "tiny", "message": {"policy": "silent"}},
+        nodes=[{"id": "a", "view": {"kind": "window", "tokens": 16}}, {"id": "b", "view": {"kind": "none"}}],
+    ))
+    assert report.row("collective").nll == report.row("ensemble_silent").nll
+    assert math.isfinite(report.row("collective").nll)
+
+
+def test_a_readout_collective_is_its_readout_node_in_the_collective(tiny_lm, tiny_tok):
+    report, events, _ = run(tiny_lm, tiny_tok, scenario(aggregator={"kind": "readout", "node": "d"}))
+    collective, member = report.row("collective"), report.row("member_collective", "d")
+    assert (collective.nll, collective.top1, collective.bits_per_byte) == (member.nll, member.top1, member.bits_per_byte)
+    silent = report.row("ensemble_silent")
+    assert silent.nll == report.row("member_isolated", "d").nll
+    for event in events:
+        (d,) = [n for n in event.nodes if n.node_id == "d"]
+        assert event.nll_collective == pytest.approx(d.nll_collective, rel=1e-6)
+
+
+def test_the_reference_equals_a_full_view_member_without_messages(tiny_lm, tiny_tok):
+    report, _, _ = run(tiny_lm, tiny_tok, scenario(nodes=[{"id": "a", "view": {"kind": "full"}}, {"id": "b", "view": {"kind": "none"}}]))
+    assert report.row("reference").nll == pytest.approx(report.row("member_plain", "a").nll, abs=1e-5)
+    assert report.row("reference").n_tokens == report.row("member_plain", "a").n_tokens
+
+
+# ---------------------------------------------------------------------------- rounds, latency, misses
+
+
+def test_only_eval_rounds_are_booked_after_the_warm_up(default_run):
+    report, events, result = default_run
+    assert [e.phase for e in events] == ["warmup"] * 2 + ["eval"] * EVAL_ROUNDS
+    assert [e.eval_round for e in events] == [None, None, *range(EVAL_ROUNDS)]
+    assert [e.start_token for e in events] == [48 + ROUND * (i - 2) for i in range(2 + EVAL_ROUNDS)]
+    assert (result.rounds_done, result.eval_rounds_done, result.eval_tokens) == (7, EVAL_ROUNDS, ROUND * EVAL_ROUNDS)
+    assert report.n_eval_tokens == ROUND * EVAL_ROUNDS
+
+
+def test_inboxes_fill_after_the_latency(tiny_lm, tiny_tok):
+    _, events, _ = run(tiny_lm, tiny_tok, scenario(bus={"round_tokens": ROUND, "max_message_tokens": 4, "latency_rounds": 3}))
+    inbox = [[n.inbox_tokens for n in e.nodes] for e in events]
+    assert inbox[:3] == [[0, 0, 0, 0]] * 3
+    assert all(all(n > 0 for n in row) for row in inbox[3:])
+
+
+def test_event_member_losses_agree_with_the_report(default_run):
+    report, events, _ = default_run
+    eval_events = [e for e in events if e.phase == "eval"]
+    for node_id in ("a", "b", "c", "d"):
+        for kind, attr in (("member_plain", "nll_plain"), ("member_collective", "nll_collective")):
+            per_round = [getattr(n, attr) for e in eval_events for n in e.nodes if n.node_id == node_id]
+            assert report.row(kind, node_id).nll == pytest.approx(sum(per_round) / len(per_round), rel=1e-5)
+    assert report.row("collective").nll == pytest.approx(sum(e.nll_collective for e in eval_events) / EVAL_ROUNDS, rel=1e-5)
+    assert report.row("reference").nll == pytest.approx(sum(e.nll_reference for e in eval_events) / EVAL_ROUNDS, rel=1e-5)
+
+
+def test_messages_respect_the_budget_and_are_counted(default_run):
+    report, events, result = default_run
+    messages = [m for e in events for m in e.messages]
+    assert len(messages) == result.messages_sent == report.messages_sent == 7 * 4 * 2  # 4 nodes, 2 neighbours
+    assert all(m.n_tokens <= 4 and m.n_bytes <= 160 for m in messages)
+    assert all(m.deliver_round == m.round_sent + 1 for m in messages)
+
+
+class _Missing:
+    """An executor that loses node `b` in round 3."""
+
+    def __init__(self, inner: EmbeddedExecutor) -> None:
+        self.inner = inner
+
+    def run_round(self, round_index, requests):
+        results = self.inner.run_round(round_index, requests)
+        if round_index == 3:
+            results["b"] = None
+        return results
+
+
+def test_a_node_that_misses_a_round_is_counted_and_not_scored(tiny_lm, tiny_tok):
+    report, events, result = run(tiny_lm, tiny_tok, scenario(), executor_wrapper=_Missing)
+    assert result.missed_rounds == {"a": 0, "b": 1, "c": 0, "d": 0}
+    assert report.missed_rounds == {"b": 1}
+    assert report.row("member_plain", "b").n_tokens == ROUND * (EVAL_ROUNDS - 1)
+    assert report.row("member_plain", "a").n_tokens == ROUND * EVAL_ROUNDS
+    assert report.row("collective").n_tokens == ROUND * EVAL_ROUNDS
+    assert [n.missed for n in events[3].nodes] == [False, True, False, False]
+    assert math.isfinite(report.row("collective").nll)
+
+
+# ---------------------------------------------------------------------------- the report
+
+
+def test_the_report_has_every_row_in_order(default_run):
+    report, _, _ = default_run
+    expected = [(kind, node) for kind in ("member_plain", "member_isolated", "member_collective") for node in "abcd"]
+    expected += [("ensemble_silent", None), ("collective", None), ("reference", None)]
+    assert [(r.row, r.node_id) for r in report.rows] == expected
+    assert {r.model for r in report.rows if r.node_id} == {"tiny"}
+    assert report.row("reference").model == "tiny"
+
+
+def test_report_numbers_are_internally_consistent(default_run):
+    report, _, result = default_run
+    assert report.eval_bytes == result.eval_bytes > 0
+    for row in report.rows:
+        assert row.n_tokens == report.n_eval_tokens
+        assert row.perplexity == pytest.approx(math.exp(row.nll), rel=1e-9)
+        assert row.bits_per_byte == pytest.approx(row.nll * row.n_tokens / math.log(2) / report.eval_bytes, rel=1e-9)
+        assert 0.0 <= row.top1 <= 1.0
+        assert row.nll_ci.low <= row.nll <= row.nll_ci.high
+    best = min((r for r in report.rows if r.row == "member_isolated"), key=lambda r: r.nll)
+    assert report.best_member == best.node_id
+    collective, silent = report.row("collective").nll, report.row("ensemble_silent").nll
+    assert report.collective_gain.value == pytest.approx(best.nll - collective, abs=1e-9)
+    assert report.communication_gain.value == pytest.approx(silent - collective, abs=1e-9)
+    for gain in (report.collective_gain, report.communication_gain):
+        assert gain.ci.low <= gain.value <= gain.ci.high
+    assert Report.model_validate_json(report.model_dump_json()) == report
+
+
+def test_a_report_needs_an_eval_round(tiny_lm, tiny_tok):
+    sc = scenario()
+    result = EngineResult(books={}, rounds_done=2, eval_rounds_done=0, missed_rounds={}, messages_sent=0,
+                          messages_dropped=0, messages_truncated=0, wall_seconds=0.0, eval_tokens=0, eval_bytes=0)
+    with pytest.raises(ValueError, match="no eval round"):
+        build_report(sc, result, run_id="x")
+
+
+def test_should_stop_ends_the_run_between_rounds(tiny_lm, tiny_tok):
+    sc = scenario(nodes=[{"id": "a", "view": {"kind": "window", "tokens": 16}}, {"id": "b", "view": {"kind": "none"}}])
+    graph = ring(sc.node_ids)
+    lm = LoadedLM(tiny_lm, tiny_tok, "tiny")
+    stream, byte_lengths = stream_for(tiny_tok, sc)
+    engine = RoundEngine(sc, graph, stream, byte_lengths, EmbeddedExecutor(sc, {"tiny": lm}, InMemoryBus(graph, sc.bus, tiny_tok, 0)),
+                         lm, {}, {}, "run")
+    events: list[RoundEvent] = []
+    result = engine.run(on_event=events.append, should_stop=lambda: len(events) >= 3)
+    assert (result.rounds_done, result.eval_rounds_done, len(events)) == (3, 1, 3)
