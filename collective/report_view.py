@@ -45,8 +45,8 @@ def report_table(report: Report) -> Group:
     for row in report.rows:
         style = "bold" if row.row == "collective" else None
         table.add_row(
-            _label(row),
-            row.model or "",
+            Text(_label(row)),  # a Text: "[a]" in a plain string would be read as rich markup
+            Text(row.model or ""),
             f"{row.nll:.3f}",
             _ci(row.nll_ci.low, row.nll_ci.high),
             f"{row.perplexity:.2f}",

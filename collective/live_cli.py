@@ -1,0 +1,149 @@
+"""`collective watch` and `collective report`: the run records seen again.
+
+Thin like the rest of the CLI: parse, read the run folder(s), call the library, render.
+`register(subparsers)` adds both commands to the main parser. User mistakes (no such
+folder, no report yet, an unreadable events file) print one line and exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+from pathlib import Path
+
+from rich.console import Console
+
+EXIT_USER_ERROR = 2
+
+
+class WatchError(Exception):
+    """Something the user asked of watch/report cannot be done; the message says why."""
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    watch = subparsers.add_parser(
+        "watch",
+        help="replay a run from its folder (following it while it runs) in the live view",
+        description="Show a run's events in the live view: a finished run is replayed at --speed times its own "
+        "pace, a running one is followed as it writes events.jsonl.",
+    )
+    watch.add_argument("run_dir", nargs="?", help="run folder (holds events.jsonl)")
+    watch.add_argument("--speed", type=float, default=5.0, help="replay pace as a multiple of the run's round times (0: no pauses; default 5)")
+    watch.add_argument("--follow", dest="follow", action="store_true", default=None, help="keep reading as the run writes (default while the folder is INCOMPLETE)")
+    watch.add_argument("--no-follow", dest="follow", action="store_false", help="show what the file holds now and stop")
+    watch.add_argument("--idle-timeout", type=float, help="stop following after this many seconds without a new event")
+    watch.add_argument("--live", dest="live", action="store_true", default=None, help="full-screen view (default on a terminal)")
+    watch.add_argument("--no-live", dest="live", action="store_false", help="one plain line per round")
+    watch.add_argument("--broker", metavar="URL", help="attach read-only to a distributed run through its MQTT broker")
+    watch.add_argument("--run", dest="run_id", metavar="RUN_ID", help="the distributed run to attach to (with --broker)")
+    watch.set_defaults(func=cmd_watch)
+
+    report = subparsers.add_parser(
+        "report",
+        help="print a run's report again, or compare several runs side by side",
+        description="One folder: its report table. Several: every row and both gains side by side, with the mean "
+        "and a 95%% t-interval across the runs (for seed sweeps and ablations).",
+    )
+    report.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    report.add_argument("--markdown", action="store_true", help="print Markdown instead of a table")
+    report.set_defaults(func=cmd_report)
+
+
+# ---------------------------------------------------------------------------- watch
+
+
+def _broker_events(url: str, run_id: str):  # type: ignore[no-untyped-def]
+    """The distributed runtime's read-only event subscription, when it offers one."""
+    try:
+        module = importlib.import_module("collective.distributed")
+    except ImportError:
+        module = None
+    subscribe = getattr(module, "subscribe_events", None) if module is not None else None
+    if subscribe is None:
+        raise WatchError(
+            "watch --broker needs the distributed runtime's event subscription "
+            "(collective.distributed.subscribe_events), which this install does not have yet; "
+            "watch the coordinator's run folder instead: collective watch RUN_DIR"
+        )
+    return subscribe(url, run_id)
+
+
+def cmd_watch(args: argparse.Namespace, console: Console) -> int:
+    from collective.live import watch
+    from collective.replay import ReplayError, run_events, run_is_going
+
+    try:
+        if args.broker:
+            if not args.run_id:
+                raise WatchError("watch --broker URL needs --run RUN_ID (the coordinator prints it)")
+            events = _broker_events(args.broker, args.run_id)
+            run_dir = None
+        else:
+            if not args.run_dir:
+                raise WatchError("watch needs a run folder (or --broker URL --run RUN_ID)")
+            run_dir = Path(args.run_dir)
+            if not (run_dir / "events.jsonl").exists() and not run_is_going(run_dir):
+                raise WatchError(f"{run_dir}: no events.jsonl here; is this a run folder?")
+            events = run_events(run_dir, follow=args.follow, idle_timeout=args.idle_timeout)
+        try:
+            state = watch(events, console, speed=max(0.0, args.speed), live=args.live)
+        except KeyboardInterrupt:
+            console.print("stopped watching (the run itself goes on)")
+            return 0
+    except (WatchError, ReplayError) as exc:
+        console.print(f"[red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        return EXIT_USER_ERROR
+    if run_dir is not None and (run_dir / "report.json").exists():
+        from collective.records import Report
+        from collective.report_view import report_table
+
+        console.print(report_table(Report.model_validate_json((run_dir / "report.json").read_text(encoding="utf-8"))))
+    elif state.end is None:
+        console.print(f"[yellow]the run has not ended[/] ({state.rounds_done} rounds so far)", highlight=False)
+    return 0
+
+
+# ---------------------------------------------------------------------------- report
+
+
+def _load_report(run_dir: Path):  # type: ignore[no-untyped-def]
+    from pydantic import ValidationError
+
+    from collective.records import Report
+    from collective.rundir import INCOMPLETE
+
+    path = run_dir / "report.json"
+    if not path.exists():
+        why = ""
+        if (run_dir / INCOMPLETE).exists():
+            why = ": " + (run_dir / INCOMPLETE).read_text(encoding="utf-8").strip()
+        elif not run_dir.is_dir():
+            why = ": no such folder"
+        raise WatchError(f"{run_dir} has no report.json{why}")
+    try:
+        return Report.model_validate_json(path.read_text(encoding="utf-8"))
+    except ValidationError as exc:
+        raise WatchError(f"{path}: not a report this collective reads ({exc.errors()[0]['msg']})") from None
+
+
+def cmd_report(args: argparse.Namespace, console: Console) -> int:
+    from collective.compare import compare_reports, comparison_markdown, comparison_table
+    from collective.report_view import report_markdown, report_table
+
+    try:
+        reports = [_load_report(Path(path)) for path in args.run_dirs]
+    except WatchError as exc:
+        console.print(f"[red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        return EXIT_USER_ERROR
+    if len(reports) == 1:
+        if args.markdown:
+            console.out(report_markdown(reports[0]), highlight=False)
+        else:
+            console.print(report_table(reports[0]))
+        return 0
+    comparison = compare_reports(reports)
+    if args.markdown:
+        console.out(comparison_markdown(comparison), highlight=False)
+    else:
+        console.print(comparison_table(comparison))
+    return 0

@@ -1,0 +1,132 @@
+"""Several runs side by side: rows lined up, mean and t-interval across runs, and the CLI."""
+
+from __future__ import annotations
+
+import io
+import math
+from pathlib import Path
+
+import pytest
+from rich.console import Console
+
+from collective.cli import main
+from collective.compare import (
+    compare_reports,
+    comparison_markdown,
+    comparison_table,
+    mean_ci,
+    t_quantile_975,
+)
+from collective.records import Gain, Interval, Report, RowReport
+
+
+def make_report(seed: int, collective_nll: float, scenario: str = "sweep", nodes: tuple[str, ...] = ("a", "b")) -> Report:
+    def row(kind: str, nll: float, node_id: str | None = None) -> RowReport:
+        return RowReport(
+            row=kind, node_id=node_id, model="smol" if node_id else None, nll=nll,  # type: ignore[arg-type]
+            nll_ci=Interval(low=nll - 0.1, high=nll + 0.1), perplexity=math.exp(nll), bits_per_byte=1.0,
+            top1=0.3, n_tokens=320,
+        )
+
+    rows = [row("member_isolated", 3.5 + 0.1 * i, node) for i, node in enumerate(nodes)]
+    rows += [row("ensemble_silent", 3.4), row("collective", collective_nll), row("reference", 3.0)]
+    return Report(
+        run_id=f"run-{seed}", scenario=scenario, seed=seed, aggregator="mean", n_eval_tokens=320, n_eval_rounds=10,
+        round_tokens=32, eval_bytes=1200, block_rounds=2, n_boot=200, rows=rows, best_member="a",
+        collective_gain=Gain(value=3.5 - collective_nll, ci=Interval(low=-0.1, high=0.3), versus="best isolated member (a)"),
+        communication_gain=Gain(value=3.4 - collective_nll, ci=Interval(low=-0.2, high=0.2), versus="silent ensemble"),
+        verdict="made up",
+    )
+
+
+def test_mean_ci_matches_a_hand_computed_t_interval():
+    spread = mean_ci([1.0, 2.0, 3.0])
+    half = 4.303 * 1.0 / math.sqrt(3)
+    assert spread.mean == pytest.approx(2.0)
+    assert (spread.low, spread.high) == pytest.approx((2.0 - half, 2.0 + half))
+
+
+def test_one_value_has_a_mean_but_no_interval():
+    spread = mean_ci([1.5])
+    assert spread.mean == 1.5 and math.isnan(spread.low)
+
+
+def test_t_quantiles_shrink_towards_1_96():
+    assert t_quantile_975(1) > t_quantile_975(5) > t_quantile_975(30) > t_quantile_975(5000) == 1.96
+
+
+def test_rows_are_matched_by_kind_and_node_across_runs():
+    reports = [make_report(0, 3.3), make_report(1, 3.2, nodes=("a", "b", "c"))]
+    comparison = compare_reports(reports)
+    by_label = {row.label: row for row in comparison.rows}
+    assert by_label["collective"].values == (3.3, 3.2)
+    assert by_label["member, isolated [c]"].values == (None, pytest.approx(3.7))
+    assert comparison.labels == ("seed 0", "seed 1") and comparison.seed_sweep
+
+
+def test_gains_are_averaged_across_seeds():
+    comparison = compare_reports([make_report(s, 3.3 - 0.1 * s) for s in range(4)])
+    collective_gain = comparison.gains[0]
+    assert collective_gain.label == "collective gain"
+    assert collective_gain.spread.mean == pytest.approx(sum(0.2 + 0.1 * s for s in range(4)) / 4)
+
+
+def test_the_comparison_table_shows_each_seed_and_the_mean_and_ci():
+    comparison = compare_reports([make_report(s, 3.3 - 0.1 * s) for s in range(3)])
+    console = Console(file=io.StringIO(), width=120, color_system=None)
+    console.print(comparison_table(comparison))
+    text = console.file.getvalue()  # type: ignore[attr-defined]
+    assert "seed 0" in text and "seed 2" in text and "mean over seeds" in text
+    assert "collective gain: mean +0.300" in text and "positive in 3 of 3" in text
+
+
+def test_many_runs_are_summarised_by_min_max_mean_and_ci():
+    comparison = compare_reports([make_report(s, 3.3) for s in range(10)])
+    console = Console(file=io.StringIO(), width=100, color_system=None)
+    console.print(comparison_table(comparison))
+    text = console.file.getvalue()  # type: ignore[attr-defined]
+    assert "seed 9" not in text and "min" in text and "max" in text
+
+
+def test_runs_of_different_scenarios_are_labelled_by_scenario():
+    comparison = compare_reports([make_report(0, 3.3, scenario="ring"), make_report(0, 3.2, scenario="star")])
+    assert comparison.labels == ("ring s0", "star s0") and not comparison.seed_sweep
+
+
+def test_the_markdown_comparison_has_one_line_per_row_and_gain():
+    comparison = compare_reports([make_report(0, 3.3), make_report(1, 3.1)])
+    text = comparison_markdown(comparison)
+    assert "| collective | 3.300 | 3.100 | 3.200 |" in text
+    assert text.count("\n| ") == len(comparison.rows) + len(comparison.gains) + 1
+
+
+# ---------------------------------------------------------------------------- collective report
+
+
+def save(folder: Path, report: Report) -> Path:
+    folder.mkdir(parents=True)
+    (folder / "report.json").write_text(report.model_dump_json(indent=2), encoding="utf-8")
+    return folder
+
+
+def test_report_of_one_run_prints_its_table(tmp_path, capsys):
+    run = save(tmp_path / "r0", make_report(0, 3.3))
+    assert main(["report", str(run)]) == 0
+    out = capsys.readouterr().out
+    assert "collective gain" in out and "made up" in out
+    assert "[a]" in out and "[b]" in out  # node ids survive rich markup
+
+
+def test_report_of_several_runs_compares_them(tmp_path, capsys):
+    runs = [str(save(tmp_path / f"r{s}", make_report(s, 3.3 - 0.05 * s))) for s in range(3)]
+    assert main(["report", *runs, "--markdown"]) == 0
+    out = capsys.readouterr().out
+    assert "| row | seed 0 | seed 1 | seed 2 | mean | 95% CI |" in out
+
+
+def test_report_of_an_unfinished_run_says_why_it_has_no_report(tmp_path, capsys):
+    run = tmp_path / "r"
+    run.mkdir()
+    (run / "INCOMPLETE").write_text("interrupted by Ctrl-C before the last round\n", encoding="utf-8")
+    assert main(["report", str(run)]) == 2
+    assert "interrupted by Ctrl-C" in capsys.readouterr().out
