@@ -1,0 +1,202 @@
+"""A Mosquitto configuration for a distributed run: listener, logins, ACLs, packet size, TLS.
+
+`write_broker_config(settings)` writes into one folder:
+
+    mosquitto.conf    the listener(s), persistence off, max_packet_size
+    passwd            hashed logins (mosquitto_passwd when installed, else the same
+                      PBKDF2-SHA512 format written here)
+    acl               each node may publish only under collective/<run>/nodes/<its id>/ and
+                      read only its own requests and the messages addressed to it; the
+                      coordinator may do anything under collective/
+    credentials.txt   the plain passwords, for the host to hand out (mode 600)
+
+A node's username is its node id (that is what the ACL's %u patterns match); the
+coordinator's is `coordinator`. `max_packet_size` is sized from the scenario: a result
+carries top-K candidates for every position of a round, far more than a message.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import os
+import secrets
+import shutil
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from collective.distributed.protocol import (
+    COORDINATOR,
+    message_bytes_bound,
+    request_bytes_bound,
+    result_bytes_bound,
+)
+from collective.scenario import Scenario
+
+DEFAULT_MAX_PACKET_BYTES = 8 << 20
+MIN_MAX_PACKET_BYTES = 1 << 20
+
+
+@dataclass(frozen=True)
+class TlsFiles:
+    certfile: Path
+    keyfile: Path
+    cafile: Path | None = None
+
+
+@dataclass(frozen=True)
+class BrokerSettings:
+    config_dir: Path
+    port: int = 1883
+    bind: str = "0.0.0.0"
+    users: dict[str, str] = field(default_factory=dict)  # username -> password; empty: anonymous
+    max_packet_size: int = DEFAULT_MAX_PACKET_BYTES
+    tls: TlsFiles | None = None
+    tls_port: int = 8883
+    plain_listener: bool = True  # keep the plain port open next to TLS
+    mount_dir: Path | None = None  # where mosquitto sees config_dir (e.g. /mosquitto/config in docker)
+    log_to_file: bool = False
+    run_as: str | None = None  # mosquitto started as root drops to this user (default: mosquitto)
+
+
+@dataclass(frozen=True)
+class BrokerFiles:
+    conf: Path
+    passwd: Path | None
+    acl: Path | None
+    credentials: Path | None
+
+
+def max_packet_size_for(scenario: Scenario) -> int:
+    """Twice the largest envelope a run of this scenario sends, at least 1 MiB."""
+    bus = scenario.bus
+    max_bytes = max([bus.max_message_bytes] + [link.max_message_bytes or 0 for link in bus.links])
+    result = result_bytes_bound(bus.round_tokens, scenario.evaluation.top_k, max_bytes, len(scenario.nodes))
+    request = request_bytes_bound(scenario.max_reach, bus.round_tokens, 4_096, 4 * len(scenario.nodes))
+    scenario_bytes = 64 * 1024 + 2 * len(scenario.resolved_yaml().encode("utf-8"))
+    return max(MIN_MAX_PACKET_BYTES, 2 * max(result, request, scenario_bytes, message_bytes_bound(max_bytes)))
+
+
+def users_for(scenario: Scenario, passwords: dict[str, str] | None = None) -> dict[str, str]:
+    """The coordinator and every node, each with the given or a fresh random password."""
+    if COORDINATOR in scenario.node_ids:
+        raise ValueError(f"a node may not be called {COORDINATOR!r}: that is the coordinator's login")
+    given = passwords or {}
+    return {name: given.get(name) or secrets.token_urlsafe(12) for name in [COORDINATOR, *scenario.node_ids]}
+
+
+def password_hash(password: str, salt: bytes | None = None, iterations: int = 101) -> str:
+    """Mosquitto 2's `$7$` format: PBKDF2-HMAC-SHA512, base64 salt and key."""
+    salt = salt or secrets.token_bytes(12)
+    key = hashlib.pbkdf2_hmac("sha512", password.encode("utf-8"), salt, iterations, dklen=64)
+    return f"$7${iterations}${base64.b64encode(salt).decode()}${base64.b64encode(key).decode()}"
+
+
+def write_password_file(path: Path, users: dict[str, str]) -> None:
+    """Hashed logins; through mosquitto_passwd when installed (its own format is the reference)."""
+    tool = shutil.which("mosquitto_passwd")
+    path.write_text("", encoding="utf-8")
+    os.chmod(path, 0o600)
+    if tool is not None:
+        for user, password in users.items():
+            subprocess.run([tool, "-b", str(path), user, password], check=True, capture_output=True)
+        return
+    path.write_text("".join(f"{user}:{password_hash(password)}\n" for user, password in users.items()), encoding="utf-8")
+
+
+def acl_text(users: list[str]) -> str:
+    """The coordinator may do anything under collective/; every other login (%u = its
+    username = its node id) publishes only under its own node topics and reads only the
+    run's scenario and control, its own requests, and the messages addressed to it."""
+    lines = [
+        "# written by `collective broker` (topics: collective/distributed/protocol.py)",
+        "pattern write collective/+/nodes/%u/#",
+        "pattern read collective/+/nodes/%u/echo",
+        "pattern read collective/+/coord/to/%u",
+        "pattern read collective/+/nodes/+/msg/%u",
+        "",
+        f"user {COORDINATOR}",
+        "topic readwrite collective/#",
+    ]
+    for user in users:
+        if user != COORDINATOR:
+            lines += ["", f"user {user}", "topic read collective/+/coord/scenario", "topic read collective/+/coord/control"]
+    return "\n".join(lines) + "\n"
+
+
+def mosquitto_conf(settings: BrokerSettings, files: BrokerFiles) -> str:
+    seen = settings.mount_dir or settings.config_dir.resolve()
+
+    def where(path: Path) -> str:
+        return str(seen / path.name)
+
+    lines = [
+        "# written by `collective broker`; start with: mosquitto -c mosquitto.conf",
+        "per_listener_settings false",
+        "persistence false",
+        f"max_packet_size {settings.max_packet_size}",
+        "max_queued_messages 10000",
+        f"allow_anonymous {'false' if settings.users else 'true'}",
+    ]
+    if files.passwd is not None:
+        lines.append(f"password_file {where(files.passwd)}")
+    if files.acl is not None:
+        lines.append(f"acl_file {where(files.acl)}")
+    if settings.run_as is not None:
+        lines.append(f"user {settings.run_as}")
+    if settings.log_to_file:
+        lines.append(f"log_dest file {seen / 'mosquitto.log'}")
+    else:
+        lines.append("log_dest stderr")
+    lines += ["log_type error", "log_type warning", "log_type notice", "connection_messages true", ""]
+    if settings.plain_listener or settings.tls is None:
+        lines += [f"listener {settings.port} {settings.bind}", ""]
+    if settings.tls is not None:
+        lines += [
+            f"listener {settings.tls_port} {settings.bind}",
+            f"certfile {settings.tls.certfile if settings.mount_dir is None else where(settings.tls.certfile)}",
+            f"keyfile {settings.tls.keyfile if settings.mount_dir is None else where(settings.tls.keyfile)}",
+        ]
+        if settings.tls.cafile is not None:
+            lines.append(f"cafile {settings.tls.cafile if settings.mount_dir is None else where(settings.tls.cafile)}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def write_broker_config(settings: BrokerSettings) -> BrokerFiles:
+    folder = settings.config_dir
+    folder.mkdir(parents=True, exist_ok=True)
+    passwd = acl = credentials = None
+    if settings.users:
+        passwd, acl, credentials = folder / "passwd", folder / "acl", folder / "credentials.txt"
+        write_password_file(passwd, settings.users)
+        if settings.mount_dir is not None:  # the container's mosquitto user must read it
+            os.chmod(passwd, 0o644)
+        acl.write_text(acl_text(list(settings.users)), encoding="utf-8")
+        credentials.write_text("".join(f"{u}:{p}\n" for u, p in settings.users.items()), encoding="utf-8")
+        os.chmod(credentials, 0o600)
+    files = BrokerFiles(folder / "mosquitto.conf", passwd, acl, credentials)
+    files.conf.write_text(mosquitto_conf(settings, files), encoding="utf-8")
+    return files
+
+
+def mosquitto_binary() -> str | None:
+    return shutil.which("mosquitto") or next(
+        (str(p) for p in (Path("/usr/sbin/mosquitto"), Path("/usr/local/sbin/mosquitto")) if p.exists()), None
+    )
+
+
+def start_instructions(files: BrokerFiles) -> str:
+    folder = files.conf.parent.resolve()
+    return (
+        "Mosquitto is not installed here. Either install it (Debian/Ubuntu: `sudo apt-get install mosquitto`, "
+        f"macOS: `brew install mosquitto`) and run `mosquitto -c {files.conf.resolve()}`, or run it in docker "
+        f"(write the folder with --mount-dir /mosquitto/config): `docker run --rm -p 1883:1883 -v {folder}:/mosquitto/config "
+        "eclipse-mosquitto:2`."
+    )
+
+
+def start_broker(files: BrokerFiles, binary: str) -> subprocess.Popen[bytes]:
+    """Start mosquitto on the written configuration (the caller waits on or stops it)."""
+    return subprocess.Popen([binary, "-c", str(files.conf.resolve())])

@@ -1,0 +1,167 @@
+"""`collective node` (a volunteer) and `collective broker` (a Mosquitto for a run). Thin:
+parse, call the library, render. Heavy imports wait until a command runs."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+
+def register(sub: Any) -> None:
+    """Add the `node` and `broker` subcommands to the main parser's subparsers."""
+    node = sub.add_parser(
+        "node",
+        help="serve one node of a distributed run (a volunteer machine)",
+        description="Join a distributed run through an MQTT broker and serve one node's rounds until the run "
+        "ends. The coordinator (`collective run SCENARIO --bus URL --out runs/RUN_ID`) publishes the scenario; "
+        "this node loads the model the scenario names for it.",
+    )
+    node.add_argument("--broker", required=True, metavar="URL", help="mqtt://USER:PASSWORD@host:1883 or mqtts://...:8883 (?ca=FILE)")
+    node.add_argument("--run", required=True, metavar="RUN_ID", help="the run id: the name of the coordinator's run folder")
+    node.add_argument("--node", required=True, metavar="NODE_ID", help="which node of the scenario to serve")
+    node.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: the scenario's device for the model)")
+    node.add_argument("--model", metavar="REF", help="load this model reference instead of the scenario's (a local copy)")
+    node.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    node.add_argument("--scenario-timeout", type=float, default=600.0, help="seconds to wait for the coordinator to publish the run")
+    node.add_argument("--preflight-only", action="store_true", help="check the connection step by step, then exit")
+    node.set_defaults(func=cmd_node)
+
+    broker = sub.add_parser(
+        "broker",
+        help="write a Mosquitto configuration (logins, ACLs, packet size, TLS) and start it",
+        description="Write mosquitto.conf, a password file and ACLs into --config-dir, then start mosquitto "
+        "(or say how to start it where it is not installed). With --scenario every node gets a login (its node "
+        "id) with a fresh password, listed in credentials.txt, and may publish only under its own topics.",
+    )
+    broker.add_argument("--config-dir", required=True, type=Path, metavar="DIR")
+    broker.add_argument("--scenario", type=Path, help="size max_packet_size from it and create a login per node")
+    broker.add_argument("--port", type=int, default=1883)
+    broker.add_argument("--bind", default="0.0.0.0", help="listen address (127.0.0.1 for this machine only)")
+    broker.add_argument("--user", action="append", default=[], metavar="NAME:PASSWORD", help="a login (repeat); overrides a generated one")
+    broker.add_argument("--anonymous", action="store_true", help="no logins and no ACLs (a closed network only)")
+    broker.add_argument("--tls-cert", type=Path, help="server certificate (PEM) for a TLS listener")
+    broker.add_argument("--tls-key", type=Path, help="its private key")
+    broker.add_argument("--tls-ca", type=Path, help="CA bundle (for client certificates)")
+    broker.add_argument("--tls-port", type=int, default=8883)
+    broker.add_argument("--mount-dir", type=Path, help="where mosquitto will see DIR (e.g. /mosquitto/config in docker)")
+    broker.add_argument("--no-start", action="store_true", help="only write the configuration")
+    broker.set_defaults(func=cmd_broker)
+
+
+def cmd_node(args: argparse.Namespace, console: Console) -> int:
+    import re
+
+    from collective.distributed.mqtt import DistributedError, parse_broker_url
+    from collective.distributed.preflight import preflight
+    from collective.distributed.protocol import RUN_ID_PATTERN, Topics
+    from collective.distributed.volunteer import Volunteer, VolunteerConfig
+    from collective.models import default_cache_dir
+    from collective.scenario import check_node_id
+
+    if not re.fullmatch(RUN_ID_PATTERN, args.run):
+        raise DistributedError(f"--run {args.run!r}: a run id is 1-64 letters, digits, '-' or '_'")
+    if not check_node_id(args.node):
+        raise DistributedError(f"--node {args.node!r}: a node id is 1-64 letters, digits, '-' or '_'")
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    address = parse_broker_url(args.broker)
+
+    def report(line: str) -> None:
+        console.print(f"[{args.node}] {line}", highlight=False, soft_wrap=True)
+
+    if args.preflight_only:
+        asyncio.run(
+            preflight(address, Topics(args.run).echo(args.node), report=lambda s: report(f"preflight {s.name}: {s.status} ({s.detail})"))
+        )
+        return 0
+    cache = Path(args.cache_dir) if getattr(args, "cache_dir", None) else default_cache_dir(os.environ)
+    config = VolunteerConfig(
+        address=address,
+        run_id=args.run,
+        node_id=args.node,
+        device=args.device,
+        model_ref=args.model,
+        cache_dir=cache,
+        scenario_timeout_s=args.scenario_timeout,
+    )
+    report(f"node {args.node} of run {args.run} via {address.display()}")
+    volunteer = Volunteer(config, report)
+    detail = asyncio.run(volunteer.run())
+    report(f"done: {volunteer.rounds_served} rounds served; run ended ({detail})")
+    if volunteer.rejections.total:
+        report(f"dropped envelopes: {volunteer.rejections.as_dict()}")
+    return 0
+
+
+def cmd_broker(args: argparse.Namespace, console: Console) -> int:
+    from collective.distributed.broker import (
+        DEFAULT_MAX_PACKET_BYTES,
+        BrokerSettings,
+        TlsFiles,
+        max_packet_size_for,
+        mosquitto_binary,
+        start_broker,
+        start_instructions,
+        users_for,
+        write_broker_config,
+    )
+    from collective.distributed.mqtt import DistributedError
+    from collective.scenario import load_scenario
+
+    given: dict[str, str] = {}
+    for item in args.user:
+        name, sep, password = item.partition(":")
+        if not sep or not name or not password:
+            raise DistributedError(f"--user {item!r}: expected NAME:PASSWORD")
+        given[name] = password
+    scenario = load_scenario(args.scenario) if args.scenario else None
+    if args.anonymous:
+        users: dict[str, str] = {}
+    elif scenario is not None:
+        try:
+            users = {**users_for(scenario, given), **given}
+        except ValueError as exc:
+            raise DistributedError(f"{args.scenario}: {exc}") from None
+    else:
+        users = given
+    if (args.tls_cert is None) != (args.tls_key is None):
+        raise DistributedError("TLS needs both --tls-cert and --tls-key")
+    tls = TlsFiles(args.tls_cert.resolve(), args.tls_key.resolve(), args.tls_ca.resolve() if args.tls_ca else None) if args.tls_cert else None
+    settings = BrokerSettings(
+        config_dir=args.config_dir,
+        port=args.port,
+        bind=args.bind,
+        users=users,
+        max_packet_size=max_packet_size_for(scenario) if scenario is not None else DEFAULT_MAX_PACKET_BYTES,
+        tls=tls,
+        tls_port=args.tls_port,
+        mount_dir=args.mount_dir,
+        run_as="root" if args.mount_dir is None and hasattr(os, "geteuid") and os.geteuid() == 0 else None,
+    )
+    files = write_broker_config(settings)
+    console.print(f"wrote {files.conf}" + (f", {files.passwd}, {files.acl}" if files.passwd else ""), highlight=False)
+    if files.credentials is not None:
+        console.print(f"logins ({len(users)}, passwords in {files.credentials}): {', '.join(users)}", highlight=False, soft_wrap=True)
+    elif not users:
+        console.print("[yellow]no logins: anyone who reaches the port may join (use on a closed network only)[/]")
+    if args.no_start:
+        return 0
+    binary = mosquitto_binary()
+    if binary is None:
+        console.print(start_instructions(files), highlight=False, soft_wrap=True)
+        return 0
+    console.print(f"starting {binary} -c {files.conf} (Ctrl-C stops it)", highlight=False)
+    process = start_broker(files, binary)
+    try:
+        return process.wait()
+    except KeyboardInterrupt:
+        process.terminate()
+        process.wait(timeout=10)
+        return 0
