@@ -14,7 +14,7 @@ everything before it. Two entry points, both batched over candidates:
 
 The prefix never changes, so its key/value cache is computed once and copied per batch
 (a transformers `DynamicCache` is mutated by forward). Only the logits of the scored
-positions are computed (`logits_to_keep`).
+positions are computed (`logits_to_keep` as an index tensor).
 
 `SequenceObjective` covers the target-string objective (control before or after a context)
 and the stream objective; `MeanObjective` averages several (universal prompts).
@@ -22,6 +22,7 @@ and the stream objective; `MeanObjective` averages several (universal prompts).
 
 from __future__ import annotations
 
+import copy
 import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -30,7 +31,7 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import Cache, PreTrainedModel, PreTrainedTokenizerBase
 
 LogProbLoss = Callable[[Tensor], Tensor]
 """Maps a node's log-probs (B, n, V) at the scored positions to a loss (B,); differentiable."""
@@ -158,7 +159,7 @@ class SequenceObjective:
         self.n_scored = n_scored
         self.log_prob_loss = log_prob_loss
         self.use_prefix_cache = use_prefix_cache and len(prefix_ids) > 0
-        self._prefix_kv: list[tuple[Tensor, Tensor]] | None = None
+        self._prefix_kv: Cache | None = None
         # transformers 5.x renamed `past_key_values` to `cache`; accept either
         forward_args = inspect.signature(model.forward).parameters
         self._cache_arg = "cache" if "cache" in forward_args else "past_key_values"
@@ -184,64 +185,68 @@ class SequenceObjective:
     # -- the prefix cache -------------------------------------------------------------------
 
     @torch.no_grad()
-    def _prefix_key_values(self) -> list[tuple[Tensor, Tensor]]:
+    def _prefix_cache_1(self) -> Cache:
+        """The prefix's key/value cache for one row, computed once."""
         if self._prefix_kv is None:
             out = self._model(input_ids=self.prefix_ids[None], use_cache=True)
-            cache = out.cache if "cache" in out else out.past_key_values
-            self._prefix_kv = [(layer[0], layer[1]) for layer in cache]
+            self._prefix_kv = out.cache if "cache" in out else out.past_key_values
         return self._prefix_kv
 
-    def _prefix_cache(self, batch: int) -> DynamicCache:
-        """A fresh cache holding the prefix for `batch` rows (forward mutates a cache)."""
-        data = [
-            (keys.expand(batch, -1, -1, -1), values.expand(batch, -1, -1, -1))
-            for keys, values in self._prefix_key_values()
-        ]  # each (B, heads, P, head_dim)
-        return DynamicCache(data, config=self._model.config)
+    def _prefix_cache(self, batch: int) -> Cache:
+        """A fresh cache holding the prefix for `batch` rows (forward mutates a cache).
+
+        Copied from the prefix's own cache object rather than rebuilt from its tensors: a
+        sliding-window layer (Gemma3) keeps only its window but counts every position seen.
+        """
+        cache = copy.deepcopy(self._prefix_cache_1())
+        if batch > 1:
+            cache.batch_repeat_interleave(batch)  # each layer (B, heads, P, head_dim)
+        return cache
 
     # -- forward ----------------------------------------------------------------------------
+
+    def _forward(self, batch: int, length: int, **inputs: Tensor) -> Tensor:
+        """One forward over `length` new positions (after the cached prefix, if any) ->
+        logits (B, n, V) at the n positions that predict the labels."""
+        first = length - self.n_scored - 1
+        if first < 0:
+            raise ControllerError(
+                "k: the first scored token needs a token before it (a prefix, a control prompt "
+                "or some context)"
+            )
+        # An index tensor, not an int: slicing the last positions leaves a non-contiguous view
+        # that CPU bf16 matmul turns into a batched copy of the whole lm_head (20x slower).
+        keep = torch.arange(first, length - 1, device=self._model.device)  # (n,)
+        if self.use_prefix_cache:
+            cache = {self._cache_arg: self._prefix_cache(batch)}
+            out = self._model(**inputs, use_cache=True, logits_to_keep=keep, **cache)
+        else:
+            out = self._model(**inputs, use_cache=False, logits_to_keep=keep)
+        return out.logits
 
     def _scored_logits(self, control_embeds: Tensor) -> Tensor:
         """control_embeds (B, k, d) -> logits (B, n, V) at the positions predicting the labels."""
         batch = control_embeds.shape[0]
         rest = embed_ids(self._model, self.rest_ids[None]).expand(batch, -1, -1)  # (B, R, d)
-        keep = self.n_scored + 1
-        if self.use_prefix_cache:
-            inputs = torch.cat([control_embeds, rest], dim=1)  # (B, k+R, d)
-            out = self._model(
-                inputs_embeds=inputs,
-                use_cache=True,
-                **{self._cache_arg: self._prefix_cache(batch)},
-                logits_to_keep=keep,
-            )
-        else:
-            prefix = embed_ids(self._model, self.prefix_ids[None]).expand(batch, -1, -1)
-            inputs = torch.cat([prefix, control_embeds, rest], dim=1)  # (B, P+k+R, d)
-            out = self._model(inputs_embeds=inputs, use_cache=False, logits_to_keep=keep)
-        return out.logits[:, :-1]  # (B, n, V): the last logit predicts past the sequence
+        parts = [control_embeds, rest]
+        if not self.use_prefix_cache:
+            parts.insert(0, embed_ids(self._model, self.prefix_ids[None]).expand(batch, -1, -1))
+        inputs = torch.cat(parts, dim=1)  # (B, [P+]k+R, d)
+        return self._forward(batch, inputs.shape[1], inputs_embeds=inputs)
 
     def _scored_logits_from_ids(self, control_ids: Tensor) -> Tensor:
         """control_ids (B, k) -> logits (B, n, V); same as `_scored_logits` on their embeddings."""
         batch = control_ids.shape[0]
-        rest = self.rest_ids[None].expand(batch, -1)  # (B, R)
-        keep = self.n_scored + 1
-        if self.use_prefix_cache:
-            ids = torch.cat([control_ids, rest], dim=1)  # (B, k+R)
-            out = self._model(
-                input_ids=ids,
-                use_cache=True,
-                **{self._cache_arg: self._prefix_cache(batch)},
-                logits_to_keep=keep,
-            )
-        else:
-            prefix = self.prefix_ids[None].expand(batch, -1)
-            ids = torch.cat([prefix, control_ids, rest], dim=1)  # (B, P+k+R)
-            out = self._model(input_ids=ids, use_cache=False, logits_to_keep=keep)
-        return out.logits[:, :-1]
+        parts = [control_ids, self.rest_ids[None].expand(batch, -1)]
+        if not self.use_prefix_cache:
+            parts.insert(0, self.prefix_ids[None].expand(batch, -1))
+        ids = torch.cat(parts, dim=1)  # (B, [P+]k+R)
+        return self._forward(batch, ids.shape[1], input_ids=ids)
 
     def _loss(self, logits: Tensor) -> Tensor:
-        """logits (B, n, V) -> loss (B,) in float32."""
-        log_probs = F.log_softmax(logits.float(), dim=-1)  # (B, n, V)
+        """logits (B, n, V) -> loss (B,) in float32, or float64 for a float64 model."""
+        precise = logits.to(torch.promote_types(logits.dtype, torch.float32))
+        log_probs = F.log_softmax(precise, dim=-1)  # (B, n, V)
         if self.log_prob_loss is not None:
             return self.log_prob_loss(log_probs)
         labels = self.labels[None, :, None].expand(logits.shape[0], -1, 1)  # (B, n, 1)
@@ -256,7 +261,7 @@ class SequenceObjective:
             success = torch.zeros(loss.shape[0], dtype=torch.bool, device=loss.device)
         else:
             success = (logits.argmax(dim=-1) == self.labels[None]).all(dim=-1)  # (B,)
-        return Scores(loss=loss.float(), success=success)
+        return Scores(loss=loss, success=success)
 
     def embed_loss(self, control_embeds: Tensor) -> Tensor:
         return self._loss(self._scored_logits(control_embeds)).sum()
