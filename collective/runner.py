@@ -220,9 +220,11 @@ def run_prepared(
         return RunResult(run_dir, None, result, "interrupted")
     report = build_report(scenario, result, run_id=run_id, runtime=runtime, control_prompts=prompts)
     folder.write_json("report.json", report)
+    from collective.plots import write_run_plots
     from collective.report_view import report_markdown
 
-    folder.write_text("report.md", report_markdown(report))
+    images = write_run_plots(run_dir, report)  # a plot that fails logs a warning, never fails the run
+    folder.write_text("report.md", report_markdown(report, images))
     for hook in report_hooks or []:
         hook(run_dir, report)
     folder.event(RunEnd(run_id=run_id, status="complete", rounds_done=result.rounds_done))

@@ -29,6 +29,7 @@ def make_report(seed: int, collective_nll: float, scenario: str = "sweep", nodes
         )
 
     rows = [row("member_isolated", 3.5 + 0.1 * i, node) for i, node in enumerate(nodes)]
+    rows += [row("member_collective", 3.45 + 0.1 * i - 0.03 * (i % 3), node) for i, node in enumerate(nodes)]
     rows += [row("ensemble_silent", 3.4), row("collective", collective_nll), row("reference", 3.0)]
     return Report(
         run_id=f"run-{seed}", scenario=scenario, seed=seed, aggregator="mean", n_eval_tokens=320, n_eval_rounds=10,
