@@ -224,6 +224,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     _setup_logging(args.verbose)
     console = Console()
+    if not console.is_terminal:
+        console = Console(width=max(console.width, 140))  # pipes and files: no wrapped tables
     try:
         return int(args.func(args, console) or 0)
     except KeyboardInterrupt:
