@@ -195,8 +195,11 @@ def run_prepared(
         run_id,
     )
 
+    written: list[int] = []  # round events in events.jsonl: what an interrupted run did
+
     def record(event: RoundEvent) -> None:
         folder.event(event)
+        written.append(event.round_index)
         if on_event is not None:
             on_event(event)
 
@@ -204,12 +207,12 @@ def run_prepared(
     try:
         result = engine.run(on_event=record, should_stop=should_stop)
     except KeyboardInterrupt:
-        folder.event(RunEnd(run_id=run_id, status="interrupted", rounds_done=-1, detail="Ctrl-C"))
+        folder.event(RunEnd(run_id=run_id, status="interrupted", rounds_done=len(written), detail="Ctrl-C"))
         folder.mark_incomplete("interrupted by Ctrl-C before the last round: no report was written")
         folder.close()
         raise
     except BaseException as exc:
-        folder.event(RunEnd(run_id=run_id, status="failed", rounds_done=-1, detail=repr(exc)))
+        folder.event(RunEnd(run_id=run_id, status="failed", rounds_done=len(written), detail=repr(exc)))
         folder.mark_incomplete(f"failed: {exc!r}")
         folder.close()
         raise
