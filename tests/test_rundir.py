@@ -172,6 +172,7 @@ def test_ctrl_c_mid_run_leaves_the_folder_incomplete_and_without_a_report(prepar
         run_prepared(prepared, run_dir, on_event=interrupt)
     events = _assert_incomplete_without_report(run_dir)
     assert [e.round_index for e in events if isinstance(e, RoundEvent)] == [0, 1]
+    assert events[-1].rounds_done == 2  # the rounds written before Ctrl-C
     assert "Ctrl-C" in (run_dir / INCOMPLETE).read_text()
 
 
@@ -195,7 +196,8 @@ def test_a_failing_round_marks_the_folder_failed(prepared, tmp_path):
     with pytest.raises(RuntimeError, match="boom"):
         run_prepared(prepared, run_dir, on_event=explode)
     assert "failed: RuntimeError('boom')" in (run_dir / INCOMPLETE).read_text()
-    assert _events(run_dir)[-1].status == "failed"
+    end = _events(run_dir)[-1]
+    assert (end.status, end.rounds_done) == ("failed", 1)
     assert not (run_dir / "report.json").exists()
 
 
