@@ -75,6 +75,8 @@ MIN_ROUND_DEADLINE_S = 30.0
 DEADLINE_PER_FIRST_ROUND = 10.0  # later rounds: this many times the first round's wall time
 STATUS_BYTES = 4_096
 MAX_BACKOFF_S = 10.0
+REJOIN_GRACE_S = 10.0  # after a broker outage, how long the next round waits for the nodes to come back
+WILLS_BEFORE_OUTAGE_S = 2.0  # a broker that shuts down first publishes every client's last will
 
 
 @dataclass
@@ -86,6 +88,7 @@ class NodeState:
     device: str = ""
     rejected: dict[str, int] = field(default_factory=dict)
     missing_messages: int = 0
+    left_at: float | None = None  # loop time of its last leave
 
 
 @dataclass(frozen=True)
@@ -147,6 +150,9 @@ class MqttExecutor:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._main_task: Future[None] | None = None
+        self._lost_at: float | None = None  # loop time the broker connection last broke
+        self._expect_back: set[str] = set()
+        self._expect_until = 0.0
 
     # ------------------------------------------------------------------ sync API (main thread)
 
@@ -225,6 +231,8 @@ class MqttExecutor:
                     for topic in self.topics.coordinator_subscriptions():
                         await client.subscribe(topic, qos=1)
                     await self._publish_state(client)
+                    if self._lost_at is not None:
+                        self._expect_nodes_back()
                     self._connected.set()
                     backoff = 0.5
                     # requests still unanswered (a broker restart loses what was in flight)
@@ -234,6 +242,8 @@ class MqttExecutor:
                         self._handle(str(message.topic), message.payload)
             except aiomqtt.MqttError as exc:
                 self._client = None
+                if self._connected.is_set():
+                    self._lost_at = asyncio.get_running_loop().time()
                 self._connected.clear()
                 if self._closing:
                     return
@@ -241,6 +251,16 @@ class MqttExecutor:
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, MAX_BACKOFF_S)
         self._client = None
+
+    def _expect_nodes_back(self) -> None:
+        """After an outage: the nodes present before it (their wills may have come from the
+        broker shutting down, not from them) get REJOIN_GRACE_S to reconnect before a round."""
+        assert self._lost_at is not None
+        since = self._lost_at - WILLS_BEFORE_OUTAGE_S
+        self._expect_back = {
+            n for n, state in self.nodes.items() if state.present or (state.left_at is not None and state.left_at >= since)
+        }
+        self._expect_until = asyncio.get_running_loop().time() + REJOIN_GRACE_S
 
     async def _publish_state(self, client: aiomqtt.Client) -> None:
         scenario = ScenarioPayload(
@@ -297,8 +317,30 @@ class MqttExecutor:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._changed.wait(), min(left, 1.0))
 
+    async def _wait_for_broker(self, round_index: int) -> None:
+        """Rounds wait out a broker outage, then give the nodes that were there time to return."""
+        assert self._changed is not None and self._connected is not None
+        if not self._connected.is_set():
+            log.warning("round %d waits for the broker at %s to come back", round_index, self.address.display())
+            try:
+                await asyncio.wait_for(self._connected.wait(), self.rejoin_timeout_s)
+            except asyncio.TimeoutError:
+                raise DistributedError(
+                    f"lost the broker at {self.address.display()} and could not reconnect within {self.rejoin_timeout_s:g} s"
+                ) from None
+        loop = asyncio.get_running_loop()
+        while self._expect_back - {n for n, s in self.nodes.items() if s.present}:
+            left = self._expect_until - loop.time()
+            if left <= 0:
+                break
+            self._changed.clear()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._changed.wait(), left)
+        self._expect_back = set()
+
     async def _run_round(self, round_index: int, requests: list[NodeRoundRequest]) -> dict[str, NodeRoundResult | None]:
         assert self._changed is not None
+        await self._wait_for_broker(round_index)
         await self._wait_for_anyone(round_index)
         loop = asyncio.get_running_loop()
         began = loop.time()
@@ -411,6 +453,7 @@ class MqttExecutor:
         if leave.session != state.session:
             return  # the last will of a session it has already replaced
         state.present = False
+        state.left_at = asyncio.get_running_loop().time()
         log.warning("node %s left: %s", node_id, leave.reason or "disconnected")
         if node_id in self._awaiting:
             self._awaiting.discard(node_id)

@@ -172,9 +172,6 @@ class Volunteer:
                     backoff = 0.5
                     for topic in self.topics.node_subscriptions(self.node_id):
                         await client.subscribe(topic, qos=1)
-                    if self._last_sent is not None:  # what a broker restart may have lost
-                        for topic, payload in self._last_sent[1]:
-                            await client.publish(topic, payload, qos=1)
                     reader = asyncio.create_task(self._read(client))
                     stopper = asyncio.create_task(self._stop.wait())
                     try:
@@ -309,9 +306,11 @@ class Volunteer:
             self.report(f"the coordinator ended the run: {control.detail or 'ended'}")
             self._end(control.detail or "ended")
             return
-        if control.session != self.coordinator_session:
-            self.coordinator_session = control.session
-            await self._join()
+        # the coordinator publishes `open` whenever it (re)connects, and the broker hands the
+        # retained copy to us whenever we (re)subscribe: either way, (re)join. After a broker
+        # restart the coordinator then sends again a request we may have lost (see _on_request).
+        self.coordinator_session = control.session
+        await self._join()
 
     async def _join(self) -> None:
         if self.loaded is None or self.coordinator_session is None:

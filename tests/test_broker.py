@@ -1,0 +1,96 @@
+"""What `collective broker` writes: logins, ACLs, packet size, TLS listener (no broker needed)."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+from pathlib import Path
+
+import pytest
+
+from collective.distributed.broker import (
+    BrokerSettings,
+    TlsFiles,
+    acl_text,
+    max_packet_size_for,
+    password_hash,
+    users_for,
+    write_broker_config,
+)
+from collective.distributed.protocol import result_bytes_bound
+from collective.scenario import parse_scenario
+
+
+def _scenario(**bus):
+    return parse_scenario(
+        {
+            "name": "s",
+            "models": {"m": "x"},
+            "corpus": {"train_tokens": 512, "eval_tokens": 64},
+            "node_defaults": {"model": "m", "view": {"kind": "window", "tokens": 16}, "message": {"policy": "relay"}},
+            "nodes": [{"id": "a"}, {"id": "b"}],
+            "bus": bus,
+            "evaluation": {"context_tokens": 64},
+        }
+    )
+
+
+def test_every_node_gets_a_login_named_after_it_and_the_coordinator_one_too():
+    users = users_for(_scenario(), {"a": "given"})
+    assert list(users) == ["coordinator", "a", "b"] and users["a"] == "given" and len(users["b"]) >= 12
+
+
+def test_a_node_may_not_take_the_coordinator_login():
+    scenario = _scenario().model_copy(update={"nodes": [_scenario().nodes[0].model_copy(update={"id": "coordinator"})]})
+    with pytest.raises(ValueError, match="coordinator"):
+        users_for(scenario)
+
+
+def test_the_acl_lets_a_node_publish_only_under_its_own_topics():
+    acl = acl_text(["coordinator", "a"])
+    assert "pattern write collective/+/nodes/%u/#" in acl
+    assert "pattern read collective/+/coord/to/%u" in acl and "pattern read collective/+/nodes/+/msg/%u" in acl
+    assert "user coordinator\ntopic readwrite collective/#" in acl
+    assert "user a\ntopic read collective/+/coord/scenario" in acl
+    assert "write collective/#" not in acl.split("user coordinator")[0]
+
+
+def test_the_packet_limit_holds_a_result_of_the_scenario_with_room_to_spare():
+    scenario = _scenario(round_tokens=64, max_message_bytes=400)
+    bound = result_bytes_bound(64, scenario.evaluation.top_k, 400, 2)
+    assert max_packet_size_for(scenario) >= 2 * bound and max_packet_size_for(scenario) >= 1 << 20
+
+
+def test_the_password_hash_is_mosquittos_pbkdf2_sha512_format():
+    salt = b"0123456789ab"
+    text = password_hash("secret", salt=salt)
+    _, seven, iterations, salt_b64, key_b64 = text.split("$")
+    assert (seven, iterations) == ("7", "101") and base64.b64decode(salt_b64) == salt
+    assert base64.b64decode(key_b64) == hashlib.pbkdf2_hmac("sha512", b"secret", salt, 101, dklen=64)
+
+
+def test_the_config_has_logins_acls_packet_size_and_a_tls_listener(tmp_path: Path):
+    cert, key = tmp_path / "server.crt", tmp_path / "server.key"
+    settings = BrokerSettings(
+        config_dir=tmp_path / "conf", port=1883, users={"coordinator": "x", "a": "y"}, max_packet_size=123456,
+        tls=TlsFiles(cert, key), tls_port=8883,
+    )
+    files = write_broker_config(settings)
+    conf = files.conf.read_text()
+    assert "allow_anonymous false" in conf and "max_packet_size 123456" in conf and "persistence false" in conf
+    assert f"password_file {files.passwd}" in conf and f"acl_file {files.acl}" in conf
+    assert "listener 1883 0.0.0.0" in conf and f"listener 8883 0.0.0.0\ncertfile {cert}\nkeyfile {key}" in conf
+    assert files.credentials is not None and files.credentials.read_text() == "coordinator:x\na:y\n"
+    assert files.credentials.stat().st_mode & 0o077 == 0
+    assert files.passwd is not None and "a:" in files.passwd.read_text() and "y" not in files.passwd.read_text().split(":")[1][:2]
+
+
+def test_a_config_for_docker_names_the_paths_mosquitto_sees(tmp_path: Path):
+    files = write_broker_config(BrokerSettings(config_dir=tmp_path, users={"coordinator": "x"}, mount_dir=Path("/mosquitto/config")))
+    conf = files.conf.read_text()
+    assert "password_file /mosquitto/config/passwd" in conf and "acl_file /mosquitto/config/acl" in conf
+
+
+def test_without_logins_the_broker_is_open_and_has_no_acl(tmp_path: Path):
+    files = write_broker_config(BrokerSettings(config_dir=tmp_path))
+    assert files.passwd is None and files.acl is None and "allow_anonymous true" in files.conf.read_text()

@@ -1,0 +1,362 @@
+"""The distributed runtime end to end: a real Mosquitto on 127.0.0.1, the coordinator in this
+process, one `collective node` process per node, a tiny float32 model saved to a folder.
+
+The reference for every check is the embedded run of the same scenario: a distributed run
+must give the same evaluation (within float tolerance: a volunteer scores its node alone,
+the embedded runtime batches all nodes) and the same messages, word for word.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import math
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from rich.console import Console
+
+from collective.distributed.broker import users_for
+from collective.distributed.coordinator import MqttExecutor, connect_executor
+from collective.distributed.mqtt import parse_broker_url
+from collective.distributed.preflight import PreflightFailed, preflight
+from collective.distributed.protocol import (
+    JoinPayload,
+    MessagePayload,
+    PredictionsWire,
+    ResultPayload,
+    Topics,
+    encode,
+    envelope,
+)
+from collective.models import ModelPool
+from collective.predictions import TokenPredictions
+from collective.records import MessageRecord, Report, RoundEvent, parse_event
+from collective.runner import Prepared, RunResult, prepare, run_prepared
+from collective.scenario import load_scenario
+from tests.mosquitto import running_broker
+
+pytestmark = pytest.mark.mqtt
+
+REPO = Path(__file__).resolve().parents[1]
+NODES = ("a", "b", "c")
+# a -> b -> c -> a: b hears only a, so a message "from c" at b is off the topology
+SCENARIO = {
+    "name": "distributed",
+    "seed": 3,
+    "corpus": {"source": "builtin:pydoc", "train_tokens": 256, "eval_tokens": 128},
+    "node_defaults": {"model": "tiny", "message": {"policy": "relay"}},
+    "nodes": [
+        {"id": "a", "view": {"kind": "window", "tokens": 32}},
+        {"id": "b", "view": {"kind": "lagged", "tokens": 32, "lag": 16}},
+        {"id": "c", "view": {"kind": "none"}, "message": {"policy": "generate", "max_tokens": 6}},
+    ],
+    "topology": {"kind": "ring", "directed": True},
+    "bus": {"round_tokens": 16, "max_message_tokens": 8, "max_message_bytes": 64},
+    "evaluation": {"context_tokens": 64, "n_boot": 200, "warmup_rounds": 1, "top_k": 16},
+}
+
+
+@dataclass
+class World:
+    root: Path
+    prepared: Prepared
+    embedded: Report
+    embedded_messages: list[tuple[str, str, int, str]]
+
+
+def _messages(run_dir: Path) -> list[tuple[str, str, int, str]]:
+    events = [parse_event(line) for line in (run_dir / "events.jsonl").read_text().splitlines()]
+    return [(m.sender, m.receiver, m.round_sent, m.text) for e in events if isinstance(e, RoundEvent) for m in e.messages]
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory, tiny_tok, tiny_lm) -> World:
+    root = tmp_path_factory.mktemp("distributed")
+    tiny_lm.save_pretrained(root / "tiny")
+    tiny_tok.save_pretrained(root / "tiny")
+    spec = {**SCENARIO, "models": {"tiny": {"ref": str(root / "tiny"), "dtype": "float32", "device": "cpu"}}}
+    (root / "scenario.yaml").write_text(yaml.safe_dump(spec))
+    prepared = prepare(load_scenario(root / "scenario.yaml"), ModelPool(cache_dir=root / "cache"), base_dir=root)
+    embedded = run_prepared(prepared, root / "embedded")
+    assert embedded.report is not None
+    return World(root, prepared, embedded.report, _messages(root / "embedded"))
+
+
+class Nodes:
+    """`collective node` processes; whatever is still running at the end is stopped."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.processes: dict[str, subprocess.Popen[bytes]] = {}
+        self.started = 0
+
+    def start(self, url: str, run_id: str, node_id: str) -> subprocess.Popen[bytes]:
+        self.started += 1
+        log = (self.folder / f"node-{node_id}-{self.started}.log").open("wb")
+        command = [sys.executable, "-m", "collective.cli", "node", "--broker", url, "--run", run_id, "--node", node_id]
+        process = subprocess.Popen(command + ["--threads", "1", "--scenario-timeout", "120"], cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+        self.processes[node_id] = process
+        return process
+
+    def output(self, node_id: str) -> str:
+        return "\n".join(p.read_text() for p in sorted(self.folder.glob(f"node-{node_id}-*.log")))
+
+    def wait_all(self, timeout: float = 30.0) -> dict[str, int]:
+        deadline = time.monotonic() + timeout
+        codes = {}
+        for node_id, process in self.processes.items():
+            codes[node_id] = process.wait(timeout=max(0.1, deadline - time.monotonic()))
+        return codes
+
+    def stop_all(self) -> None:
+        for process in self.processes.values():
+            if process.poll() is None:
+                process.send_signal(signal.SIGINT)
+        for process in self.processes.values():
+            try:
+                process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+
+@pytest.fixture
+def nodes(tmp_path) -> Iterator[Nodes]:
+    started = Nodes(tmp_path)
+    yield started
+    started.stop_all()
+
+
+def _run(
+    world: World,
+    url: str,
+    run_dir: Path,
+    on_event: Callable[[MqttExecutor, RoundEvent], None] | None = None,
+) -> tuple[RunResult, MqttExecutor, str]:
+    out = io.StringIO()
+    console = Console(file=out, width=200, color_system=None)
+    with connect_executor(world.prepared, url, run_id=run_dir.name, console=console, join_timeout=120) as executor:
+        hook = None if on_event is None else (lambda event: on_event(executor, event))
+        result = run_prepared(world.prepared, run_dir, executor=executor, runtime="mqtt", on_event=hook)
+    return result, executor, out.getvalue()
+
+
+def _close(a: float, b: float) -> bool:
+    return math.isclose(a, b, rel_tol=1e-5, abs_tol=1e-5)
+
+
+def _assert_same_evaluation(expected: Report, found: Report, rows: set[tuple[str, str | None]] | None = None) -> None:
+    assert [(r.row, r.node_id) for r in found.rows] == [(r.row, r.node_id) for r in expected.rows]
+    for want, got in zip(expected.rows, found.rows):
+        if rows is not None and (want.row, want.node_id) not in rows:
+            continue
+        assert want.n_tokens == got.n_tokens
+        for name in ("nll", "bits_per_byte", "top1"):
+            assert _close(getattr(want, name), getattr(got, name)), (want.row, want.node_id, name)
+        assert _close(want.nll_ci.low, got.nll_ci.low) and _close(want.nll_ci.high, got.nll_ci.high)
+    if rows is None:
+        for gain in ("collective_gain", "communication_gain"):
+            assert _close(getattr(expected, gain).value, getattr(found, gain).value)
+        assert found.verdict.split("(")[0] == expected.verdict.split("(")[0]
+
+
+def _wait_until(condition: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+# ---------------------------------------------------------------------------- equivalence
+
+
+def test_a_distributed_run_with_logins_and_acls_gives_the_embedded_evaluation_and_messages(world, nodes, tmp_path):
+    users = users_for(world.prepared.scenario)
+    with running_broker(tmp_path / "broker", users=users) as broker:
+        run_dir = tmp_path / "run-equal"
+        for node_id in NODES:
+            nodes.start(broker.url(node_id), run_dir.name, node_id)
+        result, executor, console = _run(world, broker.url("coordinator"), run_dir)
+        assert nodes.wait_all() == dict.fromkeys(NODES, 0)
+    assert result.report is not None and result.report.runtime == "mqtt"
+    _assert_same_evaluation(world.embedded, result.report)
+    assert _messages(run_dir) == world.embedded_messages
+    assert result.report.missed_rounds == {}  # the report lists nodes that missed any
+    assert executor.rejections.total == 0 and not any(executor.node_rejections().values())
+    assert "all 3 nodes joined" in console and "missing:" in console
+    assert "the coordinator ended the run: complete" in nodes.output("a")
+
+
+# ---------------------------------------------------------------------------- faults
+
+
+def test_a_node_killed_mid_run_misses_its_rounds_and_rejoins_at_the_next(world, nodes, tmp_path):
+    with running_broker(tmp_path / "broker") as broker:
+        run_dir = tmp_path / "run-kill"
+        for node_id in NODES:
+            nodes.start(broker.url(), run_dir.name, node_id)
+
+        def on_event(executor: MqttExecutor, event: RoundEvent) -> None:
+            if event.round_index == 1:
+                victim = nodes.processes["c"]
+                victim.kill()  # SIGKILL: no goodbye, the broker publishes its last will
+                victim.wait()
+                nodes.start(broker.url(), run_dir.name, "c")
+            if event.round_index == 2:
+                _wait_until(lambda: "c" not in executor.missing(), 60, "node c to rejoin")
+
+        result, executor, _ = _run(world, broker.url(), run_dir, on_event)
+    report = result.report
+    assert result.status == "complete" and report is not None
+    assert report.missed_rounds == {"c": 1}
+    events = [parse_event(line) for line in (run_dir / "events.jsonl").read_text().splitlines()]
+    missed = [(e.round_index, n.node_id) for e in events if isinstance(e, RoundEvent) for n in e.nodes if n.missed]
+    assert missed == [(2, "c")]
+    # nothing else is lost: the rows that do not depend on messages are the embedded ones
+    kept = {(kind, node) for kind in ("member_plain", "member_isolated") for node in ("a", "b")} | {("reference", None)}
+    _assert_same_evaluation(world.embedded, report, rows=kept)
+    assert report.row("member_plain", "c").n_tokens == world.embedded.row("member_plain", "c").n_tokens - 16
+
+
+def test_the_run_survives_a_broker_restart_with_the_same_numbers(world, nodes, tmp_path):
+    with running_broker(tmp_path / "broker") as broker:
+        run_dir = tmp_path / "run-restart"
+        for node_id in NODES:
+            nodes.start(broker.url(), run_dir.name, node_id)
+
+        def on_event(executor: MqttExecutor, event: RoundEvent) -> None:
+            if event.round_index == 2:
+                broker.restart()
+
+        result, executor, _ = _run(world, broker.url(), run_dir, on_event)
+        assert nodes.wait_all() == dict.fromkeys(NODES, 0)
+    assert result.report is not None and result.report.missed_rounds == {}
+    _assert_same_evaluation(world.embedded, result.report)
+    assert _messages(run_dir) == world.embedded_messages
+
+
+def test_ctrl_c_on_the_coordinator_tells_the_nodes_that_the_run_ended(world, nodes, tmp_path):
+    with running_broker(tmp_path / "broker") as broker:
+        run_dir = tmp_path / "run-interrupted"
+        for node_id in NODES:
+            nodes.start(broker.url(), run_dir.name, node_id)
+
+        def on_event(executor: MqttExecutor, event: RoundEvent) -> None:
+            if event.round_index == 2:
+                raise KeyboardInterrupt
+
+        with pytest.raises(KeyboardInterrupt):
+            _run(world, broker.url(), run_dir, on_event)
+        assert nodes.wait_all() == dict.fromkeys(NODES, 0)
+    assert (run_dir / "INCOMPLETE").exists()
+    assert "the coordinator ended the run: interrupted: Ctrl-C on the coordinator" in nodes.output("b")
+
+
+# ---------------------------------------------------------------------------- hostile envelopes
+
+
+def _fake_result(vocab_size: int) -> ResultPayload:
+    zeros = TokenPredictions(torch.zeros(1, 16), torch.zeros(1, 16, 16, dtype=torch.long), torch.zeros(1, 16, 16), vocab_size)
+    wire = PredictionsWire.from_predictions(zeros)
+    return ResultPayload(session="forged", collective=wire, isolated=wire, plain=wire, message_text=None, inbox_tokens=0, messages=[])
+
+
+async def _inject(url: str, run_id: str, round_index: int, tokenizer, vocab_size: int) -> None:
+    import aiomqtt
+
+    topics = Topics(run_id)
+
+    def message(sender: str, text: str, round_sent: int) -> MessagePayload:
+        return MessagePayload(
+            record=MessageRecord(
+                sender=sender, receiver="b", round_sent=round_sent, deliver_round=round_sent + 1, text=text,
+                n_tokens=len(tokenizer.encode(text, add_special_tokens=False)), n_bytes=len(text.encode()),
+            )
+        )
+
+    join = JoinPayload(session="x", model="tiny", vocab_size=vocab_size, tokenizer_digest="0" * 24, device="cpu")
+    now = round_index
+    junk = [
+        # at node b (its in-neighbour is a)
+        (topics.message("a", "b"), b"{not json"),  # malformed
+        (topics.message("a", "b"), b"x" * 100_000),  # oversized
+        (topics.message("a", "b"), encode(envelope(run_id, "c", message("c", "hi", now)))),  # spoofed: c on a's topic
+        (topics.message("a", "b"), encode(envelope("other-run", "a", message("a", "hi", now)))),  # wrong run
+        (topics.message("c", "b"), encode(envelope(run_id, "c", message("c", "hi", now)))),  # c -> b is no link
+        (topics.message("a", "b"), encode(envelope(run_id, "a", message("a", "word " * 60, now)))),  # over budget
+        (topics.message("a", "b"), encode(envelope(run_id, "a", message("a", "hi", now + 50)))),  # wrong round
+        (topics.message("a", "b"), encode(envelope(run_id, "a", message("a", "forged", now)))),  # never booked
+        # at the coordinator
+        (topics.result("a"), b"\xff\xfe"),  # malformed
+        (topics.status("a"), b"y" * 100_000),  # oversized
+        (topics.status("a"), encode(envelope(run_id, "b", join))),  # spoofed: b on a's topic
+        (topics.status("a"), encode(envelope("other-run", "a", join))),  # wrong run
+        (topics.status("zz"), encode(envelope(run_id, "zz", join))),  # unknown node
+        (topics.result("a"), encode(envelope(run_id, "a", _fake_result(vocab_size), 999))),  # wrong round
+    ]
+    address = parse_broker_url(url)
+    async with aiomqtt.Client(address.host, address.port) as client:
+        for topic, payload in junk:
+            await client.publish(topic, payload, qos=1)
+
+
+def test_malformed_oversized_spoofed_and_wrong_run_envelopes_are_dropped_counted_and_change_nothing(world, nodes, tmp_path):
+    tokenizer = world.prepared.tokenizer
+    vocab_size = world.prepared.models["tiny"].vocab_size
+    with running_broker(tmp_path / "broker") as broker:  # no ACL: the runtime's own checks are on trial
+        run_dir = tmp_path / "run-hostile"
+        for node_id in NODES:
+            nodes.start(broker.url(), run_dir.name, node_id)
+
+        def on_event(executor: MqttExecutor, event: RoundEvent) -> None:
+            if event.round_index == 1:
+                asyncio.run(_inject(broker.url(), run_dir.name, 1, tokenizer, vocab_size))
+
+        result, executor, console = _run(world, broker.url(), run_dir, on_event)
+        assert nodes.wait_all() == dict.fromkeys(NODES, 0)
+    assert result.report is not None
+    _assert_same_evaluation(world.embedded, result.report)
+    assert _messages(run_dir) == world.embedded_messages
+    assert executor.rejections.as_dict() == {
+        "malformed": 1, "oversized": 1, "spoofed": 1, "unknown_node": 1, "wrong_round": 1, "wrong_run": 1,
+    }
+    assert executor.node_rejections() == {
+        "a": {},
+        "b": {
+            "malformed": 1, "not_neighbour": 1, "over_budget": 1, "oversized": 1, "spoofed": 1,
+            "unconfirmed": 1, "wrong_round": 1, "wrong_run": 1,
+        },
+        "c": {},
+    }
+    assert "dropped envelopes" in console
+
+
+# ---------------------------------------------------------------------------- authentication
+
+
+def test_a_node_with_a_wrong_password_is_refused_with_a_clear_message(world, tmp_path):
+    users = users_for(world.prepared.scenario)
+    with running_broker(tmp_path / "broker", users=users) as broker:
+        command = [sys.executable, "-m", "collective.cli", "node", "--broker", broker.url("a", "not-the-password")]
+        done = subprocess.run(command + ["--run", "r1", "--node", "a"], cwd=REPO, capture_output=True, text=True, timeout=60)
+        output = " ".join((done.stdout + done.stderr).split())
+        assert done.returncode == 2, output
+        assert "preflight failed at step 'authentication'" in output
+        assert "refused the login of user 'a'" in output and "password" in output
+        assert "not-the-password" not in output
+        # the right password passes every step; the ACL keeps a node out of another's topics
+        steps = asyncio.run(preflight(parse_broker_url(broker.url("a")), Topics("r1").echo("a"), timeout=5))
+        assert [s.status for s in steps] == ["ok", "ok", "skipped", "ok", "ok"]
+        with pytest.raises(PreflightFailed) as caught:
+            asyncio.run(preflight(parse_broker_url(broker.url("a")), Topics("r1").echo("b"), timeout=1))
+        assert caught.value.steps[-1].name == "publish/subscribe echo" and "ACL" in str(caught.value)

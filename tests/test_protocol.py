@@ -1,0 +1,218 @@
+"""The wire format of the distributed runtime: envelopes, tensors, topics, limits (no broker)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from collective.distributed.protocol import (
+    COORDINATOR,
+    JoinPayload,
+    MessageKey,
+    MessagePayload,
+    PredictionsWire,
+    Rejected,
+    Rejections,
+    RequestPayload,
+    ResultPayload,
+    TensorBlob,
+    Topics,
+    check_predictions,
+    decode_envelope,
+    encode,
+    envelope,
+    message_bytes_bound,
+    result_bytes_bound,
+    text_digest,
+    tokenizer_digest,
+)
+from collective.node import NodeRoundRequest, NodeRoundResult
+from collective.predictions import TokenPredictions
+from collective.records import MessageRecord
+from collective.scenario import GenerateMessage, RelayMessage
+
+
+def _predictions(n_positions: int = 5, top_k: int = 4, vocab_size: int = 50, seed: int = 0) -> TokenPredictions:
+    gen = torch.Generator().manual_seed(seed)
+    logits = torch.randn(1, n_positions, vocab_size, generator=gen) * 3
+    logprobs = torch.log_softmax(logits, dim=-1)  # (1, T, V)
+    topk_logprobs, topk_ids = logprobs.topk(top_k, dim=-1)  # (1, T, K)
+    targets = torch.randint(0, vocab_size, (1, n_positions, 1), generator=gen)
+    return TokenPredictions(logprobs.gather(-1, targets).squeeze(-1), topk_ids, topk_logprobs, vocab_size)
+
+
+def _record(text: str = "hello", sender: str = "a", receiver: str = "b", round_sent: int = 3) -> MessageRecord:
+    return MessageRecord(
+        sender=sender, receiver=receiver, round_sent=round_sent, deliver_round=round_sent + 1, text=text,
+        n_tokens=2, n_bytes=len(text.encode()),
+    )
+
+
+def test_float32_tensors_survive_the_wire_bit_for_bit():
+    values = torch.tensor([[-0.0, -1e-38, -3.4e38, -float("inf"), -1.2345678e-7, -17.25]], dtype=torch.float32)
+    blob = TensorBlob.model_validate_json(TensorBlob.from_tensor(values, "float32").model_dump_json())
+    back = blob.to_tensor()
+    assert back.dtype == torch.float32 and back.shape == values.shape
+    assert torch.equal(back.view(torch.int32), values.view(torch.int32))
+
+
+def test_a_predictions_record_round_trips_exactly_with_int64_ids_restored():
+    preds = _predictions()
+    back = PredictionsWire.model_validate_json(PredictionsWire.from_predictions(preds).model_dump_json()).to_predictions()
+    assert torch.equal(back.target_logprob, preds.target_logprob)
+    assert torch.equal(back.topk_logprobs, preds.topk_logprobs)
+    assert torch.equal(back.topk_ids, preds.topk_ids) and back.topk_ids.dtype == torch.int64
+    assert back.vocab_size == preds.vocab_size
+
+
+def test_a_tensor_blob_whose_data_does_not_fit_its_shape_is_refused():
+    blob = TensorBlob.from_tensor(torch.zeros(2, 3), "float32").model_dump()
+    blob["shape"] = [2, 4]
+    with pytest.raises(ValueError, match="shape"):
+        TensorBlob.model_validate(blob)
+
+
+def test_predictions_with_disagreeing_shapes_are_refused():
+    wire = PredictionsWire.from_predictions(_predictions()).model_dump()
+    wire["topk_ids"] = PredictionsWire.from_predictions(_predictions(n_positions=6)).model_dump()["topk_ids"]
+    with pytest.raises(ValueError, match="inconsistent shapes"):
+        PredictionsWire.model_validate(wire)
+
+
+def test_check_predictions_names_what_does_not_fit_the_run():
+    preds = _predictions(n_positions=5, top_k=4, vocab_size=50)
+    assert check_predictions(preds, n_positions=5, top_k=4, vocab_size=50) is None
+    assert "positions" in (check_predictions(preds, n_positions=6, top_k=4, vocab_size=50) or "")
+    assert "vocabulary" in (check_predictions(preds, n_positions=5, top_k=4, vocab_size=51) or "")
+    assert "candidates" in (check_predictions(preds, n_positions=5, top_k=8, vocab_size=50) or "")
+    broken = TokenPredictions(preds.target_logprob.clone().fill_(float("nan")), preds.topk_ids, preds.topk_logprobs, 50)
+    assert "NaN" in (check_predictions(broken, n_positions=5, top_k=4, vocab_size=50) or "")
+    positive = TokenPredictions(preds.target_logprob, preds.topk_ids, preds.topk_logprobs + 5, 50)
+    assert "above 0" in (check_predictions(positive, n_positions=5, top_k=4, vocab_size=50) or "")
+
+
+def test_a_request_carries_exactly_the_node_view_and_comes_back_as_the_same_request():
+    request = NodeRoundRequest(
+        node_id="b",
+        round_index=7,
+        control_ids=[5, 6],
+        prefix_ids=torch.tensor([1, 2, 3]),
+        round_inputs=torch.tensor([4, 0, 9]),
+        targets=torch.tensor([4, 8, 9]),
+        message=GenerateMessage(sampling="sample", temperature=0.7),
+        message_tokens=12,
+        seed=11,
+        want_plain=False,
+    )
+    keys = [MessageKey(sender="a", round_sent=6, digest=text_digest("hi"))]
+    payload = RequestPayload.from_request(request, keys, deadline_s=30.0)
+    env = decode_envelope(encode(envelope("run-1", COORDINATOR, payload, 7)), 1 << 20)
+    assert isinstance(env.payload, RequestPayload) and env.round_index == 7
+    back = env.payload.to_request(7, inbox_text="a: hi\n")
+    assert back.prefix_ids.tolist() == [1, 2, 3] and back.round_inputs.tolist() == [4, 0, 9]
+    assert back.targets.tolist() == [4, 8, 9] and back.control_ids == [5, 6]
+    assert back.message == request.message and back.message_tokens == 12 and back.seed == 11
+    assert back.want_plain is False and back.want_isolated is True and back.inbox_text == "a: hi\n"
+    assert env.payload.inbox == keys
+    assert not env.payload.ids_out_of_range(10) and env.payload.ids_out_of_range(9)
+
+
+def test_a_result_comes_back_with_identical_predictions_and_messages():
+    result = NodeRoundResult(
+        node_id="a", round_index=2, collective=_predictions(seed=1), isolated=_predictions(seed=2), plain=None,
+        message_text="hello", inbox_tokens=4, messages=[_record(round_sent=2)],
+    )
+    payload = ResultPayload.from_result(result, "s1", 0.5, {"malformed": 2}, 1)
+    env = decode_envelope(encode(envelope("run-1", "a", payload, 2)), 1 << 20)
+    assert isinstance(env.payload, ResultPayload)
+    back = env.payload.to_result("a", 2)
+    assert torch.equal(back.collective.topk_logprobs, result.collective.topk_logprobs)
+    assert back.isolated is not None and result.isolated is not None
+    assert torch.equal(back.isolated.target_logprob, result.isolated.target_logprob)
+    assert back.plain is None and back.messages == result.messages and back.message_text == "hello"
+    assert env.payload.rejected == {"malformed": 2} and env.payload.missing_messages == 1
+
+
+@pytest.mark.parametrize(
+    ("raw", "reason"),
+    [
+        (b"\xff\xfe not utf-8", "malformed"),
+        (b"{not json", "malformed"),
+        (b"[1, 2, 3]", "malformed"),
+        (b'{"run_id": "r", "sender": "a"}', "malformed"),
+        (b'{"schema_version": 2, "run_id": "r"}', "wrong_schema"),
+        (b"x" * 2000, "oversized"),
+    ],
+)
+def test_a_broken_payload_is_rejected_with_its_reason(raw, reason):
+    with pytest.raises(Rejected) as caught:
+        decode_envelope(raw, max_bytes=1000)
+    assert caught.value.reason == reason
+
+
+def test_an_envelope_whose_kind_disagrees_with_its_payload_is_malformed():
+    data = json.loads(encode(envelope("r", "a", MessagePayload(record=_record()))))
+    data["kind"] = "result"
+    with pytest.raises(Rejected) as caught:
+        decode_envelope(json.dumps(data).encode(), 10_000)
+    assert caught.value.reason == "malformed"
+
+
+def test_a_run_id_that_could_escape_its_topic_is_refused():
+    with pytest.raises(ValueError):
+        envelope("run/../other", "a", MessagePayload(record=_record()))
+
+
+def test_topics_name_their_owner_and_parse_back():
+    topics = Topics("run-1")
+    assert topics.parse(topics.message("a", "b")) == topics.parse("collective/run-1/nodes/a/msg/b")
+    info = topics.parse(topics.message("a", "b"))
+    assert info is not None and (info.owner, info.channel, info.target) == ("a", "msg", "b")
+    info = topics.parse(topics.to_node("c"))
+    assert info is not None and (info.owner, info.channel, info.target) == (COORDINATOR, "to", "c")
+    for topic, channel in ((topics.result("a"), "result"), (topics.status("a"), "status"), (topics.scenario, "scenario")):
+        parsed = topics.parse(topic)
+        assert parsed is not None and parsed.channel == channel
+    assert topics.parse("collective/run-2/nodes/a/result") is None
+    assert topics.parse("collective/run-1/nodes/a/elsewhere") is None
+    assert topics.node_subscriptions("b")[-1] == "collective/run-1/nodes/+/msg/b"
+
+
+def test_rejections_count_by_reason():
+    counts = Rejections("test")
+    counts.add("spoofed", "t", "x")
+    counts.add("spoofed", "t", "y")
+    counts.add("malformed", "t", "z")
+    assert counts.as_dict() == {"malformed": 1, "spoofed": 2} and counts.total == 3
+
+
+def test_size_bounds_hold_a_real_result_and_a_budget_sized_message():
+    preds = _predictions(n_positions=32, top_k=64, vocab_size=49152)
+    text = "é" * 80  # 160 bytes
+    records = [_record(text, receiver=r, round_sent=0) for r in ("b", "c")]
+    result = NodeRoundResult("a", 0, preds, preds, preds, text, 10, records)
+    size = len(encode(envelope("r", "a", ResultPayload.from_result(result, "s", 0.0, {}, 0), 0)))
+    assert size <= result_bytes_bound(32, 64, 160, 2)
+    message = encode(envelope("r", "a", MessagePayload(record=_record("\x00" * 160)), 0))
+    assert len(message) <= message_bytes_bound(160)
+
+
+def test_a_join_carries_a_tokenizer_digest_that_tells_tokenizers_apart(tiny_tok):
+    digest = tokenizer_digest(tiny_tok)
+    assert digest == tokenizer_digest(tiny_tok) and len(digest) == 24
+    join = JoinPayload(session="s", model="tiny", vocab_size=len(tiny_tok), tokenizer_digest=digest, device="cpu")
+    env = decode_envelope(encode(envelope("r", "a", join)), 4096)
+    assert isinstance(env.payload, JoinPayload) and env.payload.tokenizer_digest == digest
+
+
+def test_message_records_of_relay_policy_serialize_inside_requests():
+    payload = RequestPayload(
+        node_id="a", control_ids=[], prefix_ids=[], round_inputs=[1], targets=[1], message=RelayMessage(),
+        message_tokens=0, seed=0, deadline_s=1.0,
+    )
+    env = decode_envelope(encode(envelope("r", COORDINATOR, payload, 0)), 100_000)
+    assert isinstance(env.payload, RequestPayload) and env.payload.message == RelayMessage()
+    assert math.isclose(env.payload.deadline_s, 1.0)
