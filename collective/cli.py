@@ -111,6 +111,41 @@ def _plain_lines(console: Console, total: int):  # type: ignore[no-untyped-def]
     return line
 
 
+def _controls(args: argparse.Namespace, prepared, console: Console) -> list[dict]:  # type: ignore[no-untyped-def]
+    """Reuse prompts from an earlier run, or search the gcg controllers on the train part."""
+    from collective.control import load_controls, search_controls
+    from collective.runner import needs_search
+
+    if args.controllers_from:
+        prepared.control_ids.update(load_controls(Path(args.controllers_from), prepared.scenario))
+        console.print(f"control prompts from {args.controllers_from}")
+        return []
+    if not needs_search(prepared.scenario):
+        return []
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with Progress(
+        TextColumn("[bold]GCG {task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        console=console, transient=True, disable=args.quiet,
+    ) as progress:
+        tasks: dict[str, int] = {}
+
+        def tick(node_id: str, step: int, total: int) -> None:
+            if node_id not in tasks:
+                tasks[node_id] = progress.add_task(f"node {node_id}", total=total)
+            progress.update(tasks[node_id], completed=step, total=total)
+
+        searches = search_controls(prepared, progress=tick)
+    decode = prepared.tokenizer.decode  # type: ignore[attr-defined]
+    for found in searches:
+        console.print(
+            f"control for {found.node_id} ({found.objective}): {decode(found.control_ids)!r} "
+            f"train loss {found.initial_loss:.3f} -> {found.loss:.3f} nats/token in {found.wall_seconds:.0f} s",
+            highlight=False,
+        )
+    return [found.__dict__ for found in searches]
+
+
 def cmd_run(args: argparse.Namespace, console: Console) -> int:
     from collective.report_view import report_table
     from collective.rundir import default_run_dir, run_id_for
@@ -122,6 +157,7 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
     run_dir = Path(args.out) if args.out else default_run_dir(scenario.name)
     with console.status(f"loading models and corpus for {scenario.name} ..."):
         prepared = prepare(scenario, _pool(args), base_dir=Path.cwd())
+    searches = _controls(args, prepared, console)
     total = scenario.evaluation.warmup_rounds + scenario.eval_rounds
     live = console.is_terminal if args.live is None else args.live
     console.print(f"run folder: {run_dir}")
@@ -147,7 +183,9 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
             stack.enter_context(progress)
         else:
             on_event = _plain_lines(console, total)
-        result = run_prepared(prepared, run_dir, executor=executor, runtime=runtime, on_event=on_event)
+        result = run_prepared(
+            prepared, run_dir, executor=executor, runtime=runtime, on_event=on_event, control_searches=searches
+        )
     if result.report is None:
         console.print(f"[yellow]stopped early; {run_dir} is marked incomplete[/]")
         return 1
@@ -201,6 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--out", help="run folder (default runs/<timestamp>-<name>/)")
     run.add_argument("--seed", type=int, help="override the scenario's seed")
     run.add_argument("--quiet", action="store_true", help="no progress output")
+    run.add_argument("--controllers-from", metavar="RUN_DIR", help="reuse the control prompts an earlier run found (its controls.json)")
     run.add_argument("--live", dest="live", action="store_true", default=None, help="full-screen live view (default when stdout is a terminal)")
     run.add_argument("--no-live", dest="live", action="store_false", help="a progress bar (terminal) or plain lines instead of the live view")
     run.add_argument("--bus", metavar="URL", help="memory (default) or mqtt://user:pass@host:1883 / mqtts://... for a distributed run")

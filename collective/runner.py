@@ -175,6 +175,7 @@ def run_prepared(
     on_event: Callable[[RoundEvent], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
     report_hooks: list[Callable[[Path, Report], None]] | None = None,
+    control_searches: list[dict] | None = None,
 ) -> RunResult:
     """Run the rounds, evaluate, write the run folder. KeyboardInterrupt leaves it incomplete."""
     scenario = prepared.scenario
@@ -182,7 +183,15 @@ def run_prepared(
     folder = RunDir(run_dir).open(scenario.resolved_yaml())
     decode = prepared.tokenizer.decode  # type: ignore[attr-defined]
     prompts = {node_id: decode(ids) for node_id, ids in prepared.control_ids.items() if ids}
-    folder.write_json("controls.json", {"schema_version": 1, "control_ids": prepared.control_ids, "control_text": prompts})
+    folder.write_json(
+        "controls.json",
+        {
+            "schema_version": 1,
+            "control_ids": prepared.control_ids,
+            "control_text": prompts,
+            "searches": control_searches or [],
+        },
+    )
     engine = RoundEngine(
         scenario,
         prepared.graph,
