@@ -255,6 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
     schema.set_defaults(func=cmd_schema)
     from collective import live_cli; live_cli.register(sub)  # noqa: E702, I001
     from collective.distributed import cli as distributed_cli; distributed_cli.register(sub)  # noqa: E702, I001
+    from collective import controllers_cli; controllers_cli.register(sub)  # noqa: E702, I001
     return parser
 
 
