@@ -467,12 +467,17 @@ def _cross_checks(scenario: Scenario) -> None:
             f"{scenario.corpus.eval_tokens} eval tokens make no whole round of {scenario.bus.round_tokens} tokens",
         )
     needed = scenario.evaluation.warmup_rounds * scenario.bus.round_tokens + scenario.max_reach
+    train_rounds = [n.controller.train_rounds for n in scenario.nodes if isinstance(n.controller, GCGController)]
+    if train_rounds:  # the controllers' training rounds are the last ones of the train part
+        needed += max(train_rounds) * scenario.bus.round_tokens
     if scenario.corpus.train_tokens < needed:
         raise _FieldError(
             ("corpus", "train_tokens"),
             f"found {scenario.corpus.train_tokens}; the warm-up rounds and the longest view need the "
             f"{needed} tokens before the eval part to come from the train part "
-            f"({scenario.evaluation.warmup_rounds} warm-up rounds x {scenario.bus.round_tokens} + {scenario.max_reach})",
+            f"({scenario.evaluation.warmup_rounds} warm-up rounds x {scenario.bus.round_tokens} + {scenario.max_reach}"
+            + (f" + {max(train_rounds)} controller training rounds" if train_rounds else "")
+            + ")",
         )
 
 
