@@ -95,9 +95,9 @@ class EmbeddedExecutor:
                 results[result.node_id] = result
         # messages are sent after every node has read its inbox: latency >= 1 round
         for request in requests:
-            result = results[request.node_id]
-            if result is not None and result.message_text is not None:
-                result.messages = self.bus.send(request.node_id, result.message_text, round_index)
+            done = results[request.node_id]
+            if done is not None and done.message_text is not None:
+                done.messages = self.bus.send(request.node_id, done.message_text, round_index)
         return results
 
 
