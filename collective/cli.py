@@ -212,7 +212,10 @@ def cmd_validate(args: argparse.Namespace, console: Console) -> int:
             console.print(f"[green]ok[/] {path}: {len(scenario.nodes)} nodes, {scenario.eval_rounds} eval rounds", highlight=False)
         except _user_errors() as exc:
             failures += 1
-            console.print(f"[red]invalid[/] {exc}", highlight=False)
+            message = str(exc)
+            if not message.startswith(str(path)):
+                message = f"{path}: {message}"
+            console.print(f"[red]invalid[/] {message}", highlight=False)
     return EXIT_USER_ERROR if failures else 0
 
 

@@ -19,7 +19,8 @@ REPORT_SCHEMA_VERSION = 1
 
 
 class _Record(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # NaN (e.g. a CI from a single round) must survive a JSON round trip, not become null
+    model_config = ConfigDict(extra="forbid", frozen=True, ser_json_inf_nan="constants")
 
 
 # ---------------------------------------------------------------------------- events

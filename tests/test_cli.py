@@ -97,7 +97,6 @@ def test_validate_deep_loads_the_model_and_corpus(capsys, tmp_path, tiny_model_d
     assert "Traceback" not in out
 
 
-@pytest.mark.xfail(strict=True, reason="cli.cmd_validate prints a corpus/model error without the file it came from")
 def test_validate_deep_names_the_file_of_each_error(capsys, tmp_path, tiny_model_dir):
     too_big = write_tiny_scenario(tmp_path, tiny_model_dir, name="big",
                                   corpus={"source": "builtin:pydoc", "train_tokens": 48, "eval_tokens": 10_000_000})

@@ -148,11 +148,6 @@ def test_the_report_carries_counts_timing_and_only_nonzero_misses():
     assert Report.model_validate_json(report.model_dump_json()) == report
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="records.py serializes NaN/inf as JSON null, which Report cannot read back "
-    "(fix: ser_json_inf_nan='constants' in records._Record; not this module's file)",
-)
 def test_a_one_round_report_without_intervals_survives_json():
     rows = {key: values[:1] for key, values in _rows().items()}
     report = build_report(_scenario(), _result(rows), run_id="r")
