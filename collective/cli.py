@@ -122,13 +122,13 @@ def _controls(args: argparse.Namespace, prepared, console: Console) -> list[dict
         return []
     if not needs_search(prepared.scenario):
         return []
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 
     with Progress(
         TextColumn("[bold]GCG {task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
         console=console, transient=True, disable=args.quiet,
     ) as progress:
-        tasks: dict[str, int] = {}
+        tasks: dict[str, TaskID] = {}
 
         def tick(node_id: str, step: int, total: int) -> None:
             if node_id not in tasks:

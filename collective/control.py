@@ -115,7 +115,9 @@ def _pool_loss(
     rest = [j for j in range(n_members) if j != member]
     weight = 1.0 / n_members
     if kind == "logpool":
-        fixed = sum(weight * dense_log_probs(others, j) for j in rest)  # (n, V)
+        fixed = torch.zeros(others.n_positions, others.vocab_size)  # (n, V)
+        for j in rest:
+            fixed += weight * dense_log_probs(others, j)
 
         def geometric(log_probs: torch.Tensor) -> torch.Tensor:
             mixed = weight * log_probs.float() + fixed.to(log_probs.device)  # (B, n, V)
