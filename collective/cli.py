@@ -122,7 +122,14 @@ def _controls(args: argparse.Namespace, prepared, console: Console) -> list[dict
         return []
     if not needs_search(prepared.scenario):
         return []
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TaskID,
+        TextColumn,
+        TimeElapsedColumn,
+    )
 
     with Progress(
         TextColumn("[bold]GCG {task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
