@@ -120,7 +120,10 @@ def header_view(state: LiveState) -> Text:
         text.append(f"  eval {state.eval_rounds_done}/{start.eval_rounds}")
     text.append(f"  elapsed {_duration(state.elapsed_seconds)}  ETA {_duration(state.eta_seconds)}")
     rate = state.tokens_per_second
-    text.append(f"  {rate:.0f} tok/s" if rate is not None else "  - tok/s")
+    if rate is None:
+        text.append("  - tok/s")
+    else:
+        text.append(f"  {rate:.0f} tok/s" if rate >= 10 else f"  {rate:.2g} tok/s")
     if state.end is not None:
         style = "bold green" if state.end.status == "complete" else "bold red"
         text.append(f"  {state.end.status}", style=style)
@@ -141,7 +144,7 @@ def collective_view(state: LiveState, width: int) -> Table:
     """The collective's NLL so far against its best member, the silent ensemble and the
     full-view reference, with a sparkline of each per round on one shared scale."""
     best = state.best_member()
-    spark_width = max(4, width - 16 - 6 - 2)
+    spark_width = max(4, width - 18 - 6 - 2)
     series: list[tuple[str, float | None, tuple[float, ...], str]] = [
         ("collective", state.collective.mean, state.history_collective, "bold"),
         ("silent ensemble", state.silent.mean, state.history_silent, ""),
@@ -157,10 +160,10 @@ def collective_view(state: LiveState, width: int) -> Table:
     low, high = (min(shown), max(shown)) if shown else (0.0, 0.0)
     scope = "eval" if state.phase == "eval" else "warm-up" if state.phase == "warmup" else ""
     table = Table.grid(padding=(0, 1))
-    table.add_column(width=16, no_wrap=True, overflow="ellipsis")
+    table.add_column(width=18, no_wrap=True, overflow="ellipsis")
     table.add_column(width=6, justify="right", no_wrap=True)
     table.add_column(no_wrap=True, overflow="crop")
-    table.add_row(Text(f"NLL so far ({scope})" if scope else "NLL so far", style="dim"), Text("nats", style="dim"), Text("per round", style="dim"))
+    table.add_row(Text(f"so far ({scope})" if scope else "so far", style="dim"), Text("nats", style="dim"), Text("NLL per round", style="dim"))
     for label, value, history, style in series:
         table.add_row(Text(label, style=style), Text(_nll(value), style=style), Text(sparkline(history, spark_width, low, high), style="cyan"))
     table.add_row("", "", "")
@@ -210,7 +213,7 @@ def node_table(state: LiveState, max_rows: int | None = None) -> Table:
     for name, options in (
         ("node", {"max_width": 10}),
         ("model", {"max_width": 8}),
-        ("view", {"max_width": 14}),
+        ("view", {"max_width": 18}),
         ("NLL", {"justify": "right", "min_width": 5}),
         ("alone", {"justify": "right", "min_width": 5}),
         ("gain", {"justify": "right", "min_width": 6}),
