@@ -94,3 +94,22 @@ def test_a_config_for_docker_names_the_paths_mosquitto_sees(tmp_path: Path):
 def test_without_logins_the_broker_is_open_and_has_no_acl(tmp_path: Path):
     files = write_broker_config(BrokerSettings(config_dir=tmp_path))
     assert files.passwd is None and files.acl is None and "allow_anonymous true" in files.conf.read_text()
+
+
+def test_the_compose_broker_and_services_fit_the_quickstart_scenario():
+    import yaml
+
+    from collective.scenario import load_scenario
+
+    repo = Path(__file__).resolve().parents[1]
+    scenario = load_scenario(repo / "scenarios" / "quickstart.yaml")
+    conf = (repo / "docker" / "mosquitto.conf").read_text()
+    packet = int(next(line.split()[1] for line in conf.splitlines() if line.startswith("max_packet_size")))
+    assert packet >= max_packet_size_for(scenario) and "set_tcp_nodelay true" in conf
+    services = yaml.safe_load((repo / "docker-compose.yml").read_text())["services"]
+    nodes = {s["command"][s["command"].index("--node") + 1] for name, s in services.items() if name.startswith("node-")}
+    assert nodes == set(scenario.node_ids)
+    coordinator = services["coordinator"]["command"]
+    run_id = coordinator[coordinator.index("--out") + 1].removeprefix("runs/")
+    assert all(s["command"][s["command"].index("--run") + 1] == run_id for name, s in services.items() if name.startswith("node-"))
+    assert coordinator[:2] == ["run", "scenarios/quickstart.yaml"] and "mqtt://broker:1883" in coordinator

@@ -9,8 +9,10 @@ the embedded runtime batches all nodes) and the same messages, word for word.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import math
+import shutil
 import signal
 import subprocess
 import sys
@@ -24,7 +26,7 @@ import torch
 import yaml
 from rich.console import Console
 
-from collective.distributed.broker import users_for
+from collective.distributed.broker import TlsFiles, users_for
 from collective.distributed.coordinator import MqttExecutor, connect_executor
 from collective.distributed.mqtt import parse_broker_url
 from collective.distributed.preflight import PreflightFailed, preflight
@@ -360,3 +362,55 @@ def test_a_node_with_a_wrong_password_is_refused_with_a_clear_message(world, tmp
         with pytest.raises(PreflightFailed) as caught:
             asyncio.run(preflight(parse_broker_url(broker.url("a")), Topics("r1").echo("b"), timeout=1))
         assert caught.value.steps[-1].name == "publish/subscribe echo" and "ACL" in str(caught.value)
+
+
+def test_a_node_cannot_read_another_nodes_requests_through_the_acl(world, tmp_path):
+    users = users_for(world.prepared.scenario)
+    with running_broker(tmp_path / "broker", users=users) as broker:
+
+        async def eavesdrop() -> list[str]:
+            import aiomqtt
+
+            topics = Topics("r1")
+            heard: list[str] = []
+            async with aiomqtt.Client(broker.host, broker.port, username="a", password=users["a"]) as spy, aiomqtt.Client(
+                broker.host, broker.port, username="coordinator", password=users["coordinator"]
+            ) as coordinator:
+                await spy.subscribe(topics.to_node("b"), qos=1)  # b's view: refused by the broker
+                await spy.subscribe(topics.to_node("a"), qos=1)
+                await coordinator.publish(topics.to_node("b"), b"b's view", qos=1)
+                await coordinator.publish(topics.to_node("a"), b"a's view", qos=1)
+                with contextlib.suppress(asyncio.TimeoutError):
+                    async with asyncio.timeout(1.0):
+                        async for message in spy.messages:
+                            heard.append(str(message.topic))
+            return heard
+
+        assert asyncio.run(eavesdrop()) == [Topics("r1").to_node("a")]
+
+
+def _self_signed(folder: Path) -> tuple[Path, Path, Path]:
+    """A CA and a server certificate for 127.0.0.1 it signed (openssl CLI)."""
+    folder.mkdir()
+
+    def openssl(*args: str) -> None:
+        subprocess.run(["openssl", *args], cwd=folder, check=True, capture_output=True)
+
+    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.crt", "-days", "1", "-subj", "/CN=test-ca")
+    openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", "server.key", "-out", "server.csr", "-subj", "/CN=127.0.0.1")
+    (folder / "ext.cnf").write_text("subjectAltName=IP:127.0.0.1\n")
+    openssl("x509", "-req", "-in", "server.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
+            "-out", "server.crt", "-days", "1", "-extfile", "ext.cnf")
+    return folder / "ca.crt", folder / "server.crt", folder / "server.key"
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command to make certificates")
+def test_a_tls_broker_passes_preflight_with_its_ca_and_an_untrusted_one_is_named(tmp_path):
+    ca, cert, key = _self_signed(tmp_path / "certs")
+    with running_broker(tmp_path / "broker", tls=TlsFiles(cert, key)) as broker:
+        trusted = parse_broker_url(f"mqtts://127.0.0.1:{broker.port}?ca={ca}")
+        steps = asyncio.run(preflight(trusted, Topics("r1").echo("a"), timeout=5))
+        assert [s.status for s in steps] == ["ok"] * 5 and "certificate trusted" in steps[2].detail
+        with pytest.raises(PreflightFailed) as caught:
+            asyncio.run(preflight(parse_broker_url(f"mqtts://127.0.0.1:{broker.port}"), Topics("r1").echo("a"), timeout=5))
+        assert caught.value.steps[-1].name == "TLS" and "not trusted" in str(caught.value) and "?ca=" in str(caught.value)

@@ -136,11 +136,13 @@ class MqttExecutor:
         self.rejections = Rejections("coordinator")
         self.nodes = {n: NodeState(n) for n in scenario.node_ids}
         self.first_round_wall_s: float | None = None
-        self.round_wall_s: list[float] = []
+        self.round_wall_s: list[float] = []  # per round: requests out to the last result in
+        self.round_compute_s: list[float] = []  # per round: the slowest node's own compute time
         # round state (loop thread only)
         self._round: int | None = None
         self._awaiting: set[str] = set()
         self._results: dict[str, NodeRoundResult] = {}
+        self._compute_s: dict[str, float] = {}
         self._requests: dict[str, RequestPayload] = {}
         self._booked: dict[str, list[tuple[int, MessageKey]]] = {n: [] for n in scenario.node_ids}
         self._changed: asyncio.Event | None = None
@@ -347,6 +349,7 @@ class MqttExecutor:
         deadline_s = self.deadline_s()
         self._round = round_index
         self._results = {}
+        self._compute_s = {}
         self._requests = {}
         self._awaiting = set()
         for request in requests:
@@ -355,8 +358,8 @@ class MqttExecutor:
                 continue
             self._requests[node_id] = RequestPayload.from_request(request, self._inbox_keys(node_id, round_index), deadline_s)
             self._awaiting.add(node_id)
-        for node_id in sorted(self._awaiting):
-            await self._send_request(node_id)
+        # concurrently: each QoS 1 publish waits for the broker's acknowledgement
+        await asyncio.gather(*(self._send_request(node_id) for node_id in sorted(self._awaiting)))
         while self._awaiting:
             left = began + deadline_s - loop.time()
             if left <= 0:
@@ -370,6 +373,7 @@ class MqttExecutor:
         if self.first_round_wall_s is None and self._results:
             self.first_round_wall_s = wall
         self.round_wall_s.append(wall)
+        self.round_compute_s.append(max(self._compute_s.values(), default=0.0))
         results: dict[str, NodeRoundResult | None] = {n: self._results.get(n) for n in self.scenario.node_ids}
         self._round = None
         self._awaiting = set()
@@ -488,6 +492,7 @@ class MqttExecutor:
                 raise Rejected("malformed", f"{node_id}'s {name} row: {problem}")
         decoded.messages = self._check_messages(node_id, round_index, result)
         self._results[node_id] = decoded
+        self._compute_s[node_id] = result.compute_seconds
         state = self.nodes[node_id]
         state.rejected, state.missing_messages = dict(result.rejected), result.missing_messages
         for record in decoded.messages:

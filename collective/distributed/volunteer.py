@@ -475,8 +475,8 @@ class Volunteer:
         sent.append((self.topics.result(self.node_id), encode(envelope(self.run_id, self.node_id, reply, round_index))))
         self._last_sent = (round_index, sent)
         self._last_round, self._computing = round_index, None
-        for topic, data in sent:
-            await self._publish(topic, data)
+        # gather keeps the order: each publish hands its packet to the client before it awaits
+        await asyncio.gather(*(self._publish(topic, data) for topic, data in sent))
         self.rounds_served += 1
         log.info("node %s served round %d in %.2f s", self.node_id, round_index, compute_s)
         self.report(f"round {round_index} served in {compute_s:.2f} s")

@@ -1,0 +1,168 @@
+"""Bus benchmark: the distributed runtime (MQTT, one process per node) against the embedded one.
+
+The same scenario runs twice through the same `RoundEngine`: embedded (one process, all
+nodes in one batched pass per round, the in-memory bus) and distributed (a Mosquitto on
+127.0.0.1, the coordinator in this process, one `collective node` process per node). The
+script checks that both give the same evaluation and messages, then prints rounds per
+second, the mean wall time per round, and for the distributed run how much of a round
+is the slowest node's own compute and how much is the bus (serialize, broker, validate).
+
+    python bench/bus.py                          # 4 SmolLM2-135M nodes, bf16, relay messages
+    python bench/bus.py --model tiny             # a tiny random model: the bus overhead alone
+    python bench/bus.py --eval-rounds 16 --threads 2 --node-threads 1
+
+Needs `mosquitto` on the PATH (apt-get install mosquitto).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import math
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+from rich.console import Console
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from collective.distributed.coordinator import connect_executor  # noqa: E402
+from collective.models import ModelPool  # noqa: E402
+from collective.records import RoundEvent, parse_event  # noqa: E402
+from collective.runner import prepare, run_prepared  # noqa: E402
+from collective.scenario import load_scenario  # noqa: E402
+
+
+def write_scenario(folder: Path, args: argparse.Namespace) -> Path:
+    if args.model == "tiny":
+        from tests.tiny import tiny_llama, tiny_tokenizer
+
+        tokenizer = tiny_tokenizer()
+        tiny_llama(len(tokenizer)).save_pretrained(folder / "tiny")
+        tokenizer.save_pretrained(folder / "tiny")
+        model = {"ref": str(folder / "tiny"), "dtype": "float32", "device": "cpu"}
+    else:
+        model = {"ref": args.model, "dtype": args.dtype, "device": "cpu"}
+    lagged = {"kind": "lagged", "tokens": 48, "lag": args.round_tokens}
+    spec = {
+        "name": "bench-bus",
+        "seed": 0,
+        "corpus": {
+            "source": "builtin:pydoc",
+            "train_tokens": 4 * args.round_tokens + 48 + args.round_tokens,
+            "eval_tokens": args.eval_rounds * args.round_tokens,
+        },
+        "models": {"m": model},
+        "node_defaults": {"model": "m", "message": {"policy": "relay"}},
+        "nodes": [
+            {"id": f"n{i}", "view": {"kind": "window", "tokens": 48} if i % 2 == 0 else lagged} for i in range(args.nodes)
+        ],
+        "topology": {"kind": "ring"},
+        "bus": {"round_tokens": args.round_tokens, "max_message_tokens": 24, "max_message_bytes": 160},
+        "evaluation": {"context_tokens": 128, "warmup_rounds": 2, "n_boot": 200},
+    }
+    path = folder / "bench-bus.yaml"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return path
+
+
+def round_walls(run_dir: Path) -> list[float]:
+    events = [parse_event(line) for line in (run_dir / "events.jsonl").read_text().splitlines()]
+    return [e.wall_seconds for e in events if isinstance(e, RoundEvent)]
+
+
+def messages(run_dir: Path) -> list[tuple[str, str, int, str]]:
+    events = [parse_event(line) for line in (run_dir / "events.jsonl").read_text().splitlines()]
+    return [(m.sender, m.receiver, m.round_sent, m.text) for e in events if isinstance(e, RoundEvent) for m in e.messages]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="smollm2-135m", help="a model reference, or `tiny` (random, float32)")
+    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--nodes", type=int, default=4)
+    parser.add_argument("--round-tokens", type=int, default=32)
+    parser.add_argument("--eval-rounds", type=int, default=8)
+    parser.add_argument("--node-threads", type=int, default=1, help="torch threads per node process")
+    parser.add_argument("--threads", type=int, help="torch threads of this process (the embedded run, the coordinator)")
+    args = parser.parse_args()
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+
+    from collective.distributed.broker import mosquitto_binary
+
+    if mosquitto_binary() is None:
+        sys.stderr.write("mosquitto is not installed (apt-get install mosquitto)\n")
+        return 2
+    from tests.mosquitto import running_broker
+
+    folder = Path(tempfile.mkdtemp(prefix="bench-bus-"))
+    scenario = load_scenario(write_scenario(folder, args))
+    prepared = prepare(scenario, ModelPool(), base_dir=folder)
+
+    embedded = run_prepared(prepared, folder / "embedded")
+    emb_walls = round_walls(folder / "embedded")
+
+    with running_broker(folder / "broker") as broker:
+        run_id = "bench-bus"
+        logs = [(folder / f"node-{n}.log").open("wb") for n in scenario.node_ids]
+        processes = [
+            subprocess.Popen(
+                [sys.executable, "-m", "collective.cli", "node", "--broker", broker.url(), "--run", run_id,
+                 "--node", node_id, "--threads", str(args.node_threads)],
+                cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+            )
+            for node_id, log in zip(scenario.node_ids, logs)
+        ]
+        try:
+            console = Console(file=io.StringIO())
+            with connect_executor(prepared, broker.url(), run_id=run_id, console=console, join_timeout=300) as executor:
+                began = time.perf_counter()
+                distributed = run_prepared(prepared, folder / run_id, executor=executor, runtime="mqtt")
+                total_s = time.perf_counter() - began
+            for process in processes:
+                process.wait(timeout=60)
+        finally:
+            for process in processes:
+                if process.poll() is None:
+                    process.kill()
+                    process.wait()
+    dist_walls = round_walls(folder / run_id)
+    assert embedded.report is not None and distributed.report is not None
+    worst = max(abs(a.nll - b.nll) for a, b in zip(embedded.report.rows, distributed.report.rows))
+    same_messages = messages(folder / "embedded") == messages(folder / run_id)
+
+    compute = executor.round_compute_s
+    bus = [wall - c for wall, c in zip(executor.round_wall_s, compute)]
+    n_rounds = len(dist_walls)
+    emb_rate = len(emb_walls) / sum(emb_walls)
+    dist_rate = n_rounds / sum(dist_walls)
+    print(f"scenario: {args.nodes} nodes of {args.model} ({'float32' if args.model == 'tiny' else args.dtype}), "
+          f"{args.round_tokens} tokens/round, {n_rounds} rounds (incl. warm-up), ring, relay messages")
+    print(f"{'runtime':<12} {'rounds/s':>9} {'ms/round (mean)':>16} {'ms/round (median)':>18}")
+    for name, walls, rate in (("embedded", emb_walls, emb_rate), ("distributed", dist_walls, dist_rate)):
+        print(f"{name:<12} {rate:>9.2f} {1000 * statistics.mean(walls):>16.1f} {1000 * statistics.median(walls):>18.1f}")
+    print(f"distributed / embedded: {dist_rate / emb_rate:.2f}x the rounds per second "
+          f"({1000 * (statistics.mean(dist_walls) - statistics.mean(emb_walls)):+.1f} ms per round)")
+    print(f"distributed round, median: slowest node's compute {1000 * statistics.median(compute):.1f} ms, "
+          f"bus and protocol {1000 * statistics.median(bus):.1f} ms (requests out, results in, validation)")
+    print(f"same evaluation: max |delta NLL| over rows {worst:.2e} nats/token; same messages: {same_messages}; "
+          f"whole distributed run {total_s:.1f} s")
+    ok = math.isfinite(worst) and worst < (1e-4 if args.model == "tiny" else 0.05) and same_messages
+    with contextlib.suppress(Exception):
+        for log in logs:
+            log.close()
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
