@@ -112,6 +112,8 @@ def plot_nll_per_round(start: RunStart, rounds: Sequence[RoundEvent], out_path: 
     """Left: each round's NLL for every member (in the collective), the collective, the
     silent ensemble, the reference and the best member alone. Right: the same as running
     means over the eval rounds, which end at the report's numbers."""
+    from matplotlib.ticker import MaxNLocator
+
     rounds = sorted(rounds, key=lambda event: event.round_index)
     x = [event.round_index + 1 for event in rounds]
     node_ids = [node.node_id for node in start.nodes]
@@ -157,6 +159,7 @@ def plot_nll_per_round(start: RunStart, rounds: Sequence[RoundEvent], out_path: 
             axes.axvspan(0.5, first_eval - 0.5, color="0.92", zorder=0, label="warm-up" if axes is per_round else None)
         axes.set_title(title)
         axes.set_xlabel("round")
+        axes.xaxis.set_major_locator(MaxNLocator(integer=True))
         axes.grid(alpha=0.3)
     per_round.set_ylabel("NLL (nats/token)")
     running.legend(fontsize=7, loc="upper right", ncol=1 if not many or len(summary) < 5 else 2)
