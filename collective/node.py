@@ -14,11 +14,12 @@ Every context starts with the tokenizer's BOS (or EOS) token, then:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 
-from collective.lm import ScoreItem, generate, score_items
+from collective.lm import ScoreItem, Speak, score_and_speak, score_items
 from collective.predictions import TokenPredictions
 from collective.records import MessageRecord
 from collective.scenario import GenerateMessage, MessageSpec, RelayMessage
@@ -92,7 +93,6 @@ def compute_rounds(
     index_of: dict[tuple[int, ...], int] = {}
     slots: list[tuple[int, int | None, int | None]] = []
     inbox_lengths: list[int] = []
-    collective_contexts: list[torch.Tensor] = []
 
     def slot(context: torch.Tensor, request: NodeRoundRequest) -> int:
         key = tuple(context.tolist()) + (-1,) + tuple(request.round_inputs.tolist()) + (-2,) + tuple(request.targets.tolist())
@@ -112,12 +112,23 @@ def compute_rounds(
         for request in requests
     ]
     n_without_bus = len(items)
-    for request, (isolated, plain) in zip(requests, without_bus):
+    # Speakers' collective rows are scored together with the writing of their message, so
+    # the message reuses the scoring pass's KV cache; they are never deduplicated.
+    speaker_items: list[ScoreItem] = []
+    speaks: list[Speak] = []
+    speaker_slot: dict[int, int] = {}
+    collective_slots: list[int | None] = []
+    for index, request in enumerate(requests):
         inbox = _ids(encode(request.inbox_text, add_special_tokens=False)) if request.inbox_text else _ids([])
         inbox_lengths.append(len(inbox))
         collective_ctx = torch.cat([bos, _ids(request.control_ids), inbox, request.prefix_ids])
-        collective_contexts.append(collective_ctx)
-        slots.append((slot(collective_ctx, request), isolated, plain))
+        if isinstance(request.message, GenerateMessage):
+            speaker_slot[index] = len(speaker_items)
+            speaker_items.append(ScoreItem(collective_ctx, request.round_inputs, request.targets))
+            speaks.append(_speak(request, encode))
+            collective_slots.append(None)
+        else:
+            collective_slots.append(slot(collective_ctx, request))
     scored = TokenPredictions.stack(
         [
             score_items(model, part, pad_id=pad_id, top_k=top_k, batch_tokens=batch_tokens)
@@ -125,14 +136,34 @@ def compute_rounds(
             if part
         ]
     )
-    texts = _messages(model, tokenizer, requests, collective_contexts, pad_id)
+    spoken_preds: TokenPredictions | None = None
+    spoken: list[list[int]] = []
+    if speaker_items:
+        spoken_preds, spoken = score_and_speak(
+            model, speaker_items, speaks, pad_id=pad_id, top_k=top_k, stop_ids=_stop_ids(tokenizer),
+            batch_tokens=batch_tokens,
+        )
+    decode = tokenizer.decode  # type: ignore[attr-defined]
+    texts: list[str | None] = []
+    for index, request in enumerate(requests):
+        if index in speaker_slot:
+            texts.append(decode(spoken[speaker_slot[index]], skip_special_tokens=True))
+        elif isinstance(request.message, RelayMessage):
+            seen = torch.cat([request.prefix_ids, request.round_inputs])
+            tail = seen[len(seen) - min(len(seen), request.message_tokens) :]
+            texts.append(decode(tail.tolist(), skip_special_tokens=True))
+        else:
+            texts.append(None)
+    for index, (isolated, plain) in enumerate(without_bus):
+        collective = collective_slots[index]
+        slots.append((collective if collective is not None else -1, isolated, plain))
     results = []
-    for request, (c, i, p), n_inbox, text in zip(requests, slots, inbox_lengths, texts):
+    for index, (request, (c, i, p), n_inbox, text) in enumerate(zip(requests, slots, inbox_lengths, texts)):
         results.append(
             NodeRoundResult(
                 node_id=request.node_id,
                 round_index=request.round_index,
-                collective=scored.select([c]),
+                collective=scored.select([c]) if c >= 0 else spoken_preds.select([speaker_slot[index]]),  # type: ignore[union-attr]
                 isolated=scored.select([i]) if i is not None else None,
                 plain=scored.select([p]) if p is not None else None,
                 message_text=text,
@@ -142,43 +173,22 @@ def compute_rounds(
     return results
 
 
-def _messages(
-    model: torch.nn.Module,
-    tokenizer: object,
-    requests: list[NodeRoundRequest],
-    contexts: list[torch.Tensor],
-    pad_id: int,
-) -> list[str | None]:
-    decode = tokenizer.decode  # type: ignore[attr-defined]
-    encode = tokenizer.encode  # type: ignore[attr-defined]
-    texts: list[str | None] = [None] * len(requests)
-    speakers: list[int] = []
-    for index, request in enumerate(requests):
-        seen = torch.cat([request.prefix_ids, request.round_inputs])
-        if isinstance(request.message, RelayMessage):
-            tail = seen[len(seen) - min(len(seen), request.message_tokens) :]
-            texts[index] = decode(tail.tolist(), skip_special_tokens=True)
-        elif isinstance(request.message, GenerateMessage):
-            speakers.append(index)
-    if not speakers:
-        return texts
-    prompts, gens, temps, caps = [], [], [], []
-    for index in speakers:
-        request = requests[index]
-        spec = request.message
-        assert isinstance(spec, GenerateMessage)
-        speak = _ids(encode(spec.speak_prompt, add_special_tokens=False)) if spec.speak_prompt else _ids([])
-        prompts.append(torch.cat([contexts[index], request.round_inputs, speak]))
-        sampled = spec.sampling == "sample"
-        gens.append(generator(request.seed, "speak", request.node_id, request.round_index) if sampled else None)
-        temps.append(spec.temperature)
-        caps.append(min(spec.max_tokens or request.message_tokens, request.message_tokens))
-    stop_ids = sorted(
-        {int(t) for t in (getattr(tokenizer, "eos_token_id", None), getattr(tokenizer, "bos_token_id", None)) if t is not None}
+def _stop_ids(tokenizer: object) -> list[int]:
+    """A message ends at the end of a turn or document (EOS, BOS, the start token)."""
+    names = ("eos_token_id", "bos_token_id")
+    found = {int(t) for t in (getattr(tokenizer, n, None) for n in names) if t is not None}
+    found.add(start_token(tokenizer))
+    return sorted(found)
+
+
+def _speak(request: NodeRoundRequest, encode: Callable[..., list[int]]) -> Speak:
+    spec = request.message
+    assert isinstance(spec, GenerateMessage)
+    speak_ids = _ids(encode(spec.speak_prompt, add_special_tokens=False)) if spec.speak_prompt else _ids([])
+    sampled = spec.sampling == "sample"
+    return Speak(
+        continuation=speak_ids,
+        max_new_tokens=min(spec.max_tokens or request.message_tokens, request.message_tokens),
+        generator=generator(request.seed, "speak", request.node_id, request.round_index) if sampled else None,
+        temperature=spec.temperature,
     )
-    new_ids = generate(
-        model, prompts, max_new_tokens=max(caps), pad_id=pad_id, stop_ids=stop_ids, generators=gens, temperatures=temps
-    )
-    for index, ids, cap in zip(speakers, new_ids, caps):
-        texts[index] = decode(ids[:cap], skip_special_tokens=True)
-    return texts

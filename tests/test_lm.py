@@ -152,3 +152,25 @@ def test_a_greedy_row_is_unaffected_by_sampling_rows_in_its_batch(tiny_lm, tiny_
 def test_no_new_tokens_gives_empty_messages(tiny_lm, tiny_tok):
     prompts = _prompts(len(tiny_tok), [5, 8])
     assert generate(tiny_lm, prompts, max_new_tokens=0, pad_id=0, stop_ids=[0], generators=[None, None], temperatures=[1.0, 1.0]) == [[], []]
+
+
+def test_score_and_speak_scores_like_score_items_and_writes_like_generate(tiny_tok):
+    from collective.lm import Speak, generate, score_and_speak
+    from tests.tiny import tiny_llama
+
+    model = tiny_llama(len(tiny_tok)).float()
+    gen = torch.Generator().manual_seed(0)
+    items = []
+    for n in (3, 10, 1, 7):
+        round_ids = torch.randint(1, 500, (8,), generator=gen)
+        items.append(ScoreItem(torch.randint(1, 500, (n,), generator=gen), round_ids, round_ids))
+    speaks = [Speak(torch.randint(1, 500, (c,), generator=gen), cap) for c, cap in ((2, 5), (0, 6), (4, 6), (1, 3))]
+    reference = score_items(model, items, pad_id=0, top_k=5)
+    prompts = [torch.cat([it.context, it.round_inputs, sp.continuation]) for it, sp in zip(items, speaks)]
+    expected = generate(
+        model, prompts, max_new_tokens=6, pad_id=0, stop_ids=[], generators=[None] * 4, temperatures=[1.0] * 4
+    )
+    for batch_tokens in (10_000, 30):  # one batch, and one row per batch
+        record, said = score_and_speak(model, items, speaks, pad_id=0, top_k=5, stop_ids=[], batch_tokens=batch_tokens)
+        torch.testing.assert_close(record.target_logprob, reference.target_logprob, atol=1e-5, rtol=0)
+        assert said == [ids[: sp.max_new_tokens] for ids, sp in zip(expected, speaks)]
