@@ -100,13 +100,10 @@ def _progress_bar(console: Console, total: int):  # type: ignore[no-untyped-def]
 
 
 def _plain_lines(console: Console, total: int):  # type: ignore[no-untyped-def]
+    from collective.views.dashboard import round_line
+
     def line(event):  # type: ignore[no-untyped-def]
-        console.print(
-            f"round {event.round_index + 1}/{total} {event.phase} collective={event.nll_collective:.4f} "
-            f"silent={event.nll_silent:.4f} reference={event.nll_reference:.4f} wall={event.wall_seconds:.2f}s",
-            highlight=False,
-            soft_wrap=True,
-        )
+        console.print(round_line(event, total), highlight=False, soft_wrap=True)
 
     return line
 
