@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import aiomqtt
 import pytest
 import torch
 import yaml
@@ -31,13 +32,18 @@ from collective.distributed.coordinator import MqttExecutor, connect_executor
 from collective.distributed.mqtt import parse_broker_url
 from collective.distributed.preflight import PreflightFailed, preflight
 from collective.distributed.protocol import (
+    Envelope,
     JoinPayload,
     MessagePayload,
     PredictionsWire,
+    RefusePayload,
     ResultPayload,
     Topics,
+    WelcomePayload,
+    decode_envelope,
     encode,
     envelope,
+    tokenizer_digest,
 )
 from collective.models import ModelPool
 from collective.predictions import TokenPredictions
@@ -218,6 +224,7 @@ def test_a_node_killed_mid_run_misses_its_rounds_and_rejoins_at_the_next(world, 
                 _wait_until(lambda: "c" not in executor.missing(), 60, "node c to rejoin")
 
         result, executor, _ = _run(world, broker.url(), run_dir, on_event)
+        assert nodes.wait_all() == dict.fromkeys(NODES, 0)  # the restarted c among them
     report = result.report
     assert result.status == "complete" and report is not None
     assert report.missed_rounds == {"c": 1}
@@ -274,8 +281,6 @@ def _fake_result(vocab_size: int) -> ResultPayload:
 
 
 async def _inject(url: str, run_id: str, round_index: int, tokenizer, vocab_size: int) -> None:
-    import aiomqtt
-
     topics = Topics(run_id)
 
     def message(sender: str, text: str, round_sent: int) -> MessagePayload:
@@ -369,8 +374,6 @@ def test_a_node_cannot_read_another_nodes_requests_through_the_acl(world, tmp_pa
     with running_broker(tmp_path / "broker", users=users) as broker:
 
         async def eavesdrop() -> list[str]:
-            import aiomqtt
-
             topics = Topics("r1")
             heard: list[str] = []
             async with aiomqtt.Client(broker.host, broker.port, username="a", password=users["a"]) as spy, aiomqtt.Client(
@@ -414,3 +417,41 @@ def test_a_tls_broker_passes_preflight_with_its_ca_and_an_untrusted_one_is_named
         with pytest.raises(PreflightFailed) as caught:
             asyncio.run(preflight(parse_broker_url(f"mqtts://127.0.0.1:{broker.port}"), Topics("r1").echo("a"), timeout=5))
         assert caught.value.steps[-1].name == "TLS" and "not trusted" in str(caught.value) and "?ca=" in str(caught.value)
+
+
+def test_a_second_process_for_a_node_and_a_foreign_tokenizer_are_refused_with_reasons(world, tmp_path):
+    topics = Topics("r-join")
+    digest = tokenizer_digest(world.prepared.tokenizer)
+    vocab_size = world.prepared.models["tiny"].vocab_size
+
+    def join(session: str, node_digest: str) -> JoinPayload:
+        return JoinPayload(session=session, model="tiny", vocab_size=vocab_size, tokenizer_digest=node_digest, device="cpu", host="h1")
+
+    async def volunteer_side(url: str) -> list[Envelope]:
+        address = parse_broker_url(url)
+        replies: list[Envelope] = []
+        async with aiomqtt.Client(address.host, address.port) as client:
+            await client.subscribe(f"{topics.root}/coord/to/+", qos=1)
+            await client.publish(topics.status("a"), encode(envelope("r-join", "a", join("s1", digest))), qos=1)
+            await client.publish(topics.status("a"), encode(envelope("r-join", "a", join("s2", digest))), qos=1)
+            await client.publish(topics.status("b"), encode(envelope("r-join", "b", join("s3", "0" * 24))), qos=1)
+            with contextlib.suppress(asyncio.TimeoutError):
+                async with asyncio.timeout(1.5):
+                    async for message in client.messages:
+                        replies.append(decode_envelope(message.payload, 1 << 16))  # type: ignore[arg-type]
+        return replies
+
+    with running_broker(tmp_path / "broker") as broker:
+        executor = MqttExecutor(world.prepared, parse_broker_url(broker.url()), run_id="r-join")
+        executor.start()
+        try:
+            replies = asyncio.run(volunteer_side(broker.url()))
+            assert executor.missing() == ["b", "c"]
+        finally:
+            executor.close("complete")
+    kinds = {(type(r.payload).__name__, r.payload.session) for r in replies}  # type: ignore[union-attr]
+    assert kinds == {("WelcomePayload", "s1"), ("RefusePayload", "s2"), ("RefusePayload", "s3")}
+    reasons = {r.payload.session: r.payload.reason for r in replies if isinstance(r.payload, RefusePayload)}
+    assert "already served by another process" in reasons["s2"] and "tokenizer" in reasons["s3"]
+    assert executor.rejections.as_dict() == {"refused": 2}
+    assert not any(isinstance(r.payload, WelcomePayload) and r.payload.session != "s1" for r in replies)

@@ -93,7 +93,11 @@ def cmd_node(args: argparse.Namespace, console: Console) -> int:
     )
     report(f"node {args.node} of run {args.run} via {address.display()}")
     volunteer = Volunteer(config, report)
-    detail = asyncio.run(volunteer.run())
+    try:
+        detail = asyncio.run(volunteer.run())
+    except KeyboardInterrupt:
+        report(f"stopped (Ctrl-C) after {volunteer.rounds_served} rounds; the coordinator was told this node left")
+        return 130
     report(f"done: {volunteer.rounds_served} rounds served; run ended ({detail})")
     if volunteer.rejections.total:
         report(f"dropped envelopes: {volunteer.rejections.as_dict()}")

@@ -26,7 +26,6 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
-from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -151,7 +150,8 @@ class MqttExecutor:
         self._closing = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
-        self._main_task: Future[None] | None = None
+        self._main_task: asyncio.Task[None] | None = None
+        self._background: set[asyncio.Task[Any]] = set()
         self._lost_at: float | None = None  # loop time the broker connection last broke
         self._expect_back: set[str] = set()
         self._expect_until = 0.0
@@ -164,8 +164,7 @@ class MqttExecutor:
         self._thread = threading.Thread(target=self._loop.run_forever, name="collective-mqtt", daemon=True)
         self._thread.start()
         self._call(preflight(self.address, self.topics.coordinator_echo, timeout=preflight_timeout))
-        self._call(self._init_events())
-        self._main_task = asyncio.run_coroutine_threadsafe(self._connection_loop(), self._loop)
+        self._call(self._begin())
         self._call(self._wait_connected(preflight_timeout * 3))
 
     def snapshot(self) -> list[NodeSnapshot]:
@@ -186,13 +185,13 @@ class MqttExecutor:
             asyncio.run_coroutine_threadsafe(self._end(status, detail), self._loop).result(timeout=10)
         except Exception as exc:  # the run is over either way; say so in the log
             log.warning("could not tell the nodes that the run ended: %r", exc)
-        if self._main_task is not None:
-            self._loop.call_soon_threadsafe(self._main_task.cancel)
         with contextlib.suppress(Exception):
-            asyncio.run_coroutine_threadsafe(asyncio.sleep(0.05), self._loop).result(timeout=5)
+            asyncio.run_coroutine_threadsafe(self._shutdown(), self._loop).result(timeout=10)
         self._loop.call_soon_threadsafe(self._loop.stop)
         if self._thread is not None:
             self._thread.join(timeout=10)
+        if not self._loop.is_running():
+            self._loop.close()
         self._loop = None
 
     def node_rejections(self) -> dict[str, dict[str, int]]:
@@ -209,9 +208,23 @@ class MqttExecutor:
 
     # ------------------------------------------------------------------ connection (loop thread)
 
-    async def _init_events(self) -> None:
+    async def _begin(self) -> None:
         self._changed = asyncio.Event()
         self._connected = asyncio.Event()
+        self._main_task = asyncio.create_task(self._connection_loop())
+
+    async def _shutdown(self) -> None:
+        """Disconnect cleanly: cancel the connection loop and whatever it started, and wait."""
+        tasks = [t for t in (self._main_task, *self._background) if t is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    def _spawn(self, coro: Any) -> None:
+        """Run `coro` in the background (a reference is kept until it is done)."""
+        task = asyncio.ensure_future(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     async def _wait_connected(self, timeout: float) -> None:
         assert self._connected is not None
@@ -425,6 +438,9 @@ class MqttExecutor:
                 raise Rejected("unexpected", f"a {env.kind!r} envelope on a {info.channel} topic")
         except Rejected as rejected:
             self.rejections.add(rejected.reason, topic, rejected.detail)
+        except Exception as exc:  # whatever a payload does, the coordinator goes on
+            log.exception("an envelope on %s could not be handled", topic)
+            self.rejections.add("malformed", topic, f"could not be handled: {exc!r}")
 
     def _on_join(self, node_id: str, join: JoinPayload) -> None:
         alias = self.scenario.node(node_id).model
@@ -436,19 +452,22 @@ class MqttExecutor:
                 f"node {node_id} loaded {join.model!r} whose tokenizer (vocabulary {join.vocab_size}) differs from "
                 f"the run's model {alias!r} ({self.vocab_sizes[alias]} tokens): load the model the scenario names"
             )
-        if reason is not None:
-            asyncio.ensure_future(
-                self._publish(self.topics.to_node(node_id), encode(envelope(self.run_id, COORDINATOR, RefusePayload(session=join.session, reason=reason))))
+        elif state.present and join.session != state.session:
+            reason = (
+                f"node {node_id} is already served by another process (on {state.host or 'an unnamed host'}); "
+                "stop that one first (a silent one times out within 30 s), or serve another node id"
             )
+        if reason is not None:
+            refuse = RefusePayload(session=join.session, reason=reason)
+            self._spawn(self._publish(self.topics.to_node(node_id), encode(envelope(self.run_id, COORDINATOR, refuse))))
             raise Rejected("refused", reason)
         rejoined = state.session is not None and not state.present
         state.session, state.present, state.host, state.device = join.session, True, join.host, join.device
         log.info("node %s %s (%s on %s, %s)", node_id, "rejoined" if rejoined else "joined", join.model, join.host, join.device)
-        asyncio.ensure_future(
-            self._publish(self.topics.to_node(node_id), encode(envelope(self.run_id, COORDINATOR, WelcomePayload(session=join.session))))
-        )
+        welcome = WelcomePayload(session=join.session)
+        self._spawn(self._publish(self.topics.to_node(node_id), encode(envelope(self.run_id, COORDINATOR, welcome))))
         if node_id in self._awaiting:  # it reconnected mid-round: what it was sent may be lost
-            asyncio.ensure_future(self._send_request(node_id))
+            self._spawn(self._send_request(node_id))
         assert self._changed is not None
         self._changed.set()
 

@@ -78,7 +78,7 @@ class TensorBlob(_Wire):
 
     dtype: Literal["float32", "int32"]
     shape: list[Annotated[int, Field(ge=0, le=1 << 24)]] = Field(max_length=4)
-    data: str
+    data: str = Field(pattern=r"^[A-Za-z0-9+/]*={0,2}$")
 
     @model_validator(mode="after")
     def _size_matches(self) -> TensorBlob:

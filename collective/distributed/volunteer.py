@@ -121,6 +121,7 @@ class Volunteer:
         self._wake: asyncio.Event | None = None
         self._stop: asyncio.Event | None = None
         self._failure: BaseException | None = None
+        self._background: set[asyncio.Task[Any]] = set()
 
     # ------------------------------------------------------------------ main
 
@@ -146,6 +147,11 @@ class Volunteer:
         if self._failure is not None:
             raise self._failure
         return self.ended or "ended"
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.ensure_future(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     def _fail(self, exc: BaseException) -> None:
         if self._failure is None:
@@ -258,6 +264,9 @@ class Volunteer:
                 raise Rejected("unexpected", f"a {env.kind!r} envelope on a {info.channel} topic")
         except Rejected as rejected:
             self.rejections.add(rejected.reason, topic, rejected.detail)
+        except Exception as exc:  # whatever a payload does, the node goes on
+            log.exception("an envelope on %s could not be handled", topic)
+            self.rejections.add("malformed", topic, f"could not be handled: {exc!r}")
 
     async def _on_scenario(self, payload: ScenarioPayload) -> None:
         if self.scenario is not None:
@@ -350,7 +359,7 @@ class Volunteer:
             # the coordinator sent it again after a reconnect: answer again if done
             if round_index == self._last_round and self._last_sent is not None and self._last_sent[0] == round_index:
                 for topic, payload in self._last_sent[1]:
-                    asyncio.ensure_future(self._publish(topic, payload))
+                    self._spawn(self._publish(topic, payload))
             return
         if round_index < self._last_round:
             raise Rejected("wrong_round", f"a request for round {round_index} after round {self._last_round}")
