@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -32,6 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 from transformers import Cache, PreTrainedModel, PreTrainedTokenizerBase
+
+logger = logging.getLogger(__name__)
 
 LogProbLoss = Callable[[Tensor], Tensor]
 """Maps a node's log-probs (B, n, V) at the scored positions to a loss (B,); differentiable."""
@@ -360,13 +363,15 @@ def stream_objective(
 
 def score_batched(
     objective: Objective, candidates: Tensor, batch_size: int | None = None
-) -> tuple[Scores, int]:
+) -> tuple[Scores, int | None]:
     """Score candidates (B, k) in batches, halving the batch size on out-of-memory.
 
-    Returns the scores (B,) and the batch size that worked, to reuse next time.
+    Returns the scores (B,) and the batch size to use next time: `batch_size` unchanged
+    unless it had to shrink (None means all candidates in one batch).
     """
     total = candidates.shape[0]
     size = total if batch_size is None else max(1, min(batch_size, total))
+    shrunk = False
     losses: list[Tensor] = []
     successes: list[Tensor] = []
     start = 0
@@ -376,14 +381,16 @@ def score_batched(
         except (torch.OutOfMemoryError, RuntimeError) as err:
             if not _is_out_of_memory(err) or size == 1:
                 raise
-            size = max(1, size // 2)
+            size, shrunk = max(1, size // 2), True
+            logger.warning("out of memory scoring candidates; batch size now %d", size)
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
             continue
         losses.append(part.loss)
         successes.append(part.success)
         start += size
+    next_size = size if shrunk else batch_size
     if not losses:
         empty = torch.zeros(0)
-        return Scores(loss=empty, success=empty.bool()), size
-    return Scores(loss=torch.cat(losses), success=torch.cat(successes)), size
+        return Scores(loss=empty, success=empty.bool()), next_size
+    return Scores(loss=torch.cat(losses), success=torch.cat(successes)), next_size

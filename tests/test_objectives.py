@@ -187,6 +187,15 @@ def test_batched_scoring_halves_the_batch_on_out_of_memory_and_scores_every_cand
     torch.testing.assert_close(scores.loss, candidates.float().sum(dim=1))
 
 
+def test_a_batch_that_fits_keeps_the_configured_batch_size(tiny_lm):
+    objective = FlakyMemory(tiny_lm)
+    _, unlimited = score_batched(objective, torch.zeros(1, 2, dtype=torch.long), batch_size=None)
+    _, capped = score_batched(objective, torch.zeros(3, 2, dtype=torch.long), batch_size=4)
+    assert (unlimited, capped) == (None, 4)
+    score_batched(objective, torch.zeros(4, 2, dtype=torch.long), batch_size=unlimited)
+    assert objective.batch_sizes[-1] == 4  # one forward for all four, not four of one
+
+
 def test_an_error_that_is_not_out_of_memory_is_raised(tiny_lm):
     class Broken(FlakyMemory):
         def scores(self, control_ids):
