@@ -91,7 +91,11 @@ def main() -> int:
     parser.add_argument("--round-tokens", type=int, default=32)
     parser.add_argument("--eval-rounds", type=int, default=8)
     parser.add_argument("--node-threads", type=int, default=1, help="torch threads per node process")
-    parser.add_argument("--threads", type=int, help="torch threads of this process (the embedded run, the coordinator)")
+    parser.add_argument(
+        "--threads", type=int, default=1,
+        help="torch threads of this process (the embedded run, the coordinator); default 1 like each node: on a "
+        "small shared CPU more threads than free cores make torch spin (10x slower rounds were seen on 2 cores)",
+    )
     args = parser.parse_args()
     if args.threads:
         import torch

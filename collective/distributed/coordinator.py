@@ -301,6 +301,8 @@ class MqttExecutor:
         return True
 
     async def _end(self, status: str, detail: str) -> None:
+        if self._lost_at is None and (self._connected is None or not self._connected.is_set()):
+            return  # never connected: there is nobody to tell
         if self._connected is not None and not self._connected.is_set():
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._connected.wait(), 5.0)
@@ -477,7 +479,7 @@ class MqttExecutor:
             return  # the last will of a session it has already replaced
         state.present = False
         state.left_at = asyncio.get_running_loop().time()
-        log.warning("node %s left: %s", node_id, leave.reason or "disconnected")
+        log.log(logging.INFO if self._closing else logging.WARNING, "node %s left: %s", node_id, leave.reason or "disconnected")
         if node_id in self._awaiting:
             self._awaiting.discard(node_id)
             assert self._changed is not None

@@ -480,7 +480,8 @@ class Topics:
     def node_subscriptions(self, node_id: str) -> list[str]:
         # every sender's topic into this node: messages on links the topology lacks are
         # seen, and counted, instead of silently unheard
-        return [self.scenario, self.control, self.to_node(node_id), f"{self.root}/nodes/+/msg/{node_id}"]
+        # control first: a node that arrives after the run ended learns it before loading a model
+        return [self.control, self.scenario, self.to_node(node_id), f"{self.root}/nodes/+/msg/{node_id}"]
 
     def parse(self, topic: str) -> TopicInfo | None:
         prefix = self.root + "/"

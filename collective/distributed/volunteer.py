@@ -269,7 +269,7 @@ class Volunteer:
             self.rejections.add("malformed", topic, f"could not be handled: {exc!r}")
 
     async def _on_scenario(self, payload: ScenarioPayload) -> None:
-        if self.scenario is not None:
+        if self.scenario is not None or self.ended is not None:
             return
         try:
             import yaml
