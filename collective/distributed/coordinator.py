@@ -337,6 +337,13 @@ class MqttExecutor:
     async def _wait_for_broker(self, round_index: int) -> None:
         """Rounds wait out a broker outage, then give the nodes that were there time to return."""
         assert self._changed is not None and self._connected is not None
+        loop = asyncio.get_running_loop()
+        # A leave that just arrived may be the broker shutting down (it publishes every
+        # client's will first): wait a moment to see whether our own connection drops too.
+        recent = [s.left_at for s in self.nodes.values() if not s.present and s.left_at is not None]
+        settle_until = max(recent, default=0.0) + WILLS_BEFORE_OUTAGE_S
+        while self._connected.is_set() and loop.time() < settle_until:
+            await asyncio.sleep(0.05)
         if not self._connected.is_set():
             log.warning("round %d waits for the broker at %s to come back", round_index, self.address.display())
             try:
@@ -345,7 +352,6 @@ class MqttExecutor:
                 raise DistributedError(
                     f"lost the broker at {self.address.display()} and could not reconnect within {self.rejoin_timeout_s:g} s"
                 ) from None
-        loop = asyncio.get_running_loop()
         while self._expect_back - {n for n, s in self.nodes.items() if s.present}:
             left = self._expect_until - loop.time()
             if left <= 0:
