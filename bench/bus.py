@@ -7,7 +7,7 @@ script checks that both give the same evaluation and messages, then prints round
 second, the mean wall time per round, and for the distributed run how much of a round
 is the slowest node's own compute and how much is the bus (serialize, broker, validate).
 
-    python bench/bus.py                          # 4 SmolLM2-135M nodes, bf16, relay messages
+    python bench/bus.py                          # 4 SmolLM2-135M nodes, float32, relay messages
     python bench/bus.py --model tiny             # a tiny random model: the bus overhead alone
     python bench/bus.py --eval-rounds 16 --threads 2 --node-threads 1
 
@@ -86,7 +86,7 @@ def messages(run_dir: Path) -> list[tuple[str, str, int, str]]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m", help="a model reference, or `tiny` (random, float32)")
-    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--nodes", type=int, default=4)
     parser.add_argument("--round-tokens", type=int, default=32)
     parser.add_argument("--eval-rounds", type=int, default=8)

@@ -88,9 +88,7 @@ def load_smollm2(dtype: torch.dtype):
     except ImportError:
         load_model = None
     if load_model is not None:
-        loaded = load_model(
-            "smollm2-135m", device="cpu", dtype="bfloat16" if dtype == torch.bfloat16 else "float32"
-        )
+        loaded = load_model("smollm2-135m", device="cpu", dtype=dtype)
         return loaded.model, loaded.tokenizer
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -246,6 +244,12 @@ def main() -> None:
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
+        "--dtype",
+        default="float32",
+        choices=["float32", "bfloat16"],
+        help="both engines run in it (float32 is the faster one on a CPU)",
+    )
+    parser.add_argument(
         "--threads",
         type=int,
         default=None,
@@ -261,14 +265,15 @@ def main() -> None:
     if not corpus.is_absolute():
         corpus = REPO / corpus
     text = corpus.read_text(encoding="utf-8")[: args.corpus_chars]
-    model, tokenizer = load_smollm2(torch.bfloat16)
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
+    model, tokenizer = load_smollm2(dtype)
     tokenizer.chat_template = PLAIN_TEMPLATE
     pairs = draw_pairs(
         model, tokenizer, text, args.pairs, args.context_tokens, args.max_rank, args.seed
     )
     allowed = allowed_token_mask(tokenizer, model.get_input_embeddings().weight.shape[0])
     print(
-        f"SmolLM2-135M bf16 on {torch.get_num_threads()} CPU threads; {len(pairs)} pairs; "
+        f"SmolLM2-135M {args.dtype} on {torch.get_num_threads()} CPU threads; {len(pairs)} pairs; "
         f"steps {args.steps}, search width {args.search_width}, top-k {args.topk}, "
         f"control {len(encode(tokenizer, args.init))} tokens"
     )

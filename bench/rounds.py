@@ -18,8 +18,8 @@ messages are compared up to the first round in which a message differs (bf16 gre
 decoding may pick another token when two are within rounding of each other; float32
 should agree everywhere).
 
-    python bench/rounds.py                         # SmolLM2-135M, bf16, 4 nodes
-    python bench/rounds.py --dtype float32 --eval-rounds 1 --threads 1
+    python bench/rounds.py                         # SmolLM2-135M, float32, 4 nodes
+    python bench/rounds.py --dtype bfloat16 --eval-rounds 1 --threads 1
 """
 
 from __future__ import annotations
@@ -265,7 +265,7 @@ def compare(batched: Recorded, naive: Recorded, n_rounds: int, node_ids: list[st
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m", help="model alias, HF id or local folder")
-    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "float16"])
+    parser.add_argument("--dtype", default="float32", choices=["bfloat16", "float32", "float16"])
     parser.add_argument("--nodes", type=int, default=4)
     parser.add_argument("--eval-rounds", type=int, default=2)
     parser.add_argument("--warmup-rounds", type=int, default=1)

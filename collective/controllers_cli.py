@@ -30,7 +30,10 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         "finish) and summary.md/summary.json with the paper's numbers beside ours.",
     )
     reach.add_argument("--model", default="smollm2-135m", help="alias, HF id, folder or .gguf (default smollm2-135m)")
-    reach.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "float16"])
+    reach.add_argument(
+        "--dtype", default="auto", choices=["auto", "bfloat16", "float32", "float16"],
+        help="auto: bfloat16 on CUDA, float32 on the CPU",
+    )
     reach.add_argument("--device", default="auto")
     reach.add_argument("--corpus", default="wikitext2", help="builtin:pydoc, wikitext2, hf:ID, or a text file path")
     reach.add_argument("--corpus-path", help="file for wikitext2 (default: ../shared/data/... or Hugging Face)")
@@ -56,7 +59,10 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     game.add_argument("text", help='the text, e.g. "Roger Federer is the"')
     game.add_argument("--target", required=True, help='what the greedy continuation must start with, e.g. " greatest"')
     game.add_argument("--model", default="smollm2-135m")
-    game.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "float16"])
+    game.add_argument(
+        "--dtype", default="auto", choices=["auto", "bfloat16", "float32", "float16"],
+        help="auto: bfloat16 on CUDA, float32 on the CPU",
+    )
     game.add_argument("--device", default="auto")
     game.add_argument("--max-k", type=int, default=10)
     game.add_argument("--gcg-steps", type=int, default=100)

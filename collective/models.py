@@ -186,14 +186,19 @@ def resolve_device(device: str | torch.device) -> torch.device:
         raise ModelLoadError(f"Unknown device {device!r}: expected auto, cpu, cuda or cuda:N.") from err
 
 
-def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+def resolve_dtype(dtype: str | torch.dtype, device: torch.device | None = None) -> torch.dtype:
+    """`auto` is bfloat16 on CUDA and float32 elsewhere: on the CPUs we measured (AVX-512
+    with bf16 instructions, torch 2.13) float32 runs SmolLM2's forward about 2.3x faster
+    than bfloat16 at 1 and 2 threads, while on GPUs bfloat16 is the fast choice."""
     if isinstance(dtype, torch.dtype):
         return dtype
+    if dtype.lower() == "auto":
+        return torch.bfloat16 if device is not None and device.type == "cuda" else torch.float32
     try:
         return _DTYPES[dtype.lower()]
     except KeyError:
         raise ModelLoadError(
-            f"Unknown dtype {dtype!r}: expected one of bfloat16, float32, float16."
+            f"Unknown dtype {dtype!r}: expected one of auto, bfloat16, float32, float16."
         ) from None
 
 
@@ -311,7 +316,7 @@ def load_model(
     ref: str,
     *,
     device: str | torch.device = "auto",
-    dtype: str | torch.dtype = "bfloat16",
+    dtype: str | torch.dtype = "auto",
     cache_dir: Path | None = None,
 ) -> LoadedModel:
     """Load `ref` (see `resolve_model_source`) for inference on `device` in `dtype`.
@@ -323,7 +328,8 @@ def load_model(
 
     cache_dir = cache_dir or default_cache_dir()
     source = resolve_model_source(ref, cache_dir=cache_dir)
-    torch_device, torch_dtype = resolve_device(device), resolve_dtype(dtype)
+    torch_device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, torch_device)
     if source.kind == "gguf":
         _assemble_packaged_gguf(source)
         location = str(convert_gguf(source.gguf_path, cache_dir))
@@ -357,10 +363,11 @@ class ModelPool:
         self._models: dict[tuple[tuple[str, str, str | None], torch.device, torch.dtype], LoadedModel] = {}
 
     def get(
-        self, ref: str, device: str | torch.device = "auto", dtype: str | torch.dtype = "bfloat16"
+        self, ref: str, device: str | torch.device = "auto", dtype: str | torch.dtype = "auto"
     ) -> LoadedModel:
         source = resolve_model_source(ref, cache_dir=self.cache_dir)
-        torch_device, torch_dtype = resolve_device(device), resolve_dtype(dtype)
+        torch_device = resolve_device(device)
+        torch_dtype = resolve_dtype(dtype, torch_device)
         key = (source.weights_key, torch_device, torch_dtype)
         if key not in self._models:
             self._models[key] = load_model(ref, device=torch_device, dtype=torch_dtype, cache_dir=self.cache_dir)

@@ -71,7 +71,9 @@ class CorpusSpec(_Frozen):
 
 class ModelSpec(_Frozen):
     ref: str = Field(description="alias (smollm2-135m, gemma3-270m), Hugging Face id, local folder or .gguf file")
-    dtype: Literal["bfloat16", "float32", "float16"] = "bfloat16"
+    dtype: Literal["auto", "bfloat16", "float32", "float16"] = Field(
+        "auto", description="auto: bfloat16 on CUDA, float32 on the CPU (faster there)"
+    )
     device: str = Field("auto", description="auto (CUDA when present), cpu, cuda, cuda:1 ...")
 
 

@@ -113,6 +113,12 @@ def test_unknown_dtype_and_device_are_load_errors_listing_the_choices():
     with pytest.raises(ModelLoadError, match="auto, cpu, cuda"):
         models.resolve_device("abacus")
     assert models.resolve_dtype("bf16") is torch.bfloat16
+
+
+def test_auto_dtype_is_bfloat16_on_cuda_and_float32_elsewhere():
+    assert models.resolve_dtype("auto", torch.device("cuda", 0)) is torch.bfloat16
+    assert models.resolve_dtype("auto", torch.device("cpu")) is torch.float32
+    assert models.resolve_dtype("AUTO") is torch.float32  # no device: not CUDA
     assert models.resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
 
 

@@ -78,7 +78,7 @@ def test_a_template_makes_count_nodes_with_per_node_overrides():
 def test_defaults_fill_everything_left_out():
     scenario = parse_scenario(_base())
     assert scenario.models == {"tiny": ModelSpec(ref="some/model")}
-    assert scenario.models["tiny"].dtype == "bfloat16"
+    assert scenario.models["tiny"].dtype == "auto"
     assert scenario.corpus.source == "builtin:pydoc"
     assert scenario.topology.kind == "ring"
     assert (scenario.bus.latency_rounds, scenario.bus.retain, scenario.bus.drop_rate) == (1, 1, 0.0)
