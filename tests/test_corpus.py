@@ -84,11 +84,24 @@ def test_wikitext2_reads_a_given_path(tmp_path):
     assert load_corpus_text("wikitext2", path, base_dir=tmp_path) == " = Title = \n Some text .\n"
 
 
-@pytest.mark.skipif(not SHARED_WIKITEXT.is_file(), reason="needs ../shared/data/wikitext-2-raw")
-def test_wikitext2_is_found_in_shared_data_above_the_base_dir():
+def test_wikitext2_is_found_in_shared_data_above_the_base_dir(tmp_path):
+    # the layout of a checkout beside ../shared: <root>/shared/data/..., <root>/project/scenarios
+    shared = tmp_path / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw"
+    shared.parent.mkdir(parents=True)
+    shared.write_text(" = Robert Boulter = \n Text .\n", encoding="utf-8")
+    scenarios = tmp_path / "project" / "scenarios"
+    scenarios.mkdir(parents=True)
+    assert load_corpus_text("wikitext2", None, base_dir=scenarios) == " = Robert Boulter = \n Text .\n"
+
+
+@pytest.mark.skipif(
+    not (REPO.parent / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw").is_file(),
+    reason="this checkout has no ../shared/data/wikitext-2-raw beside it",
+)
+def test_this_checkouts_wikitext2_is_the_shared_file():
     text = load_corpus_text("wikitext2", None, base_dir=REPO / "scenarios")
     assert text.startswith(" = Robert Boulter = \n")
-    assert text == SHARED_WIKITEXT.read_text(encoding="utf-8")
+    assert text == (REPO.parent / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw").read_text(encoding="utf-8")
 
 
 def test_missing_wikitext2_offline_says_where_it_looked_and_how_to_pass_a_path(tmp_path, no_datasets):
