@@ -2,18 +2,27 @@
 
 Thin like the rest of the CLI: parse, read the run folder(s), call the library, render.
 `register(subparsers)` adds both commands to the main parser. User mistakes (no such
-folder, no report yet, an unreadable events file) print one line and exit 2.
+folder, no report yet, an unreadable events file, a broker that cannot be reached or has
+no such run) print one paragraph and exit 2. `watch --broker URL --run RUN_ID` reads a
+distributed run's records from its broker (`collective.distributed.subscribe_events`).
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
+from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rich.console import Console
 
+if TYPE_CHECKING:
+    from collective.records import RoundEvent, RunEnd, RunStart
+
+    Event = RunStart | RoundEvent | RunEnd
+
 EXIT_USER_ERROR = 2
+BROKER_START_TIMEOUT_S = 30.0  # watch --broker: how long to wait for any sign of the run
 
 
 class WatchError(Exception):
@@ -23,19 +32,31 @@ class WatchError(Exception):
 def register(subparsers: argparse._SubParsersAction) -> None:
     watch = subparsers.add_parser(
         "watch",
-        help="replay a run from its folder (following it while it runs) in the live view",
+        help="replay a run from its folder (following it while it runs), or attach to a distributed run, in the live view",
         description="Show a run's events in the live view: a finished run is replayed at --speed times its own "
-        "pace, a running one is followed as it writes events.jsonl.",
+        "pace, a running one is followed as it writes events.jsonl. With --broker URL --run RUN_ID it attaches "
+        "read-only to a distributed run through its MQTT broker: the run's start record, then each round as the "
+        "coordinator finishes it, until the run ends (with `collective broker`, log in as the watcher user).",
     )
     watch.add_argument("run_dir", nargs="?", help="run folder (holds events.jsonl)")
-    watch.add_argument("--speed", type=float, default=5.0, help="replay pace as a multiple of the run's round times (0: no pauses; default 5)")
+    watch.add_argument("--speed", type=float, default=5.0, help="replay pace as a multiple of the run's round times (0: no pauses; default 5; --broker shows rounds as they come)")
     watch.add_argument("--follow", dest="follow", action="store_true", default=None, help="keep reading as the run writes (default while the folder is INCOMPLETE)")
     watch.add_argument("--no-follow", dest="follow", action="store_false", help="show what the file holds now and stop")
-    watch.add_argument("--idle-timeout", type=float, help="stop following after this many seconds without a new event")
+    watch.add_argument(
+        "--idle-timeout",
+        type=float,
+        help="stop following after this many seconds without a new event; with --broker also how long to wait "
+        f"for the run to show up (default {BROKER_START_TIMEOUT_S:g} s)",
+    )
     watch.add_argument("--live", dest="live", action="store_true", default=None, help="full-screen view (default on a terminal)")
     watch.add_argument("--no-live", dest="live", action="store_false", help="one plain line per round")
-    watch.add_argument("--broker", metavar="URL", help="attach read-only to a distributed run through its MQTT broker")
-    watch.add_argument("--run", dest="run_id", metavar="RUN_ID", help="the distributed run to attach to (with --broker)")
+    watch.add_argument(
+        "--broker",
+        metavar="URL",
+        help="attach read-only to a distributed run through its MQTT broker: mqtt://watcher:PASSWORD@host:1883 "
+        "or mqtts://...:8883 (?ca=FILE)",
+    )
+    watch.add_argument("--run", dest="run_id", metavar="RUN_ID", help="the distributed run to attach to (with --broker): the name of the coordinator's run folder")
     watch.set_defaults(func=cmd_watch)
 
     report = subparsers.add_parser(
@@ -52,32 +73,47 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 # ---------------------------------------------------------------------------- watch
 
 
-def _broker_events(url: str, run_id: str):  # type: ignore[no-untyped-def]
-    """The distributed runtime's read-only event subscription, when it offers one."""
+def _broker_events(url: str, run_id: str, idle_timeout: float | None, console: Console) -> Iterator[Event]:
+    """The distributed run's records from its broker; broker trouble becomes a WatchError."""
     try:
-        module = importlib.import_module("collective.distributed")
-    except ImportError:
-        module = None
-    subscribe = getattr(module, "subscribe_events", None) if module is not None else None
-    if subscribe is None:
-        raise WatchError(
-            "watch --broker needs the distributed runtime's event subscription "
-            "(collective.distributed.subscribe_events), which this install does not have yet; "
-            "watch the coordinator's run folder instead: collective watch RUN_DIR"
+        from collective.distributed import subscribe_events
+        from collective.distributed.mqtt import DistributedError, parse_broker_url
+    except ImportError as exc:  # pragma: no cover - aiomqtt is a dependency
+        raise WatchError(f"watch --broker needs the distributed runtime, which does not import here ({exc})") from None
+    try:
+        events = subscribe_events(
+            url, run_id, start_timeout=idle_timeout or BROKER_START_TIMEOUT_S, idle_timeout=idle_timeout
         )
-    return subscribe(url, run_id)
+    except DistributedError as exc:
+        raise WatchError(f"cannot watch run {run_id}: {exc}") from None
+    console.print(
+        f"watching run {run_id} on {parse_broker_url(url).display()} (Ctrl-C stops watching, not the run)",
+        highlight=False,
+        soft_wrap=True,
+    )
+    return _as_watch_errors(events, DistributedError)
+
+
+def _as_watch_errors(events: Iterator[Event], errors: type[Exception]) -> Iterator[Event]:
+    try:
+        yield from events
+    except errors as exc:
+        raise WatchError(str(exc)) from None
 
 
 def cmd_watch(args: argparse.Namespace, console: Console) -> int:
     from collective.live import watch
     from collective.replay import ReplayError, run_events, run_is_going
 
+    events: Iterable[Event] = ()
+    speed = max(0.0, args.speed)
     try:
         if args.broker:
             if not args.run_id:
                 raise WatchError("watch --broker URL needs --run RUN_ID (the coordinator prints it)")
-            events = _broker_events(args.broker, args.run_id)
+            events = _broker_events(args.broker, args.run_id, args.idle_timeout, console)
             run_dir = None
+            speed = 0.0  # live records come at the run's own pace
         else:
             if not args.run_dir:
                 raise WatchError("watch needs a run folder (or --broker URL --run RUN_ID)")
@@ -86,13 +122,17 @@ def cmd_watch(args: argparse.Namespace, console: Console) -> int:
                 raise WatchError(f"{run_dir}: no events.jsonl here; is this a run folder?")
             events = run_events(run_dir, follow=args.follow, idle_timeout=args.idle_timeout)
         try:
-            state = watch(events, console, speed=max(0.0, args.speed), live=args.live)
+            state = watch(events, console, speed=speed, live=args.live)
         except KeyboardInterrupt:
             console.print("stopped watching (the run itself goes on)")
             return 0
     except (WatchError, ReplayError) as exc:
         console.print(f"[red]error:[/] {exc}", highlight=False, soft_wrap=True)
         return EXIT_USER_ERROR
+    finally:
+        close = getattr(events, "close", None)
+        if close is not None:
+            close()  # a broker subscription disconnects
     if run_dir is not None and (run_dir / "report.json").exists():
         from collective.records import Report
         from collective.report_view import report_table

@@ -12,6 +12,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol, runtime_checkable
 
 import networkx as nx
 import torch
@@ -153,6 +154,14 @@ def run_start_event(prepared: Prepared, run_id: str, runtime: str = "embedded") 
     )
 
 
+@runtime_checkable
+class EventPublisher(Protocol):
+    """An executor that also publishes every run record events.jsonl gets (the distributed
+    coordinator does, for `collective watch --broker`). It must not block or raise."""
+
+    def publish_event(self, record: RunStart | RoundEvent | RunEnd) -> None: ...
+
+
 def embedded_executor(prepared: Prepared) -> Executor:
     bus = InMemoryBus(prepared.graph, prepared.scenario.bus, prepared.tokenizer, prepared.scenario.seed)  # type: ignore[arg-type]
     return EmbeddedExecutor(prepared.scenario, {a: prepared.lm(a) for a in prepared.models}, bus)
@@ -205,28 +214,38 @@ def run_prepared(
     )
 
     written: list[int] = []  # round events in events.jsonl: what an interrupted run did
+    publisher = executor if isinstance(executor, EventPublisher) else None
+
+    def emit(event: RunStart | RoundEvent | RunEnd) -> None:
+        """One record into events.jsonl and, for a distributed run, onto the broker."""
+        folder.event(event)
+        if publisher is not None:
+            try:
+                publisher.publish_event(event)
+            except Exception as exc:  # watchers are optional; the run goes on
+                log.warning("could not publish the %s record: %r", event.kind, exc)
 
     def record(event: RoundEvent) -> None:
-        folder.event(event)
+        emit(event)
         written.append(event.round_index)
         if on_event is not None:
             on_event(event)
 
-    folder.event(run_start_event(prepared, run_id, runtime))
+    emit(run_start_event(prepared, run_id, runtime))
     try:
         result = engine.run(on_event=record, should_stop=should_stop)
     except KeyboardInterrupt:
-        folder.event(RunEnd(run_id=run_id, status="interrupted", rounds_done=len(written), detail="Ctrl-C"))
+        emit(RunEnd(run_id=run_id, status="interrupted", rounds_done=len(written), detail="Ctrl-C"))
         folder.mark_incomplete("interrupted by Ctrl-C before the last round: no report was written")
         folder.close()
         raise
     except BaseException as exc:
-        folder.event(RunEnd(run_id=run_id, status="failed", rounds_done=len(written), detail=repr(exc)))
+        emit(RunEnd(run_id=run_id, status="failed", rounds_done=len(written), detail=repr(exc)))
         folder.mark_incomplete(f"failed: {exc!r}")
         folder.close()
         raise
     if result.rounds_done < engine.total_rounds:
-        folder.event(RunEnd(run_id=run_id, status="interrupted", rounds_done=result.rounds_done))
+        emit(RunEnd(run_id=run_id, status="interrupted", rounds_done=result.rounds_done))
         folder.mark_incomplete(f"stopped after {result.rounds_done} of {engine.total_rounds} rounds: no report")
         folder.close()
         return RunResult(run_dir, None, result, "interrupted")
@@ -239,7 +258,7 @@ def run_prepared(
     folder.write_text("report.md", report_markdown(report, images))
     for hook in report_hooks or []:
         hook(run_dir, report)
-    folder.event(RunEnd(run_id=run_id, status="complete", rounds_done=result.rounds_done))
+    emit(RunEnd(run_id=run_id, status="complete", rounds_done=result.rounds_done))
     folder.close()
     folder.finish()
     return RunResult(run_dir, report, result, "complete")

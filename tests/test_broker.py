@@ -35,14 +35,16 @@ def _scenario(**bus):
     )
 
 
-def test_every_node_gets_a_login_named_after_it_and_the_coordinator_one_too():
+def test_every_node_gets_a_login_named_after_it_and_the_coordinator_and_watcher_one_too():
     users = users_for(_scenario(), {"a": "given"})
-    assert list(users) == ["coordinator", "a", "b"] and users["a"] == "given" and len(users["b"]) >= 12
+    assert list(users) == ["coordinator", "a", "b", "watcher"] and users["a"] == "given" and len(users["b"]) >= 12
+    assert len(users["watcher"]) >= 12
 
 
-def test_a_node_may_not_take_the_coordinator_login():
-    scenario = _scenario().model_copy(update={"nodes": [_scenario().nodes[0].model_copy(update={"id": "coordinator"})]})
-    with pytest.raises(ValueError, match="coordinator"):
+@pytest.mark.parametrize("reserved", ["coordinator", "watcher"])
+def test_a_node_may_not_take_the_coordinator_or_watcher_login(reserved):
+    scenario = _scenario().model_copy(update={"nodes": [_scenario().nodes[0].model_copy(update={"id": reserved})]})
+    with pytest.raises(ValueError, match=reserved):
         users_for(scenario)
 
 
@@ -55,10 +57,30 @@ def test_the_acl_lets_a_node_publish_only_under_its_own_topics():
     assert "write collective/#" not in acl.split("user coordinator")[0]
 
 
+def test_the_acl_lets_the_watcher_read_the_run_records_and_control_and_nothing_else():
+    acl = acl_text(["coordinator", "a", "watcher"])
+    watcher = acl.split("user watcher\n")[1].split("\n\n")[0].splitlines()
+    assert watcher == ["topic read collective/+/coord/events/#", "topic read collective/+/coord/control"]
+    assert "user coordinator\ntopic readwrite collective/#" in acl  # the coordinator writes coord/events/ too
+    assert "coord/events" not in acl.split("user a\n")[1].split("\n\n")[0]
+
+
 def test_the_packet_limit_holds_a_result_of_the_scenario_with_room_to_spare():
     scenario = _scenario(round_tokens=64, max_message_bytes=400)
     bound = result_bytes_bound(64, scenario.evaluation.top_k, 400, 2)
     assert max_packet_size_for(scenario) >= 2 * bound and max_packet_size_for(scenario) >= 1 << 20
+
+
+def test_the_packet_limit_holds_a_round_record_of_a_large_complete_collective():
+    from collective.distributed.broker import link_count
+    from collective.distributed.protocol import round_event_bytes_bound
+
+    base = _scenario(max_message_tokens=64, max_message_bytes=4000)
+    nodes = [base.nodes[0].model_copy(update={"id": f"n{i}"}) for i in range(40)]
+    scenario = base.model_copy(update={"nodes": nodes, "topology": base.topology.model_copy(update={"kind": "complete"})})
+    assert link_count(scenario) == 40 * 39 and link_count(base) == 2  # a ring of two: a <-> b
+    bound = round_event_bytes_bound(40, 40 * 39, 64, 4000)
+    assert max_packet_size_for(scenario) >= 2 * bound > 1 << 20
 
 
 def test_the_password_hash_is_mosquittos_pbkdf2_sha512_format():

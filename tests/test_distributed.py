@@ -16,6 +16,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -269,6 +270,100 @@ def test_ctrl_c_on_the_coordinator_tells_the_nodes_that_the_run_ended(world, nod
         assert nodes.wait_all() == dict.fromkeys(NODES, 0)
     assert (run_dir / "INCOMPLETE").exists()
     assert "the coordinator ended the run: interrupted: Ctrl-C on the coordinator" in nodes.output("b")
+
+
+# ---------------------------------------------------------------------------- watching
+
+
+class Watching:
+    """A `subscribe_events` iterator drained by a thread into `records`."""
+
+    def __init__(self, url: str, run_id: str, start_timeout: float = 120.0) -> None:
+        from collective.distributed import subscribe_events
+
+        self.records: list = []
+        self.error: BaseException | None = None
+        self.events = subscribe_events(url, run_id, start_timeout=start_timeout)  # connected and subscribed on return
+        self.thread = threading.Thread(target=self._drain, daemon=True)
+        self.thread.start()
+
+    def _drain(self) -> None:
+        try:
+            for record in self.events:
+                self.records.append(record)
+        except BaseException as exc:
+            self.error = exc
+
+    def join(self, timeout: float = 30.0) -> list[str]:
+        self.thread.join(timeout)
+        assert not self.thread.is_alive(), f"the watcher did not stop: {len(self.records)} records so far"
+        assert self.error is None, self.error
+        return [record.model_dump_json() for record in self.records]
+
+
+def test_a_watcher_sees_the_start_every_round_in_order_and_the_end_as_events_jsonl_has_them(world, nodes, tmp_path):
+    users = users_for(world.prepared.scenario)
+    with running_broker(tmp_path / "broker", users=users) as broker:
+        run_dir = tmp_path / "run-watched"
+        early = Watching(broker.url("watcher"), run_dir.name)  # before the coordinator: it waits for the run
+        late: list[Watching] = []
+
+        def on_event(executor: MqttExecutor, event: RoundEvent) -> None:
+            if event.round_index == 2:  # a second watcher attaches mid-run, with the coordinator's login
+                late.append(Watching(broker.url("coordinator"), run_dir.name, start_timeout=10))
+
+        for node_id in NODES:
+            nodes.start(broker.url(node_id), run_dir.name, node_id)
+        result, executor, _ = _run(world, broker.url("coordinator"), run_dir, on_event)
+        assert nodes.wait_all() == dict.fromkeys(NODES, 0)
+        lines = (run_dir / "events.jsonl").read_text().splitlines()
+        assert early.join() == lines
+        # mid-run: the retained start, then the rounds from where it attached (round 2 or 3), then the end
+        seen = late[0].join()
+        assert seen[0] == lines[0] and seen[-1] == lines[-1] and seen[1:-1] in (lines[3:-1], lines[4:-1])
+        # after the run: the retained start and end
+        after = Watching(broker.url("watcher"), run_dir.name, start_timeout=10)
+        assert after.join() == [lines[0], lines[-1]]
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            from collective.cli import main
+
+            assert main(["watch", "--broker", broker.url("watcher"), "--run", run_dir.name, "--no-live"]) == 0
+        assert f"watching run {run_dir.name} on mqtt://watcher@127.0.0.1" in out.getvalue()
+        assert f"end complete rounds={len(lines) - 2}" in out.getvalue()
+    assert result.status == "complete" and len(lines) == 2 + world.prepared.scenario.evaluation.warmup_rounds + world.prepared.scenario.eval_rounds
+    assert executor.rejections.total == 0
+
+
+def test_watch_broker_of_a_run_that_is_not_there_exits_2_within_its_timeout(tmp_path, capsys):
+    from collective.cli import main
+    from collective.distributed.protocol import EventPayload
+    from collective.records import RunEnd
+
+    users = {"coordinator": "c-pass", "a": "a-pass", "watcher": "w-pass"}
+    with running_broker(tmp_path / "broker", users=users) as broker:
+
+        async def forge() -> None:  # the watcher login cannot write run records
+            record = RunEnd(run_id="nope", status="complete", rounds_done=1)
+            raw = encode(envelope("nope", "coordinator", EventPayload(record=record)))
+            async with aiomqtt.Client(broker.host, broker.port, username="watcher", password="w-pass") as forger:
+                await forger.publish(Topics("nope").event("end"), raw, qos=1, retain=True)
+
+        asyncio.run(forge())
+        began = time.monotonic()
+        code = main(["watch", "--broker", broker.url("watcher"), "--run", "nope", "--idle-timeout", "1", "--no-live"])
+        took = time.monotonic() - began
+        out = " ".join(capsys.readouterr().out.split())
+        assert code == 2 and took < 10, out
+        assert "no run 'nope' is live on the broker at mqtt://watcher@127.0.0.1" in out and "within 1 s" in out
+        # a wrong password: refused at the login, with what to do
+        code = main(["watch", "--broker", broker.url("watcher", "wrong"), "--run", "nope", "--no-live"])
+        out = " ".join(capsys.readouterr().out.split())
+        assert code == 2 and "step 'authentication'" in out and "refused the login of user 'watcher'" in out
+        # a node's login may not read the run records
+        code = main(["watch", "--broker", broker.url("a"), "--run", "nope", "--idle-timeout", "1", "--no-live"])
+        out = " ".join(capsys.readouterr().out.split())
+        assert code == 2 and ("may not read" in out or "refused to let user 'a' read" in out), out
 
 
 # ---------------------------------------------------------------------------- hostile envelopes

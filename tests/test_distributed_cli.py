@@ -17,7 +17,8 @@ def test_without_mosquitto_the_broker_command_writes_the_config_and_says_how_to_
     code = main(["broker", "--config-dir", str(tmp_path), "--scenario", str(REPO / "scenarios" / "quickstart.yaml")])
     out = " ".join(capsys.readouterr().out.split())
     assert code == 0
-    assert "logins (5, passwords in" in out and "coordinator, a, b, c, d" in out
+    assert "logins (6, passwords in" in out and "coordinator, a, b, c, d, watcher" in out
+    assert "collective watch --broker mqtt://watcher:PASSWORD@HOST:1883 --run RUN_ID" in out
     assert "Mosquitto is not installed here" in out and "apt-get install mosquitto" in out and "eclipse-mosquitto:2" in out
     assert (tmp_path / "mosquitto.conf").exists() and (tmp_path / "acl").exists() and (tmp_path / "credentials.txt").exists()
 

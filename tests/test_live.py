@@ -168,6 +168,28 @@ def test_eta_and_tokens_per_second_follow_the_elapsed_time():
     assert LiveState.fold(events).eta_seconds is None
 
 
+def test_a_view_that_attaches_mid_run_counts_the_rounds_it_never_saw():
+    events = synthetic_run(rounds=6, warmup=2)
+    start, rounds, end = events[0], events[1:-1], events[-1]
+    state = LiveState.fold([start, rounds[3]])  # a watcher that came in during round 4 (0-based 3)
+    assert state.rounds_done == 4 and state.phase == "eval" and state.eval_rounds_done == 2
+    assert state.tokens_per_second == pytest.approx(4 * 32 / 8.0) and state.eta_seconds == pytest.approx(2 * 2.0)
+    assert state.collective.count == 1 and all(node.nll_collective.count == 1 for node in state.nodes)
+    assert "round 4/6" in render(header_view(state))
+    state = LiveState.fold([start, *rounds[3:], end])
+    assert state.rounds_done == 6 and state.finished and state.collective.count == 3
+    full = LiveState.fold(events)
+    assert (full.rounds_done, full.tokens_done) == (state.rounds_done, state.tokens_done)
+
+
+def test_watch_of_a_stream_that_begins_mid_run_prints_the_real_round_numbers():
+    events = synthetic_run(rounds=6, warmup=2)
+    console = Console(file=io.StringIO(), width=200, color_system=None)
+    state = watch([events[0], *events[4:]], console, live=False)
+    lines = console.file.getvalue().splitlines()  # type: ignore[attr-defined]
+    assert [line.split()[1] for line in lines[:3]] == ["4/6", "5/6", "6/6"] and state.rounds_done == 6
+
+
 # ---------------------------------------------------------------------------- the views
 
 

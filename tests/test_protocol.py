@@ -26,6 +26,7 @@ from collective.distributed.protocol import (
     envelope,
     message_bytes_bound,
     result_bytes_bound,
+    round_event_bytes_bound,
     text_digest,
     tokenizer_digest,
 )
@@ -216,3 +217,43 @@ def test_message_records_of_relay_policy_serialize_inside_requests():
     env = decode_envelope(encode(envelope("r", COORDINATOR, payload, 0)), 100_000)
     assert isinstance(env.payload, RequestPayload) and env.payload.message == RelayMessage()
     assert math.isclose(env.payload.deadline_s, 1.0)
+
+
+def test_an_event_envelope_carries_a_run_record_exactly_and_its_topic_parses_back():
+    from collective.distributed.protocol import EventPayload, event_record_topic
+    from collective.records import NodeRound, RoundEvent, RunEnd
+
+    nan_round = RoundEvent(
+        run_id="r", round_index=2, phase="eval", eval_round=1, start_token=0, n_tokens=4,
+        nodes=[NodeRound(node_id="a", nll_collective=None, nll_isolated=None, nll_plain=None, missed=True)],
+        messages=[], nll_collective=float("nan"), nll_silent=float("nan"), nll_reference=1.0, wall_seconds=0.1, elapsed_seconds=0.3,
+    )
+    for record in (nan_round, RunEnd(run_id="r", status="failed", rounds_done=2, detail="x")):
+        raw = encode(envelope("r", COORDINATOR, EventPayload(record=record), 2))
+        back = decode_envelope(raw, 1 << 20)
+        assert back.kind == "event" and back.payload.record.model_dump_json() == record.model_dump_json()  # type: ignore[union-attr]
+    topics = Topics("r")
+    assert event_record_topic(nan_round) == ("round", False) and event_record_topic(RunEnd(run_id="r", status="complete", rounds_done=1)) == ("end", True)
+    info = topics.parse(topics.event("start"))
+    assert info is not None and (info.owner, info.channel, info.target) == (COORDINATOR, "events", "start")
+    assert topics.parse("collective/r/coord/events/other") is None
+    assert topics.watcher_subscriptions() == ["collective/r/coord/events/#", "collective/r/coord/control"]
+
+
+def test_the_round_event_bound_holds_a_round_with_every_message_at_its_budget():
+    from collective.distributed.protocol import EventPayload
+    from collective.records import NodeRound, RoundEvent
+
+    ids = [f"node-{i:02d}" for i in range(8)]
+    links = [(a, b) for a in ids for b in ids if a != b]
+    worst = "\x01" * 160  # JSON escapes each of these bytes as 6 characters
+    event = RoundEvent(
+        run_id="r", round_index=0, phase="eval", eval_round=0, start_token=0, n_tokens=32,
+        nodes=[NodeRound(node_id=n, nll_collective=-1e-300, nll_isolated=1.5e300, nll_plain=3.25, top1_collective=0.5,
+                         inbox_tokens=10**6, bytes_sent=10**6, messages_sent=10**6, last_message="\x01" * (24 * 4)) for n in ids],
+        messages=[MessageRecord(sender=a, receiver=b, round_sent=10**6, deliver_round=10**6 + 1, text=worst,
+                                n_tokens=24, n_bytes=160, truncated=True) for a, b in links],
+        nll_collective=3.0, nll_silent=3.0, nll_reference=3.0, wall_seconds=1e6, elapsed_seconds=1e6,
+    )
+    size = len(encode(envelope("r", COORDINATOR, EventPayload(record=event), 0)))
+    assert size <= round_event_bytes_bound(len(ids), len(links), 24, 160)

@@ -132,16 +132,14 @@ def test_watch_of_a_folder_without_events_is_a_user_error(tmp_path, capsys):
     assert "no events.jsonl" in capsys.readouterr().out
 
 
-def test_watch_broker_without_an_event_subscription_says_what_is_missing(capsys):
-    import importlib.util
+def test_watch_broker_with_nothing_listening_says_which_step_failed_and_what_to_do(capsys):
+    from tests.mosquitto import free_port
 
-    if importlib.util.find_spec("collective.distributed") is not None:
-        import collective.distributed as distributed
-
-        if hasattr(distributed, "subscribe_events"):
-            pytest.skip("the distributed runtime offers a subscription: see the mqtt tests")
-    assert main(["watch", "--broker", "mqtt://127.0.0.1:1", "--run", "r1"]) == 2
-    assert "subscribe_events" in capsys.readouterr().out
+    port = free_port()  # nothing listens there
+    assert main(["watch", "--broker", f"mqtt://watcher:pw@127.0.0.1:{port}", "--run", "r1", "--no-live"]) == 2
+    out = " ".join(capsys.readouterr().out.split())
+    assert "cannot watch run r1" in out and "step 'TCP'" in out and f"127.0.0.1:{port}" in out and "start the broker" in out
+    assert "pw" not in out
 
 
 def test_watch_broker_needs_a_run_id(capsys):

@@ -205,3 +205,34 @@ def test_report_hooks_see_the_finished_report(prepared, tmp_path):
     seen = []
     run_prepared(prepared, tmp_path / "run", report_hooks=[lambda path, report: seen.append((path, report.run_id))])
     assert seen == [(tmp_path / "run", "run")]
+
+
+class _Publishing:
+    """The embedded executor plus `publish_event`, as the distributed coordinator has it."""
+
+    def __init__(self, inner, fail: bool = False) -> None:  # type: ignore[no-untyped-def]
+        self.inner = inner
+        self.fail = fail
+        self.records: list = []
+
+    def run_round(self, round_index, requests):  # type: ignore[no-untyped-def]
+        return self.inner.run_round(round_index, requests)
+
+    def publish_event(self, record) -> None:  # type: ignore[no-untyped-def]
+        self.records.append(record)
+        if self.fail:
+            raise RuntimeError("the broker is gone")
+
+
+def test_an_executor_that_publishes_events_gets_every_record_events_jsonl_gets(prepared, tmp_path):
+    from collective.runner import embedded_executor
+
+    publisher = _Publishing(embedded_executor(prepared))
+    run_prepared(prepared, tmp_path / "run", executor=publisher)
+    lines = (tmp_path / "run" / "events.jsonl").read_text().splitlines()
+    assert [record.model_dump_json() for record in publisher.records] == lines
+    assert len(lines) == 2 + WARMUP + EVAL_ROUNDS
+    # a publisher that fails never breaks the run
+    failing = _Publishing(embedded_executor(prepared), fail=True)
+    assert run_prepared(prepared, tmp_path / "run-2", executor=failing).status == "complete"
+    assert len(failing.records) == len(lines)

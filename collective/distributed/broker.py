@@ -7,12 +7,15 @@
                       PBKDF2-SHA512 format written here)
     acl               each node may publish only under collective/<run>/nodes/<its id>/ and
                       read only its own requests and the messages addressed to it; the
-                      coordinator may do anything under collective/
+                      coordinator may do anything under collective/; the watcher may only
+                      read the runs' event records and control state
     credentials.txt   the plain passwords, for the host to hand out (mode 600)
 
 A node's username is its node id (that is what the ACL's %u patterns match); the
-coordinator's is `coordinator`. `max_packet_size` is sized from the scenario: a result
-carries top-K candidates for every position of a round, far more than a message.
+coordinator's is `coordinator`, the read-only watcher's (`collective watch --broker`)
+`watcher`. `max_packet_size` is sized from the scenario: a result carries top-K candidates
+for every position of a round, far more than a message; a round record carries every
+node's message and every link's.
 """
 
 from __future__ import annotations
@@ -28,9 +31,12 @@ from pathlib import Path
 
 from collective.distributed.protocol import (
     COORDINATOR,
+    WATCHER,
     message_bytes_bound,
     request_bytes_bound,
     result_bytes_bound,
+    round_event_bytes_bound,
+    start_event_bytes_bound,
 )
 from collective.scenario import Scenario
 
@@ -68,22 +74,47 @@ class BrokerFiles:
     credentials: Path | None
 
 
+def link_count(scenario: Scenario) -> int:
+    """How many directed links the scenario's topology has (at most n * (n - 1))."""
+    n = len(scenario.nodes)
+    most = n * (n - 1)
+    spec = scenario.topology
+    if spec.kind == "edges":
+        pairs = {(a, b) for a, b in spec.edges or []} | (set() if spec.directed else {(b, a) for a, b in spec.edges or []})
+        return min(most, len(pairs))
+    if spec.kind == "file":  # its path is relative to where the run starts: count the worst case
+        return most
+    try:
+        from topologies import build_topology
+
+        graph = build_topology(spec.kind, scenario.node_ids, seed=scenario.seed, directed=spec.directed, **spec.params)
+    except Exception:  # the run itself says what is wrong with the topology
+        return most
+    return min(most, graph.number_of_edges() * (1 if graph.is_directed() else 2))
+
+
 def max_packet_size_for(scenario: Scenario) -> int:
     """Twice the largest envelope a run of this scenario sends, at least 1 MiB."""
     bus = scenario.bus
     max_bytes = max([bus.max_message_bytes] + [link.max_message_bytes or 0 for link in bus.links])
-    result = result_bytes_bound(bus.round_tokens, scenario.evaluation.top_k, max_bytes, len(scenario.nodes))
-    request = request_bytes_bound(scenario.max_reach, bus.round_tokens, 4_096, 4 * len(scenario.nodes))
-    scenario_bytes = 64 * 1024 + 2 * len(scenario.resolved_yaml().encode("utf-8"))
-    return max(MIN_MAX_PACKET_BYTES, 2 * max(result, request, scenario_bytes, message_bytes_bound(max_bytes)))
+    max_tokens = max([bus.max_message_tokens] + [link.max_message_tokens or 0 for link in bus.links])
+    n_nodes, n_links = len(scenario.nodes), link_count(scenario)
+    yaml_bytes = len(scenario.resolved_yaml().encode("utf-8"))
+    result = result_bytes_bound(bus.round_tokens, scenario.evaluation.top_k, max_bytes, n_nodes)
+    request = request_bytes_bound(scenario.max_reach, bus.round_tokens, 4_096, 4 * n_nodes)
+    scenario_bytes = 64 * 1024 + 2 * yaml_bytes
+    events = max(round_event_bytes_bound(n_nodes, n_links, max_tokens, max_bytes), start_event_bytes_bound(n_nodes, n_links, yaml_bytes))
+    return max(MIN_MAX_PACKET_BYTES, 2 * max(result, request, scenario_bytes, events, message_bytes_bound(max_bytes)))
 
 
 def users_for(scenario: Scenario, passwords: dict[str, str] | None = None) -> dict[str, str]:
-    """The coordinator and every node, each with the given or a fresh random password."""
-    if COORDINATOR in scenario.node_ids:
-        raise ValueError(f"a node may not be called {COORDINATOR!r}: that is the coordinator's login")
+    """The coordinator, every node and the read-only watcher, each with the given or a fresh
+    random password."""
+    for reserved, whose in ((COORDINATOR, "the coordinator's"), (WATCHER, "the read-only watcher's")):
+        if reserved in scenario.node_ids:
+            raise ValueError(f"a node may not be called {reserved!r}: that is {whose} login")
     given = passwords or {}
-    return {name: given.get(name) or secrets.token_urlsafe(12) for name in [COORDINATOR, *scenario.node_ids]}
+    return {name: given.get(name) or secrets.token_urlsafe(12) for name in [COORDINATOR, *scenario.node_ids, WATCHER]}
 
 
 def password_hash(password: str, salt: bytes | None = None, iterations: int = 101) -> str:
@@ -106,9 +137,11 @@ def write_password_file(path: Path, users: dict[str, str]) -> None:
 
 
 def acl_text(users: list[str]) -> str:
-    """The coordinator may do anything under collective/; every other login (%u = its
-    username = its node id) publishes only under its own node topics and reads only the
-    run's scenario and control, its own requests, and the messages addressed to it."""
+    """The coordinator may do anything under collective/; the watcher reads only the runs'
+    event records and control state; every other login (%u = its username = its node id)
+    publishes only under its own node topics and reads only the run's scenario and control,
+    its own requests, and the messages addressed to it. (The patterns apply to the watcher
+    too: it could publish under nodes/watcher/, which every party drops: no node has that id.)"""
     lines = [
         "# written by `collective broker` (topics: collective/distributed/protocol.py)",
         "pattern write collective/+/nodes/%u/#",
@@ -120,7 +153,9 @@ def acl_text(users: list[str]) -> str:
         "topic readwrite collective/#",
     ]
     for user in users:
-        if user != COORDINATOR:
+        if user == WATCHER:
+            lines += ["", f"user {user}", "topic read collective/+/coord/events/#", "topic read collective/+/coord/control"]
+        elif user != COORDINATOR:
             lines += ["", f"user {user}", "topic read collective/+/coord/scenario", "topic read collective/+/coord/control"]
     return "\n".join(lines) + "\n"
 

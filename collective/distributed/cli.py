@@ -36,7 +36,8 @@ def register(sub: Any) -> None:
         help="write a Mosquitto configuration (logins, ACLs, packet size, TLS) and start it",
         description="Write mosquitto.conf, a password file and ACLs into --config-dir, then start mosquitto "
         "(or say how to start it where it is not installed). With --scenario every node gets a login (its node "
-        "id) with a fresh password, listed in credentials.txt, and may publish only under its own topics.",
+        "id) with a fresh password, listed in credentials.txt, and may publish only under its own topics; so do "
+        "the coordinator (coordinator) and a read-only watcher (watcher, for collective watch --broker).",
     )
     broker.add_argument("--config-dir", required=True, type=Path, metavar="DIR")
     broker.add_argument("--scenario", type=Path, help="size max_packet_size from it and create a login per node")
@@ -117,6 +118,7 @@ def cmd_broker(args: argparse.Namespace, console: Console) -> int:
         write_broker_config,
     )
     from collective.distributed.mqtt import DistributedError
+    from collective.distributed.protocol import WATCHER
     from collective.scenario import load_scenario
 
     given: dict[str, str] = {}
@@ -153,6 +155,13 @@ def cmd_broker(args: argparse.Namespace, console: Console) -> int:
     console.print(f"wrote {files.conf}" + (f", {files.passwd}, {files.acl}" if files.passwd else ""), highlight=False)
     if files.credentials is not None:
         console.print(f"logins ({len(users)}, passwords in {files.credentials}): {', '.join(users)}", highlight=False, soft_wrap=True)
+        if WATCHER in users:
+            console.print(
+                f"the {WATCHER} login may only read the runs' records: collective watch --broker "
+                f"mqtt://{WATCHER}:PASSWORD@HOST:{args.port} --run RUN_ID",
+                highlight=False,
+                soft_wrap=True,
+            )
     elif not users:
         console.print("[yellow]no logins: anyone who reaches the port may join (use on a closed network only)[/]")
     if args.no_start:

@@ -11,6 +11,11 @@ that call an asyncio loop in a background thread owns the MQTT connection:
               the accepted results carry (receivers read exactly those next rounds)
     end:      `control: ended` (retained), also on Ctrl-C or an error
 
+Every record the run writes to events.jsonl (start, each round, end) also goes to
+`coord/events/` for read-only watchers (`publish_event`, called by the runner): queued and
+published in order by a background task, so a slow or failed publish never holds up or
+breaks a round; the start and end records are retained (and republished on reconnect).
+
 A broker restart is survived by reconnecting with backoff; on reconnect the coordinator
 republishes its retained state and the requests still unanswered. Every envelope that
 reaches it is validated (run, round, sender, predictions, message budgets) and dropped
@@ -32,6 +37,7 @@ from typing import Any
 import aiomqtt
 
 from collective.bus import LinkPolicy, link_policies, outgoing_messages
+from collective.distributed.broker import max_packet_size_for
 from collective.distributed.mqtt import (
     BrokerAddress,
     DistributedError,
@@ -43,6 +49,7 @@ from collective.distributed.preflight import preflight
 from collective.distributed.protocol import (
     COORDINATOR,
     ControlPayload,
+    EventPayload,
     JoinPayload,
     LeavePayload,
     MessageKey,
@@ -58,13 +65,14 @@ from collective.distributed.protocol import (
     decode_envelope,
     encode,
     envelope,
+    event_record_topic,
     message_bytes_bound,
     result_bytes_bound,
     text_digest,
     tokenizer_digest,
 )
 from collective.node import NodeRoundRequest, NodeRoundResult
-from collective.records import MessageRecord
+from collective.records import MessageRecord, RoundEvent, RunEnd, RunStart
 from collective.runner import Prepared
 
 log = logging.getLogger(__name__)
@@ -76,6 +84,8 @@ STATUS_BYTES = 4_096
 MAX_BACKOFF_S = 10.0
 REJOIN_GRACE_S = 10.0  # after a broker outage, how long the next round waits for the nodes to come back
 WILLS_BEFORE_OUTAGE_S = 2.0  # a broker that shuts down first publishes every client's last will
+EVENT_PATIENCE_S = 10.0  # how long a run record waits for the broker (through an outage) before it is skipped
+EVENT_DRAIN_S = 5.0  # at the end, how long the records still queued get to reach the broker
 
 
 @dataclass
@@ -155,6 +165,10 @@ class MqttExecutor:
         self._lost_at: float | None = None  # loop time the broker connection last broke
         self._expect_back: set[str] = set()
         self._expect_until = 0.0
+        # run records for watchers (coord/events/): queued by publish_event, sent in order by one task
+        self._event_queue: asyncio.Queue[tuple[str, bytes, bool]] | None = None
+        self._retained_events: dict[str, bytes] = {}  # topic -> the start/end record, republished on reconnect
+        self.event_limit = max_packet_size_for(scenario) - 1_024  # what a `collective broker` broker accepts
 
     # ------------------------------------------------------------------ sync API (main thread)
 
@@ -176,11 +190,29 @@ class MqttExecutor:
     def run_round(self, round_index: int, requests: list[NodeRoundRequest]) -> dict[str, NodeRoundResult | None]:
         return self._call(self._run_round(round_index, requests))
 
+    def publish_event(self, record: RunStart | RoundEvent | RunEnd) -> None:
+        """Queue one run record for coord/events/ (never blocks, never raises: watchers are optional)."""
+        loop, queue = self._loop, self._event_queue
+        if loop is None or queue is None or loop.is_closed():
+            log.debug("not connected: the %s record is not published", record.kind)
+            return
+        try:
+            kind, retain = event_record_topic(record)
+            round_index = record.round_index if isinstance(record, RoundEvent) else -1
+            payload = encode(envelope(self.run_id, COORDINATOR, EventPayload(record=record), round_index))
+            loop.call_soon_threadsafe(queue.put_nowait, (self.topics.event(kind), payload, retain))
+        except Exception as exc:  # a watcher's view is never worth a run
+            log.warning("could not publish the run's %s record for watchers: %r", record.kind, exc)
+
     def close(self, status: str, detail: str = "") -> None:
         """Tell the nodes the run ended (retained), disconnect, stop the loop thread."""
         if self._loop is None:
             return
         self._closing = True
+        try:  # the run's last records first (its end record among them), then `control: ended`
+            asyncio.run_coroutine_threadsafe(self._drain_events(EVENT_DRAIN_S), self._loop).result(timeout=EVENT_DRAIN_S + 5)
+        except Exception as exc:
+            log.warning("could not publish the run's last records for watchers: %r", exc)
         try:
             asyncio.run_coroutine_threadsafe(self._end(status, detail), self._loop).result(timeout=10)
         except Exception as exc:  # the run is over either way; say so in the log
@@ -211,7 +243,9 @@ class MqttExecutor:
     async def _begin(self) -> None:
         self._changed = asyncio.Event()
         self._connected = asyncio.Event()
+        self._event_queue = asyncio.Queue()
         self._main_task = asyncio.create_task(self._connection_loop())
+        self._spawn(self._event_publisher())
 
     async def _shutdown(self) -> None:
         """Disconnect cleanly: cancel the connection loop and whatever it started, and wait."""
@@ -288,6 +322,10 @@ class MqttExecutor:
         await client.publish(self.topics.scenario, encode(envelope(self.run_id, COORDINATOR, scenario)), qos=1, retain=True)
         control = ControlPayload(state="open", session=self.session)
         await client.publish(self.topics.control, encode(envelope(self.run_id, COORDINATOR, control)), qos=1, retain=True)
+        # the run's retained records: again after a broker restart; on the first connect an
+        # empty payload clears what an earlier run under the same id left there
+        for topic in (self.topics.event("start"), self.topics.event("end")):
+            await client.publish(topic, self._retained_events.get(topic, b""), qos=1, retain=True)
 
     async def _publish(self, topic: str, payload: bytes, retain: bool = False) -> bool:
         client = self._client
@@ -299,6 +337,55 @@ class MqttExecutor:
             log.warning("could not publish to %s: %s (sent again after reconnecting)", topic, exc)
             return False
         return True
+
+    # ------------------------------------------------------------------ run records (loop thread)
+
+    async def _event_publisher(self) -> None:
+        """Send the queued run records one after another (in order), each at most once."""
+        assert self._event_queue is not None
+        while True:
+            topic, payload, retain = await self._event_queue.get()
+            try:
+                if len(payload) > self.event_limit:
+                    log.warning(
+                        "the run record for %s is %d bytes, over the %d a broker sized for this scenario takes: "
+                        "watchers miss it", topic, len(payload), self.event_limit,
+                    )
+                    continue
+                if retain:
+                    self._retained_events[topic] = payload
+                await self._publish_event_now(topic, payload, retain)
+            except Exception as exc:  # never let one record stop the others
+                log.warning("could not publish the run record for %s: %r", topic, exc)
+            finally:
+                self._event_queue.task_done()
+
+    async def _publish_event_now(self, topic: str, payload: bytes, retain: bool) -> None:
+        assert self._connected is not None
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + EVENT_PATIENCE_S
+        for _attempt in range(2):  # once more after a reconnect, no more (an oversized one would loop)
+            left = give_up - loop.time()
+            try:
+                await asyncio.wait_for(self._connected.wait(), max(left, 0.0))
+            except asyncio.TimeoutError:
+                break
+            client = self._client
+            if client is None:
+                await asyncio.sleep(0.1)
+                continue
+            try:
+                await client.publish(topic, payload, qos=1, retain=retain)
+                return
+            except aiomqtt.MqttError as exc:
+                log.debug("publishing to %s failed (%s); once more after reconnecting", topic, exc)
+                await asyncio.sleep(0.1)
+        log.warning("could not publish the run record for %s within %.0f s: watchers miss it", topic, EVENT_PATIENCE_S)
+
+    async def _drain_events(self, timeout: float) -> None:
+        if self._event_queue is not None:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._event_queue.join(), timeout)
 
     async def _end(self, status: str, detail: str) -> None:
         if self._lost_at is None and (self._connected is None or not self._connected.is_set()):

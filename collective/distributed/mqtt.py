@@ -151,15 +151,16 @@ def describe_connect_error(address: BrokerAddress, exc: BaseException) -> str:
         return (
             f"the broker at {address.display()} refused the login of {who}: bad username or password. "
             "Check the user and password in the URL (mqtt://USER:PASSWORD@host); with `collective broker` "
-            "a node's username is its node id and the passwords are in the config folder's credentials file."
+            "a node's username is its node id (a read-only watcher's: watcher) and the passwords are in the "
+            "config folder's credentials file."
         )
     if kind == "not_authorized":
         if address.username:
             return (
                 f"the broker at {address.display()} refused the login of {who} (not authorized): the password is "
                 "wrong, or the broker's password file has no such user. Check USER:PASSWORD in the URL; with "
-                "`collective broker` a node's username is its node id and the passwords are in the config "
-                "folder's credentials.txt."
+                "`collective broker` a node's username is its node id (a read-only watcher's: watcher) and the "
+                "passwords are in the config folder's credentials.txt."
             )
         return (
             f"the broker at {address.display()} refuses anonymous clients: put USER:PASSWORD@ in the URL "

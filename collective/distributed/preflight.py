@@ -3,8 +3,9 @@
 DNS (the host resolves), TCP (something listens on the port), TLS (for mqtts://: the
 handshake and the certificate), authentication (the broker accepts the MQTT login) and a
 publish/subscribe echo (the broker delivers what this client publishes under its own
-topic back to it: the ACL lets it publish and read there). The first failing step stops
-the check; `PreflightFailed` carries every step so far for the CLI to show.
+topic back to it: the ACL lets it publish and read there; skipped for a read-only watcher,
+which may publish nowhere). The first failing step stops the check; `PreflightFailed`
+carries every step so far for the CLI to show.
 """
 
 from __future__ import annotations
@@ -114,7 +115,7 @@ def _tls(address: BrokerAddress, timeout: float) -> PreflightStep:
 
 
 async def _login_and_echo(
-    address: BrokerAddress, echo_topic: str, timeout: float, report: Callable[[PreflightStep], None]
+    address: BrokerAddress, echo_topic: str | None, timeout: float, report: Callable[[PreflightStep], None]
 ) -> list[PreflightStep]:
     steps: list[PreflightStep] = []
 
@@ -126,6 +127,8 @@ async def _login_and_echo(
         async with make_client(address, identifier=f"collective-preflight-{uuid.uuid4().hex[:8]}", timeout=timeout) as client:
             who = f"user {address.username!r}" if address.username else "anonymous"
             add(PreflightStep("authentication", "ok", f"logged in as {who}"))
+            if echo_topic is None:  # a read-only client: nothing to echo
+                return steps
             nonce = uuid.uuid4().hex
             await client.subscribe(echo_topic, qos=1)
             await client.publish(echo_topic, nonce.encode(), qos=1)
@@ -166,12 +169,13 @@ async def _login_and_echo(
 
 async def preflight(
     address: BrokerAddress,
-    echo_topic: str,
+    echo_topic: str | None,
     *,
     timeout: float = 10.0,
     report: Callable[[PreflightStep], None] | None = None,
 ) -> list[PreflightStep]:
-    """Run the checks in order; raise `PreflightFailed` at the first failing step."""
+    """Run the checks in order; raise `PreflightFailed` at the first failing step.
+    `echo_topic` None: a read-only client, checked up to its login."""
     shown = report or (lambda step: None)
     steps: list[PreflightStep] = []
     checks: list[Callable[[], PreflightStep]] = [

@@ -12,7 +12,12 @@ publish under its own topics and nothing else:
     nodes/<node>/result                  the node's predictions and messages of a round
     nodes/<node>/msg/<receiver>          one message on the link node -> receiver
     coord/echo, nodes/<node>/echo        the preflight publish/subscribe echo
+    coord/events/start         retained  the run's RunStart record   } every record the
+    coord/events/round                   each RoundEvent, in order     } coordinator writes
+    coord/events/end           retained  the RunEnd record            } to events.jsonl
 
+The `coord/events/` records are for read-only watchers (`collective watch --broker`):
+no node subscribes to them, so their `event` kind was added without a schema bump.
 A received payload goes through `decode_envelope` (size, JSON, schema) and then the
 receiver's own checks (run, round, sender, neighbour, budget); anything that fails is
 dropped and counted in `Rejections`, never raised to the round logic.
@@ -37,13 +42,14 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from collective.node import NodeRoundRequest, NodeRoundResult
 from collective.predictions import TokenPredictions
-from collective.records import MessageRecord
+from collective.records import Event, MessageRecord, RoundEvent, RunEnd, RunStart
 from collective.scenario import MessageSpec
 
 log = logging.getLogger(__name__)
 
 PROTOCOL_SCHEMA_VERSION = 1
 COORDINATOR = "coordinator"
+WATCHER = "watcher"  # the read-only login of `collective watch --broker` (see broker.acl_text)
 TOPIC_ROOT = "collective"
 RUN_ID_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
 
@@ -331,6 +337,16 @@ class EchoPayload(_Wire):
     nonce: str
 
 
+class EventPayload(_Wire):
+    """One run record (RunStart, RoundEvent or RunEnd): exactly a line of the run's events.jsonl.
+
+    Added to schema 1 without a version bump: only watchers subscribe to coord/events/, and a
+    record carries its own `schema_version` (EVENT_SCHEMA_VERSION of collective.records)."""
+
+    kind: Literal["event"] = "event"
+    record: Event
+
+
 Payload = Annotated[
     ScenarioPayload
     | ControlPayload
@@ -341,13 +357,17 @@ Payload = Annotated[
     | RequestPayload
     | ResultPayload
     | MessagePayload
-    | EchoPayload,
+    | EchoPayload
+    | EventPayload,
     Field(discriminator="kind"),
 ]
-Kind = Literal["scenario", "control", "join", "leave", "welcome", "refuse", "request", "result", "message", "echo"]
+Kind = Literal["scenario", "control", "join", "leave", "welcome", "refuse", "request", "result", "message", "echo", "event"]
 
 
 class Envelope(_Wire):
+    # a round record's NaN (a round every node missed) must survive, as it does in events.jsonl
+    model_config = ConfigDict(extra="forbid", frozen=True, ser_json_inf_nan="constants")
+
     schema_version: Literal[1] = 1
     run_id: str = Field(pattern=RUN_ID_PATTERN)
     round_index: int = Field(-1, ge=-1, description="-1 for envelopes that belong to no round")
@@ -435,8 +455,8 @@ class TopicInfo:
     """A parsed topic: who owns it (`coordinator` or a node id) and what it carries."""
 
     owner: str
-    channel: Literal["scenario", "control", "to", "echo", "status", "result", "msg"]
-    target: str | None = None  # the node of coord/to/<node>, the receiver of nodes/<n>/msg/<receiver>
+    channel: Literal["scenario", "control", "to", "echo", "status", "result", "msg", "events"]
+    target: str | None = None  # coord/to/<node>: the node; nodes/<n>/msg/<receiver>: the receiver; coord/events/<kind>: the kind
 
 
 @dataclass(frozen=True)
@@ -461,6 +481,18 @@ class Topics:
 
     def to_node(self, node_id: str) -> str:
         return f"{self.root}/coord/to/{node_id}"
+
+    def event(self, kind: Literal["start", "round", "end"]) -> str:
+        """coord/events/start (retained), coord/events/round, coord/events/end (retained)."""
+        return f"{self.root}/coord/events/{kind}"
+
+    @property
+    def events(self) -> str:
+        return f"{self.root}/coord/events/#"
+
+    def watcher_subscriptions(self) -> list[str]:
+        # control too: a run whose coordinator is still waiting for its nodes has no start record yet
+        return [self.events, self.control]
 
     def status(self, node_id: str) -> str:
         return f"{self.root}/nodes/{node_id}/status"
@@ -493,6 +525,8 @@ class Topics:
                 return TopicInfo(COORDINATOR, parts[1])  # type: ignore[arg-type]
             if len(parts) == 3 and parts[1] == "to":
                 return TopicInfo(COORDINATOR, "to", parts[2])
+            if len(parts) == 3 and parts[1] == "events" and parts[2] in ("start", "round", "end"):
+                return TopicInfo(COORDINATOR, "events", parts[2])
         elif parts[0] == "nodes" and len(parts) >= 3:
             node, rest = parts[1], parts[2:]
             if rest in (["status"], ["result"], ["echo"]):
@@ -534,3 +568,25 @@ def request_bytes_bound(prefix_tokens: int, round_tokens: int, control_tokens: i
 def message_bytes_bound(max_message_bytes: int) -> int:
     """A message envelope: the text (JSON escapes a byte as at most 6 characters) and fields."""
     return 2_048 + 6 * max_message_bytes
+
+
+BYTES_PER_TOKEN_BOUND = 64  # a node's message text is counted at this many UTF-8 bytes per token
+
+
+def round_event_bytes_bound(n_nodes: int, n_links: int, max_message_tokens: int, max_message_bytes: int) -> int:
+    """An upper bound on a round record's event envelope: per node its numbers and its message
+    text before the link budgets cut it (at most max_message_tokens tokens), per link one
+    message record (at most max_message_bytes); JSON may escape a byte as 6 characters."""
+    node_text = 6 * max(BYTES_PER_TOKEN_BOUND * max_message_tokens, max_message_bytes)
+    return 16_384 + n_nodes * (768 + node_text) + n_links * (640 + 6 * max_message_bytes)
+
+
+def start_event_bytes_bound(n_nodes: int, n_links: int, scenario_yaml_bytes: int) -> int:
+    """A start record's envelope: names, views and policies (all in the scenario), each node's
+    control text (a fixed one is in the scenario, a searched one at most 64 tokens), the edges."""
+    return 16_384 + 2 * scenario_yaml_bytes + n_nodes * (768 + 6 * BYTES_PER_TOKEN_BOUND * 64) + n_links * 640
+
+
+def event_record_topic(record: RunStart | RoundEvent | RunEnd) -> tuple[Literal["start", "round", "end"], bool]:
+    """Where a record goes under coord/events/, and whether the broker retains it."""
+    return record.kind, record.kind != "round"

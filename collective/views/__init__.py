@@ -1,7 +1,8 @@
 """What people watch while a collective runs: a state folded from events, and pure views.
 
 Events (`RunStart`, `RoundEvent`, `RunEnd`) come from the engine's `on_event`, from a
-run folder's `events.jsonl` (`collective.replay`) or, later, from a broker. Whatever the
+run folder's `events.jsonl` (`collective.replay`) or from a distributed run's broker
+(`collective.distributed.subscribe_events`). Whatever the
 source, they are folded into one immutable `LiveState` (`state = state.apply(event)`), and
 each view is a pure function of that snapshot that returns a rich renderable:
 

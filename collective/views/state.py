@@ -8,6 +8,11 @@ Running means ("so far") cover the eval rounds, as the report does; while the ru
 still warming up they cover the warm-up rounds, and they restart at the first eval round.
 Every round has the same number of tokens, so the mean of round means is the token mean
 and the collective's "so far" number converges to the report's collective row.
+
+A view that starts late (a watcher attached to a distributed run mid-run) sees the start
+record and then rounds from some round k on: the round counter, the tokens done and the
+ETA count the rounds it never saw (from `round_index`); the means and per-node numbers
+cover the rounds it saw.
 """
 
 from __future__ import annotations
@@ -135,6 +140,8 @@ class LiveState:
         return self._apply_round(event)
 
     def _apply_round(self, event: RoundEvent) -> LiveState:
+        # rounds this view never saw (it attached late, or a broker outage lost them) still happened
+        unseen = max(0, event.round_index - self.rounds_done)
         # The first eval round restarts the running means: "so far" means eval so far.
         fresh = event.phase == "eval" and self.phase != "eval"
         by_id = {node.node_id: node for node in event.nodes}
@@ -167,7 +174,7 @@ class LiveState:
         return replace(
             self,
             nodes=tuple(nodes),
-            rounds_done=self.rounds_done + 1,
+            rounds_done=self.rounds_done + unseen + 1,
             phase=event.phase,
             last_round=event,
             collective=base.collective.add(event.nll_collective),
@@ -176,7 +183,7 @@ class LiveState:
             history_collective=_push(self.history_collective, event.nll_collective),
             history_silent=_push(self.history_silent, event.nll_silent),
             history_reference=_push(self.history_reference, event.nll_reference),
-            tokens_done=self.tokens_done + event.n_tokens,
+            tokens_done=self.tokens_done + (unseen + 1) * event.n_tokens,
             elapsed_seconds=event.elapsed_seconds,
             active_links=frozenset((m.sender, m.receiver) for m in event.messages if not m.dropped),
             dropped_links=frozenset((m.sender, m.receiver) for m in event.messages if m.dropped),
