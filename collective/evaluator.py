@@ -33,6 +33,7 @@ def build_report(
     run_id: str,
     runtime: str = "embedded",
     control_prompts: dict[str, str] | None = None,
+    rejected_envelopes: dict[str, dict[str, int]] | None = None,
 ) -> Report:
     if result.eval_rounds_done == 0:
         raise ValueError("no eval round finished: there is nothing to report")
@@ -101,6 +102,7 @@ def build_report(
         verdict=verdict(cg, mg, best_member),
         control_prompts=control_prompts or {},
         missed_rounds={k: v for k, v in result.missed_rounds.items() if v},
+        rejected_envelopes={k: dict(v) for k, v in (rejected_envelopes or {}).items() if v},
         messages_sent=result.messages_sent,
         messages_dropped=result.messages_dropped,
         messages_truncated=result.messages_truncated,

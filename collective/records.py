@@ -181,6 +181,8 @@ class Report(_Record):
     verdict: str
     control_prompts: dict[str, str] = Field(default_factory=dict)
     missed_rounds: dict[str, int] = Field(default_factory=dict)
+    # distributed runs: envelopes dropped by who dropped them (coordinator, node ids), by reason
+    rejected_envelopes: dict[str, dict[str, int]] = Field(default_factory=dict)
     messages_sent: int = 0
     messages_dropped: int = 0
     messages_truncated: int = 0

@@ -61,8 +61,18 @@ def report_table(report: Report) -> Group:
     if report.missed_rounds:
         missed = ", ".join(f"{k}: {v}" for k, v in report.missed_rounds.items())
         lines.append(Text(f"missed rounds       {missed}"))
+    if report.rejected_envelopes:
+        lines.append(Text(f"dropped envelopes   {_rejected(report.rejected_envelopes)}"))
     lines.append(Text(report.verdict, style="bold"))
     return Group(table, *lines)
+
+
+def _rejected(rejected: dict[str, dict[str, int]]) -> str:
+    """`coordinator 2 (spoofed 1, wrong_run 1); b 1 (malformed 1)`."""
+    return "; ".join(
+        f"{who} {sum(counts.values())} ({', '.join(f'{reason} {n}' for reason, n in sorted(counts.items()))})"
+        for who, counts in rejected.items()
+    )
 
 
 def report_markdown(report: Report, images: list[tuple[str, str]] | None = None) -> str:
@@ -94,6 +104,8 @@ def report_markdown(report: Report, images: list[tuple[str, str]] | None = None)
     ]
     if report.missed_rounds:
         out.append("- missed rounds: " + ", ".join(f"{k} {v}" for k, v in report.missed_rounds.items()))
+    if report.rejected_envelopes:
+        out.append(f"- dropped envelopes (invalid, spoofed, oversized ...): {_rejected(report.rejected_envelopes)}")
     if report.control_prompts:
         out += ["", "## Control prompts", ""]
         out += [f"- `{node}`: `{text!r}`" for node, text in report.control_prompts.items()]

@@ -162,6 +162,14 @@ class EventPublisher(Protocol):
     def publish_event(self, record: RunStart | RoundEvent | RunEnd) -> None: ...
 
 
+@runtime_checkable
+class RejectionCounter(Protocol):
+    """An executor that validates what it receives (the distributed coordinator) and counts
+    what it dropped: {who dropped it: {reason: count}}, for the report."""
+
+    def rejected_envelopes(self) -> dict[str, dict[str, int]]: ...
+
+
 def embedded_executor(prepared: Prepared) -> Executor:
     bus = InMemoryBus(prepared.graph, prepared.scenario.bus, prepared.tokenizer, prepared.scenario.seed)  # type: ignore[arg-type]
     return EmbeddedExecutor(prepared.scenario, {a: prepared.lm(a) for a in prepared.models}, bus)
@@ -249,7 +257,10 @@ def run_prepared(
         folder.mark_incomplete(f"stopped after {result.rounds_done} of {engine.total_rounds} rounds: no report")
         folder.close()
         return RunResult(run_dir, None, result, "interrupted")
-    report = build_report(scenario, result, run_id=run_id, runtime=runtime, control_prompts=prompts)
+    rejected = executor.rejected_envelopes() if isinstance(executor, RejectionCounter) else None
+    report = build_report(
+        scenario, result, run_id=run_id, runtime=runtime, control_prompts=prompts, rejected_envelopes=rejected
+    )
     folder.write_json("report.json", report)
     from collective.plots import write_run_plots
     from collective.report_view import report_markdown

@@ -131,3 +131,22 @@ def test_report_of_an_unfinished_run_says_why_it_has_no_report(tmp_path, capsys)
     (run / "INCOMPLETE").write_text("interrupted by Ctrl-C before the last round\n", encoding="utf-8")
     assert main(["report", str(run)]) == 2
     assert "interrupted by Ctrl-C" in capsys.readouterr().out
+
+
+def test_one_report_shows_dropped_envelopes_by_who_dropped_them_and_why():
+    from collective.report_view import report_markdown, report_table
+
+    report = make_report(0, 3.3).model_copy(
+        update={"rejected_envelopes": {"coordinator": {"spoofed": 2, "wrong_run": 1}, "b": {"malformed": 1}}}
+    )
+    console = Console(file=io.StringIO(), width=140)
+    console.print(report_table(report))
+    text = console.file.getvalue()  # type: ignore[attr-defined]
+    assert "dropped envelopes   coordinator 3 (spoofed 2, wrong_run 1); b 1 (malformed 1)" in text
+    assert "coordinator 3 (spoofed 2, wrong_run 1); b 1 (malformed 1)" in report_markdown(report)
+    again = Report.model_validate_json(report.model_dump_json())
+    assert again.rejected_envelopes == report.rejected_envelopes
+    quiet = Console(file=io.StringIO(), width=140)
+    quiet.print(report_table(make_report(0, 3.3)))
+    assert "dropped envelopes" not in quiet.file.getvalue()  # type: ignore[attr-defined]
+    assert "dropped envelopes" not in report_markdown(make_report(0, 3.3))

@@ -441,6 +441,11 @@ def test_malformed_oversized_spoofed_and_wrong_run_envelopes_are_dropped_counted
         "c": {},
     }
     assert "dropped envelopes" in console
+    assert result.report.rejected_envelopes == {
+        "coordinator": executor.rejections.as_dict(), "b": executor.node_rejections()["b"]
+    }
+    report_md = (run_dir / "report.md").read_text(encoding="utf-8")
+    assert "dropped envelopes (invalid, spoofed, oversized ...): coordinator 6 (malformed 1" in report_md
 
 
 # ---------------------------------------------------------------------------- authentication

@@ -229,6 +229,11 @@ class MqttExecutor:
     def node_rejections(self) -> dict[str, dict[str, int]]:
         return {n: dict(state.rejected) for n, state in self.nodes.items()}
 
+    def rejected_envelopes(self) -> dict[str, dict[str, int]]:
+        """What the coordinator and each node dropped so far, by reason (for the report)."""
+        dropped = {COORDINATOR: self.rejections.as_dict(), **self.node_rejections()}
+        return {who: counts for who, counts in dropped.items() if counts}
+
     def _call(self, coro: Any) -> Any:
         assert self._loop is not None, "start() the executor first"
         future = asyncio.run_coroutine_threadsafe(coro, self._loop)
