@@ -150,3 +150,11 @@ def test_one_report_shows_dropped_envelopes_by_who_dropped_them_and_why():
     quiet.print(report_table(make_report(0, 3.3)))
     assert "dropped envelopes" not in quiet.file.getvalue()  # type: ignore[attr-defined]
     assert "dropped envelopes" not in report_markdown(make_report(0, 3.3))
+
+
+def test_a_version_1_report_without_rejected_envelopes_still_reads():
+    data = make_report(0, 3.3).model_dump(mode="json")
+    data["schema_version"] = 1
+    del data["rejected_envelopes"]
+    old = Report.model_validate(data)
+    assert old.rejected_envelopes == {} and old.schema_version == 1
