@@ -9,6 +9,7 @@ the field, what was found and what was expected.
 
 from __future__ import annotations
 
+import difflib
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -516,6 +517,26 @@ def _clean_loc(loc: tuple[Any, ...], data: Any, missing: bool = False) -> tuple[
     return tuple(cleaned)
 
 
+def _scenario_keys() -> set[str]:
+    """Every field name of every model in this module: what a misspelt key is compared with."""
+    return {
+        name
+        for value in globals().values()
+        if isinstance(value, type) and issubclass(value, BaseModel) and value is not BaseModel
+        for name in value.model_fields
+    }
+
+
+def _key_hint(key: str, top_level: bool) -> str:
+    """`(did you mean 'round_tokens'?)`, or where templates of nodes go, or where the docs are."""
+    if top_level and ("template" in key or key in ("count", "node_count", "n_nodes")):
+        return " (a template of N nodes is written `nodes: {count: N}`, shared settings go in `node_defaults`)"
+    close = difflib.get_close_matches(key, sorted(_scenario_keys()), n=1, cutoff=0.6)
+    if close:
+        return f" (did you mean {close[0]!r}? see scenarios/README.md)"
+    return " (check its spelling and the docs in scenarios/README.md)"
+
+
 def _format_validation_error(source: str, error: ValidationError, data: Any) -> str:
     lines = [f"{source}: the scenario is not valid ({error.error_count()} problem(s)):"]
     for item in error.errors():
@@ -526,7 +547,7 @@ def _format_validation_error(source: str, error: ValidationError, data: Any) -> 
             shown = shown[:77] + "..."
         message = item["msg"]
         if item["type"] == "extra_forbidden":
-            message = "unknown key (check its spelling and the docs in scenarios/README.md)"
+            message = "unknown key" + _key_hint(str(item["loc"][-1]), len(loc) == 1)
         elif item["type"] == "missing":
             message = "this field is required"
             shown = "nothing"

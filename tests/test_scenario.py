@@ -133,6 +133,13 @@ def test_an_unknown_key_is_named_by_its_yaml_path_only_once():
     assert "NodeEntry" not in message and "NodeTemplate" not in message
 
 
+def test_a_misspelt_key_gets_the_closest_real_one_and_a_node_template_says_how_to_write_it():
+    assert "bus.round_token: unknown key (did you mean 'round_tokens'?" in _error(_base(bus={"round_token": 16}))
+    template = _error({**_base(), "node_template": {"count": 3}})
+    assert "node_template: unknown key (a template of N nodes is written `nodes: {count: N}`" in template
+    assert "colour: unknown key (check its spelling" in _error({**_base(), "colour": 1})
+
+
 @pytest.mark.parametrize(
     ("change", "path"),
     [
