@@ -527,9 +527,12 @@ def _scenario_keys() -> set[str]:
     }
 
 
-def _key_hint(key: str, top_level: bool) -> str:
-    """`(did you mean 'round_tokens'?)`, or where templates of nodes go, or where the docs are."""
-    if top_level and ("template" in key or key in ("count", "node_count", "n_nodes")):
+def _key_hint(key: str, loc: tuple[Any, ...]) -> str:
+    """`(did you mean 'round_tokens'?)`, where templates of nodes and topology parameters go,
+    or where the docs are."""
+    if len(loc) == 2 and loc[0] == "topology" and not difflib.get_close_matches(key, TopologySpec.model_fields, cutoff=0.7):
+        return f" (a topology's parameters go under `params:`, e.g. `params: {{{key}: ...}}`)"
+    if len(loc) == 1 and ("template" in key or key in ("count", "node_count", "n_nodes")):
         return " (a template of N nodes is written `nodes: {count: N}`, shared settings go in `node_defaults`)"
     close = difflib.get_close_matches(key, sorted(_scenario_keys()), n=1, cutoff=0.6)
     if close:
@@ -547,7 +550,7 @@ def _format_validation_error(source: str, error: ValidationError, data: Any) -> 
             shown = shown[:77] + "..."
         message = item["msg"]
         if item["type"] == "extra_forbidden":
-            message = "unknown key" + _key_hint(str(item["loc"][-1]), len(loc) == 1)
+            message = "unknown key" + _key_hint(str(item["loc"][-1]), loc)
         elif item["type"] == "missing":
             message = "this field is required"
             shown = "nothing"

@@ -138,6 +138,8 @@ def test_a_misspelt_key_gets_the_closest_real_one_and_a_node_template_says_how_t
     template = _error({**_base(), "node_template": {"count": 3}})
     assert "node_template: unknown key (a template of N nodes is written `nodes: {count: N}`" in template
     assert "colour: unknown key (check its spelling" in _error({**_base(), "colour": 1})
+    misplaced = _error(_base(topology={"kind": "small_world", "k": 4}))
+    assert "topology.k: unknown key (a topology's parameters go under `params:`, e.g. `params: {k: ...}`)" in misplaced
 
 
 @pytest.mark.parametrize(
