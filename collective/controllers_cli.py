@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import time
 from pathlib import Path
 
 from rich.console import Console
@@ -84,10 +85,14 @@ def _greedy(candidates: int):  # type: ignore[no-untyped-def]
     return GreedyConfig(candidates=candidates or None)
 
 
+def _minutes(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.1f} min"
+
+
 def cmd_reach(args: argparse.Namespace, console: Console) -> int:
     import torch
 
-    from collective.corpus import load_corpus_text, tokenize_stream
+    from collective.corpus import CorpusTooSmallError, load_corpus_text, tokenize_stream
     from controllers import GCGConfig, ReachConfig, draw_pairs, format_summary, run_reach
     from controllers.objectives import ControllerError
 
@@ -99,7 +104,11 @@ def cmd_reach(args: argparse.Namespace, console: Console) -> int:
         if source not in ("builtin:pydoc", "wikitext2") and not source.startswith("hf:"):
             source, path = "file", source
         text = load_corpus_text(source, Path(path) if path else None, base_dir=Path.cwd())
-        stream = tokenize_stream(text, loaded.tokenizer, min(200_000, max(4096, 64 * args.pairs)))
+        try:
+            stream = tokenize_stream(text, loaded.tokenizer, min(200_000, max(4096, 64 * args.pairs)))
+        except CorpusTooSmallError:  # a small corpus: all of it (drawing pairs says if even that is too short)
+            ids = loaded.tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
+            stream = torch.tensor(ids, dtype=torch.long)
     config = ReachConfig(
         ks=tuple(args.k),
         greedy=_greedy(args.greedy_candidates),
@@ -117,8 +126,18 @@ def cmd_reach(args: argparse.Namespace, console: Console) -> int:
         ) as progress:
             task = progress.add_task("pairs", total=len(pairs))
 
+            plain = not console.is_terminal  # no bar off a terminal: one line per pair instead
+            began, first = time.perf_counter(), [-1]
+
             def tick(done: int, total: int) -> None:
                 progress.update(task, completed=done, total=total)
+                if plain:
+                    if first[0] < 0:
+                        first[0] = done - 1  # pairs already in the CSV (--resume) come first
+                    elapsed = time.perf_counter() - began
+                    rate = elapsed / max(1, done - first[0])
+                    left = f", about {_minutes(rate * (total - done))} left" if done < total else ""
+                    console.print(f"pairs {done}/{total} ({_minutes(elapsed)}{left})", highlight=False)
 
             result = run_reach(
                 loaded.model, loaded.tokenizer, pairs, out / "reach.csv", config, resume=args.resume, progress=tick
@@ -130,7 +149,8 @@ def cmd_reach(args: argparse.Namespace, console: Console) -> int:
     command = (
         f"collective reach --model {args.model} --corpus {args.corpus} --pairs {args.pairs} --targets {args.targets} "
         f"--k {' '.join(map(str, args.k))} --seed {args.seed} --gcg-steps {args.gcg_steps} "
-        f"--search-width {args.search_width} --topk {args.topk} --greedy-candidates {args.greedy_candidates} --out {args.out}"
+        f"--search-width {args.search_width} --topk {args.topk} --greedy-candidates {args.greedy_candidates} "
+        f"--dtype {args.dtype} --out {args.out}"
     )
     (out / "summary.md").write_text(table + f"\n\nCommand: `{command}`\n", encoding="utf-8")
     (out / "summary.json").write_text(

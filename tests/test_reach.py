@@ -280,3 +280,38 @@ def test_the_federer_game_is_solved_on_smollm2():
     assert result.reached
     assert result.continuation.startswith(" greatest")
     assert result.length_tokens <= 10
+
+
+# -- the command line ---------------------------------------------------------------------------
+
+
+def test_the_reach_command_writes_csv_summary_and_plot_and_prints_plain_progress_off_a_terminal(
+    tmp_path, capsys, monkeypatch
+):
+    from collective.cli import main
+    from tests.tiny import tiny_llama, tiny_tokenizer
+
+    monkeypatch.setenv("COLUMNS", "1000")
+    folder = tmp_path / "tiny"
+    tokenizer = tiny_tokenizer()
+    tiny_llama(len(tokenizer)).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    corpus = tmp_path / "text.txt"
+    corpus.write_text(pydoc_text()[:8000], encoding="utf-8")
+    out = tmp_path / "reach"
+    argv = [
+        "reach", "--model", str(folder), "--corpus", str(corpus), "--pairs", "3", "--targets", "random",
+        "--k", "0", "1", "--gcg-steps", "1", "--search-width", "4", "--topk", "4", "--greedy-candidates", "4",
+        "--out", str(out),
+    ]
+    assert main(argv) == 0
+    printed = " ".join(capsys.readouterr().out.split())
+    assert "pairs 1/3 (" in printed and "pairs 3/3 (" in printed and "left)" in printed
+    with (out / "reach.csv").open(encoding="utf-8") as handle:
+        assert [row["pair"] for row in csv.DictReader(handle)] == ["0", "1", "2"]
+    summary = (out / "summary.md").read_text(encoding="utf-8")
+    assert "3 pairs, targets = random" in summary and "--dtype auto" in summary
+    assert (out / "reach.png").stat().st_size > 1000
+    assert main(argv) == 2  # the CSV is there: without --resume that is an error
+    assert "resume" in capsys.readouterr().out
+    assert main([*argv, "--resume"]) == 0  # nothing left to do
