@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -133,11 +134,17 @@ def _controls(args: argparse.Namespace, prepared, console: Console) -> list[dict
         console=console, transient=True, disable=args.quiet,
     ) as progress:
         tasks: dict[str, TaskID] = {}
+        plain = not console.is_terminal and not args.quiet  # no bar off a terminal: a line per quarter
+        began = time.perf_counter()
 
         def tick(node_id: str, step: int, total: int) -> None:
             if node_id not in tasks:
                 tasks[node_id] = progress.add_task(f"node {node_id}", total=total)
             progress.update(tasks[node_id], completed=step, total=total)
+            if plain and step > 0 and (step == total or step % max(1, total // 4) == 0):
+                console.print(
+                    f"GCG node {node_id}: step {step}/{total} ({time.perf_counter() - began:.0f} s)", highlight=False
+                )
 
         searches = search_controls(prepared, progress=tick)
     decode = prepared.tokenizer.decode  # type: ignore[attr-defined]
