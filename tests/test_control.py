@@ -16,22 +16,13 @@ from collective.models import ModelPool
 from collective.records import Report
 from collective.runner import RunError, prepare, run_prepared
 from collective.scenario import load_scenario
-from tests.test_rundir import save_tiny_model, write_tiny_scenario
+from tests.test_rundir import write_tiny_scenario
 
 GCG = {"kind": "gcg", "tokens": 3, "steps": 3, "search_width": 8, "topk": 8, "train_rounds": 2, "init": "x x x"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory) -> Path:
-    return save_tiny_model(tmp_path_factory.mktemp("tiny-model"))
 
 
 def _scenario_file(folder: Path, model_dir: Path, controller: dict, name: str = "ctl") -> Path:

@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 import yaml
 
 from collective.cli import main
@@ -17,20 +16,11 @@ from collective.records import Report, RoundEvent, RunEnd, RunStart, parse_event
 from collective.runner import prepare, run_prepared
 from collective.scenario import load_scenario
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
 
 WIKITEXT = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw"
 ROUND, EVAL_ROUNDS, WARMUP = 16, 4, 1
 NODES = ["a", "b", "c", "d"]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """One thread: on a busy 2-core machine OpenMP spin-waiting makes two threads slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _scenario(name: str = "integration", **changes: Any) -> dict[str, Any]:

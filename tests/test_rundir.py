@@ -6,7 +6,6 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
 
 from collective.models import ModelPool
@@ -21,26 +20,11 @@ from collective.rundir import (
 )
 from collective.runner import prepare, run_prepared
 from collective.scenario import load_scenario
-from tests.tiny import tiny_llama, tiny_tokenizer
 
 WARMUP, EVAL_ROUNDS = 1, 3
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny models run many times faster on one thread on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def save_tiny_model(folder: Path) -> Path:
-    """A float32 tiny Llama and its tokenizer, saved as a local model folder."""
-    tok = tiny_tokenizer()
-    tiny_llama(len(tok)).save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return folder
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def write_tiny_scenario(folder: Path, model_dir: Path, name: str = "tiny-run", **changes) -> Path:
@@ -65,10 +49,6 @@ def write_tiny_scenario(folder: Path, model_dir: Path, name: str = "tiny-run", *
     path.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
     return path
 
-
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory) -> Path:
-    return save_tiny_model(tmp_path_factory.mktemp("tiny-model"))
 
 
 @pytest.fixture(scope="module")
