@@ -76,10 +76,20 @@ def check_train_part(scenario: Scenario) -> None:
         )
 
 
-def _initial_ids(spec: GCGController, tokenizer: object) -> list[int]:
-    ids = list(tokenizer.encode(spec.init, add_special_tokens=False))  # type: ignore[attr-defined]
-    filler = ids[-1] if ids else int(tokenizer.encode("x", add_special_tokens=False)[0])  # type: ignore[attr-defined]
-    return (ids + [filler] * spec.tokens)[: spec.tokens]
+def _initial_ids(spec: GCGController, tokenizer: object, node_id: str = "?") -> list[int]:
+    """`init` cut or padded with " x" to `tokens` ids that survive decoding and re-encoding
+    (the re-tokenization filter would otherwise reject nearly every candidate)."""
+    encode = tokenizer.encode  # type: ignore[attr-defined]
+    ids = list(encode(spec.init, add_special_tokens=False))
+    filler = int(encode(" x", add_special_tokens=False)[-1])  # " x" after any text stays one token
+    ids = (ids + [filler] * spec.tokens)[: spec.tokens]
+    if spec.retokenize_filter and list(encode(tokenizer.decode(ids), add_special_tokens=False)) != ids:  # type: ignore[attr-defined]
+        raise RunError(
+            f"nodes.{node_id}.controller.init: {spec.init!r} cut or padded to {spec.tokens} tokens reads back as "
+            f"other tokens, which the re-tokenization filter rejects; pick an init that does not "
+            f"(e.g. {' '.join(['x'] * spec.tokens)!r}) or set retokenize_filter: false"
+        )
+    return ids
 
 
 def _gcg_config(spec: GCGController, seed: int) -> GCGConfig:
@@ -228,7 +238,7 @@ def search_controls(prepared: Prepared, progress: Progress | None = None) -> lis
                     )
                 )
             objective = MeanObjective(parts)
-            init = prepared.control_ids.get(node.id) or _initial_ids(spec, tokenizer)
+            init = prepared.control_ids.get(node.id) or _initial_ids(spec, tokenizer, node.id)
             initial_loss = float(objective.scores(torch.tensor([init], device=model.device)).loss[0])
             config = _gcg_config(spec, derive_seed(scenario.seed, "gcg", node.id, sweep) % (2**31))
 

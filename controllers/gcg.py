@@ -208,6 +208,13 @@ class GCG:
         if current.dim() != 1 or current.shape[0] < 1:
             raise ControllerError("init_ids: need a 1-d sequence of at least one token id")
         self.objective.check_control_length(current.shape[0])
+        if config.filter_retokenize and not bool(retokenizes(self.tokenizer, current[None].cpu())[0]):
+            text = self.tokenizer.decode(current.tolist())
+            raise ControllerError(
+                f"init: the initial prompt {text!r} does not survive decoding and re-encoding, so with the "
+                "re-tokenization filter on nearly every candidate (which keeps the other tokens) is filtered "
+                "out too; start from a prompt that does (e.g. 'x x x x') or switch filter_retokenize off"
+            )
         not_allowed = ~self.allowed
 
         init_scores, self.batch_size = score_batched(self.objective, current[None], self.batch_size)
@@ -241,6 +248,8 @@ class GCG:
                 logger.warning("step %d: every candidate was filtered out; resampling", step)
                 losses.append(self.buffer[0][0])
                 step_times.append(time.perf_counter() - step_start)
+                if progress is not None:
+                    progress(step, config.num_steps)
                 continue
             scores, self.batch_size = score_batched(self.objective, candidates, self.batch_size)
             index = int(scores.loss.argmin())

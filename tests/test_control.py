@@ -111,3 +111,15 @@ def test_controllers_from_a_folder_without_prompts_or_with_foreign_nodes_is_a_cl
     (tmp_path / "controls.json").write_text("{not json", encoding="utf-8")
     with pytest.raises(RunError, match="not a controls file written by collective"):
         load_controls(tmp_path, scenario)
+
+
+def test_the_initial_prompt_is_padded_with_tokens_that_read_back_the_same(tiny_model_dir, tmp_path):
+    from collective.control import _initial_ids
+    from collective.scenario import GCGController
+
+    prepared = _prepared(tmp_path, tiny_model_dir, GCG)
+    tokenizer = prepared.tokenizer
+    for init in ["Python documentation:", "x", ""]:
+        ids = _initial_ids(GCGController(tokens=6, init=init), tokenizer, "a")
+        assert len(ids) == 6
+        assert tokenizer.encode(tokenizer.decode(ids), add_special_tokens=False) == ids  # type: ignore[attr-defined]

@@ -382,3 +382,13 @@ def test_gcg_makes_a_token_that_is_not_the_base_argmax_the_argmax_on_smollm2():
     assert result.success, f"best loss {result.best_loss:.3f} after {result.steps} steps"
     assert result.steps <= 30
     assert plain_argmax_holds(model, result.best_ids, objective)
+
+
+def test_an_initial_prompt_that_does_not_retokenize_is_refused_when_the_filter_is_on(tiny_lm, tiny_tok):
+    objective = target_objective(tiny_lm, tiny_tok, " value", prefix="Return the")
+    pieces = encode(tiny_tok, " ") + encode(tiny_tok, "t") + encode(tiny_tok, "he")  # " the" in pieces
+    config = GCGConfig(num_tokens=3, num_steps=2, search_width=8, topk=8, early_stop=False)
+    with pytest.raises(ControllerError, match="init: the initial prompt ' the' does not survive"):
+        run_gcg(tiny_lm, tiny_tok, objective, config, init_ids=pieces)
+    unfiltered = GCGConfig(num_tokens=3, num_steps=2, search_width=8, topk=8, early_stop=False, filter_retokenize=False)
+    assert run_gcg(tiny_lm, tiny_tok, objective, unfiltered, init_ids=pieces).steps == 2
