@@ -22,6 +22,8 @@ from rich.progress import (
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    from collective.cli import THREADS_HELP
+
     reach = sub.add_parser(
         "reach",
         help="k-epsilon reachability of a model (the Magic Words measurement)",
@@ -36,6 +38,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         help="auto: bfloat16 on CUDA, float32 on the CPU",
     )
     reach.add_argument("--device", default="auto")
+    reach.add_argument("--threads", type=int, metavar="N", help=THREADS_HELP)
     reach.add_argument("--corpus", default="wikitext2", help="builtin:pydoc, wikitext2, hf:ID, or a text file path")
     reach.add_argument("--corpus-path", help="file for wikitext2 (default: ../shared/data/... or Hugging Face)")
     reach.add_argument("--pairs", type=int, default=50)
@@ -65,6 +68,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         help="auto: bfloat16 on CUDA, float32 on the CPU",
     )
     game.add_argument("--device", default="auto")
+    game.add_argument("--threads", type=int, metavar="N", help=THREADS_HELP)
     game.add_argument("--max-k", type=int, default=10)
     game.add_argument("--gcg-steps", type=int, default=100)
     game.add_argument("--search-width", type=int, default=64)
@@ -74,8 +78,9 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 
 
 def _load(args: argparse.Namespace):  # type: ignore[no-untyped-def]
-    from collective.cli import _pool
+    from collective.cli import _pool, set_threads
 
+    set_threads(args.threads)
     return _pool(args).get(args.model, device=args.device, dtype=args.dtype)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 import yaml
 
 from collective.cli import EXIT_USER_ERROR, main
@@ -115,6 +116,15 @@ def test_run_seed_overrides_the_scenario_seed(capsys, tmp_path, tiny_model_dir):
     assert code == 0
     assert Report.model_validate_json((out_dir / "report.json").read_text()).seed == 11
     assert yaml.safe_load((out_dir / "scenario.yaml").read_text())["seed"] == 11
+
+
+def test_run_threads_sets_torchs_thread_count_and_refuses_zero(capsys, tmp_path, tiny_model_dir):
+    torch.set_num_threads(2)
+    scenario = write_tiny_scenario(tmp_path, tiny_model_dir)
+    code, _ = _cli(capsys, "run", str(scenario), "--quiet", "--no-live", "--threads", "1", "--out", str(tmp_path / "o"))
+    assert code == 0 and torch.get_num_threads() == 1
+    with pytest.raises(SystemExit, match="--threads needs a number >= 1"):
+        main(["run", str(scenario), "--threads", "0", "--out", str(tmp_path / "o2")])
 
 
 def test_run_of_a_bad_scenario_is_one_message_and_exit_2(capsys, tmp_path, tiny_model_dir):
