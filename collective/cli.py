@@ -163,10 +163,15 @@ THREADS_HELP = (
 )
 
 
+def threads_arg(text: str) -> int:
+    """argparse type of --threads: a whole number >= 1."""
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
+    return int(text)
+
+
 def set_threads(threads: int | None) -> None:
     if threads is not None:
-        if threads < 1:
-            raise SystemExit("error: --threads needs a number >= 1")
         import torch
 
         torch.set_num_threads(threads)
@@ -269,7 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--out", help="run folder (default runs/<timestamp>-<name>/)")
     run.add_argument("--seed", type=int, help="override the scenario's seed")
     run.add_argument("--quiet", action="store_true", help="no progress output")
-    run.add_argument("--threads", type=int, metavar="N", help=THREADS_HELP)
+    run.add_argument("--threads", type=threads_arg, metavar="N", help=THREADS_HELP)
     run.add_argument("--controllers-from", metavar="RUN_DIR", help="reuse the control prompts an earlier run found (its controls.json)")
     run.add_argument("--live", dest="live", action="store_true", default=None, help="full-screen live view (default when stdout is a terminal)")
     run.add_argument("--no-live", dest="live", action="store_false", help="a progress bar (terminal) or plain lines instead of the live view")

@@ -35,6 +35,7 @@ from collective.runner import Prepared, RunError, embedded_executor
 from collective.scenario import GCGController, Scenario
 from collective.seeding import derive_seed
 from controllers import GCGConfig, MeanObjective, run_gcg, stream_objective
+from controllers.filters import retokenizes
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +84,7 @@ def _initial_ids(spec: GCGController, tokenizer: object, node_id: str = "?") -> 
     ids = list(encode(spec.init, add_special_tokens=False))
     filler = int(encode(" x", add_special_tokens=False)[-1])  # " x" after any text stays one token
     ids = (ids + [filler] * spec.tokens)[: spec.tokens]
-    if spec.retokenize_filter and list(encode(tokenizer.decode(ids), add_special_tokens=False)) != ids:  # type: ignore[attr-defined]
+    if spec.retokenize_filter and not bool(retokenizes(tokenizer, torch.tensor([ids]))[0]):  # type: ignore[arg-type]
         raise RunError(
             f"nodes.{node_id}.controller.init: {spec.init!r} cut or padded to {spec.tokens} tokens reads back as "
             f"other tokens, which the re-tokenization filter rejects; pick an init that does not "

@@ -22,7 +22,7 @@ from rich.progress import (
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    from collective.cli import THREADS_HELP
+    from collective.cli import THREADS_HELP, threads_arg
 
     reach = sub.add_parser(
         "reach",
@@ -38,7 +38,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         help="auto: bfloat16 on CUDA, float32 on the CPU",
     )
     reach.add_argument("--device", default="auto")
-    reach.add_argument("--threads", type=int, metavar="N", help=THREADS_HELP)
+    reach.add_argument("--threads", type=threads_arg, metavar="N", help=THREADS_HELP)
     reach.add_argument("--corpus", default="wikitext2", help="builtin:pydoc, wikitext2, hf:ID, or a text file path")
     reach.add_argument("--corpus-path", help="file for wikitext2 (default: ../shared/data/... or Hugging Face)")
     reach.add_argument("--pairs", type=int, default=50)
@@ -68,7 +68,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         help="auto: bfloat16 on CUDA, float32 on the CPU",
     )
     game.add_argument("--device", default="auto")
-    game.add_argument("--threads", type=int, metavar="N", help=THREADS_HELP)
+    game.add_argument("--threads", type=threads_arg, metavar="N", help=THREADS_HELP)
     game.add_argument("--max-k", type=int, default=10)
     game.add_argument("--gcg-steps", type=int, default=100)
     game.add_argument("--search-width", type=int, default=64)
@@ -132,15 +132,17 @@ def cmd_reach(args: argparse.Namespace, console: Console) -> int:
             task = progress.add_task("pairs", total=len(pairs))
 
             plain = not console.is_terminal  # no bar off a terminal: one line per pair instead
-            began, first = time.perf_counter(), [-1]
+            began = time.perf_counter()
+            skipped: int | None = None  # pairs already in the CSV (--resume) are ticked first
 
             def tick(done: int, total: int) -> None:
+                nonlocal skipped
                 progress.update(task, completed=done, total=total)
                 if plain:
-                    if first[0] < 0:
-                        first[0] = done - 1  # pairs already in the CSV (--resume) come first
+                    if skipped is None:
+                        skipped = done - 1
                     elapsed = time.perf_counter() - began
-                    rate = elapsed / max(1, done - first[0])
+                    rate = elapsed / max(1, done - skipped)
                     left = f", about {_minutes(rate * (total - done))} left" if done < total else ""
                     console.print(f"pairs {done}/{total} ({_minutes(elapsed)}{left})", highlight=False)
 

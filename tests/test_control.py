@@ -119,7 +119,7 @@ def test_the_initial_prompt_is_padded_with_tokens_that_read_back_the_same(tiny_m
 
     prepared = _prepared(tmp_path, tiny_model_dir, GCG)
     tokenizer = prepared.tokenizer
-    for init in ["Python documentation:", "x", ""]:
+    for init in ["Python:", "a:", ".", "x", ""]:  # padding the first three with their last token broke them
         ids = _initial_ids(GCGController(tokens=6, init=init), tokenizer, "a")
         assert len(ids) == 6
         assert tokenizer.encode(tokenizer.decode(ids), add_special_tokens=False) == ids  # type: ignore[attr-defined]
