@@ -15,7 +15,6 @@ from tests.test_rundir import EVAL_ROUNDS, write_tiny_scenario
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-
 @pytest.fixture(autouse=True)
 def _wide_console(monkeypatch):
     """rich wraps at 80 columns when not on a terminal, even inside a path; don't."""

@@ -24,7 +24,6 @@ GCG = {"kind": "gcg", "tokens": 3, "steps": 3, "search_width": 8, "topk": 8, "tr
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-
 def _scenario_file(folder: Path, model_dir: Path, controller: dict, name: str = "ctl") -> Path:
     path = write_tiny_scenario(
         folder, model_dir, name=name, corpus={"source": "builtin:pydoc", "train_tokens": 96, "eval_tokens": 24}

@@ -50,7 +50,6 @@ def write_tiny_scenario(folder: Path, model_dir: Path, name: str = "tiny-run", *
     return path
 
 
-
 @pytest.fixture(scope="module")
 def prepared(tiny_model_dir, tmp_path_factory):
     folder = tmp_path_factory.mktemp("scenario")
