@@ -34,9 +34,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from collective.distributed.coordinator import connect_executor  # noqa: E402
-from collective.models import ModelPool  # noqa: E402
+from collective.lm.models import ModelPool  # noqa: E402
 from collective.records import RoundEvent, parse_event  # noqa: E402
-from collective.runner import prepare, run_prepared  # noqa: E402
+from collective.run.runner import prepare, run_prepared  # noqa: E402
 from collective.scenario import load_scenario  # noqa: E402
 
 

@@ -84,7 +84,7 @@ class Run:
 
 def load_smollm2(dtype: torch.dtype):
     try:
-        from collective.models import load_model
+        from collective.lm.models import load_model
     except ImportError:
         load_model = None
     if load_model is not None:

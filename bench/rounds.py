@@ -34,14 +34,14 @@ from typing import Any
 
 import torch
 
-from collective.bus import InMemoryBus
-from collective.engine import EmbeddedExecutor, LoadedLM, RoundEngine
-from collective.evaluator import build_report
-from collective.models import ModelPool
-from collective.node import NodeRoundRequest, NodeRoundResult, start_token
-from collective.predictions import TokenPredictions, predictions_from_logits
+from collective.evaluate.evaluator import build_report
+from collective.lm.models import ModelPool
+from collective.lm.predictions import TokenPredictions, predictions_from_logits
 from collective.records import Report
-from collective.runner import Prepared, prepare
+from collective.run.bus import InMemoryBus
+from collective.run.engine import EmbeddedExecutor, LoadedLM, RoundEngine
+from collective.run.node import NodeRoundRequest, NodeRoundResult, start_token
+from collective.run.runner import Prepared, prepare
 from collective.scenario import GenerateMessage, RelayMessage, Scenario, parse_scenario
 from collective.seeding import generator
 

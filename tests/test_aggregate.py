@@ -5,8 +5,9 @@ import math
 import pytest
 import torch
 
-from collective import aggregate
-from collective.aggregate import (
+from collective.lm.predictions import TokenPredictions, predictions_from_logits
+from collective.run import aggregate
+from collective.run.aggregate import (
     HedgeWeights,
     PerplexityWeights,
     log_tail_share,
@@ -14,7 +15,6 @@ from collective.aggregate import (
     pool_linear,
     pool_log,
 )
-from collective.predictions import TokenPredictions, predictions_from_logits
 
 
 def random_logits(n: int, t: int, v: int, seed: int = 0, scale: float = 3.0) -> torch.Tensor:

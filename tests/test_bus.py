@@ -5,8 +5,8 @@ from __future__ import annotations
 import networkx as nx
 import pytest
 
-from collective.bus import Inbox, InMemoryBus, enforce_budget, is_dropped, link_policies
 from collective.records import MessageRecord
+from collective.run.bus import Inbox, InMemoryBus, enforce_budget, is_dropped, link_policies
 from collective.scenario import BusSpec, LinkOverride
 
 TEXT = "The quick brown fox jumps over the lazy dog, and then the dog sleeps again."

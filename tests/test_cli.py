@@ -138,7 +138,7 @@ def test_run_of_a_bad_scenario_is_one_message_and_exit_2(capsys, tmp_path, tiny_
 
 
 def test_ctrl_c_during_a_run_exits_130_and_leaves_no_report(capsys, tmp_path, tiny_model_dir, monkeypatch):
-    import collective.runner as runner
+    import collective.run.runner as runner
 
     real_run = runner.RoundEngine.run
 

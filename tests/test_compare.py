@@ -10,7 +10,7 @@ import pytest
 from rich.console import Console
 
 from collective.cli import main
-from collective.compare import (
+from collective.evaluate.compare import (
     compare_reports,
     comparison_markdown,
     comparison_table,
@@ -134,7 +134,7 @@ def test_report_of_an_unfinished_run_says_why_it_has_no_report(tmp_path, capsys)
 
 
 def test_one_report_shows_dropped_envelopes_by_who_dropped_them_and_why():
-    from collective.report_view import report_markdown, report_table
+    from collective.report.report_view import report_markdown, report_table
 
     report = make_report(0, 3.3).model_copy(
         update={"rejected_envelopes": {"coordinator": {"spoofed": 2, "wrong_run": 1}, "b": {"malformed": 1}}}

@@ -11,10 +11,10 @@ import pytest
 import torch
 
 from collective.cli import main
-from collective.control import load_controls, search_controls
-from collective.models import ModelPool
+from collective.lm.models import ModelPool
 from collective.records import Report
-from collective.runner import RunError, prepare, run_prepared
+from collective.run.control import load_controls, search_controls
+from collective.run.runner import RunError, prepare, run_prepared
 from collective.scenario import load_scenario
 from tests.test_rundir import write_tiny_scenario
 
@@ -113,7 +113,7 @@ def test_controllers_from_a_folder_without_prompts_or_with_foreign_nodes_is_a_cl
 
 
 def test_the_initial_prompt_is_padded_with_tokens_that_read_back_the_same(tiny_model_dir, tmp_path):
-    from collective.control import _initial_ids
+    from collective.run.control import _initial_ids
     from collective.scenario import GCGController
 
     prepared = _prepared(tmp_path, tiny_model_dir, GCG)

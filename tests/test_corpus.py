@@ -9,7 +9,7 @@ from tokenizers import Tokenizer, decoders, normalizers, pre_tokenizers
 from tokenizers.models import BPE, WordLevel
 from transformers import PreTrainedTokenizerFast
 
-from collective.corpus import (
+from collective.lm.corpus import (
     CorpusError,
     CorpusTooSmallError,
     load_corpus_text,
@@ -215,7 +215,7 @@ def test_other_tokenizers_count_each_token_decoded_alone():
 
 @pytest.fixture(scope="module")
 def smollm2_tokenizer():
-    from collective.models import load_model
+    from collective.lm.models import load_model
 
     return load_model("smollm2-135m", device="cpu").tokenizer
 

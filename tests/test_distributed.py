@@ -46,10 +46,10 @@ from collective.distributed.protocol import (
     envelope,
     tokenizer_digest,
 )
-from collective.models import ModelPool
-from collective.predictions import TokenPredictions
+from collective.lm.models import ModelPool
+from collective.lm.predictions import TokenPredictions
 from collective.records import MessageRecord, Report, RoundEvent, parse_event
-from collective.runner import Prepared, RunResult, prepare, run_prepared
+from collective.run.runner import Prepared, RunResult, prepare, run_prepared
 from collective.scenario import load_scenario
 from tests.mosquitto import running_broker
 

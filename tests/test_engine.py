@@ -10,10 +10,10 @@ import networkx as nx
 import pytest
 import torch
 
-from collective.bus import InMemoryBus
-from collective.engine import EmbeddedExecutor, EngineResult, LoadedLM, RoundEngine
-from collective.evaluator import build_report
+from collective.evaluate.evaluator import build_report
 from collective.records import Report, RoundEvent
+from collective.run.bus import InMemoryBus
+from collective.run.engine import EmbeddedExecutor, EngineResult, LoadedLM, RoundEngine
 from collective.scenario import Scenario, parse_scenario
 from tests.tiny import pydoc_text
 

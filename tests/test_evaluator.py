@@ -7,10 +7,10 @@ import math
 import pytest
 import torch
 
-from collective.engine import EngineResult
-from collective.evaluator import build_report, describe_aggregator, row_name
-from collective.metrics import RoundStats
+from collective.evaluate.evaluator import build_report, describe_aggregator, row_name
+from collective.evaluate.metrics import RoundStats
 from collective.records import Report
+from collective.run.engine import EngineResult
 from collective.scenario import parse_scenario
 
 ROUND = 4

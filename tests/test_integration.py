@@ -11,9 +11,9 @@ import pytest
 import yaml
 
 from collective.cli import main
-from collective.models import ModelPool
+from collective.lm.models import ModelPool
 from collective.records import Report, RoundEvent, RunEnd, RunStart, parse_event
-from collective.runner import prepare, run_prepared
+from collective.run.runner import prepare, run_prepared
 from collective.scenario import load_scenario
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]

@@ -10,9 +10,7 @@ import networkx as nx
 import pytest
 from rich.console import Console
 
-from collective.live import LiveDisplay, watch
-from collective.records import MessageRecord, NodeInfo, NodeRound, RoundEvent, RunEnd, RunStart
-from collective.views import (
+from collective.live import (
     LiveState,
     collective_view,
     dashboard,
@@ -21,7 +19,9 @@ from collective.views import (
     sparkline,
     topology_view,
 )
-from collective.views.topology import topology_grid
+from collective.live.display import LiveDisplay, watch
+from collective.live.topology import topology_grid
+from collective.records import MessageRecord, NodeInfo, NodeRound, RoundEvent, RunEnd, RunStart
 
 Event = RunStart | RoundEvent | RunEnd
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from collective.lm import ScoreItem, _chunks, generate, left_pad, score_items
+from collective.lm.scoring import ScoreItem, _chunks, generate, left_pad, score_items
 
 R = 6  # round tokens
 
@@ -155,7 +155,7 @@ def test_no_new_tokens_gives_empty_messages(tiny_lm, tiny_tok):
 
 
 def test_score_and_speak_scores_like_score_items_and_writes_like_generate(tiny_tok):
-    from collective.lm import Speak, generate, score_and_speak
+    from collective.lm.scoring import Speak, generate, score_and_speak
     from tests.tiny import tiny_llama
 
     model = tiny_llama(len(tiny_tok)).float()

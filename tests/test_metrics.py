@@ -6,8 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from collective.aggregate import make_aggregator
-from collective.metrics import (
+from collective.evaluate.metrics import (
     Estimate,
     RoundStats,
     block_bootstrap,
@@ -18,7 +17,8 @@ from collective.metrics import (
     summarize,
     verdict,
 )
-from collective.predictions import predictions_from_logits
+from collective.lm.predictions import predictions_from_logits
+from collective.run.aggregate import make_aggregator
 
 
 def make_stats(nll_per_round: list[float], tokens: int = 10) -> RoundStats:

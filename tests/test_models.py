@@ -7,8 +7,8 @@ import huggingface_hub.constants
 import pytest
 import torch
 
-from collective import models
-from collective.models import (
+from collective.lm import models
+from collective.lm.models import (
     LoadedModel,
     ModelLoadError,
     ModelPool,

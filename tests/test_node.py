@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import collective.node as node_module
-from collective.node import NodeRoundRequest, compute_rounds, start_token
+import collective.run.node as node_module
+from collective.run.node import NodeRoundRequest, compute_rounds, start_token
 from collective.scenario import GenerateMessage, RelayMessage, SilentMessage
 
 R = 8

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from collective.observation import Observer, describe_view
+from collective.run.observation import Observer, describe_view
 from collective.scenario import (
     FullView,
     LaggedView,

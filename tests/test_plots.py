@@ -10,7 +10,9 @@ import pytest
 from PIL import Image
 
 from collective.cli import main
-from collective.plots import (
+from collective.live.replay import read_events
+from collective.records import Report, RoundEvent, RunStart
+from collective.report.plots import (
     GAINS_PLOT,
     NLL_PLOT,
     TOPOLOGY_PLOT,
@@ -20,8 +22,6 @@ from collective.plots import (
     plot_topology,
     write_run_plots,
 )
-from collective.records import Report, RoundEvent, RunStart
-from collective.replay import read_events
 from tests.test_compare import make_report
 from tests.test_live import synthetic_run
 
@@ -90,7 +90,7 @@ def test_member_gains_are_isolated_minus_in_collective_nll(tiny_run):
 
 
 def test_a_plot_that_fails_logs_a_warning_and_the_others_are_still_drawn(tiny_run, tmp_path, monkeypatch, caplog):
-    import collective.plots as plots
+    import collective.report.plots as plots
 
     copy = tmp_path / "copy"
     copy.mkdir()
@@ -101,14 +101,14 @@ def test_a_plot_that_fails_logs_a_warning_and_the_others_are_still_drawn(tiny_ru
         raise RuntimeError("no ink left")
 
     monkeypatch.setattr(plots, "plot_gains", broken)
-    with caplog.at_level(logging.WARNING, logger="collective.plots"):
+    with caplog.at_level(logging.WARNING, logger="collective.report.plots"):
         images = write_run_plots(copy, report)
     assert [name for _, name in images] == [NLL_PLOT, TOPOLOGY_PLOT]
     assert "no ink left" in caplog.text and not (copy / GAINS_PLOT).exists()
 
 
 def test_a_folder_without_events_gets_no_plots_and_no_exception(tmp_path, caplog):
-    with caplog.at_level(logging.WARNING, logger="collective.plots"):
+    with caplog.at_level(logging.WARNING, logger="collective.report.plots"):
         assert write_run_plots(tmp_path, make_report(0, 3.3)) == []
     assert "cannot read its events" in caplog.text
 

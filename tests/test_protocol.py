@@ -30,9 +30,9 @@ from collective.distributed.protocol import (
     text_digest,
     tokenizer_digest,
 )
-from collective.node import NodeRoundRequest, NodeRoundResult
-from collective.predictions import TokenPredictions
+from collective.lm.predictions import TokenPredictions
 from collective.records import MessageRecord
+from collective.run.node import NodeRoundRequest, NodeRoundResult
 from collective.scenario import GenerateMessage, RelayMessage
 
 

@@ -11,9 +11,9 @@ import pytest
 from rich.console import Console
 
 from collective.cli import main
+from collective.live.replay import EventReader, ReplayError, follow_events, read_events, run_events
 from collective.records import RoundEvent, RunEnd, RunStart
-from collective.replay import EventReader, ReplayError, follow_events, read_events, run_events
-from collective.rundir import INCOMPLETE
+from collective.run.rundir import INCOMPLETE
 from tests.test_live import synthetic_run
 
 
@@ -148,7 +148,7 @@ def test_watch_broker_needs_a_run_id(capsys):
 
 
 def test_the_live_watch_draws_the_dashboard_on_a_terminal(tmp_path):
-    from collective.live import watch
+    from collective.live.display import watch
 
     console = Console(file=io.StringIO(), width=100, height=40, color_system=None, force_terminal=True)
     state = watch(list(run_events(write_run(tmp_path, synthetic_run()))), console, live=True)

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from collective.models import ModelPool
+from collective.lm.models import ModelPool
 from collective.records import Report, RoundEvent, RunEnd, RunStart, parse_event
-from collective.rundir import (
+from collective.run.rundir import (
     INCOMPLETE,
     RunDir,
     default_run_dir,
@@ -18,7 +18,7 @@ from collective.rundir import (
     run_id_for,
     write_atomic,
 )
-from collective.runner import prepare, run_prepared
+from collective.run.runner import prepare, run_prepared
 from collective.scenario import load_scenario
 
 WARMUP, EVAL_ROUNDS = 1, 3
@@ -204,7 +204,7 @@ class _Publishing:
 
 
 def test_an_executor_that_publishes_events_gets_every_record_events_jsonl_gets(prepared, tmp_path):
-    from collective.runner import embedded_executor
+    from collective.run.runner import embedded_executor
 
     publisher = _Publishing(embedded_executor(prepared))
     run_prepared(prepared, tmp_path / "run", executor=publisher)

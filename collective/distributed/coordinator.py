@@ -36,7 +36,6 @@ from typing import Any
 
 import aiomqtt
 
-from collective.bus import LinkPolicy, link_policies, outgoing_messages
 from collective.distributed.broker import max_packet_size_for
 from collective.distributed.mqtt import (
     BrokerAddress,
@@ -71,9 +70,10 @@ from collective.distributed.protocol import (
     text_digest,
     tokenizer_digest,
 )
-from collective.node import NodeRoundRequest, NodeRoundResult
 from collective.records import MessageRecord, RoundEvent, RunEnd, RunStart
-from collective.runner import Prepared
+from collective.run.bus import LinkPolicy, link_policies, outgoing_messages
+from collective.run.node import NodeRoundRequest, NodeRoundResult
+from collective.run.runner import Prepared
 
 log = logging.getLogger(__name__)
 

@@ -40,9 +40,9 @@ from typing import Annotated, Any, Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from collective.node import NodeRoundRequest, NodeRoundResult
-from collective.predictions import TokenPredictions
+from collective.lm.predictions import TokenPredictions
 from collective.records import Event, MessageRecord, RoundEvent, RunEnd, RunStart
+from collective.run.node import NodeRoundRequest, NodeRoundResult
 from collective.scenario import MessageSpec
 
 log = logging.getLogger(__name__)

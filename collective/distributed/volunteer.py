@@ -29,7 +29,6 @@ from typing import Any
 
 import aiomqtt
 
-from collective.bus import Inbox, LinkPolicy, link_policies, outgoing_messages
 from collective.distributed.mqtt import BrokerAddress, DistributedError, client_id, make_client
 from collective.distributed.preflight import preflight
 from collective.distributed.protocol import (
@@ -55,8 +54,9 @@ from collective.distributed.protocol import (
     text_digest,
     tokenizer_digest,
 )
-from collective.node import compute_rounds
 from collective.records import MessageRecord
+from collective.run.bus import Inbox, LinkPolicy, link_policies, outgoing_messages
+from collective.run.node import compute_rounds
 from collective.scenario import Scenario, ScenarioError, parse_scenario
 
 log = logging.getLogger(__name__)
@@ -305,7 +305,7 @@ class Volunteer:
         await self._join()
 
     def _load_model(self, ref: str, device: str, dtype: str) -> _Loaded:
-        from collective.models import load_model
+        from collective.lm.models import load_model
 
         loaded = load_model(ref, device=device, dtype=dtype, cache_dir=self.config.cache_dir)
         return _Loaded(loaded.model, loaded.tokenizer, loaded.name, loaded.vocab_size, str(loaded.device))

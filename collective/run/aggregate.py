@@ -6,7 +6,7 @@ the aggregator picks per-position weights (uniform, one-hot, or learned online f
 losses only), pools the members with a linear pool (mixture) or a geometric pool
 (normalized product of experts), and returns a `PooledPrediction`: the pool's
 log-probability of the realized token and its argmax token at each position. The
-evaluator turns that into metrics (`collective.metrics`).
+evaluator turns that into metrics (`collective.evaluate.metrics`).
 
 The pools work from the compact record alone: a member's probability for a token outside
 its top-K is its uniform tail share, (1 - sum of its top-K probabilities) / (V - K).
@@ -29,7 +29,7 @@ from typing import Any, Literal, Protocol
 
 import torch
 
-from collective.predictions import TokenPredictions
+from collective.lm.predictions import TokenPredictions
 
 # Upper bound on the elements of one (chunk, N, C) temporary of the candidate pools:
 # 4M float32 = 16 MB, so that the handful of such temporaries stays well under 100 MB

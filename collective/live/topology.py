@@ -20,8 +20,8 @@ from rich.panel import Panel
 from rich.style import Style
 from rich.text import Text
 
-from collective.plots import node_positions
-from collective.views.state import LiveState, NodeState
+from collective.live.state import LiveState, NodeState
+from collective.report.plots import node_positions
 
 IDLE = Style(color="grey50")
 ACTIVE = Style(color="bright_cyan", bold=True)

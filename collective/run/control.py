@@ -26,12 +26,12 @@ from pathlib import Path
 
 import torch
 
-from collective.aggregate import log_tail_share
-from collective.engine import EmbeddedExecutor, RoundEngine
-from collective.node import NodeRoundRequest, NodeRoundResult, start_token
-from collective.observation import Observer
-from collective.predictions import TokenPredictions
-from collective.runner import Prepared, RunError, embedded_executor
+from collective.lm.predictions import TokenPredictions
+from collective.run.aggregate import log_tail_share
+from collective.run.engine import EmbeddedExecutor, RoundEngine
+from collective.run.node import NodeRoundRequest, NodeRoundResult, start_token
+from collective.run.observation import Observer
+from collective.run.runner import Prepared, RunError, embedded_executor
 from collective.scenario import GCGController, Scenario
 from collective.seeding import derive_seed
 from controllers import GCGConfig, MeanObjective, run_gcg, stream_objective

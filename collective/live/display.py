@@ -2,7 +2,7 @@
 
 `LiveDisplay` is what `collective run --live` hands the engine as `on_event`; `watch`
 feeds it from any event iterator (a run folder's `events.jsonl` through
-`collective.replay`, or a broker subscription), so a live run, a replay and a remote
+`collective.live.replay`, or a broker subscription), so a live run, a replay and a remote
 run all show the same screen. Drawing happens only when an event arrives (no refresh
 thread competing with the model for the CPU), and the time spent in it is counted in
 `LiveDisplay.render_seconds` so its overhead on a run can be measured.
@@ -17,8 +17,8 @@ from types import TracebackType
 from rich.console import Console, RenderableType
 from rich.live import Live
 
+from collective.live import LiveState, dashboard, round_line
 from collective.records import RoundEvent, RunEnd, RunStart
-from collective.views import LiveState, dashboard, round_line
 
 Event = RunStart | RoundEvent | RunEnd
 

@@ -26,9 +26,9 @@ EXIT_INTERRUPTED = 130
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
-    from collective.corpus import CorpusError
-    from collective.models import ModelLoadError, TokenizerMismatchError
-    from collective.runner import RunError
+    from collective.lm.corpus import CorpusError
+    from collective.lm.models import ModelLoadError, TokenizerMismatchError
+    from collective.run.runner import RunError
 
     errors: list[type[BaseException]] = [ScenarioError, RunError, ModelLoadError, TokenizerMismatchError, CorpusError]
     try:
@@ -58,7 +58,7 @@ def _setup_logging(verbose: int) -> None:
 
 
 def _pool(args: argparse.Namespace):  # type: ignore[no-untyped-def]
-    from collective.models import ModelPool, default_cache_dir
+    from collective.lm.models import ModelPool, default_cache_dir
 
     cache = Path(args.cache_dir) if getattr(args, "cache_dir", None) else default_cache_dir(os.environ)
     return ModelPool(cache_dir=cache)
@@ -101,7 +101,7 @@ def _progress_bar(console: Console, total: int):  # type: ignore[no-untyped-def]
 
 
 def _plain_lines(console: Console, total: int):  # type: ignore[no-untyped-def]
-    from collective.views.dashboard import round_line
+    from collective.live.dashboard import round_line
 
     def line(event):  # type: ignore[no-untyped-def]
         console.print(round_line(event, total), highlight=False, soft_wrap=True)
@@ -111,8 +111,8 @@ def _plain_lines(console: Console, total: int):  # type: ignore[no-untyped-def]
 
 def _controls(args: argparse.Namespace, prepared, console: Console) -> list[dict]:  # type: ignore[no-untyped-def]
     """Reuse prompts from an earlier run, or search the gcg controllers on the train part."""
-    from collective.control import load_controls, search_controls
-    from collective.runner import needs_search
+    from collective.run.control import load_controls, search_controls
+    from collective.run.runner import needs_search
 
     if args.controllers_from:
         prepared.control_ids.update(load_controls(Path(args.controllers_from), prepared.scenario))
@@ -178,9 +178,9 @@ def set_threads(threads: int | None) -> None:
 
 
 def cmd_run(args: argparse.Namespace, console: Console) -> int:
-    from collective.report_view import report_table
-    from collective.rundir import default_run_dir, run_id_for
-    from collective.runner import prepare, run_prepared, run_start_event
+    from collective.report.report_view import report_table
+    from collective.run.rundir import default_run_dir, run_id_for
+    from collective.run.runner import prepare, run_prepared, run_start_event
 
     set_threads(args.threads)
     scenario = load_scenario(args.scenario)
@@ -206,7 +206,7 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
         if args.quiet:
             on_event = None
         elif live and console.is_terminal:
-            from collective.live import LiveDisplay
+            from collective.live.display import LiveDisplay
 
             display = stack.enter_context(LiveDisplay(run_start_event(prepared, run_id_for(run_dir), runtime), console))
             on_event = display.update
@@ -234,11 +234,11 @@ def cmd_validate(args: argparse.Namespace, console: Console) -> int:
     for path in args.files:
         try:
             scenario = load_scenario(path)
-            from collective.runner import build_graph
+            from collective.run.runner import build_graph
 
             build_graph(scenario)
             if args.deep:
-                from collective.runner import prepare
+                from collective.run.runner import prepare
 
                 prepare(scenario, _pool(args), base_dir=Path.cwd())
             console.print(f"[green]ok[/] {path}: {len(scenario.nodes)} nodes, {scenario.eval_rounds} eval rounds", highlight=False)
@@ -289,9 +289,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     schema = sub.add_parser("schema", help="print the scenario JSON Schema (for editors)")
     schema.set_defaults(func=cmd_schema)
-    from collective import live_cli; live_cli.register(sub)  # noqa: E702, I001
-    from collective.distributed import cli as distributed_cli; distributed_cli.register(sub)  # noqa: E702, I001
-    from collective import controllers_cli; controllers_cli.register(sub)  # noqa: E702, I001
+    from collective.cli import live; live.register(sub)  # noqa: E702, I001
+    from collective.cli import distributed as distributed_cli; distributed_cli.register(sub)  # noqa: E702, I001
+    from collective.cli import controllers; controllers.register(sub)  # noqa: E702, I001
     return parser
 
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from collective.predictions import TokenPredictions, predictions_from_logits
+from collective.lm.predictions import TokenPredictions, predictions_from_logits
 
 
 def _cache_kwarg(model: torch.nn.Module) -> str:

@@ -312,7 +312,7 @@ def write_run_plots(run_dir: Path, report: Report) -> list[tuple[str, str]]:
     """
     images: list[tuple[str, str]] = []
     try:
-        from collective.replay import EVENTS_FILE, read_events
+        from collective.live.replay import EVENTS_FILE, read_events
 
         events = read_events(run_dir / EVENTS_FILE)
         start = next(event for event in events if isinstance(event, RunStart))

@@ -23,7 +23,7 @@ from typing import IO
 from pydantic import ValidationError
 
 from collective.records import EVENT_SCHEMA_VERSION, RoundEvent, RunEnd, RunStart, parse_event
-from collective.rundir import INCOMPLETE
+from collective.run.rundir import INCOMPLETE
 
 log = logging.getLogger(__name__)
 

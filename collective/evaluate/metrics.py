@@ -19,8 +19,8 @@ from dataclasses import dataclass
 
 import torch
 
-from collective.aggregate import PooledPrediction
-from collective.predictions import TokenPredictions
+from collective.lm.predictions import TokenPredictions
+from collective.run.aggregate import PooledPrediction
 
 LN2 = math.log(2.0)
 

@@ -17,14 +17,14 @@ from typing import Protocol, runtime_checkable
 import networkx as nx
 import torch
 
-from collective.bus import InMemoryBus
-from collective.corpus import load_corpus_text, token_byte_lengths, tokenize_stream
-from collective.engine import EmbeddedExecutor, EngineResult, Executor, LoadedLM, RoundEngine
-from collective.evaluator import build_report, describe_aggregator
-from collective.models import LoadedModel, ModelPool, check_same_tokenizer
-from collective.observation import describe_view
+from collective.evaluate.evaluator import build_report, describe_aggregator
+from collective.lm.corpus import load_corpus_text, token_byte_lengths, tokenize_stream
+from collective.lm.models import LoadedModel, ModelPool, check_same_tokenizer
 from collective.records import NodeInfo, Report, RoundEvent, RunEnd, RunStart
-from collective.rundir import RunDir, run_id_for
+from collective.run.bus import InMemoryBus
+from collective.run.engine import EmbeddedExecutor, EngineResult, Executor, LoadedLM, RoundEngine
+from collective.run.observation import describe_view
+from collective.run.rundir import RunDir, run_id_for
 from collective.scenario import FixedController, GCGController, MaskedView, Scenario
 from topologies import build_topology
 
@@ -262,8 +262,8 @@ def run_prepared(
         scenario, result, run_id=run_id, runtime=runtime, control_prompts=prompts, rejected_envelopes=rejected
     )
     folder.write_json("report.json", report)
-    from collective.plots import write_run_plots
-    from collective.report_view import report_markdown
+    from collective.report.plots import write_run_plots
+    from collective.report.report_view import report_markdown
 
     images = write_run_plots(run_dir, report)  # a plot that fails logs a warning, never fails the run
     folder.write_text("report.md", report_markdown(report, images))

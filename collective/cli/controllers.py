@@ -97,7 +97,7 @@ def _minutes(seconds: float) -> str:
 def cmd_reach(args: argparse.Namespace, console: Console) -> int:
     import torch
 
-    from collective.corpus import CorpusTooSmallError, load_corpus_text, tokenize_stream
+    from collective.lm.corpus import CorpusTooSmallError, load_corpus_text, tokenize_stream
     from controllers import GCGConfig, ReachConfig, draw_pairs, format_summary, run_reach
     from controllers.objectives import ControllerError
 
@@ -176,7 +176,7 @@ def cmd_reach(args: argparse.Namespace, console: Console) -> int:
         encoding="utf-8",
     )
     try:
-        from collective.plots import plot_reach
+        from collective.report.plots import plot_reach
 
         plot_reach([result.summary], out / "reach.png", title=f"{loaded.name}: reachability")
     except Exception as exc:  # a plot must never cost the measurement

@@ -61,7 +61,7 @@ def cmd_node(args: argparse.Namespace, console: Console) -> int:
     from collective.distributed.preflight import preflight
     from collective.distributed.protocol import RUN_ID_PATTERN, Topics
     from collective.distributed.volunteer import Volunteer, VolunteerConfig
-    from collective.models import default_cache_dir
+    from collective.lm.models import default_cache_dir
     from collective.scenario import check_node_id
 
     if not re.fullmatch(RUN_ID_PATTERN, args.run):

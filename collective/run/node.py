@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from collective.lm import ScoreItem, Speak, score_and_speak, score_items
-from collective.predictions import TokenPredictions
+from collective.lm.predictions import TokenPredictions
+from collective.lm.scoring import ScoreItem, Speak, score_and_speak, score_items
 from collective.records import MessageRecord
 from collective.scenario import GenerateMessage, MessageSpec, RelayMessage
 from collective.seeding import generator

@@ -102,8 +102,8 @@ def _as_watch_errors(events: Iterator[Event], errors: type[Exception]) -> Iterat
 
 
 def cmd_watch(args: argparse.Namespace, console: Console) -> int:
-    from collective.live import watch
-    from collective.replay import ReplayError, run_events, run_is_going
+    from collective.live.display import watch
+    from collective.live.replay import ReplayError, run_events, run_is_going
 
     events: Iterable[Event] = ()
     speed = max(0.0, args.speed)
@@ -135,7 +135,7 @@ def cmd_watch(args: argparse.Namespace, console: Console) -> int:
             close()  # a broker subscription disconnects
     if run_dir is not None and (run_dir / "report.json").exists():
         from collective.records import Report
-        from collective.report_view import report_table
+        from collective.report.report_view import report_table
 
         console.print(report_table(Report.model_validate_json((run_dir / "report.json").read_text(encoding="utf-8"))))
     elif state.end is None:
@@ -150,7 +150,7 @@ def _load_report(run_dir: Path):  # type: ignore[no-untyped-def]
     from pydantic import ValidationError
 
     from collective.records import Report
-    from collective.rundir import INCOMPLETE
+    from collective.run.rundir import INCOMPLETE
 
     path = run_dir / "report.json"
     if not path.exists():
@@ -167,8 +167,8 @@ def _load_report(run_dir: Path):  # type: ignore[no-untyped-def]
 
 
 def cmd_report(args: argparse.Namespace, console: Console) -> int:
-    from collective.compare import compare_reports, comparison_markdown, comparison_table
-    from collective.report_view import report_markdown, report_table
+    from collective.evaluate.compare import compare_reports, comparison_markdown, comparison_table
+    from collective.report.report_view import report_markdown, report_table
 
     try:
         reports = [_load_report(Path(path)) for path in args.run_dirs]

@@ -22,14 +22,14 @@ from typing import Protocol
 import networkx as nx
 import torch
 
-from collective.aggregate import Aggregator, PooledPrediction, make_aggregator
-from collective.bus import InMemoryBus
-from collective.lm import ScoreItem, score_items
-from collective.metrics import RoundStats, round_stats
-from collective.node import NodeRoundRequest, NodeRoundResult, compute_rounds, start_token
-from collective.observation import Observer
-from collective.predictions import TokenPredictions
+from collective.evaluate.metrics import RoundStats, round_stats
+from collective.lm.predictions import TokenPredictions
+from collective.lm.scoring import ScoreItem, score_items
 from collective.records import NodeRound, RoundEvent
+from collective.run.aggregate import Aggregator, PooledPrediction, make_aggregator
+from collective.run.bus import InMemoryBus
+from collective.run.node import NodeRoundRequest, NodeRoundResult, compute_rounds, start_token
+from collective.run.observation import Observer
 from collective.scenario import Scenario
 
 log = logging.getLogger(__name__)

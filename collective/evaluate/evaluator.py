@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import math
 
-from collective.engine import EngineResult, RowKey
-from collective.metrics import RoundStats, block_bootstrap, gains, summarize, verdict
+from collective.evaluate.metrics import RoundStats, block_bootstrap, gains, summarize, verdict
 from collective.records import Gain, Interval, Report, RowReport
+from collective.run.engine import EngineResult, RowKey
 from collective.scenario import Scenario
 from collective.seeding import generator
 

@@ -18,9 +18,9 @@ from rich.console import Group, RenderableType
 from rich.table import Table
 from rich.text import Text
 
+from collective.live.state import LiveState, NodeState
+from collective.live.topology import topology_view
 from collective.records import RoundEvent
-from collective.views.state import LiveState, NodeState
-from collective.views.topology import topology_view
 
 SPARK_CHARS = "▁▂▃▄▅▆▇█"
 SIDE_BY_SIDE_MIN_WIDTH = 90

@@ -1,0 +1,3 @@
+from collective.cli import main
+
+raise SystemExit(main())
