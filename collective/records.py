@@ -111,11 +111,12 @@ class RunEnd(_Record):
     detail: str = ""
 
 
-Event = Annotated[RunStart | RoundEvent | RunEnd, Field(discriminator="kind")]
-EVENT_ADAPTER: TypeAdapter[RunStart | RoundEvent | RunEnd] = TypeAdapter(Event)
+RunRecord = RunStart | RoundEvent | RunEnd  # one line of events.jsonl, one record on the broker
+Event = Annotated[RunRecord, Field(discriminator="kind")]
+EVENT_ADAPTER: TypeAdapter[RunRecord] = TypeAdapter(Event)
 
 
-def parse_event(line: str) -> RunStart | RoundEvent | RunEnd:
+def parse_event(line: str) -> RunRecord:
     return EVENT_ADAPTER.validate_json(line)
 
 
