@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import io
 import math
 import statistics
 import subprocess
@@ -28,7 +27,6 @@ import time
 from pathlib import Path
 
 import yaml
-from rich.console import Console
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -128,8 +126,7 @@ def main() -> int:
             for node_id, log in zip(scenario.node_ids, logs)
         ]
         try:
-            console = Console(file=io.StringIO())
-            with connect_executor(prepared, broker.url(), run_id=run_id, console=console, join_timeout=300) as executor:
+            with connect_executor(prepared, broker.url(), run_id=run_id, on_status=lambda line: None, join_timeout=300) as executor:
                 began = time.perf_counter()
                 distributed = run_prepared(prepared, folder / run_id, executor=executor, runtime="mqtt")
                 total_s = time.perf_counter() - began
@@ -145,8 +142,8 @@ def main() -> int:
     worst = max(abs(a.nll - b.nll) for a, b in zip(embedded.report.rows, distributed.report.rows))
     same_messages = messages(folder / "embedded") == messages(folder / run_id)
 
-    compute = executor.round_compute_s
-    bus = [wall - c for wall, c in zip(executor.round_wall_s, compute)]
+    compute = executor.rounds.round_compute_s
+    bus = [wall - c for wall, c in zip(executor.rounds.round_wall_s, compute)]
     n_rounds = len(dist_walls)
     emb_rate = len(emb_walls) / sum(emb_walls)
     dist_rate = n_rounds / sum(dist_walls)

@@ -26,21 +26,23 @@ import aiomqtt
 import pytest
 import torch
 import yaml
-from rich.console import Console
 
 from collective.distributed.broker import TlsFiles, users_for
 from collective.distributed.coordinator import MqttExecutor, connect_executor
 from collective.distributed.mqtt import parse_broker_url
-from collective.distributed.preflight import PreflightFailed, preflight
-from collective.distributed.protocol import (
-    Envelope,
+from collective.distributed.payloads import (
+    EventPayload,
     JoinPayload,
     MessagePayload,
     PredictionsWire,
     RefusePayload,
     ResultPayload,
-    Topics,
     WelcomePayload,
+)
+from collective.distributed.preflight import PreflightFailed, preflight
+from collective.distributed.protocol import (
+    Envelope,
+    Topics,
     decode_envelope,
     encode,
     envelope,
@@ -51,7 +53,7 @@ from collective.lm.predictions import TokenPredictions
 from collective.records import MessageRecord, Report, RoundEvent, parse_event
 from collective.run.runner import Prepared, RunResult, prepare, run_prepared
 from collective.scenario import load_scenario
-from tests.mosquitto import running_broker
+from tests.mosquitto import RunningBroker, running_broker
 
 pytestmark = pytest.mark.mqtt
 
@@ -145,18 +147,28 @@ def nodes(tmp_path) -> Iterator[Nodes]:
     started.stop_all()
 
 
-def _run(
-    world: World,
-    url: str,
-    run_dir: Path,
-    on_event: Callable[[MqttExecutor, RoundEvent], None] | None = None,
-) -> tuple[RunResult, MqttExecutor, str]:
-    out = io.StringIO()
-    console = Console(file=out, width=200, color_system=None)
-    with connect_executor(world.prepared, url, run_id=run_dir.name, console=console, join_timeout=120) as executor:
+OnEvent = Callable[[MqttExecutor, RoundEvent], None]
+
+
+def _run(world: World, url: str, run_dir: Path, on_event: OnEvent | None = None) -> tuple[RunResult, MqttExecutor, str]:
+    """The coordinator's side of a run; returns its result, its executor and its status lines."""
+    lines: list[str] = []
+    with connect_executor(world.prepared, url, run_id=run_dir.name, on_status=lines.append, join_timeout=120) as executor:
         hook = None if on_event is None else (lambda event: on_event(executor, event))
         result = run_prepared(world.prepared, run_dir, executor=executor, runtime="mqtt", on_event=hook)
-    return result, executor, out.getvalue()
+    return result, executor, "\n".join(lines)
+
+
+def _run_with_nodes(
+    world: World, nodes: Nodes, broker: RunningBroker, run_dir: Path, on_event: OnEvent | None = None, *, logins: bool = False
+) -> tuple[RunResult, MqttExecutor, str]:
+    """A `collective node` process for each node, then the coordinator; every node must end cleanly.
+    `logins`: each party logs in as itself (a broker with ACLs), else anonymously."""
+    for node_id in NODES:
+        nodes.start(broker.url(node_id) if logins else broker.url(), run_dir.name, node_id)
+    outcome = _run(world, broker.url("coordinator") if logins else broker.url(), run_dir, on_event)
+    assert nodes.wait_all() == dict.fromkeys(NODES, 0)
+    return outcome
 
 
 def _close(a: float, b: float) -> bool:
@@ -191,12 +203,9 @@ def _wait_until(condition: Callable[[], bool], timeout: float, what: str) -> Non
 
 def test_a_distributed_run_with_logins_and_acls_gives_the_embedded_evaluation_and_messages(world, nodes, tmp_path):
     users = users_for(world.prepared.scenario)
+    run_dir = tmp_path / "run-equal"
     with running_broker(tmp_path / "broker", users=users) as broker:
-        run_dir = tmp_path / "run-equal"
-        for node_id in NODES:
-            nodes.start(broker.url(node_id), run_dir.name, node_id)
-        result, executor, console = _run(world, broker.url("coordinator"), run_dir)
-        assert nodes.wait_all() == dict.fromkeys(NODES, 0)
+        result, executor, console = _run_with_nodes(world, nodes, broker, run_dir, logins=True)
     assert result.report is not None and result.report.runtime == "mqtt"
     _assert_same_evaluation(world.embedded, result.report)
     assert _messages(run_dir) == world.embedded_messages
@@ -210,10 +219,8 @@ def test_a_distributed_run_with_logins_and_acls_gives_the_embedded_evaluation_an
 
 
 def test_a_node_killed_mid_run_misses_its_rounds_and_rejoins_at_the_next(world, nodes, tmp_path):
+    run_dir = tmp_path / "run-kill"
     with running_broker(tmp_path / "broker") as broker:
-        run_dir = tmp_path / "run-kill"
-        for node_id in NODES:
-            nodes.start(broker.url(), run_dir.name, node_id)
 
         def on_event(executor: MqttExecutor, event: RoundEvent) -> None:
             if event.round_index == 1:
@@ -224,8 +231,7 @@ def test_a_node_killed_mid_run_misses_its_rounds_and_rejoins_at_the_next(world, 
             if event.round_index == 2:
                 _wait_until(lambda: "c" not in executor.missing(), 60, "node c to rejoin")
 
-        result, executor, _ = _run(world, broker.url(), run_dir, on_event)
-        assert nodes.wait_all() == dict.fromkeys(NODES, 0)  # the restarted c among them
+        result, executor, _ = _run_with_nodes(world, nodes, broker, run_dir, on_event)  # the restarted c among them
     report = result.report
     assert result.status == "complete" and report is not None
     assert report.missed_rounds == {"c": 1}
@@ -239,34 +245,29 @@ def test_a_node_killed_mid_run_misses_its_rounds_and_rejoins_at_the_next(world, 
 
 
 def test_the_run_survives_a_broker_restart_with_the_same_numbers(world, nodes, tmp_path):
+    run_dir = tmp_path / "run-restart"
     with running_broker(tmp_path / "broker") as broker:
-        run_dir = tmp_path / "run-restart"
-        for node_id in NODES:
-            nodes.start(broker.url(), run_dir.name, node_id)
 
         def on_event(executor: MqttExecutor, event: RoundEvent) -> None:
             if event.round_index == 2:
                 broker.restart()
 
-        result, executor, _ = _run(world, broker.url(), run_dir, on_event)
-        assert nodes.wait_all() == dict.fromkeys(NODES, 0)
+        result, executor, _ = _run_with_nodes(world, nodes, broker, run_dir, on_event)
     assert result.report is not None and result.report.missed_rounds == {}
     _assert_same_evaluation(world.embedded, result.report)
     assert _messages(run_dir) == world.embedded_messages
 
 
 def test_ctrl_c_on_the_coordinator_tells_the_nodes_that_the_run_ended(world, nodes, tmp_path):
+    run_dir = tmp_path / "run-interrupted"
     with running_broker(tmp_path / "broker") as broker:
-        run_dir = tmp_path / "run-interrupted"
-        for node_id in NODES:
-            nodes.start(broker.url(), run_dir.name, node_id)
 
         def on_event(executor: MqttExecutor, event: RoundEvent) -> None:
             if event.round_index == 2:
                 raise KeyboardInterrupt
 
         with pytest.raises(KeyboardInterrupt):
-            _run(world, broker.url(), run_dir, on_event)
+            _run_with_nodes(world, nodes, broker, run_dir, on_event)
         assert nodes.wait_all() == dict.fromkeys(NODES, 0)
     assert (run_dir / "INCOMPLETE").exists()
     assert "the coordinator ended the run: interrupted: Ctrl-C on the coordinator" in nodes.output("b")
@@ -312,10 +313,7 @@ def test_a_watcher_sees_the_start_every_round_in_order_and_the_end_as_events_jso
             if event.round_index == 2:  # a second watcher attaches mid-run, with the coordinator's login
                 late.append(Watching(broker.url("coordinator"), run_dir.name, start_timeout=10))
 
-        for node_id in NODES:
-            nodes.start(broker.url(node_id), run_dir.name, node_id)
-        result, executor, _ = _run(world, broker.url("coordinator"), run_dir, on_event)
-        assert nodes.wait_all() == dict.fromkeys(NODES, 0)
+        result, executor, _ = _run_with_nodes(world, nodes, broker, run_dir, on_event, logins=True)
         lines = (run_dir / "events.jsonl").read_text().splitlines()
         assert early.join() == lines
         # mid-run: the retained start, then the rounds from where it attached (round 2 or 3), then the end
@@ -337,7 +335,6 @@ def test_a_watcher_sees_the_start_every_round_in_order_and_the_end_as_events_jso
 
 def test_watch_broker_of_a_run_that_is_not_there_exits_2_within_its_timeout(tmp_path, capsys):
     from collective.cli import main
-    from collective.distributed.protocol import EventPayload
     from collective.records import RunEnd
 
     users = {"coordinator": "c-pass", "a": "a-pass", "watcher": "w-pass"}
@@ -415,17 +412,14 @@ async def _inject(url: str, run_id: str, round_index: int, tokenizer, vocab_size
 def test_malformed_oversized_spoofed_and_wrong_run_envelopes_are_dropped_counted_and_change_nothing(world, nodes, tmp_path):
     tokenizer = world.prepared.tokenizer
     vocab_size = world.prepared.models["tiny"].vocab_size
+    run_dir = tmp_path / "run-hostile"
     with running_broker(tmp_path / "broker") as broker:  # no ACL: the runtime's own checks are on trial
-        run_dir = tmp_path / "run-hostile"
-        for node_id in NODES:
-            nodes.start(broker.url(), run_dir.name, node_id)
 
         def on_event(executor: MqttExecutor, event: RoundEvent) -> None:
             if event.round_index == 1:
                 asyncio.run(_inject(broker.url(), run_dir.name, 1, tokenizer, vocab_size))
 
-        result, executor, console = _run(world, broker.url(), run_dir, on_event)
-        assert nodes.wait_all() == dict.fromkeys(NODES, 0)
+        result, executor, console = _run_with_nodes(world, nodes, broker, run_dir, on_event)
     assert result.report is not None
     _assert_same_evaluation(world.embedded, result.report)
     assert _messages(run_dir) == world.embedded_messages

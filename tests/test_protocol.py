@@ -1,4 +1,4 @@
-"""The wire format of the distributed runtime: envelopes, tensors, topics, limits (no broker)."""
+"""The wire format of the distributed runtime: envelopes, payloads, tensors, topics, limits (no broker)."""
 
 from __future__ import annotations
 
@@ -8,23 +8,27 @@ import math
 import pytest
 import torch
 
-from collective.distributed.protocol import (
-    COORDINATOR,
+from collective.distributed.payloads import (
+    EventPayload,
     JoinPayload,
     MessageKey,
     MessagePayload,
     PredictionsWire,
-    Rejected,
-    Rejections,
     RequestPayload,
     ResultPayload,
     TensorBlob,
-    Topics,
     check_predictions,
+)
+from collective.distributed.protocol import (
+    COORDINATOR,
+    Rejected,
+    Rejections,
+    Topics,
     decode_envelope,
     encode,
     envelope,
     message_bytes_bound,
+    open_envelope,
     result_bytes_bound,
     round_event_bytes_bound,
     text_digest,
@@ -220,7 +224,7 @@ def test_message_records_of_relay_policy_serialize_inside_requests():
 
 
 def test_an_event_envelope_carries_a_run_record_exactly_and_its_topic_parses_back():
-    from collective.distributed.protocol import EventPayload, event_record_topic
+    from collective.distributed.protocol import event_record_topic
     from collective.records import NodeRound, RoundEvent, RunEnd
 
     nan_round = RoundEvent(
@@ -241,7 +245,6 @@ def test_an_event_envelope_carries_a_run_record_exactly_and_its_topic_parses_bac
 
 
 def test_the_round_event_bound_holds_a_round_with_every_message_at_its_budget():
-    from collective.distributed.protocol import EventPayload
     from collective.records import NodeRound, RoundEvent
 
     ids = [f"node-{i:02d}" for i in range(8)]
@@ -257,3 +260,23 @@ def test_the_round_event_bound_holds_a_round_with_every_message_at_its_budget():
     )
     size = len(encode(envelope("r", COORDINATOR, EventPayload(record=event), 0)))
     assert size <= round_event_bytes_bound(len(ids), len(links), 24, 160)
+
+
+def test_an_envelope_of_another_run_or_from_someone_but_the_topics_owner_is_not_opened():
+    raw = encode(envelope("run-1", "a", MessagePayload(record=_record())))
+    assert open_envelope(raw, 10_000, run_id="run-1", sender="a").sender == "a"
+    for run_id, sender, reason in (("run-2", "a", "wrong_run"), ("run-1", "b", "spoofed")):
+        with pytest.raises(Rejected) as caught:
+            open_envelope(raw, 10_000, run_id=run_id, sender=sender)
+        assert caught.value.reason == reason
+
+
+def test_dropping_counts_a_rejection_and_a_handler_bug_alike_and_the_receiver_goes_on():
+    counts = Rejections("test")
+    with counts.dropping("t"):
+        raise Rejected("oversized", "too big")
+    with counts.dropping("t"):
+        raise KeyError("a bug in a handler")
+    with counts.dropping("t"):
+        pass
+    assert counts.as_dict() == {"malformed": 1, "oversized": 1}

@@ -7,14 +7,8 @@ import time
 import pytest
 
 from collective.distributed.mqtt import parse_broker_url
-from collective.distributed.protocol import (
-    ControlPayload,
-    EventPayload,
-    MessagePayload,
-    Topics,
-    encode,
-    envelope,
-)
+from collective.distributed.payloads import ControlPayload, EventPayload, MessagePayload
+from collective.distributed.protocol import Topics, encode, envelope
 from collective.distributed.watcher import EventSequencer, EventSubscription, NoSuchRun
 from collective.records import MessageRecord, NodeInfo, NodeRound, RoundEvent, RunEnd, RunStart
 

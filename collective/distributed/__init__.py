@@ -1,12 +1,16 @@
 """The distributed runtime: a coordinator and volunteer nodes talking through an MQTT broker.
 
-`protocol` holds the versioned envelopes and the topic layout, `mqtt` the client helpers
-(broker URLs, TLS, TCP_NODELAY), `preflight` the step-by-step connection checks,
-`coordinator` the `Executor` the round engine drives, `volunteer` the node process,
-`watcher` the read-only view of a run's records (`subscribe_events`, behind `collective
-watch --broker`) and `broker` the Mosquitto configuration. `cli` adds the `node` and
-`broker` subcommands. Nothing here is imported unless a distributed run is asked for
-(`subscribe_events` too is imported on first use).
+The wire: `protocol` (versioned envelopes, topics, size limits) and `payloads` (what the
+envelopes carry). The connection: `mqtt` (broker URLs, TLS, TCP_NODELAY), `connection`
+(the one reconnecting connection every party holds), `loop_thread` (the asyncio loop that
+synchronous code drives), `preflight` (step-by-step connection checks). The coordinator:
+`coordinator` (the `Executor` the round engine drives, and `connect_executor`), `roster`
+(who serves which node), `rounds` (a round's requests and results), `validation` (what a
+result must be), `event_feed` (run records for watchers). The node: `volunteer` and its
+`mailbox`. `watcher` is the read-only view of a run (`subscribe_events`, behind
+`collective watch --broker`) and `broker` the Mosquitto configuration. Nothing here is
+imported unless a distributed run is asked for (`subscribe_events` too is imported on
+first use).
 """
 
 from __future__ import annotations

@@ -18,7 +18,7 @@ from urllib.parse import parse_qsl, unquote, urlsplit
 
 import aiomqtt
 
-from collective.run.runner import RunError
+from collective.run.prepared import RunError
 
 ADDRESS_OPTIONS = ("ca", "cert", "key", "insecure")
 KEEPALIVE_S = 20  # a silent client is dropped after 1.5x this, and its last will published

@@ -1,9 +1,9 @@
-"""What travels over the broker: versioned envelopes, their payloads, and the topic layout.
+"""What travels over the broker: versioned envelopes, the topic layout, and the size limits.
 
 Every MQTT payload is one JSON `Envelope` (schema version, run id, round, sender, kind,
-payload). Topics live under `collective/<run_id>/`; the coordinator writes only under
-`coord/`, a node only under `nodes/<its id>/`, so that a broker ACL can let each user
-publish under its own topics and nothing else:
+payload; the payloads are in `payloads`). Topics live under `collective/<run_id>/`; the
+coordinator writes only under `coord/`, a node only under `nodes/<its id>/`, so that a
+broker ACL can let each user publish under its own topics and nothing else:
 
     coord/scenario             retained  the resolved scenario and every node's links
     coord/control              retained  open (with the coordinator's session) or ended
@@ -18,32 +18,28 @@ publish under its own topics and nothing else:
 
 The `coord/events/` records are for read-only watchers (`collective watch --broker`):
 no node subscribes to them, so their `event` kind was added without a schema bump.
-A received payload goes through `decode_envelope` (size, JSON, schema) and then the
-receiver's own checks (run, round, sender, neighbour, budget); anything that fails is
-dropped and counted in `Rejections`, never raised to the round logic.
-Predictions travel as base64 of little-endian float32/int32 arrays: exact round trips.
+A received payload goes through `open_envelope` (size, JSON, schema, run, sender) and then
+the receiver's own checks (round, neighbour, budget); anything that fails is dropped and
+counted in `Rejections` (`Rejections.dropping`), never raised to the round logic.
 """
 
 from __future__ import annotations
 
-import base64
+import contextlib
 import hashlib
 import json
 import logging
-import math
-import sys
 import time
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Annotated, Any, Literal
+from typing import Literal, Protocol
 
-import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import ConfigDict, Field, ValidationError, model_validator
 
-from collective.lm.predictions import TokenPredictions
-from collective.records import Event, MessageRecord, RoundEvent, RunEnd, RunStart
-from collective.run.node import NodeRoundRequest, NodeRoundResult
-from collective.scenario import MessageSpec
+from collective.distributed.payloads import Kind, Payload, WireModel
+from collective.lm.codec import TextCodec
+from collective.records import RunRecord
 
 log = logging.getLogger(__name__)
 
@@ -69,302 +65,7 @@ RejectReason = Literal[
 ]
 
 
-class _Wire(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-# ---------------------------------------------------------------------------- tensors
-
-
-_DTYPES: dict[str, tuple[torch.dtype, int]] = {"float32": (torch.float32, 4), "int32": (torch.int32, 4)}
-
-
-class TensorBlob(_Wire):
-    """A tensor as base64 of its little-endian bytes (float32 and int32 round-trip exactly)."""
-
-    dtype: Literal["float32", "int32"]
-    shape: list[Annotated[int, Field(ge=0, le=1 << 24)]] = Field(max_length=4)
-    data: str = Field(pattern=r"^[A-Za-z0-9+/]*={0,2}$")
-
-    @model_validator(mode="after")
-    def _size_matches(self) -> TensorBlob:
-        expected = math.prod(self.shape) * _DTYPES[self.dtype][1]
-        # base64 of n bytes is 4 * ceil(n / 3) characters
-        if len(self.data) != 4 * ((expected + 2) // 3):
-            raise ValueError(f"data holds {len(self.data)} base64 characters, shape {self.shape} needs {expected} bytes")
-        return self
-
-    @staticmethod
-    def from_tensor(tensor: torch.Tensor, dtype: Literal["float32", "int32"]) -> TensorBlob:
-        torch_dtype = _DTYPES[dtype][0]
-        array = tensor.detach().to("cpu", torch_dtype).contiguous()
-        raw = array.numpy().tobytes() if sys.byteorder == "little" else array.numpy().byteswap().tobytes()
-        return TensorBlob(dtype=dtype, shape=list(array.shape), data=base64.b64encode(raw).decode("ascii"))
-
-    def to_tensor(self) -> torch.Tensor:
-        raw = bytearray(base64.b64decode(self.data, validate=True))
-        torch_dtype = _DTYPES[self.dtype][0]
-        if not raw:
-            return torch.zeros(self.shape, dtype=torch_dtype)
-        tensor = torch.frombuffer(raw, dtype=torch_dtype).reshape(self.shape).clone()
-        return tensor if sys.byteorder == "little" else tensor.byteswap()  # type: ignore[attr-defined]
-
-
-class PredictionsWire(_Wire):
-    """A `TokenPredictions` record on the wire. Shapes: (N, T), (N, T, K), (N, T, K)."""
-
-    target_logprob: TensorBlob
-    topk_ids: TensorBlob
-    topk_logprobs: TensorBlob
-    vocab_size: int = Field(ge=1, lt=1 << 31)
-
-    @model_validator(mode="after")
-    def _shapes_agree(self) -> PredictionsWire:
-        n_t = self.target_logprob.shape
-        if len(n_t) != 2 or self.topk_ids.shape != self.topk_logprobs.shape or self.topk_ids.shape[:2] != n_t:
-            raise ValueError(
-                f"inconsistent shapes {self.target_logprob.shape}, {self.topk_ids.shape}, {self.topk_logprobs.shape}"
-            )
-        if len(self.topk_ids.shape) != 3 or self.target_logprob.dtype != "float32" or self.topk_ids.dtype != "int32":
-            raise ValueError("expected float32 (N, T) log-probs and int32 (N, T, K) ids")
-        return self
-
-    @staticmethod
-    def from_predictions(preds: TokenPredictions) -> PredictionsWire:
-        return PredictionsWire(
-            target_logprob=TensorBlob.from_tensor(preds.target_logprob, "float32"),
-            topk_ids=TensorBlob.from_tensor(preds.topk_ids, "int32"),
-            topk_logprobs=TensorBlob.from_tensor(preds.topk_logprobs, "float32"),
-            vocab_size=preds.vocab_size,
-        )
-
-    def to_predictions(self) -> TokenPredictions:
-        return TokenPredictions(
-            self.target_logprob.to_tensor(),
-            self.topk_ids.to_tensor().long(),
-            self.topk_logprobs.to_tensor(),
-            self.vocab_size,
-        )
-
-
-def check_predictions(preds: TokenPredictions, *, n_positions: int, top_k: int, vocab_size: int) -> str | None:
-    """Why a received record cannot be one member's round of this run, or None when it can."""
-    if preds.n_members != 1 or preds.n_positions != n_positions:
-        return f"expected 1 member x {n_positions} positions, got {preds.n_members} x {preds.n_positions}"
-    if preds.vocab_size != vocab_size:
-        return f"vocabulary of {preds.vocab_size} tokens, the run's model has {vocab_size}"
-    if preds.topk_ids.shape[-1] != min(top_k, vocab_size):
-        return f"{preds.topk_ids.shape[-1]} candidates per position, the run keeps {min(top_k, vocab_size)}"
-    if bool(((preds.topk_ids < 0) | (preds.topk_ids >= vocab_size)).any()):
-        return "a candidate token id outside the vocabulary"
-    for name, values in (("target", preds.target_logprob), ("top-k", preds.topk_logprobs)):
-        if bool(torch.isnan(values).any()) or bool((values > 1e-3).any()):
-            return f"{name} log-probabilities that are NaN or above 0"
-    return None
-
-
-# ---------------------------------------------------------------------------- payloads
-
-
-class ScenarioPayload(_Wire):
-    """What a volunteer needs to know of the run: the scenario and its node's links."""
-
-    kind: Literal["scenario"] = "scenario"
-    scenario_yaml: str
-    in_neighbours: dict[str, list[str]] = Field(description="receiver -> senders, in inbox order")
-    out_neighbours: dict[str, list[str]] = Field(description="sender -> receivers, in send order")
-    tokenizer_digest: str = Field(description="what a node's tokenizer must hash to (see tokenizer_digest)")
-    session: str
-
-
-class ControlPayload(_Wire):
-    kind: Literal["control"] = "control"
-    state: Literal["open", "ended"]
-    session: str
-    detail: str = ""
-
-
-class JoinPayload(_Wire):
-    kind: Literal["join"] = "join"
-    session: str = Field(max_length=64)
-    model: str = Field(max_length=500)
-    vocab_size: int
-    tokenizer_digest: str = Field(max_length=64)
-    device: str = Field(max_length=64)
-    host: str = Field("", max_length=255)
-
-
-class LeavePayload(_Wire):
-    kind: Literal["leave"] = "leave"
-    session: str = Field(max_length=64)
-    reason: str = Field("", max_length=500)
-
-
-class WelcomePayload(_Wire):
-    kind: Literal["welcome"] = "welcome"
-    session: str
-
-
-class RefusePayload(_Wire):
-    kind: Literal["refuse"] = "refuse"
-    session: str
-    reason: str
-
-
-class MessageKey(_Wire):
-    """A message the coordinator booked: the receiver reads exactly these."""
-
-    sender: str
-    round_sent: int
-    digest: str
-
-
-class RequestPayload(_Wire):
-    """One node's round: only its own view (partial observation is enforced here)."""
-
-    kind: Literal["request"] = "request"
-    node_id: str
-    control_ids: list[int]
-    prefix_ids: list[int]
-    round_inputs: list[int]
-    targets: list[int]
-    message: MessageSpec
-    message_tokens: int = Field(ge=0)
-    seed: int
-    want_plain: bool = True
-    want_isolated: bool = True
-    inbox: list[MessageKey] = Field(default_factory=list, description="messages that become readable this round")
-    deadline_s: float = Field(gt=0)
-
-    @staticmethod
-    def from_request(request: NodeRoundRequest, inbox: list[MessageKey], deadline_s: float) -> RequestPayload:
-        return RequestPayload(
-            node_id=request.node_id,
-            control_ids=list(request.control_ids),
-            prefix_ids=request.prefix_ids.tolist(),
-            round_inputs=request.round_inputs.tolist(),
-            targets=request.targets.tolist(),
-            message=request.message,
-            message_tokens=request.message_tokens,
-            seed=request.seed,
-            want_plain=request.want_plain,
-            want_isolated=request.want_isolated,
-            inbox=inbox,
-            deadline_s=deadline_s,
-        )
-
-    def to_request(self, round_index: int, inbox_text: str) -> NodeRoundRequest:
-        def ids(values: list[int]) -> torch.Tensor:
-            return torch.tensor(values, dtype=torch.long)
-
-        return NodeRoundRequest(
-            node_id=self.node_id,
-            round_index=round_index,
-            control_ids=list(self.control_ids),
-            prefix_ids=ids(self.prefix_ids),
-            round_inputs=ids(self.round_inputs),
-            targets=ids(self.targets),
-            message=self.message,
-            message_tokens=self.message_tokens,
-            seed=self.seed,
-            inbox_text=inbox_text,
-            want_plain=self.want_plain,
-            want_isolated=self.want_isolated,
-        )
-
-    def ids_out_of_range(self, vocab_size: int) -> bool:
-        every = (*self.control_ids, *self.prefix_ids, *self.round_inputs, *self.targets)
-        return any(t < 0 or t >= vocab_size for t in every)
-
-
-class ResultPayload(_Wire):
-    """What the evaluator needs of a node's round, plus the node's own counters."""
-
-    kind: Literal["result"] = "result"
-    session: str
-    collective: PredictionsWire
-    isolated: PredictionsWire | None
-    plain: PredictionsWire | None
-    message_text: str | None
-    inbox_tokens: int = Field(ge=0)
-    messages: list[MessageRecord]
-    compute_seconds: float = 0.0
-    rejected: dict[str, int] = Field(default_factory=dict, description="envelopes this node dropped so far, by reason")
-    missing_messages: int = Field(0, description="booked messages that never reached this node, so far")
-
-    @staticmethod
-    def from_result(
-        result: NodeRoundResult, session: str, compute_seconds: float, rejected: dict[str, int], missing_messages: int
-    ) -> ResultPayload:
-        def wire(preds: TokenPredictions | None) -> PredictionsWire | None:
-            return None if preds is None else PredictionsWire.from_predictions(preds)
-
-        collective = wire(result.collective)
-        assert collective is not None
-        return ResultPayload(
-            session=session,
-            collective=collective,
-            isolated=wire(result.isolated),
-            plain=wire(result.plain),
-            message_text=result.message_text,
-            inbox_tokens=result.inbox_tokens,
-            messages=list(result.messages),
-            compute_seconds=compute_seconds,
-            rejected=rejected,
-            missing_messages=missing_messages,
-        )
-
-    def to_result(self, node_id: str, round_index: int) -> NodeRoundResult:
-        return NodeRoundResult(
-            node_id=node_id,
-            round_index=round_index,
-            collective=self.collective.to_predictions(),
-            isolated=None if self.isolated is None else self.isolated.to_predictions(),
-            plain=None if self.plain is None else self.plain.to_predictions(),
-            message_text=self.message_text,
-            inbox_tokens=self.inbox_tokens,
-            messages=list(self.messages),
-        )
-
-
-class MessagePayload(_Wire):
-    kind: Literal["message"] = "message"
-    record: MessageRecord
-
-
-class EchoPayload(_Wire):
-    kind: Literal["echo"] = "echo"
-    nonce: str
-
-
-class EventPayload(_Wire):
-    """One run record (RunStart, RoundEvent or RunEnd): exactly a line of the run's events.jsonl.
-
-    Added to schema 1 without a version bump: only watchers subscribe to coord/events/, and a
-    record carries its own `schema_version` (EVENT_SCHEMA_VERSION of collective.records)."""
-
-    kind: Literal["event"] = "event"
-    record: Event
-
-
-Payload = Annotated[
-    ScenarioPayload
-    | ControlPayload
-    | JoinPayload
-    | LeavePayload
-    | WelcomePayload
-    | RefusePayload
-    | RequestPayload
-    | ResultPayload
-    | MessagePayload
-    | EchoPayload
-    | EventPayload,
-    Field(discriminator="kind"),
-]
-Kind = Literal["scenario", "control", "join", "leave", "welcome", "refuse", "request", "result", "message", "echo", "event"]
-
-
-class Envelope(_Wire):
+class Envelope(WireModel):
     # a round record's NaN (a round every node missed) must survive, as it does in events.jsonl
     model_config = ConfigDict(extra="forbid", frozen=True, ser_json_inf_nan="constants")
 
@@ -383,7 +84,7 @@ class Envelope(_Wire):
         return self
 
 
-def envelope(run_id: str, sender: str, payload: Any, round_index: int = -1) -> Envelope:
+def envelope(run_id: str, sender: str, payload: Payload, round_index: int = -1) -> Envelope:
     return Envelope(
         run_id=run_id, round_index=round_index, sender=sender, kind=payload.kind, sent_at=time.time(), payload=payload
     )
@@ -422,6 +123,17 @@ def decode_envelope(raw: bytes | bytearray, max_bytes: int) -> Envelope:
         raise Rejected("malformed", f"{exc.error_count()} problem(s), first at {where}: {first['msg']}") from None
 
 
+def open_envelope(raw: bytes | bytearray, max_bytes: int, *, run_id: str, sender: str) -> Envelope:
+    """`decode_envelope`, then what every receiver checks first: the envelope is of this run and
+    its sender owns the topic it came on. Raises `Rejected` (wrong_run, spoofed and the above)."""
+    env = decode_envelope(raw, max_bytes)
+    if env.run_id != run_id:
+        raise Rejected("wrong_run", f"run {env.run_id!r}, this is {run_id!r}")
+    if env.sender != sender:
+        raise Rejected("spoofed", f"sender {env.sender!r} on {sender!r}'s topic")
+    return env
+
+
 # ---------------------------------------------------------------------------- counters
 
 
@@ -442,6 +154,18 @@ class Rejections:
     def as_dict(self) -> dict[str, int]:
         return dict(sorted(self.counts.items()))
 
+    @contextlib.contextmanager
+    def dropping(self, topic: str) -> Iterator[None]:
+        """Count what the block rejects. Whatever else it raises is logged as a bug and counted
+        as malformed: no payload, however made, stops its receiver."""
+        try:
+            yield
+        except Rejected as rejected:
+            self.add(rejected.reason, topic, rejected.detail)
+        except Exception as exc:
+            log.exception("an envelope on %s could not be handled", topic)
+            self.add("malformed", topic, f"could not be handled: {exc!r}")
+
     @property
     def total(self) -> int:
         return sum(self.counts.values())
@@ -459,25 +183,15 @@ class TopicInfo:
     target: str | None = None  # coord/to/<node>: the node; nodes/<n>/msg/<receiver>: the receiver; coord/events/<kind>: the kind
 
 
-@dataclass(frozen=True)
 class Topics:
-    run_id: str
+    """The topic names of one run (what each carries: the module docstring)."""
 
-    @property
-    def root(self) -> str:
-        return f"{TOPIC_ROOT}/{self.run_id}"
-
-    @property
-    def scenario(self) -> str:
-        return f"{self.root}/coord/scenario"
-
-    @property
-    def control(self) -> str:
-        return f"{self.root}/coord/control"
-
-    @property
-    def coordinator_echo(self) -> str:
-        return f"{self.root}/coord/echo"
+    def __init__(self, run_id: str) -> None:
+        self.run_id = run_id
+        self.root = f"{TOPIC_ROOT}/{run_id}"
+        coord = f"{self.root}/coord"
+        self.scenario, self.control, self.coordinator_echo = f"{coord}/scenario", f"{coord}/control", f"{coord}/echo"
+        self.events = f"{coord}/events/#"
 
     def to_node(self, node_id: str) -> str:
         return f"{self.root}/coord/to/{node_id}"
@@ -485,10 +199,6 @@ class Topics:
     def event(self, kind: Literal["start", "round", "end"]) -> str:
         """coord/events/start (retained), coord/events/round, coord/events/end (retained)."""
         return f"{self.root}/coord/events/{kind}"
-
-    @property
-    def events(self) -> str:
-        return f"{self.root}/coord/events/#"
 
     def watcher_subscriptions(self) -> list[str]:
         # control too: a run whose coordinator is still waiting for its nodes has no start record yet
@@ -543,7 +253,13 @@ def text_digest(text: str) -> str:
     return hashlib.blake2b(text.encode("utf-8"), digest_size=8).hexdigest()
 
 
-def tokenizer_digest(tokenizer: Any) -> str:
+class Vocabulary(TextCodec, Protocol):
+    """A tokenizer whose whole vocabulary can be listed (a transformers tokenizer is one)."""
+
+    def get_vocab(self) -> dict[str, int]: ...
+
+
+def tokenizer_digest(tokenizer: Vocabulary) -> str:
     """A short hash of a tokenizer's vocabulary and of its encodings of a few probe texts."""
     vocab = sorted(tokenizer.get_vocab().items())
     probes = ["The quick brown fox.", "  def f(x):\n\treturn x ** 2  # héllo\n", "1234 ,.;:!? 東京 🙂"]
@@ -587,6 +303,6 @@ def start_event_bytes_bound(n_nodes: int, n_links: int, scenario_yaml_bytes: int
     return 16_384 + 2 * scenario_yaml_bytes + n_nodes * (768 + 6 * BYTES_PER_TOKEN_BOUND * 64) + n_links * 640
 
 
-def event_record_topic(record: RunStart | RoundEvent | RunEnd) -> tuple[Literal["start", "round", "end"], bool]:
+def event_record_topic(record: RunRecord) -> tuple[Literal["start", "round", "end"], bool]:
     """Where a record goes under coord/events/, and whether the broker retains it."""
     return record.kind, record.kind != "round"

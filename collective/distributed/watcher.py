@@ -7,8 +7,8 @@ iterator of the run's records, the same as the lines of the coordinator's events
     RunStart (retained: a watcher that attaches mid-run gets it first), then each
     RoundEvent from the moment it attached, in order, then RunEnd, where it stops.
 
-An asyncio loop in a background thread owns the MQTT connection (reconnecting with
-backoff, like every other party) and hands what arrives to a queue; `EventSequencer`
+A `LoopThread` runs the MQTT `Connection` (reconnecting, like every other party's) and
+hands what arrives to a queue; `EventSequencer`
 (pure, no broker) turns those payloads into the ordered records: invalid ones are
 dropped, logged and counted, a start republished after a broker restart is not shown
 twice, rounds that arrive before the start wait for it. Closing the iterator (or Ctrl-C)
@@ -20,47 +20,43 @@ credentials.txt (the coordinator's login works too).
 
 from __future__ import annotations
 
-import asyncio
+import concurrent.futures
 import contextlib
 import logging
 import queue
-import threading
 import time
 from collections.abc import Iterator
 from typing import Any
 
 import aiomqtt
 
+from collective.distributed.connection import Connection
+from collective.distributed.loop_thread import LoopThread
 from collective.distributed.mqtt import (
     BrokerAddress,
     DistributedError,
-    client_id,
     describe_connect_error,
-    make_client,
     parse_broker_url,
 )
+from collective.distributed.payloads import ControlPayload, EventPayload
 from collective.distributed.preflight import preflight
 from collective.distributed.protocol import (
     COORDINATOR,
     RUN_ID_PATTERN,
-    ControlPayload,
-    EventPayload,
+    WATCHER,
     Rejected,
     Rejections,
     Topics,
-    decode_envelope,
+    open_envelope,
 )
-from collective.records import RoundEvent, RunEnd, RunStart
+from collective.records import RoundEvent, RunEnd, RunRecord, RunStart
 
 log = logging.getLogger(__name__)
-
-Record = RunStart | RoundEvent | RunEnd
 
 START_TIMEOUT_S = 30.0  # how long to wait for any sign of the run before saying it is not there
 END_GRACE_S = 5.0  # after `control: ended`, how long the end record (or the start) still gets
 MAX_EVENT_BYTES = 256 << 20  # the broker's max_packet_size is the real limit
 MAX_EARLY_ROUNDS = 1_000  # rounds held while the start record has not arrived
-MAX_BACKOFF_S = 10.0
 
 
 class NoSuchRun(DistributedError):
@@ -90,40 +86,35 @@ class EventSequencer:
         """Anything of the run arrived: a record or the coordinator's control state."""
         return self.start is not None or self.control is not None or self._early_end is not None or bool(self._early)
 
-    def feed(self, topic: str, raw: bytes | bytearray) -> list[Record]:
+    def feed(self, topic: str, raw: bytes | bytearray) -> list[RunRecord]:
         """The records that become showable with this payload (often none, sometimes several)."""
         info = self.topics.parse(topic)
         if info is None or info.channel not in ("events", "control") or not raw:
             return []  # not ours, or an empty payload that cleared a retained record
-        try:
-            env = decode_envelope(raw, MAX_EVENT_BYTES)
-            if env.run_id != self.run_id:
-                raise Rejected("wrong_run", f"run {env.run_id!r}, this is {self.run_id!r}")
-            if env.sender != COORDINATOR:
-                raise Rejected("spoofed", f"sender {env.sender!r} on the coordinator's topic")
+        shown: list[RunRecord] = []
+        with self.rejections.dropping(topic):
+            env = open_envelope(raw, MAX_EVENT_BYTES, run_id=self.run_id, sender=COORDINATOR)
             payload = env.payload
             if info.channel == "control":
                 if not isinstance(payload, ControlPayload):
                     raise Rejected("unexpected", f"a {env.kind!r} envelope on the control topic")
                 self.control = payload
-                return []
-            if not isinstance(payload, EventPayload) or payload.record.kind != info.target:
+            elif not isinstance(payload, EventPayload) or payload.record.kind != info.target:
                 raise Rejected("unexpected", f"a {env.kind!r} envelope on {topic}")
-            if payload.record.run_id != self.run_id:
+            elif payload.record.run_id != self.run_id:
                 raise Rejected("wrong_run", f"a record of run {payload.record.run_id!r}")
-        except Rejected as rejected:
-            self.rejections.add(rejected.reason, topic, rejected.detail)
-            return []
-        return self._order(payload.record)
+            else:
+                shown = self._order(payload.record)
+        return shown
 
-    def _order(self, record: Record) -> list[Record]:
+    def _order(self, record: RunRecord) -> list[RunRecord]:
         if self.end is not None:
             return []
         if isinstance(record, RunStart):
             if self.start is not None:
                 return []  # the retained start again (the coordinator republishes it after a reconnect)
             self.start = record
-            shown: list[Record] = [record]
+            shown: list[RunRecord] = [record]
             for early in sorted(self._early, key=lambda event: event.round_index):
                 shown += self._round(early)
             self._early = []
@@ -141,13 +132,13 @@ class EventSequencer:
             return self._round(record)
         return self._finish(record)
 
-    def _round(self, event: RoundEvent) -> list[Record]:
+    def _round(self, event: RoundEvent) -> list[RunRecord]:
         if event.round_index <= self.last_round:
             return []  # already shown
         self.last_round = event.round_index
         return [event]
 
-    def _finish(self, end: RunEnd) -> list[Record]:
+    def _finish(self, end: RunEnd) -> list[RunRecord]:
         self.end = end
         return [end]
 
@@ -191,35 +182,39 @@ class EventSubscription:
         self.idle_timeout = idle_timeout
         self.connect_timeout = connect_timeout
         self.sequencer = EventSequencer(run_id)
-        self._inbox: queue.Queue[tuple[str, Any, Any]] = queue.Queue()
-        self._pending: list[Record] = []
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._task: asyncio.Task[None] | None = None
+        self._inbox: queue.Queue[tuple[str, Any, Any]] = queue.Queue()  # ready, message or failed
+        self._pending: list[RunRecord] = []
         self._closing = False
         self._subscribed_at = 0.0
-        self._thread = threading.Thread(target=self._serve, name="collective-watch", daemon=True)
+        self._thread: LoopThread | None = None  # started by open()
+        # a first connection that fails is reported, not retried
+        self.connection = Connection(
+            address, WATCHER, self.topics.watcher_subscriptions(), self._received,
+            on_connect=self._connected, timeout=connect_timeout, retry_first=False,
+        )
 
     # ------------------------------------------------------------------ main thread
 
     def open(self) -> EventSubscription:
         """Check the broker, log in and subscribe (raises DistributedError with what to do)."""
-        self._loop = asyncio.new_event_loop()
-        self._thread.start()
+        self._thread = LoopThread("collective-watch").start()
+        self._thread.submit(self._watch()).add_done_callback(self._ended)
+        patience = 4 * self.connect_timeout + 5
         try:
-            kind, value, _ = self._inbox.get(timeout=4 * self.connect_timeout + 5)
+            kind, value, _ = self._inbox.get(timeout=patience)
         except queue.Empty:
             self.close()
-            raise DistributedError(f"no answer from the broker at {self.address.display()} within {4 * self.connect_timeout + 5:g} s") from None
+            raise DistributedError(f"no answer from the broker at {self.address.display()} within {patience:g} s") from None
         if kind == "failed":
             self.close()
             raise value
         self._subscribed_at = time.monotonic()
         return self
 
-    def __iter__(self) -> Iterator[Record]:
+    def __iter__(self) -> Iterator[RunRecord]:
         return self
 
-    def __next__(self) -> Record:
+    def __next__(self) -> RunRecord:
         sequencer = self.sequencer
         last_news = time.monotonic()
         ended_since: float | None = None
@@ -264,73 +259,40 @@ class EventSubscription:
         if self._closing:
             return
         self._closing = True
-        if self._loop is not None and self._thread.is_alive():
-            with contextlib.suppress(RuntimeError):  # the loop already closed
-                self._loop.call_soon_threadsafe(self._cancel)
-            self._thread.join(timeout=10)
-
-    def _cancel(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
+        thread = self._thread
+        if thread is None:
+            return
+        if thread.alive:
+            with contextlib.suppress(Exception):  # the connection may have ended already
+                thread.call(self.connection.close(), timeout=10)
+        thread.stop()
 
     # ------------------------------------------------------------------ loop thread
 
-    def _serve(self) -> None:
-        loop = self._loop
-        assert loop is not None
-        asyncio.set_event_loop(loop)
+    async def _watch(self) -> None:
+        # DNS, TCP, TLS and the login, each with what to do when it fails
+        await preflight(self.address, None, timeout=self.connect_timeout)
         try:
-            self._task = loop.create_task(self._connection_loop())
-            with contextlib.suppress(asyncio.CancelledError):
-                loop.run_until_complete(self._task)
-        except BaseException as exc:  # whatever happens here, the main thread hears of it
-            failure = exc if isinstance(exc, DistributedError) else DistributedError(f"the watcher's connection failed: {exc!r}")
-            self._inbox.put(("failed", failure, None))
-        finally:
-            with contextlib.suppress(Exception):
-                loop.run_until_complete(loop.shutdown_asyncgens())
-            loop.close()
+            await self.connection.run()
+        except aiomqtt.MqttError as exc:  # only the first connection's (later ones reconnect)
+            raise DistributedError(describe_connect_error(self.address, exc)) from None
 
-    async def _connection_loop(self) -> None:
-        backoff = 0.5
-        first = True
-        while not self._closing:
-            try:
-                if first:  # DNS, TCP, TLS and the login, each with what to do when it fails
-                    await preflight(self.address, None, timeout=self.connect_timeout)
-                async with make_client(self.address, identifier=client_id("watcher"), timeout=self.connect_timeout) as client:
-                    for topic in self.topics.watcher_subscriptions():
-                        granted = await client.subscribe(topic, qos=1)
-                        if any(getattr(code, "value", code) >= 128 for code in granted):
-                            raise DistributedError(
-                                f"the broker at {self.address.display()} refused to let "
-                                f"{'user ' + repr(self.address.username) if self.address.username else 'an anonymous client'} "
-                                f"read {topic}; with `collective broker`, log in as the watcher user of credentials.txt"
-                            )
-                    if first:
-                        self._inbox.put(("ready", None, None))
-                        first = False
-                    else:
-                        log.info("back on the broker at %s", self.address.display())
-                    backoff = 0.5
-                    async for message in client.messages:
-                        raw = message.payload
-                        payload = bytes(raw) if isinstance(raw, (bytes, bytearray)) else str(raw or "").encode()
-                        self._inbox.put(("message", str(message.topic), payload))
-            except DistributedError as exc:
-                if first:
-                    self._inbox.put(("failed", exc, None))
-                    return
-                raise
-            except aiomqtt.MqttError as exc:
-                if first:
-                    self._inbox.put(("failed", DistributedError(describe_connect_error(self.address, exc)), None))
-                    return
-                if self._closing:
-                    return
-                log.warning("lost the broker at %s (%s); reconnecting in %.1f s", self.address.display(), exc, backoff)
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, MAX_BACKOFF_S)
+    async def _connected(self) -> None:
+        if self.connection.connects == 0:
+            self._inbox.put(("ready", None, None))
+        else:
+            log.info("back on the broker at %s", self.address.display())
+
+    async def _received(self, topic: str, payload: bytes) -> None:
+        self._inbox.put(("message", topic, payload))
+
+    def _ended(self, future: concurrent.futures.Future[None]) -> None:
+        """Whatever ends the connection other than `close()`, the main thread hears of it."""
+        if future.cancelled() or future.exception() is None:
+            return
+        exc = future.exception()
+        failure = exc if isinstance(exc, DistributedError) else DistributedError(f"the watcher's connection failed: {exc!r}")
+        self._inbox.put(("failed", failure, None))
 
 
 def subscribe_events(
@@ -340,7 +302,7 @@ def subscribe_events(
     start_timeout: float = START_TIMEOUT_S,
     idle_timeout: float | None = None,
     connect_timeout: float = 10.0,
-) -> Iterator[Record]:
+) -> Iterator[RunRecord]:
     """The records of distributed run `run_id` as they happen (see the module docstring).
 
     Connects before returning: an unreachable broker or a refused login raises
@@ -361,7 +323,7 @@ def subscribe_events(
     return _records(subscription)
 
 
-def _records(subscription: EventSubscription) -> Iterator[Record]:
+def _records(subscription: EventSubscription) -> Iterator[RunRecord]:
     try:
         yield from subscription
     finally:

@@ -1,0 +1,100 @@
+"""A volunteer node's incoming messages: checked on arrival, held until the coordinator books them.
+
+A message from an in-neighbour is checked (sender, link, budget, round) and held by
+(sender, round sent). Each request lists the keys of the messages the coordinator booked
+(from results it accepted) that become readable this round; only those move into the
+node's `Inbox`, so a late or forged message cannot change what the node reads. A held
+message that is due but was never booked is dropped and counted as unconfirmed; a booked
+one that never arrives is counted as missing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+
+from collective.distributed.payloads import MessageKey
+from collective.distributed.protocol import Rejected, Rejections, Topics, text_digest
+from collective.lm.codec import TextCodec
+from collective.records import MessageRecord
+from collective.run.bus import Inbox, LinkPolicy
+from collective.scenario import Scenario
+
+log = logging.getLogger(__name__)
+
+PENDING_PER_KEY = 4  # copies of one (sender, round) message held; more are dropped
+
+
+@dataclass(eq=False)
+class Mailbox:
+    """The messages on their way into one node's inbox (see the module docstring)."""
+
+    node_id: str
+    scenario: Scenario
+    in_neighbours: list[str]
+    policies: dict[tuple[str, str], LinkPolicy]  # this node's links, in and out
+    codec: TextCodec
+    rejections: Rejections
+    topics: Topics
+    missing_messages: int = field(default=0, init=False)
+    due: list[MessageKey] = field(default_factory=list, init=False)  # booked by the requests so far, not yet read
+    _pending: dict[tuple[str, int], list[MessageRecord]] = field(default_factory=dict, init=False)
+
+    def __post_init__(self) -> None:
+        self.inbox = Inbox(self.node_id, self.in_neighbours, self.scenario.bus.retain)
+
+    def hold(self, sender: str, record: MessageRecord, now: int) -> None:
+        """Check a message that arrived on the link sender -> this node (`now`: the latest round
+        requested) and hold it; raises `Rejected` when it cannot be a message of this run."""
+        if record.sender != sender or record.receiver != self.node_id:
+            raise Rejected("spoofed", f"a record {record.sender} -> {record.receiver} on the link {sender} -> {self.node_id}")
+        if sender not in self.scenario.node_ids:
+            raise Rejected("unknown_node", f"{sender!r} is not a node of this run")
+        if sender not in self.in_neighbours:
+            raise Rejected("not_neighbour", f"{sender} -> {self.node_id} is not a link of the topology")
+        policy = self.policies[(sender, self.node_id)]
+        if record.dropped or record.deliver_round != record.round_sent + policy.latency_rounds:
+            raise Rejected("malformed", f"deliver round {record.deliver_round} for a message sent in round {record.round_sent}")
+        if not now - policy.latency_rounds - self.scenario.bus.retain - 2 <= record.round_sent <= now + 1:
+            raise Rejected("wrong_round", f"a message of round {record.round_sent}; this node is at round {now}")
+        n_bytes = len(record.text.encode("utf-8"))
+        n_tokens = len(self.codec.encode(record.text, add_special_tokens=False))
+        if n_bytes > policy.max_message_bytes or n_tokens > policy.max_message_tokens:
+            raise Rejected(
+                "over_budget",
+                f"{n_tokens} tokens / {n_bytes} bytes on a link of {policy.max_message_tokens} / {policy.max_message_bytes}",
+            )
+        held = self._pending.setdefault((sender, record.round_sent), [])
+        if len(held) < PENDING_PER_KEY and record not in held:
+            held.append(record)
+
+    async def read_booked(self, round_index: int, grace_s: float) -> None:
+        """Move the messages booked for this round into the inbox (each may still be on its
+        way for up to `grace_s` seconds); drop what is due and was never booked."""
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + grace_s
+        due, self.due = self.due, []
+        for key in due:
+            while True:
+                found = self._find(key)
+                if found is not None or loop.time() >= give_up:
+                    break
+                await asyncio.sleep(0.01)  # sent before the sender's result, so normally already here
+            if found is None:
+                self.missing_messages += 1
+                log.warning("node %s: the booked message %s@%d never arrived", self.node_id, key.sender, key.round_sent)
+                continue
+            self.inbox.deliver(found)
+            self._pending[(key.sender, key.round_sent)].remove(found)
+        # whatever is still held and already due was never booked: late or forged
+        for (sender, round_sent), held in list(self._pending.items()):
+            latency = self.policies[(sender, self.node_id)].latency_rounds
+            if round_sent + latency <= round_index:
+                for record in held:
+                    self.rejections.add("unconfirmed", self.topics.message(sender, self.node_id), f"round {record.round_sent}, not booked by the coordinator")
+                del self._pending[(sender, round_sent)]
+
+    def _find(self, key: MessageKey) -> MessageRecord | None:
+        held = self._pending.get((key.sender, key.round_sent), [])
+        return next((record for record in held if text_digest(record.text) == key.digest), None)

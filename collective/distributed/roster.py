@@ -1,0 +1,156 @@
+"""Which volunteer serves which node, as the coordinator sees it.
+
+A join is checked (the node's tokenizer must be the run's, and a node id is served by one
+process at a time), then welcomed or refused (`answer`); a leave (a goodbye, or the last will the
+broker publishes for a silent node) marks the node absent. Rounds go only to present
+nodes; before a round the coordinator may wait here for anyone to be present, or, after a
+broker outage, for the nodes that were there before it to come back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from dataclasses import dataclass, field
+
+from collective.distributed.payloads import JoinPayload, LeavePayload, RefusePayload, WelcomePayload
+from collective.scenario import Scenario
+
+log = logging.getLogger(__name__)
+
+REJOIN_GRACE_S = 10.0  # after a broker outage, how long the next round waits for the nodes to come back
+WILLS_BEFORE_OUTAGE_S = 2.0  # a broker that shuts down first publishes every client's last will
+
+
+@dataclass
+class VolunteerStatus:
+    """The coordinator's record of the volunteer process that serves one node id."""
+
+    node_id: str
+    session: str | None = None
+    present: bool = False
+    host: str = ""
+    device: str = ""
+    rejected: dict[str, int] = field(default_factory=dict)  # what the node dropped, as it last reported
+    missing_messages: int = 0
+    left_at: float | None = None  # loop time of its last leave
+
+
+@dataclass(frozen=True)
+class NodeSnapshot:
+    node_id: str
+    present: bool
+    host: str
+    device: str
+
+
+class Roster:
+    """The volunteers of one run; `changed` is set on every join and leave (and, by the round
+    collector, on every accepted result), so that waits wake up when something happened."""
+
+    def __init__(self, scenario: Scenario, digests: dict[str, str], vocab_sizes: dict[str, int]) -> None:
+        self.scenario = scenario
+        self.digests = digests  # model alias -> tokenizer digest
+        self.vocab_sizes = vocab_sizes  # model alias -> vocabulary size
+        self.nodes = {n: VolunteerStatus(n) for n in scenario.node_ids}
+        self.changed = asyncio.Event()
+        self._expect_back: set[str] = set()
+        self._expect_until = 0.0
+
+    # ------------------------------------------------------------------ joins and leaves
+
+    def refusal(self, node_id: str, join: JoinPayload) -> str | None:
+        """Why this join is refused (a foreign tokenizer, a second process), or None."""
+        alias = self.scenario.node(node_id).model
+        state = self.nodes[node_id]
+        if join.vocab_size != self.vocab_sizes[alias] or join.tokenizer_digest != self.digests[alias]:
+            return (
+                f"node {node_id} loaded {join.model!r} whose tokenizer (vocabulary {join.vocab_size}) differs from "
+                f"the run's model {alias!r} ({self.vocab_sizes[alias]} tokens): load the model the scenario names"
+            )
+        if state.present and join.session != state.session:
+            return (
+                f"node {node_id} is already served by another process (on {state.host or 'an unnamed host'}); "
+                "stop that one first (a silent one times out within 30 s), or serve another node id"
+            )
+        return None
+
+    def answer(self, node_id: str, join: JoinPayload) -> WelcomePayload | RefusePayload:
+        """Admit the join and welcome it, or refuse it with the reason."""
+        reason = self.refusal(node_id, join)
+        if reason is not None:
+            return RefusePayload(session=join.session, reason=reason)
+        self.admit(node_id, join)
+        return WelcomePayload(session=join.session)
+
+    def admit(self, node_id: str, join: JoinPayload) -> None:
+        state = self.nodes[node_id]
+        rejoined = state.session is not None and not state.present
+        state.session, state.present, state.host, state.device = join.session, True, join.host, join.device
+        log.info("node %s %s (%s on %s, %s)", node_id, "rejoined" if rejoined else "joined", join.model, join.host, join.device)
+        self.changed.set()
+
+    def leave(self, node_id: str, leave: LeavePayload, *, expected: bool) -> bool:
+        """Mark the node absent; False for the last will of a session it has already replaced.
+        `expected`: the run is closing, so a leave is news, not a warning."""
+        state = self.nodes[node_id]
+        if leave.session != state.session:
+            return False
+        state.present = False
+        state.left_at = asyncio.get_running_loop().time()
+        log.log(logging.INFO if expected else logging.WARNING, "node %s left: %s", node_id, leave.reason or "disconnected")
+        self.changed.set()
+        return True
+
+    def snapshot(self) -> list[NodeSnapshot]:
+        return [NodeSnapshot(s.node_id, s.present, s.host, s.device) for s in self.nodes.values()]
+
+    def present(self) -> set[str]:
+        return {n for n, state in self.nodes.items() if state.present}
+
+    def last_leave(self) -> float:
+        """Loop time of the latest leave of a node still absent (0 when none)."""
+        return max((s.left_at for s in self.nodes.values() if not s.present and s.left_at is not None), default=0.0)
+
+    def rejections(self) -> dict[str, dict[str, int]]:
+        """What each node reported it dropped, by reason."""
+        return {n: dict(state.rejected) for n, state in self.nodes.items()}
+
+    # ------------------------------------------------------------------ waits
+
+    async def wait_changed(self, timeout: float) -> None:
+        """Until the next join, leave or result, or `timeout` seconds."""
+        self.changed.clear()
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self.changed.wait(), timeout)
+
+    def expect_back(self, lost_at: float) -> None:
+        """After an outage: the nodes present before it (their wills may have come from the
+        broker shutting down, not from them) get REJOIN_GRACE_S to reconnect before a round."""
+        since = lost_at - WILLS_BEFORE_OUTAGE_S
+        self._expect_back = {
+            n for n, state in self.nodes.items() if state.present or (state.left_at is not None and state.left_at >= since)
+        }
+        self._expect_until = asyncio.get_running_loop().time() + REJOIN_GRACE_S
+
+    async def wait_for_expected(self) -> None:
+        """Give the nodes expected back after an outage their grace period."""
+        loop = asyncio.get_running_loop()
+        while self._expect_back - self.present():
+            left = self._expect_until - loop.time()
+            if left <= 0:
+                break
+            await self.wait_changed(left)
+        self._expect_back = set()
+
+    async def wait_for_anyone(self, timeout: float) -> bool:
+        """With every node gone, wait up to `timeout` s for one to come back; False if none did."""
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + timeout
+        while not self.present():
+            left = give_up - loop.time()
+            if left <= 0:
+                return False
+            await self.wait_changed(min(left, 1.0))
+        return True
