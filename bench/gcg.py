@@ -23,13 +23,16 @@ chat template is replaced by a plain concatenation so that both see identical to
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import logging
 import os
 import statistics
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -63,6 +66,17 @@ class StepClock:
             return function(*args, **kwargs)
 
         return timed
+
+    @contextlib.contextmanager
+    def timing(self, owner: object, name: str) -> Iterator[None]:
+        """Stamp at every call of `owner.name` (the start of a step) inside the block; the
+        original is put back on the way out."""
+        original = getattr(owner, name)
+        setattr(owner, name, self.wrap(original))
+        try:
+            yield
+        finally:
+            setattr(owner, name, original)
 
     def steps(self) -> tuple[list[float], list[float]]:
         """Per-step (wall, cpu) seconds; call after a final `stamp()`."""
@@ -142,27 +156,27 @@ def reaches(model, tokenizer, context: str, prompt_ids: list[int], target: str) 
     return True
 
 
+def shared_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The settings both engines take under the same names: the same budget for each."""
+    return {
+        "num_steps": args.steps,
+        "search_width": args.search_width,
+        "batch_size": args.batch_size,
+        "topk": args.topk,
+        "n_replace": 1,
+        "buffer_size": 0,
+        "early_stop": True,
+        "seed": args.seed,
+    }
+
+
 def run_ours(model, tokenizer, context, target, args, allowed) -> Run:
     objective = target_objective(model, tokenizer, target, prefix=context)
-    config = GCGConfig(
-        num_steps=args.steps,
-        search_width=args.search_width,
-        topk=args.topk,
-        n_replace=1,
-        buffer_size=0,
-        early_stop=True,
-        filter_retokenize=True,
-        batch_size=args.batch_size,
-        seed=args.seed,
-    )
+    config = GCGConfig(**shared_settings(args), filter_ascii=True, filter_retokenize=True)
     init = encode(tokenizer, args.init)
     clock = StepClock()
-    original = controllers.gcg.one_hot_gradient
-    controllers.gcg.one_hot_gradient = clock.wrap(original)
-    try:
+    with clock.timing(controllers.gcg, "one_hot_gradient"):
         result = run_gcg(model, tokenizer, objective, config, init_ids=init, allowed=allowed)
-    finally:
-        controllers.gcg.one_hot_gradient = original
     clock.stamp()
     wall, cpu = clock.steps()
     ok = reaches(model, tokenizer, context, result.best_ids, target)
@@ -174,28 +188,19 @@ def run_nanogcg(model, tokenizer, context, target, args) -> Run:
     import nanogcg.gcg
 
     clock = StepClock()
-    original = nanogcg.gcg.GCG.compute_token_gradient
     config = nanogcg.GCGConfig(
-        num_steps=args.steps,
+        **shared_settings(args),
         optim_str_init=args.init,
-        search_width=args.search_width,
-        batch_size=args.batch_size,
-        topk=args.topk,
-        n_replace=1,
-        buffer_size=0,
-        early_stop=True,
         use_prefix_cache=False,  # its list-of-tensors cache breaks on transformers 5
         allow_non_ascii=False,
         filter_ids=True,
-        seed=args.seed,
         verbosity="ERROR",
     )
-    nanogcg.gcg.GCG.compute_token_gradient = clock.wrap(original)
     nanogcg.gcg.tqdm = lambda steps: steps  # no progress bar inside our table
     try:
-        result = nanogcg.gcg.GCG(model, tokenizer, config).run(context, target)
+        with clock.timing(nanogcg.gcg.GCG, "compute_token_gradient"):
+            result = nanogcg.gcg.GCG(model, tokenizer, config).run(context, target)
     finally:
-        nanogcg.gcg.GCG.compute_token_gradient = original
         torch.use_deterministic_algorithms(False)  # nanoGCG turns it on globally with a seed
     clock.stamp()
     wall, cpu = clock.steps()

@@ -30,6 +30,7 @@ from controllers.reach import (
     summarize,
 )
 from controllers.search import (
+    BackoffConfig,
     BackoffResult,
     GreedyConfig,
     GreedyResult,
@@ -39,6 +40,7 @@ from controllers.search import (
 
 __all__ = [
     "GCG",
+    "BackoffConfig",
     "BackoffResult",
     "ControllerError",
     "GCGConfig",

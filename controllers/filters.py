@@ -8,14 +8,29 @@ Two kinds of filter, each switchable:
 - per candidate (`retokenizes`): decoding the ids to text and encoding the text again gives
   the same ids, so that a prompt survives travelling as text over the bus.
 
-`filter_candidates` applies the per-candidate filter and drops duplicates.
+`filter_candidates` applies the per-candidate filter and drops duplicates; `model_token_mask`
+is the per-token mask over a model's embedding rows, switched by a search config.
 """
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import torch
 from torch import Tensor
-from transformers import PreTrainedTokenizerBase
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from controllers.objectives import input_embedding
+
+
+class TokenFilters(Protocol):
+    """The per-token switches a search config carries (GCGConfig, GreedyConfig)."""
+
+    @property
+    def filter_special(self) -> bool: ...
+
+    @property
+    def filter_ascii(self) -> bool: ...
 
 
 def special_token_ids(tokenizer: PreTrainedTokenizerBase) -> set[int]:
@@ -58,6 +73,20 @@ def allowed_token_mask(
             if not is_ascii_printable(text):
                 mask[token_id] = False
     return mask
+
+
+def model_token_mask(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, filters: TokenFilters
+) -> Tensor:
+    """`allowed_token_mask` (V,) over the rows of the model's input embedding matrix, with
+    the special-token and ASCII filters switched as `filters` says."""
+    weight, _ = input_embedding(model)
+    return allowed_token_mask(
+        tokenizer,
+        weight.shape[0],
+        no_special=filters.filter_special,
+        ascii_only=filters.filter_ascii,
+    )
 
 
 def retokenizes(tokenizer: PreTrainedTokenizerBase, candidates: Tensor) -> Tensor:

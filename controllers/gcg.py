@@ -14,7 +14,9 @@ A candidate that meets the objective's success condition (every target token the
 is remembered; with `early_stop` the run ends there and returns that prompt, otherwise the
 result is the lowest-loss successful prompt, or the lowest-loss prompt when none succeeded.
 
-All randomness comes from a `torch.Generator` seeded with `GCGConfig.seed`.
+`GCG.run` is the loop over steps; `Found` keeps what the steps found (the best prompt, the
+best successful one, the per-step losses) and turns it into the `GCGResult`. All randomness
+comes from a `torch.Generator` seeded with `GCGConfig.seed`.
 """
 
 from __future__ import annotations
@@ -29,8 +31,14 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from controllers.filters import allowed_token_mask, filter_candidates, retokenizes
-from controllers.objectives import ControllerError, Objective, input_embedding, score_batched
+from controllers.filters import filter_candidates, model_token_mask, retokenizes
+from controllers.objectives import (
+    ControllerError,
+    Objective,
+    Scores,
+    input_embedding,
+    score_batched,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -78,6 +86,69 @@ class GCGResult:
     wall_time_s: float = 0.0
     step_times_s: list[float] = field(default_factory=list)
     first_success_step: int | None = None  # 0 means the initial prompt already succeeded
+
+
+@dataclass
+class Found:
+    """What a search has found so far: the lowest-loss prompt, the lowest-loss prompt that
+    met the objective and the step that first met it, and the per-step records."""
+
+    best_loss: float
+    best_ids: Tensor  # (k,)
+    success_loss: float | None = None
+    success_ids: Tensor | None = None  # (k,)
+    first_success_step: int | None = None
+    losses: list[float] = field(default_factory=list)
+    step_times: list[float] = field(default_factory=list)
+
+    @classmethod
+    def start(cls, ids: Tensor, scores: Scores) -> Found:
+        """The initial prompt ids (k,) and its scores (1,); step 0 when it already succeeds."""
+        found = cls(best_loss=float(scores.loss[0]), best_ids=ids)
+        if bool(scores.success[0]):
+            found.success_loss, found.success_ids = found.best_loss, ids
+            found.first_success_step = 0
+        return found
+
+    def observe(self, step: int, candidates: Tensor, scores: Scores) -> int:
+        """Fold in one step's candidates (W', k) and their scores (W',); returns the index of
+        the step's lowest-loss candidate."""
+        index = int(scores.loss.argmin())
+        step_loss = float(scores.loss[index])
+        if step_loss < self.best_loss:
+            self.best_loss, self.best_ids = step_loss, candidates[index]
+        success = scores.best_success()
+        if success is not None:
+            win, loss = success
+            if self.success_loss is None or loss < self.success_loss:
+                self.success_loss, self.success_ids = loss, candidates[win]
+            if self.first_success_step is None:
+                self.first_success_step = step
+        return index
+
+    def result(
+        self, tokenizer: PreTrainedTokenizerBase, steps: int, wall_time_s: float
+    ) -> GCGResult:
+        """The lowest-loss successful prompt, or the lowest-loss prompt when none succeeded."""
+        if self.success_ids is not None and self.success_loss is not None:
+            final_ids, final_loss, success = self.success_ids, self.success_loss, True
+        else:
+            final_ids, final_loss, success = self.best_ids, self.best_loss, False
+            logger.info(
+                "no prompt met the objective in %d steps; best loss %.4f", steps, self.best_loss
+            )
+        ids_list = [int(i) for i in final_ids.tolist()]
+        return GCGResult(
+            best_ids=ids_list,
+            best_text=str(tokenizer.decode(ids_list)),
+            best_loss=final_loss,
+            success=success,
+            losses=self.losses,
+            steps=steps,
+            wall_time_s=wall_time_s,
+            step_times_s=self.step_times,
+            first_success_step=self.first_success_step,
+        )
 
 
 def sample_candidates(
@@ -157,12 +228,7 @@ class GCG:
         self.objective = objective
         self.config = config
         if allowed is None:
-            allowed = allowed_token_mask(
-                tokenizer,
-                weight.shape[0],
-                no_special=config.filter_special,
-                ascii_only=config.filter_ascii,
-            )
+            allowed = model_token_mask(model, tokenizer, config)
         if allowed.shape != (weight.shape[0],):
             raise ControllerError(
                 f"allowed: mask of shape {tuple(allowed.shape)} does not match the vocabulary "
@@ -196,100 +262,72 @@ class GCG:
             self.buffer[-1] = (loss, ids)
         self.buffer.sort(key=lambda item: item[0])
 
-    def run(
-        self, init_ids: Tensor | list[int] | None = None, progress: Progress | None = None
-    ) -> GCGResult:
-        config = self.config
-        started = time.perf_counter()
+    def _start_ids(self, init_ids: Tensor | list[int] | None) -> Tensor:
+        """The first prompt (k,): `init_ids`, checked, or k = num_tokens random allowed tokens."""
         if init_ids is None:
-            current = self.initial_ids(config.num_tokens)
+            current = self.initial_ids(self.config.num_tokens)
         else:
             current = torch.as_tensor(init_ids, dtype=torch.long).to(self.model.device)
         if current.dim() != 1 or current.shape[0] < 1:
             raise ControllerError("init_ids: need a 1-d sequence of at least one token id")
         self.objective.check_control_length(current.shape[0])
-        if config.filter_retokenize and not bool(retokenizes(self.tokenizer, current[None].cpu())[0]):
+        if self.config.filter_retokenize and not bool(
+            retokenizes(self.tokenizer, current[None].cpu())[0]
+        ):
             text = self.tokenizer.decode(current.tolist())
             raise ControllerError(
                 f"init: the initial prompt {text!r} does not survive decoding and re-encoding, so with the "
                 "re-tokenization filter on nearly every candidate (which keeps the other tokens) is filtered "
                 "out too; start from a prompt that does (e.g. 'x x x x') or switch filter_retokenize off"
             )
-        not_allowed = ~self.allowed
+        return current
 
+    def _step(self, step: int, found: Found) -> float:
+        """One step from the buffer's best prompt; returns the loss the step records (the
+        buffer's best when every candidate was filtered out)."""
+        config = self.config
+        current = self.buffer[0][1]  # (k,)
+        grad = one_hot_gradient(self.model, self.objective, current)  # (k, V)
+        candidates = sample_candidates(
+            current,
+            grad,
+            config.search_width,
+            config.topk,
+            config.n_replace,
+            ~self.allowed,
+            self.generator,
+        )  # (W, k)
+        candidates = filter_candidates(
+            candidates, self.tokenizer, retokenize=config.filter_retokenize
+        )  # (W', k)
+        if candidates.shape[0] == 0:
+            logger.warning("step %d: every candidate was filtered out; resampling", step)
+            return self.buffer[0][0]
+        scores, self.batch_size = score_batched(self.objective, candidates, self.batch_size)
+        index = found.observe(step, candidates, scores)
+        step_loss = float(scores.loss[index])
+        self._add_to_buffer(step_loss, candidates[index])
+        logger.debug("step %d: loss %.4f best %.4f", step, step_loss, found.best_loss)
+        return step_loss
+
+    def run(
+        self, init_ids: Tensor | list[int] | None = None, progress: Progress | None = None
+    ) -> GCGResult:
+        config = self.config
+        started = time.perf_counter()
+        current = self._start_ids(init_ids)
         init_scores, self.batch_size = score_batched(self.objective, current[None], self.batch_size)
-        best_loss, best_ids = float(init_scores.loss[0]), current
-        success_loss, success_ids = None, None
-        first_success_step = None
-        if bool(init_scores.success[0]):
-            success_loss, success_ids, first_success_step = best_loss, current, 0
-        self.buffer = [(best_loss, current)]
-
-        losses: list[float] = []
-        step_times: list[float] = []
+        found = Found.start(current, init_scores)
+        self.buffer = [(found.best_loss, current)]
         step = 0
-        while step < config.num_steps and not (config.early_stop and success_ids is not None):
+        while step < config.num_steps and not (config.early_stop and found.success_ids is not None):
             step_start = time.perf_counter()
-            grad = one_hot_gradient(self.model, self.objective, current)  # (k, V)
-            candidates = sample_candidates(
-                current,
-                grad,
-                config.search_width,
-                config.topk,
-                config.n_replace,
-                not_allowed,
-                self.generator,
-            )  # (W, k)
-            candidates = filter_candidates(
-                candidates, self.tokenizer, retokenize=config.filter_retokenize
-            )  # (W', k)
             step += 1
-            if candidates.shape[0] == 0:
-                logger.warning("step %d: every candidate was filtered out; resampling", step)
-                losses.append(self.buffer[0][0])
-                step_times.append(time.perf_counter() - step_start)
-                if progress is not None:
-                    progress(step, config.num_steps)
-                continue
-            scores, self.batch_size = score_batched(self.objective, candidates, self.batch_size)
-            index = int(scores.loss.argmin())
-            step_loss = float(scores.loss[index])
-            if step_loss < best_loss:
-                best_loss, best_ids = step_loss, candidates[index]
-            if bool(scores.success.any()):
-                masked = torch.where(
-                    scores.success, scores.loss, torch.full_like(scores.loss, float("inf"))
-                )
-                win = int(masked.argmin())
-                if success_loss is None or float(masked[win]) < success_loss:
-                    success_loss, success_ids = float(masked[win]), candidates[win]
-                if first_success_step is None:
-                    first_success_step = step
-            self._add_to_buffer(step_loss, candidates[index])
-            current = self.buffer[0][1]
-            losses.append(step_loss)
-            step_times.append(time.perf_counter() - step_start)
-            logger.debug("step %d: loss %.4f best %.4f", step, step_loss, best_loss)
+            found.losses.append(self._step(step, found))
+            found.step_times.append(time.perf_counter() - step_start)
             if progress is not None:
                 progress(step, config.num_steps)
-
-        if success_ids is not None and success_loss is not None:
-            final_ids, final_loss, success = success_ids, success_loss, True
-        else:
-            final_ids, final_loss, success = best_ids, best_loss, False
-            logger.info("no prompt met the objective in %d steps; best loss %.4f", step, best_loss)
-        ids_list = [int(i) for i in final_ids.tolist()]
-        return GCGResult(
-            best_ids=ids_list,
-            best_text=str(self.tokenizer.decode(ids_list)),
-            best_loss=final_loss,
-            success=success,
-            losses=losses,
-            steps=step,
-            wall_time_s=time.perf_counter() - started,
-            step_times_s=step_times,
-            first_success_step=first_success_step,
-        )
+        return found.result(self.tokenizer, step, time.perf_counter() - started)
 
 
 def run_gcg(

@@ -51,6 +51,15 @@ class Scores:
     loss: Tensor
     success: Tensor
 
+    def best_success(self) -> tuple[int, float] | None:
+        """The index and loss of the lowest-loss candidate that meets the objective, or None
+        when none does."""
+        if not bool(self.success.any()):
+            return None
+        masked = torch.where(self.success, self.loss, torch.full_like(self.loss, float("inf")))
+        win = int(masked.argmin())
+        return win, float(masked[win])
+
 
 class Objective(Protocol):
     """The protocol the GCG engine and the greedy search use."""
@@ -97,6 +106,13 @@ def input_embedding(model: PreTrainedModel) -> tuple[Tensor, float]:
 def embed_ids(model: PreTrainedModel, ids: Tensor) -> Tensor:
     """ids (B, T) -> embeddings (B, T, d) exactly as the model's forward would embed them."""
     return model.get_input_embeddings()(ids)
+
+
+def cache_kwarg(model: torch.nn.Module) -> str:
+    """The name under which the model's forward takes a key/value cache: transformers 5.x
+    renamed `past_key_values` to `cache`; accept either."""
+    params = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
 
 
 def model_context_length(model: PreTrainedModel) -> int | None:
@@ -163,9 +179,7 @@ class SequenceObjective:
         self.log_prob_loss = log_prob_loss
         self.use_prefix_cache = use_prefix_cache and len(prefix_ids) > 0
         self._prefix_kv: Cache | None = None
-        # transformers 5.x renamed `past_key_values` to `cache`; accept either
-        forward_args = inspect.signature(model.forward).parameters
-        self._cache_arg = "cache" if "cache" in forward_args else "past_key_values"
+        self._cache_arg = cache_kwarg(model)
 
     @property
     def model(self) -> PreTrainedModel:

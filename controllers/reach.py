@@ -5,9 +5,9 @@ Reachability, as a library for `collective reach`:
 1. `draw_pairs` cuts (x0, y) pairs from a token stream: x0 a window of 8 to 32 tokens, y the
    true next token, one of the model's top 75 next tokens, or a uniform random non-special
    token; every draw comes from one seeded `torch.Generator`.
-2. `run_reach` runs `backoff_search` on each pair (prompt u placed before x0; reached when y
-   is the argmax next token after [u][x0]) and appends one CSV row per pair as it finishes,
-   so that an interrupted run keeps its rows and `resume=True` skips them.
+2. `run_reach` runs the back-off ladder on each pair (`reach_pair`: prompt u placed before
+   x0; reached when y is the argmax next token after [u][x0]) and appends one CSV row per
+   pair as it finishes, so that an interrupted run keeps its rows and `resume=True` skips them.
 3. `summarize` turns rows into the fraction reached at each k, beside the paper's numbers;
    `format_summary` renders it as a markdown table.
 
@@ -27,10 +27,10 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from controllers.filters import allowed_token_mask, special_token_ids
+from controllers.filters import model_token_mask, special_token_ids
 from controllers.gcg import GCGConfig, Progress
 from controllers.objectives import (
     ControllerError,
@@ -40,7 +40,7 @@ from controllers.objectives import (
     input_embedding,
     target_objective,
 )
-from controllers.search import DEFAULT_KS, Attempt, GreedyConfig, Method, backoff_search
+from controllers.search import DEFAULT_KS, Attempt, BackoffConfig, GreedyConfig, Method
 
 logger = logging.getLogger(__name__)
 
@@ -73,14 +73,10 @@ PUBLISHED: tuple[PublishedPoint, ...] = (
 )
 
 
-class ReachConfig(BaseModel):
-    """Settings of a reachability run: the prompt lengths and the searches behind them."""
+class ReachConfig(BackoffConfig):
+    """Settings of a reachability run: the back-off ladder run on each pair (its GCG without
+    the re-tokenization filter), and the x0 window lengths."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    ks: tuple[int, ...] = DEFAULT_KS
-    greedy_max_k: int = Field(default=3, ge=0)
-    greedy: GreedyConfig = GreedyConfig()
     gcg: GCGConfig = GCGConfig(num_steps=100, search_width=64, topk=64, filter_retokenize=False)
     min_x0_tokens: int = Field(default=8, ge=1)
     max_x0_tokens: int = Field(default=32, ge=1)
@@ -240,6 +236,57 @@ def _read_rows(path: Path) -> list[ReachRow]:
         return [ReachRow.from_csv(record) for record in csv.DictReader(handle)]
 
 
+def _rows_done(csv_path: Path, pairs: Sequence[ReachPair], resume: bool) -> dict[int, ReachRow]:
+    """The rows an existing CSV already holds, by pair index, checked against the pairs."""
+    if not csv_path.exists() or csv_path.stat().st_size == 0:
+        return {}
+    if not resume:
+        raise ControllerError(f"out: {csv_path} exists; pass resume to continue it")
+    by_index = {pair.index: pair for pair in pairs}
+    done: dict[int, ReachRow] = {}
+    for row in _read_rows(csv_path):
+        pair = by_index.get(row.pair)
+        if pair is None or row.x0_ids != _ids_text(pair.x0_ids) or row.y_id != pair.y_id:
+            raise ControllerError(
+                f"resume: {csv_path} row for pair {row.pair} does not match the pairs drawn "
+                "now (different corpus, seed or target kind?)"
+            )
+        done[row.pair] = row
+    return done
+
+
+def reach_pair(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    pair: ReachPair,
+    prefix_ids: Sequence[int],
+    config: ReachConfig,
+    allowed: torch.Tensor,
+) -> ReachRow:
+    """The back-off search on one pair, as its CSV row."""
+    started = time.perf_counter()
+    found = config.search(
+        model, tokenizer, pair_objective(model, pair, prefix_ids), allowed=allowed
+    )
+    return ReachRow(
+        pair=pair.index,
+        targets=pair.targets,
+        x0_text=str(tokenizer.decode(pair.x0_ids)),
+        x0_ids=_ids_text(pair.x0_ids),
+        y_id=pair.y_id,
+        y_text=str(tokenizer.decode([pair.y_id])),
+        base_rank=pair.base_rank,
+        base_loss=pair.base_loss,
+        method=found.method,
+        k=found.k,
+        reached=found.reached,
+        loss=found.loss,
+        prompt_ids=_ids_text(found.ids),
+        prompt_text=found.text,
+        wall_time_s=time.perf_counter() - started,
+    )
+
+
 def run_reach(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -259,26 +306,8 @@ def run_reach(
     config = config or ReachConfig()
     csv_path = Path(csv_path)
     prefix = list(default_prefix_ids(tokenizer) if prefix_ids is None else prefix_ids)
-    by_index = {pair.index: pair for pair in pairs}
-    done: dict[int, ReachRow] = {}
-    if csv_path.exists() and csv_path.stat().st_size > 0:
-        if not resume:
-            raise ControllerError(f"out: {csv_path} exists; pass resume to continue it")
-        for row in _read_rows(csv_path):
-            pair = by_index.get(row.pair)
-            if pair is None or row.x0_ids != _ids_text(pair.x0_ids) or row.y_id != pair.y_id:
-                raise ControllerError(
-                    f"resume: {csv_path} row for pair {row.pair} does not match the pairs drawn "
-                    "now (different corpus, seed or target kind?)"
-                )
-            done[row.pair] = row
-    weight, _ = input_embedding(model)
-    allowed = allowed_token_mask(
-        tokenizer,
-        weight.shape[0],
-        no_special=config.gcg.filter_special,
-        ascii_only=config.gcg.filter_ascii,
-    )
+    done = _rows_done(csv_path, pairs, resume)
+    allowed = model_token_mask(model, tokenizer, config.gcg)
     csv_path.parent.mkdir(parents=True, exist_ok=True)
     new_file = not csv_path.exists() or csv_path.stat().st_size == 0
     skipped = len(done)
@@ -289,36 +318,9 @@ def run_reach(
             handle.flush()
         for count, pair in enumerate(pairs, start=1):
             if pair.index not in done:
-                started = time.perf_counter()
-                found = backoff_search(
-                    model,
-                    tokenizer,
-                    pair_objective(model, pair, prefix),
-                    config.ks,
-                    greedy=config.greedy,
-                    gcg=config.gcg,
-                    greedy_max_k=config.greedy_max_k,
-                    allowed=allowed,
-                )
-                row = ReachRow(
-                    pair=pair.index,
-                    targets=pair.targets,
-                    x0_text=str(tokenizer.decode(pair.x0_ids)),
-                    x0_ids=_ids_text(pair.x0_ids),
-                    y_id=pair.y_id,
-                    y_text=str(tokenizer.decode([pair.y_id])),
-                    base_rank=pair.base_rank,
-                    base_loss=pair.base_loss,
-                    method=found.method,
-                    k=found.k,
-                    reached=found.reached,
-                    loss=found.loss,
-                    prompt_ids=_ids_text(found.ids),
-                    prompt_text=found.text,
-                    wall_time_s=time.perf_counter() - started,
-                )
+                row = reach_pair(model, tokenizer, pair, prefix, config, allowed)
                 writer.writerow(asdict(row))
-                handle.flush()
+                handle.flush()  # an interrupted run keeps every finished pair
                 done[pair.index] = row
             if progress is not None:
                 progress(count, len(pairs))
@@ -406,16 +408,13 @@ def play_game(
         raise ControllerError(f"target: {target!r} tokenizes to no tokens")
     if ks is None:
         ks = sorted({k for k in DEFAULT_KS if k <= max_k} | {max_k})
-    objective = target_objective(model, tokenizer, target, suffix=text)
-    found = backoff_search(
-        model,
-        tokenizer,
-        objective,
-        ks,
-        greedy=greedy,
-        gcg=gcg,
+    ladder = BackoffConfig(
+        ks=tuple(ks),
         greedy_max_k=greedy_max_k,
+        greedy=greedy or GreedyConfig(),
+        gcg=gcg or GCGConfig(),
     )
+    found = ladder.search(model, tokenizer, target_objective(model, tokenizer, target, suffix=text))
     context = default_prefix_ids(tokenizer) + found.ids + encode(tokenizer, text)
     continuation = greedy_continuation(model, context, len(target_ids) + 4)
     return GameResult(

@@ -8,7 +8,7 @@ promising one-hot gradient, a cheaper approximation), and practical for k <= 3.
 
 `backoff_search` runs the measurement's ladder over prompt lengths ks: the empty prompt,
 greedy back-generation for k <= `greedy_max_k`, then GCG for each longer k (warm-started from
-the greedy prompt), stopping at the first success.
+the greedy prompt), stopping at the first success. `BackoffConfig` holds those settings.
 """
 
 from __future__ import annotations
@@ -24,9 +24,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from controllers.filters import allowed_token_mask, filter_candidates
+from controllers.filters import filter_candidates, model_token_mask
 from controllers.gcg import GCGConfig, Progress, one_hot_gradient, run_gcg
-from controllers.objectives import ControllerError, Objective, input_embedding, score_batched
+from controllers.objectives import ControllerError, Objective, score_batched
 
 logger = logging.getLogger(__name__)
 
@@ -81,6 +81,49 @@ def _token_pool(
     return (-grad).topk(candidates).indices  # (candidates,)
 
 
+def _prepend_candidates(
+    pool: Tensor, current: Tensor, tokenizer: PreTrainedTokenizerBase, retokenize: bool
+) -> Tensor:
+    """Every token of the pool (A,) put before the prompt current (j,): (A', j+1), A' <= A
+    when `retokenize` drops the candidates that do not survive a text round trip."""
+    candidates = torch.cat([pool[:, None], current.expand(len(pool), -1)], dim=1)  # (A, j+1)
+    if retokenize:
+        candidates = filter_candidates(candidates, tokenizer, retokenize=True, deduplicate=False)
+    return candidates
+
+
+@dataclass
+class _Scan:
+    """The outcome of scanning one length's candidates in batches."""
+
+    loss: float
+    ids: Tensor  # (j+1,)
+    success: bool
+    scored: int
+    batch_size: int | None
+
+
+def _scan(objective: Objective, candidates: Tensor, batch_size: int | None) -> _Scan:
+    """Score candidates (A, j+1) batch by batch: the first successful one ends the scan (the
+    lowest-loss success of its batch), else the lowest loss wins."""
+    found = _Scan(float("inf"), candidates[0], False, 0, batch_size)
+    start = 0
+    while start < candidates.shape[0]:
+        chunk = candidates[start : start + (found.batch_size or candidates.shape[0])]
+        scores, found.batch_size = score_batched(objective, chunk, found.batch_size)
+        start += chunk.shape[0]
+        found.scored += chunk.shape[0]
+        success = scores.best_success()
+        if success is not None:
+            win, found.loss = success
+            found.ids, found.success = chunk[win], True
+            break
+        index = int(scores.loss.argmin())
+        if float(scores.loss[index]) < found.loss:
+            found.loss, found.ids = float(scores.loss[index]), chunk[index]
+    return found
+
+
 def greedy_backgenerate(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -98,59 +141,30 @@ def greedy_backgenerate(
     scan: any success will do). `progress` is called with (lengths done, lengths total).
     """
     config = config or GreedyConfig()
-    weight, _ = input_embedding(model)
     if max_k < len(init_ids):
         raise ControllerError(
             f"max_k: {max_k} is shorter than the initial prompt ({len(init_ids)})"
         )
     objective.check_control_length(max_k)
-    if allowed is None:
-        allowed = allowed_token_mask(
-            tokenizer,
-            weight.shape[0],
-            no_special=config.filter_special,
-            ascii_only=config.filter_ascii,
-        )
-    allowed = allowed.cpu()
+    allowed = (model_token_mask(model, tokenizer, config) if allowed is None else allowed).cpu()
     started = time.perf_counter()
-    device = model.device
-    current = torch.tensor(list(init_ids), dtype=torch.long, device=device)  # (j,)
-    best_loss = float("inf")
-    success = False
+    current = torch.tensor(list(init_ids), dtype=torch.long, device=model.device)  # (j,)
+    best_loss, success, scored = float("inf"), False, 0
     losses: list[float] = []
-    scored = 0
     batch_size: int | None = config.batch_size
     lengths = max_k - len(init_ids)
     for done in range(lengths):
-        pool = _token_pool(model, objective, current, allowed, config.candidates).to(device)
-        candidates = torch.cat([pool[:, None], current.expand(len(pool), -1)], dim=1)  # (A, j+1)
-        if config.filter_retokenize:
-            candidates = filter_candidates(
-                candidates, tokenizer, retokenize=True, deduplicate=False
-            )
+        pool = _token_pool(model, objective, current, allowed, config.candidates)
+        candidates = _prepend_candidates(
+            pool.to(model.device), current, tokenizer, config.filter_retokenize
+        )
         if candidates.shape[0] == 0:
             logger.info("length %d: no candidate survives the filters", current.shape[0] + 1)
             break
-        step_loss, step_ids = float("inf"), candidates[0]
-        start = 0
-        while start < candidates.shape[0]:
-            chunk = candidates[start : start + (batch_size or candidates.shape[0])]
-            scores, batch_size = score_batched(objective, chunk, batch_size)
-            start += chunk.shape[0]
-            scored += chunk.shape[0]
-            if bool(scores.success.any()):
-                masked = torch.where(
-                    scores.success, scores.loss, torch.full_like(scores.loss, float("inf"))
-                )
-                win = int(masked.argmin())
-                step_loss, step_ids, success = float(masked[win]), chunk[win], True
-                break
-            index = int(scores.loss.argmin())
-            if float(scores.loss[index]) < step_loss:
-                step_loss, step_ids = float(scores.loss[index]), chunk[index]
-        current = step_ids
-        best_loss = step_loss
-        losses.append(step_loss)
+        scan = _scan(objective, candidates, batch_size)
+        current, best_loss, success = scan.ids, scan.loss, scan.success
+        scored, batch_size = scored + scan.scored, scan.batch_size
+        losses.append(best_loss)
         if progress is not None:
             progress(done + 1, lengths)
         if success:
@@ -198,6 +212,101 @@ class BackoffResult:
 DEFAULT_KS: tuple[int, ...] = (0, 1, 2, 3, 4, 6, 8, 10)
 
 
+class BackoffConfig(BaseModel):
+    """The back-off ladder: the prompt lengths to try and the searches behind them."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    ks: tuple[int, ...] = DEFAULT_KS
+    greedy_max_k: int = Field(default=3, ge=0)
+    greedy: GreedyConfig = GreedyConfig()
+    gcg: GCGConfig = GCGConfig()
+
+    def search(
+        self,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        objective: Objective,
+        *,
+        allowed: Tensor | None = None,
+    ) -> BackoffResult:
+        """`backoff_search` with these settings."""
+        return backoff_search(
+            model,
+            tokenizer,
+            objective,
+            self.ks,
+            greedy=self.greedy,
+            gcg=self.gcg,
+            greedy_max_k=self.greedy_max_k,
+            allowed=allowed,
+        )
+
+
+class _Ladder:
+    """The rungs tried so far and the lowest-loss prompt among them."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase) -> None:
+        self.tokenizer = tokenizer
+        self.attempts: list[Attempt] = []
+        self.best: tuple[float, list[int], Method] = (float("inf"), [], "none")
+
+    def record(self, attempt: Attempt, ids: list[int]) -> BackoffResult | None:
+        """Book one rung; the result when it met the objective, else None."""
+        self.attempts.append(attempt)
+        if attempt.success:
+            return self.result(True, ids, attempt.loss, attempt.method)
+        if attempt.loss < self.best[0]:
+            self.best = (attempt.loss, ids, attempt.method)
+        return None
+
+    def result(self, reached: bool, ids: list[int], loss: float, method: Method) -> BackoffResult:
+        return BackoffResult(
+            reached=reached,
+            k=len(ids),
+            method=method,
+            ids=ids,
+            text=str(self.tokenizer.decode(ids)),
+            loss=loss,
+            attempts=self.attempts,
+        )
+
+    def give_up(self, max_k: int) -> BackoffResult:
+        loss, ids, method = self.best
+        logger.info("no prompt up to k=%d met the objective; best loss %.4f", max_k, loss)
+        return self.result(False, ids, loss, method)
+
+
+def _empty_prompt(model: PreTrainedModel, objective: Objective) -> Attempt:
+    """Score the empty prompt (k = 0)."""
+    started = time.perf_counter()
+    base = objective.scores(torch.zeros(1, 0, dtype=torch.long, device=model.device))
+    loss, ok = float(base.loss[0]), bool(base.success[0])
+    return Attempt(0, "base", loss, ok, time.perf_counter() - started)
+
+
+def _gcg_rung(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    objective: Objective,
+    k: int,
+    gcg: GCGConfig,
+    greedy_ids: list[int],
+    allowed: Tensor,
+) -> tuple[Attempt, list[int]]:
+    """GCG at length k from the last k greedy tokens, padded at the front with random
+    allowed tokens; the search and the padding share the seed gcg.seed * 1_000_003 + k."""
+    seed = gcg.seed * 1_000_003 + k
+    pool = allowed.nonzero().squeeze(1)  # (A,)
+    generator = torch.Generator().manual_seed(seed)
+    keep = greedy_ids[-k:] if greedy_ids else []
+    pad = pool[torch.randint(0, len(pool), (k - len(keep),), generator=generator)].tolist()
+    config = gcg.model_copy(update={"seed": seed})
+    result = run_gcg(model, tokenizer, objective, config, init_ids=pad + keep, allowed=allowed)
+    attempt = Attempt(k, "gcg", result.best_loss, result.success, result.wall_time_s)
+    return attempt, result.best_ids
+
+
 def backoff_search(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -221,34 +330,15 @@ def backoff_search(
     objective.check_control_length(ks[-1])
     greedy = greedy or GreedyConfig()
     gcg = gcg or GCGConfig()
-    weight, _ = input_embedding(model)
     if allowed is None:
-        allowed = allowed_token_mask(
-            tokenizer, weight.shape[0], no_special=gcg.filter_special, ascii_only=gcg.filter_ascii
-        )
-    attempts: list[Attempt] = []
-    best: tuple[float, list[int], Method] = (float("inf"), [], "none")
-
-    def finish(reached: bool, ids: list[int], loss: float, method: Method) -> BackoffResult:
-        return BackoffResult(
-            reached=reached,
-            k=len(ids),
-            method=method,
-            ids=ids,
-            text=str(tokenizer.decode(ids)),
-            loss=loss,
-            attempts=attempts,
-        )
-
+        allowed = model_token_mask(model, tokenizer, gcg)
+    ladder = _Ladder(tokenizer)
     if ks[0] == 0:
-        started = time.perf_counter()
-        base = objective.scores(torch.zeros(1, 0, dtype=torch.long, device=model.device))
-        loss, ok = float(base.loss[0]), bool(base.success[0])
-        attempts.append(Attempt(0, "base", loss, ok, time.perf_counter() - started))
-        if ok:
-            return finish(True, [], loss, "base")
-        best = (loss, [], "base")
-
+        base = _empty_prompt(model, objective)
+        ladder.attempts.append(base)
+        if base.success:
+            return ladder.result(True, [], base.loss, "base")
+        ladder.best = (base.loss, [], "base")  # the first best, whatever its loss
     greedy_ks = [k for k in ks if 1 <= k <= greedy_max_k]
     greedy_ids: list[int] = []
     if greedy_ks:
@@ -256,33 +346,13 @@ def backoff_search(
             model, tokenizer, objective, greedy_ks[-1], greedy, allowed=allowed
         )
         greedy_ids = found.best_ids
-        attempts.append(
-            Attempt(
-                len(found.best_ids), "greedy", found.best_loss, found.success, found.wall_time_s
-            )
+        attempt = Attempt(
+            len(found.best_ids), "greedy", found.best_loss, found.success, found.wall_time_s
         )
-        if found.success:
-            return finish(True, found.best_ids, found.best_loss, "greedy")
-        if found.best_loss < best[0]:
-            best = (found.best_loss, found.best_ids, "greedy")
-
-    pool = allowed.nonzero().squeeze(1)  # (A,)
+        if (reached := ladder.record(attempt, found.best_ids)) is not None:
+            return reached
     for k in (k for k in ks if k > greedy_max_k):
-        generator = torch.Generator().manual_seed(gcg.seed * 1_000_003 + k)
-        keep = greedy_ids[-k:] if greedy_ids else []
-        pad = pool[torch.randint(0, len(pool), (k - len(keep),), generator=generator)].tolist()
-        result = run_gcg(
-            model,
-            tokenizer,
-            objective,
-            gcg.model_copy(update={"seed": gcg.seed * 1_000_003 + k}),
-            init_ids=pad + keep,
-            allowed=allowed,
-        )
-        attempts.append(Attempt(k, "gcg", result.best_loss, result.success, result.wall_time_s))
-        if result.success:
-            return finish(True, result.best_ids, result.best_loss, "gcg")
-        if result.best_loss < best[0]:
-            best = (result.best_loss, result.best_ids, "gcg")
-    logger.info("no prompt up to k=%d met the objective; best loss %.4f", ks[-1], best[0])
-    return finish(False, best[1], best[0], best[2])
+        attempt, ids = _gcg_rung(model, tokenizer, objective, k, gcg, greedy_ids, allowed)
+        if (reached := ladder.record(attempt, ids)) is not None:
+            return reached
+    return ladder.give_up(ks[-1])

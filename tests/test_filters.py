@@ -6,10 +6,13 @@ from controllers.filters import (
     allowed_token_mask,
     filter_candidates,
     is_ascii_printable,
+    model_token_mask,
     retokenizes,
     special_token_ids,
 )
+from controllers.gcg import GCGConfig
 from controllers.objectives import encode
+from controllers.search import GreedyConfig
 
 
 def test_special_tokens_are_not_allowed_when_the_filter_is_on(tiny_tok):
@@ -59,3 +62,12 @@ def test_filter_candidates_drops_duplicates_and_non_retokenizing_rows_in_order(t
     assert filter_candidates(rows, tiny_tok, retokenize=True).tolist() == [good, other]
     kept = filter_candidates(rows, tiny_tok, retokenize=True, deduplicate=False)
     assert kept.tolist() == [good, good, other]
+
+
+def test_the_model_mask_covers_every_embedding_row_with_the_config_switches(tiny_lm, tiny_tok):
+    rows = tiny_lm.get_input_embeddings().weight.shape[0]
+    for config in (GCGConfig(), GCGConfig(filter_ascii=False), GreedyConfig(filter_special=False)):
+        expected = allowed_token_mask(
+            tiny_tok, rows, no_special=config.filter_special, ascii_only=config.filter_ascii
+        )
+        assert torch.equal(model_token_mask(tiny_lm, tiny_tok, config), expected)

@@ -9,18 +9,25 @@ import pytest
 import torch
 import torch.nn.functional as F
 from pydantic import ValidationError
-from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
-from controllers.gcg import GCG, GCGConfig, one_hot_gradient, run_gcg, sample_candidates
+from controllers.gcg import (
+    GCG,
+    Found,
+    GCGConfig,
+    one_hot_gradient,
+    run_gcg,
+    sample_candidates,
+)
 from controllers.objectives import (
     ControllerError,
+    Scores,
     SequenceObjective,
     encode,
     input_embedding,
     target_objective,
 )
-from tests.tiny import tiny_llama
+from tests.tiny import tiny_gemma3, tiny_llama
 
 # -- the one-hot gradient ---------------------------------------------------------------------
 
@@ -92,31 +99,6 @@ def test_one_hot_gradient_matches_central_finite_differences_in_float64(llama64,
             minus = objective.embed_loss(((base - step) @ weight)[None])
             numeric = (plus - minus) / (2 * eps)
             assert float(grad[position, token]) == pytest.approx(float(numeric), rel=1e-5, abs=1e-9)
-
-
-def tiny_gemma3(vocab_size: int) -> Gemma3ForCausalLM:
-    config = Gemma3TextConfig(
-        vocab_size=vocab_size,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=8,
-        max_position_embeddings=512,
-        sliding_window=4,
-        layer_types=["sliding_attention", "full_attention"],
-        bos_token_id=0,
-        eos_token_id=0,
-        pad_token_id=0,
-    )
-    model = Gemma3ForCausalLM(config)
-    generator = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "norm" not in name:
-                param.copy_(torch.randn(param.shape, generator=generator) * 0.3)
-    return model.eval().double()
 
 
 def test_gemma_embedding_scale_is_included_in_the_one_hot_gradient(tiny_tok):
@@ -312,6 +294,35 @@ def test_a_buffer_keeps_its_best_prompts_sorted(tiny_lm, tiny_tok):
     losses = [loss for loss, _ in search.buffer]
     assert len(losses) == 3
     assert losses == sorted(losses)
+
+
+
+def scored(losses: list[float], success: list[bool]) -> Scores:
+    return Scores(loss=torch.tensor(losses), success=torch.tensor(success))
+
+
+def test_the_search_record_keeps_the_lowest_loss_prompt_and_the_first_successful_step(tiny_tok):
+    found = Found.start(torch.tensor([1, 2]), scored([3.0], [False]))
+    assert (found.best_loss, found.success_ids, found.first_success_step) == (3.0, None, None)
+    candidates = torch.tensor([[5, 6], [7, 8], [9, 10]])
+    assert found.observe(1, candidates, scored([2.5, 1.0, 2.0], [True, False, True])) == 1
+    assert (found.best_loss, found.best_ids.tolist()) == (1.0, [7, 8])
+    assert (found.success_loss, found.success_ids.tolist(), found.first_success_step) == (2.0, [9, 10], 1)
+    found.observe(2, candidates, scored([1.5, 4.0, 4.0], [True, False, False]))
+    assert (found.success_loss, found.success_ids.tolist(), found.first_success_step) == (1.5, [5, 6], 1)
+    result = found.result(tiny_tok, steps=2, wall_time_s=0.5)
+    assert (result.best_ids, result.best_loss, result.success) == ([5, 6], 1.5, True)
+    assert result.best_text == tiny_tok.decode([5, 6])
+
+
+def test_an_initial_prompt_that_already_succeeds_is_step_0_and_the_result_without_success_is_the_best(
+    tiny_tok,
+):
+    assert Found.start(torch.tensor([4]), scored([0.2], [True])).first_success_step == 0
+    found = Found.start(torch.tensor([1, 2]), scored([3.0], [False]))
+    found.observe(1, torch.tensor([[5, 6]]), scored([2.0], [False]))
+    result = found.result(tiny_tok, steps=1, wall_time_s=0.1)
+    assert (result.best_ids, result.best_loss, result.success) == ([5, 6], 2.0, False)
 
 
 def test_progress_is_reported_after_every_step(tiny_lm, tiny_tok):

@@ -21,14 +21,20 @@ from collective.live import (
 )
 from collective.live.display import LiveDisplay, watch
 from collective.live.topology import topology_grid
-from collective.records import MessageRecord, NodeInfo, NodeRound, RoundEvent, RunEnd, RunStart
-
-Event = RunStart | RoundEvent | RunEnd
+from collective.records import (
+    MessageRecord,
+    NodeInfo,
+    NodeRound,
+    RoundEvent,
+    RunEnd,
+    RunRecord,
+    RunStart,
+)
 
 
 def synthetic_run(
     n_nodes: int = 3, rounds: int = 6, warmup: int = 2, seed: int = 0, drop_rate: float = 0.1
-) -> list[Event]:
+) -> list[RunRecord]:
     """A made-up but well-formed event stream: a ring (n <= 4) or a small world, messages on
     about half the links each round, NLLs around 3 nats."""
     rng = random.Random(seed)
@@ -52,7 +58,7 @@ def synthetic_run(
         max_message_bytes=160,
         aggregator="mean",
     )
-    events: list[Event] = [start]
+    events: list[RunRecord] = [start]
     for r in range(rounds):
         messages = [
             MessageRecord(

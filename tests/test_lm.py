@@ -10,14 +10,7 @@ from collective.lm.scoring import ScoreItem, _chunks, generate, left_pad, score_
 R = 6  # round tokens
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny models run many times faster on one thread: OpenMP threads spin-wait for each
-    other on small ops, which on a busy 2-core machine costs far more than it saves."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _items(vocab: int, lengths: list[int], seed: int = 0) -> list[ScoreItem]:

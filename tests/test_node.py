@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -13,14 +15,7 @@ from collective.scenario import GenerateMessage, RelayMessage, SilentMessage
 R = 8
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny models run many times faster on one thread: OpenMP threads spin-wait for each
-    other on small ops, which on a busy 2-core machine costs far more than it saves."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _stream(tok) -> torch.Tensor:
@@ -191,3 +186,14 @@ def test_a_sampled_message_is_seeded_by_scenario_seed_node_and_round(tiny_lm, ti
     assert text() != text(seed=1)
     assert text() != text(node_id="b")
     assert text() != text(round_index=5)
+
+
+def test_a_row_not_asked_for_comes_back_none_and_is_not_scored(tiny_tok, scored):
+    full, _ = scored([_request(tiny_tok, control="Answer well:")])
+    request = replace(_request(tiny_tok, control="Answer well:"), want_isolated=False)
+    (result,), n_scored = scored([request])
+    assert result.isolated is None and result.plain is not None
+    assert n_scored == 2  # plain, and collective == what isolated would have been
+    assert torch.equal(result.collective.target_logprob, full[0].collective.target_logprob)
+    (neither,), n_scored = scored([replace(request, want_plain=False)])
+    assert (neither.isolated, neither.plain, n_scored) == (None, None, 1)

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import inspect
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -9,6 +11,7 @@ from controllers.objectives import (
     MeanObjective,
     Scores,
     SequenceObjective,
+    cache_kwarg,
     default_prefix_ids,
     encode,
     score_batched,
@@ -227,3 +230,25 @@ def test_a_model_without_input_embeddings_is_an_error_naming_the_model(tiny_lm):
 
     with pytest.raises(ControllerError, match="model: .* no input embeddings"):
         SequenceObjective(NoEmbeddings(), [1], [2, 3], 1)
+
+
+def test_the_cache_keyword_is_the_one_the_model_forward_takes(tiny_lm):
+    class Old(torch.nn.Module):
+        def forward(self, input_ids, past_key_values=None):
+            return input_ids
+
+    class New(torch.nn.Module):
+        def forward(self, input_ids, cache=None):
+            return input_ids
+
+    assert cache_kwarg(Old()) == "past_key_values"
+    assert cache_kwarg(New()) == "cache"
+    assert cache_kwarg(tiny_lm) in inspect.signature(tiny_lm.forward).parameters
+
+
+def test_the_best_success_is_the_lowest_loss_among_the_successful_candidates():
+    scores = Scores(
+        loss=torch.tensor([0.5, 2.0, 1.0, 3.0]), success=torch.tensor([False, True, True, False])
+    )
+    assert scores.best_success() == (2, 1.0)
+    assert Scores(loss=scores.loss, success=torch.zeros(4, dtype=torch.bool)).best_success() is None

@@ -17,6 +17,7 @@ from collective.report.plots import (
     NLL_PLOT,
     TOPOLOGY_PLOT,
     member_gains,
+    messages_carried,
     node_positions,
     plot_reach,
     plot_topology,
@@ -120,6 +121,19 @@ def test_a_32_node_topology_plot_is_drawn_with_every_node(tmp_path):
     rounds = [e for e in events if isinstance(e, RoundEvent)]
     report = make_report(0, 3.3, nodes=tuple(n.node_id for n in start.nodes))
     assert_real_png(plot_topology(start, report, tmp_path / "topology.png", rounds))
+
+
+
+def test_a_link_carries_the_messages_delivered_on_it_and_not_the_dropped_ones():
+    rounds = [e for e in synthetic_run(n_nodes=4, drop_rate=0.3) if isinstance(e, RoundEvent)]
+    carried = messages_carried(rounds)
+    messages = [m for event in rounds for m in event.messages]
+    assert any(m.dropped for m in messages)
+    assert sum(carried.values()) == sum(not m.dropped for m in messages)
+    for (sender, receiver), count in carried.items():
+        on_link = [m for m in messages if (m.sender, m.receiver) == (sender, receiver)]
+        assert count == sum(not m.dropped for m in on_link) > 0
+    assert messages_carried([]) == {}
 
 
 def test_node_positions_are_deterministic_and_inside_the_unit_square():

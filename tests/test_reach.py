@@ -1,15 +1,22 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import logging
 
 import pytest
 import torch
 
-import controllers.reach as reach
-from controllers.filters import special_token_ids
+import controllers.search as search
+from controllers.filters import model_token_mask, special_token_ids
 from controllers.gcg import GCGConfig
-from controllers.objectives import ControllerError, SequenceObjective, encode, target_objective
+from controllers.objectives import (
+    ControllerError,
+    SequenceObjective,
+    default_prefix_ids,
+    encode,
+    target_objective,
+)
 from controllers.reach import (
     ReachConfig,
     ReachRow,
@@ -17,10 +24,11 @@ from controllers.reach import (
     format_summary,
     next_token_log_probs,
     play_game,
+    reach_pair,
     run_reach,
     summarize,
 )
-from controllers.search import GreedyConfig, backoff_search, greedy_backgenerate
+from controllers.search import BackoffConfig, GreedyConfig, backoff_search, greedy_backgenerate
 from tests.tiny import pydoc_text
 
 QUICK = ReachConfig(
@@ -136,6 +144,24 @@ def test_a_search_that_finds_nothing_says_so_and_reports_the_best_loss(tiny_lm, 
     assert "no prompt up to k=4 met the objective; best loss" in caplog.text
 
 
+
+def outcome(found):
+    """A back-off result without its timings."""
+    attempts = [(a.k, a.method, a.loss, a.success) for a in found.attempts]
+    return (found.reached, found.k, found.method, found.ids, found.text, found.loss, attempts)
+
+
+def test_a_backoff_config_searches_exactly_as_backoff_search_with_its_settings(tiny_lm, tiny_tok):
+    objective = target_objective(tiny_lm, tiny_tok, " value of the object", suffix="Return")
+    greedy, gcg = GreedyConfig(candidates=8), GCGConfig(num_steps=2, search_width=8, topk=8)
+    config = BackoffConfig(ks=(0, 1, 4), greedy_max_k=1, greedy=greedy, gcg=gcg)
+    expected = backoff_search(
+        tiny_lm, tiny_tok, objective, (0, 1, 4), greedy=greedy, gcg=gcg, greedy_max_k=1
+    )
+    assert [a.method for a in expected.attempts] == ["base", "greedy", "gcg"]
+    assert outcome(config.search(tiny_lm, tiny_tok, objective)) == outcome(expected)
+
+
 # -- the reachability run ---------------------------------------------------------------------
 
 
@@ -171,6 +197,17 @@ def test_a_run_writes_one_csv_row_per_pair_and_a_summary(tiny_lm, tiny_tok, stre
         assert (record["reached"] == "True") == reached
 
 
+
+def test_a_pair_row_is_the_row_a_run_writes_for_that_pair(tiny_lm, tiny_tok, stream, tmp_path):
+    pairs = draw_pairs(tiny_lm, tiny_tok, stream, 2, "true", torch.Generator().manual_seed(2))
+    result = run_reach(tiny_lm, tiny_tok, pairs, tmp_path / "reach.csv", QUICK)
+    allowed = model_token_mask(tiny_lm, tiny_tok, QUICK.gcg)
+    prefix = default_prefix_ids(tiny_tok)
+    for pair, written in zip(pairs, result.rows, strict=True):
+        row = reach_pair(tiny_lm, tiny_tok, pair, prefix, QUICK, allowed)
+        assert row == dataclasses.replace(written, wall_time_s=row.wall_time_s)
+
+
 def test_resume_skips_the_pairs_already_in_the_csv(
     tiny_lm, tiny_tok, stream, tmp_path, monkeypatch
 ):
@@ -178,13 +215,13 @@ def test_resume_skips_the_pairs_already_in_the_csv(
     path = tmp_path / "reach.csv"
     run_reach(tiny_lm, tiny_tok, pairs[:2], path, QUICK)  # an "interrupted" run
     searched = []
-    real_search = reach.backoff_search
+    real_search = search.backoff_search
 
     def counting(model, tokenizer, objective, *args, **kwargs):
         searched.append(objective.rest_ids.tolist())
         return real_search(model, tokenizer, objective, *args, **kwargs)
 
-    monkeypatch.setattr(reach, "backoff_search", counting)
+    monkeypatch.setattr(search, "backoff_search", counting)  # what ReachConfig.search calls
     with pytest.raises(ControllerError, match="exists; pass resume"):
         run_reach(tiny_lm, tiny_tok, pairs, path, QUICK)
     result = run_reach(tiny_lm, tiny_tok, pairs, path, QUICK, resume=True)

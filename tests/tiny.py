@@ -7,10 +7,19 @@ Python's own `pydoc_data.topics` text, the model weights come from a seeded gene
 from __future__ import annotations
 
 import functools
+from typing import TypeVar
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import (
+    Gemma3ForCausalLM,
+    Gemma3TextConfig,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedTokenizerFast,
+)
+
+M = TypeVar("M", bound=torch.nn.Module)
 
 
 def pydoc_text() -> str:
@@ -45,26 +54,52 @@ def tiny_tokenizer(vocab_size: int = 512) -> PreTrainedTokenizerFast:
     return tok
 
 
+def _tiny_dims(vocab_size: int, hidden_size: int = 32) -> dict[str, int]:
+    """The sizes every tiny model shares: 2 layers, 4 query heads over 2 key/value heads."""
+    return {
+        "vocab_size": vocab_size,
+        "hidden_size": hidden_size,
+        "intermediate_size": 2 * hidden_size,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "bos_token_id": 0,
+        "eos_token_id": 0,
+        "pad_token_id": 0,
+    }
+
+
+def randomize_weights(model: M, seed: int) -> M:
+    """Every weight but the norm gains (kept as built) drawn from N(0, 0.3^2) with a seeded
+    generator (no global seed); returns the model in eval mode."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "norm" not in name:
+                param.copy_(torch.randn(param.shape, generator=gen) * 0.3)
+    return model.eval()
+
+
 def tiny_llama(vocab_size: int, seed: int = 0, hidden_size: int = 32) -> LlamaForCausalLM:
     """A 2-layer Llama with random weights drawn from a seeded generator (no global seed)."""
     config = LlamaConfig(
-        vocab_size=vocab_size,
-        hidden_size=hidden_size,
-        intermediate_size=2 * hidden_size,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+        **_tiny_dims(vocab_size, hidden_size),
         max_position_embeddings=2048,
-        bos_token_id=0,
-        eos_token_id=0,
-        pad_token_id=0,
         tie_word_embeddings=False,
     )
     with torch.device("cpu"):
         model = LlamaForCausalLM(config)
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "norm" not in name:  # keep RMSNorm gains at 1
-                param.copy_(torch.randn(param.shape, generator=gen) * 0.3)
-    return model.eval()
+    return randomize_weights(model, seed)
+
+
+def tiny_gemma3(vocab_size: int, seed: int = 3) -> Gemma3ForCausalLM:
+    """A 2-layer float64 Gemma3 (one sliding-window layer of 4 positions, one full), with the
+    scaled input embedding of the real family."""
+    config = Gemma3TextConfig(
+        **_tiny_dims(vocab_size),
+        head_dim=8,
+        max_position_embeddings=512,
+        sliding_window=4,
+        layer_types=["sliding_attention", "full_attention"],
+    )
+    return randomize_weights(Gemma3ForCausalLM(config), seed).double()

@@ -18,9 +18,7 @@ from rich.console import Console, RenderableType
 from rich.live import Live
 
 from collective.live import LiveState, dashboard, round_line
-from collective.records import RoundEvent, RunEnd, RunStart
-
-Event = RunStart | RoundEvent | RunEnd
+from collective.records import RoundEvent, RunEnd, RunRecord, RunStart
 
 
 class LiveDisplay:
@@ -61,7 +59,7 @@ class LiveDisplay:
         self._live.start(refresh=True)
         return self
 
-    def update(self, event: Event) -> None:
+    def update(self, event: RunRecord) -> None:
         """Fold one event in and redraw (the engine's `on_event`)."""
         began = time.perf_counter()
         self.state = self.state.apply(event)
@@ -82,7 +80,7 @@ class LiveDisplay:
 
 
 def watch(
-    events: Iterable[Event],
+    events: Iterable[RunRecord],
     console: Console,
     *,
     speed: float = 0.0,

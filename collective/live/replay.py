@@ -22,12 +22,11 @@ from typing import IO
 
 from pydantic import ValidationError
 
-from collective.records import EVENT_SCHEMA_VERSION, RoundEvent, RunEnd, RunStart, parse_event
+from collective.records import EVENT_SCHEMA_VERSION, RunEnd, RunRecord, parse_event
 from collective.run.rundir import INCOMPLETE
 
 log = logging.getLogger(__name__)
 
-Event = RunStart | RoundEvent | RunEnd
 EVENTS_FILE = "events.jsonl"
 
 
@@ -35,7 +34,7 @@ class ReplayError(Exception):
     """An events file cannot be read; the message names the file and line, for the user."""
 
 
-def _parse(line: str, path: Path, line_number: int) -> Event:
+def _parse(line: str, path: Path, line_number: int) -> RunRecord:
     try:
         return parse_event(line)
     except ValidationError as exc:
@@ -61,7 +60,7 @@ class EventReader:
         self._tail = ""
         self.lines_read = 0
 
-    def poll(self) -> list[Event]:
+    def poll(self) -> list[RunRecord]:
         if self._file is None:
             if not self.path.exists():
                 return []
@@ -95,7 +94,7 @@ class EventReader:
         self.close()
 
 
-def read_events(path: Path) -> list[Event]:
+def read_events(path: Path) -> list[RunRecord]:
     """Every complete event in the file now; a half-written last line is left out."""
     if not path.exists():
         raise ReplayError(f"{path}: no such file (is this a run folder?)")
@@ -114,7 +113,7 @@ def follow_events(
     idle_timeout: float | None = None,
     sleep: Callable[[float], None] = time.sleep,
     clock: Callable[[], float] = time.monotonic,
-) -> Iterator[Event]:
+) -> Iterator[RunRecord]:
     """Events as the run writes them, until a `RunEnd`, until `still_running()` is false
     and the file has nothing more, or until `idle_timeout` seconds pass with no event."""
     last_event = clock()
@@ -150,7 +149,7 @@ def run_events(
     follow: bool | None = None,
     poll_seconds: float = 0.25,
     idle_timeout: float | None = None,
-) -> Iterator[Event]:
+) -> Iterator[RunRecord]:
     """A run folder's events: followed while the run is going (default), read once otherwise."""
     path = run_dir / EVENTS_FILE
     if not run_dir.is_dir():

@@ -21,7 +21,7 @@ import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 
-from collective.records import NodeInfo, RoundEvent, RunEnd, RunStart
+from collective.records import NodeInfo, RoundEvent, RunEnd, RunRecord, RunStart
 
 # Rounds of per-round history kept for sparklines; older rounds only live in the running means.
 HISTORY_ROUNDS = 120
@@ -125,13 +125,13 @@ class LiveState:
         return cls(start=start, nodes=tuple(NodeState(info) for info in start.nodes))
 
     @classmethod
-    def fold(cls, events: Iterable[RunStart | RoundEvent | RunEnd]) -> LiveState:
+    def fold(cls, events: Iterable[RunRecord]) -> LiveState:
         state = cls.empty()
         for event in events:
             state = state.apply(event)
         return state
 
-    def apply(self, event: RunStart | RoundEvent | RunEnd) -> LiveState:
+    def apply(self, event: RunRecord) -> LiveState:
         """The state after one more event (a new `RunStart` begins a fresh state)."""
         if isinstance(event, RunStart):
             return LiveState.started(event)

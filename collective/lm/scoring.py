@@ -10,19 +10,13 @@ Shapes: B sequences, L padded length, R round tokens, V vocabulary.
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
 from collective.lm.predictions import TokenPredictions, predictions_from_logits
-
-
-def _cache_kwarg(model: torch.nn.Module) -> str:
-    """transformers renamed `past_key_values` to `cache` in 5.x; accept either."""
-    params = inspect.signature(type(model).forward).parameters
-    return "cache" if "cache" in params else "past_key_values"
+from controllers.objectives import cache_kwarg as _cache_kwarg
 
 
 def _output_cache(out: object) -> object:

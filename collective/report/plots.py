@@ -230,34 +230,29 @@ def member_gains(report: Report) -> dict[str, float]:
     return gains
 
 
-def plot_topology(start: RunStart, report: Report, out_path: Path, rounds: Sequence[RoundEvent] = ()) -> Path:
-    """The graph in the terminal view's layout: nodes coloured by their final gain from
-    messages, links as wide as the number of messages delivered on them."""
-    from matplotlib import colormaps
-    from matplotlib.colors import TwoSlopeNorm
-
-    node_ids = [node.node_id for node in start.nodes]
-    positions = node_positions(node_ids, start.edges)
+def messages_carried(rounds: Sequence[RoundEvent]) -> dict[tuple[str, str], int]:
+    """The number of messages delivered on each directed link (sender, receiver)."""
     carried: dict[tuple[str, str], int] = {}
     for event in rounds:
         for message in event.messages:
             if not message.dropped:
                 key = (message.sender, message.receiver)
                 carried[key] = carried.get(key, 0) + 1
-    busiest = max(carried.values(), default=0)
-    gains = member_gains(report)
-    spread = max([abs(g) for g in gains.values()] + [1e-3])
-    norm = TwoSlopeNorm(vmin=-spread, vcenter=0.0, vmax=spread)
-    cmap = colormaps["RdBu"]
+    return carried
 
-    size = 6.5 if len(node_ids) <= 12 else 8.5
-    figure = _figure(size + 1.4, size)
-    axes = figure.subplots()
+
+def _draw_links(
+    axes: Any, start: RunStart, positions: Mapping[str, tuple[float, float]], carried: Mapping[tuple[str, str], int]
+) -> None:
+    """One line per link (a pair of opposite links drawn once), as wide as its messages; an
+    arrow on a one-way link of a directed graph."""
+    busiest = max(carried.values(), default=0)
+    edges = set(start.edges)
     drawn: set[tuple[str, str]] = set()
     for a, b in start.edges:
         if a == b or a not in positions or b not in positions:
             continue
-        both = (b, a) in set(start.edges)
+        both = (b, a) in edges
         key = (min(a, b), max(a, b))
         if both and key in drawn:
             continue
@@ -269,15 +264,28 @@ def plot_topology(start: RunStart, report: Report, out_path: Path, rounds: Seque
             "", xy=positions[b], xytext=positions[a],
             arrowprops={"arrowstyle": arrow, "lw": width, "color": "0.55", "shrinkA": 12, "shrinkB": 12},
         )
+
+
+def _draw_nodes(
+    axes: Any, node_ids: Sequence[str], positions: Mapping[str, tuple[float, float]], gains: Mapping[str, float]
+) -> Any:
+    """The nodes coloured by gain on a scale centred on 0 (grey without one), each labelled
+    with its id and gain; returns the coloured scatter for the colour bar."""
+    from matplotlib import colormaps
+    from matplotlib.colors import TwoSlopeNorm
+
+    spread = max([abs(g) for g in gains.values()] + [1e-3])
+    norm = TwoSlopeNorm(vmin=-spread, vcenter=0.0, vmax=spread)
+
     xs = [positions[n][0] for n in node_ids]
     ys = [positions[n][1] for n in node_ids]
     colors = [gains.get(n, math.nan) for n in node_ids]
-    marker = 900 if len(node_ids) <= 12 else 380
-    points = axes.scatter(xs, ys, c=colors, cmap=cmap, norm=norm, s=marker, edgecolors="black", linewidths=0.8, zorder=3)
+    small = len(node_ids) <= 12
+    marker = 900 if small else 380
+    points = axes.scatter(xs, ys, c=colors, cmap=colormaps["RdBu"], norm=norm, s=marker, edgecolors="black", linewidths=0.8, zorder=3)
     unknown = [i for i, gain in enumerate(colors) if not math.isfinite(gain)]  # a node without both rows: grey
     if unknown:
         axes.scatter([xs[i] for i in unknown], [ys[i] for i in unknown], color="0.85", s=marker, edgecolors="black", linewidths=0.8, zorder=3)
-    small = len(node_ids) <= 12
     for node_id, x, y in zip(node_ids, xs, ys):
         gain = gains.get(node_id, math.nan)
         dark = math.isfinite(gain) and abs(gain) > 0.6 * spread
@@ -290,6 +298,20 @@ def plot_topology(start: RunStart, report: Report, out_path: Path, rounds: Seque
                 f"{gain:+.3f}", (x, y), xytext=(0, -17 if small else -11), textcoords="offset points",
                 ha="center", va="top", fontsize=8 if small else 5.5, zorder=4,
             )
+    return points
+
+
+def plot_topology(start: RunStart, report: Report, out_path: Path, rounds: Sequence[RoundEvent] = ()) -> Path:
+    """The graph in the terminal view's layout: nodes coloured by their final gain from
+    messages, links as wide as the number of messages delivered on them."""
+    node_ids = [node.node_id for node in start.nodes]
+    positions = node_positions(node_ids, start.edges)
+    carried = messages_carried(rounds)
+    size = 6.5 if len(node_ids) <= 12 else 8.5
+    figure = _figure(size + 1.4, size)
+    axes = figure.subplots()
+    _draw_links(axes, start, positions, carried)
+    points = _draw_nodes(axes, node_ids, positions, member_gains(report))
     colorbar = figure.colorbar(points, ax=axes, shrink=0.7)
     colorbar.set_label("gain from messages: isolated − in collective NLL (nats/token)", fontsize=8)
     axes.set_xlim(-0.1, 1.1)
