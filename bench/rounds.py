@@ -35,11 +35,11 @@ from typing import Any
 import torch
 
 from collective.evaluate.evaluator import build_report
-from collective.lm.models import ModelPool
+from collective.lm.models import LoadedModel, ModelPool
 from collective.lm.predictions import TokenPredictions, predictions_from_logits
 from collective.records import Report
 from collective.run.bus import InMemoryBus
-from collective.run.engine import EmbeddedExecutor, LoadedLM, RoundEngine
+from collective.run.engine import EmbeddedExecutor, RoundEngine
 from collective.run.node import NodeRoundRequest, NodeRoundResult, start_token
 from collective.run.runner import Prepared, prepare
 from collective.scenario import GenerateMessage, RelayMessage, Scenario, parse_scenario
@@ -114,7 +114,7 @@ def naive_generate(model: torch.nn.Module, prompt: torch.Tensor, max_new_tokens:
 class NaiveExecutor:
     """The same contract as EmbeddedExecutor, computed the slow, obvious way."""
 
-    def __init__(self, scenario: Scenario, models: dict[str, LoadedLM], bus: InMemoryBus) -> None:
+    def __init__(self, scenario: Scenario, models: dict[str, LoadedModel], bus: InMemoryBus) -> None:
         self.scenario, self.models, self.bus = scenario, models, bus
 
     def run_round(self, round_index: int, requests: list[NodeRoundRequest]) -> dict[str, NodeRoundResult | None]:
@@ -149,7 +149,7 @@ class NaiveExecutor:
         return results
 
     @staticmethod
-    def _message(lm: LoadedLM, request: NodeRoundRequest, context: torch.Tensor) -> str | None:
+    def _message(lm: LoadedModel, request: NodeRoundRequest, context: torch.Tensor) -> str | None:
         tok: Any = lm.tokenizer
         spec = request.message
         if isinstance(spec, RelayMessage):
@@ -208,13 +208,10 @@ def run_engine(prepared: Prepared, naive: bool) -> Recorded:
     scenario = prepared.scenario
     record = Recorded()
     bus = InMemoryBus(prepared.graph, scenario.bus, prepared.tokenizer, scenario.seed)  # type: ignore[arg-type]
-    models = {alias: prepared.lm(alias) for alias in prepared.models}
+    models = prepared.models
     executor = (NaiveExecutor if naive else EmbeddedExecutor)(scenario, models, bus)
     engine_class = NaiveReferenceEngine if naive else RoundEngine
-    engine = engine_class(
-        scenario, prepared.graph, prepared.stream, prepared.byte_lengths, Recording(executor, record),
-        prepared.lm(scenario.reference_model), prepared.control_ids, prepared.placeholder_ids, "bench",
-    )
+    engine = engine_class.from_prepared(prepared, Recording(executor, record), "bench")
     original = engine._reference
 
     def keep_reference(start: int, targets: torch.Tensor) -> TokenPredictions:

@@ -5,17 +5,22 @@
   The live view, `collective watch` and the distributed coordinator all consume these,
   so their shape is versioned by `EVENT_SCHEMA_VERSION`.
 - `report.json` holds the `Report`: the evaluator's rows with confidence intervals,
-  the two gains and the verdict (`REPORT_SCHEMA_VERSION`).
+  the two gains and the verdict (`REPORT_SCHEMA_VERSION`). Its rows come in `ROW_ORDER`.
+- `controls.json` holds the `Controls`: the control prompts a run used and the searches
+  that found them (`CONTROLS_SCHEMA_VERSION`).
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
 EVENT_SCHEMA_VERSION = 1
 REPORT_SCHEMA_VERSION = 2  # 2: adds rejected_envelopes (a version 1 report still reads: it defaults to {})
+CONTROLS_SCHEMA_VERSION = 1
+
+Runtime = Literal["embedded", "mqtt"]  # where the nodes ran: this process, or volunteers over MQTT
 
 
 class _Record(BaseModel):
@@ -64,22 +69,23 @@ class RunStart(_Record):
     max_message_tokens: int
     max_message_bytes: int
     aggregator: str
-    runtime: Literal["embedded", "mqtt"] = "embedded"
+    runtime: Runtime = "embedded"
 
 
 class NodeRound(_Record):
-    """One node's round. NLLs are mean nats/token over the round; None when it missed it."""
+    """One node's round. NLLs are mean nats/token over the round; None when it missed it
+    (or, for isolated and plain, when it was not asked for that row)."""
 
     node_id: str
     nll_collective: float | None
     nll_isolated: float | None
     nll_plain: float | None
     top1_collective: float | None = None
-    inbox_tokens: int = 0
-    bytes_sent: int = 0
-    messages_sent: int = 0
+    inbox_tokens: int = Field(0, description="tokens of the rendered inbox the node read")
+    bytes_sent: int = Field(0, description="UTF-8 bytes of its messages that links delivered")
+    messages_sent: int = Field(0, description="one per out-link, dropped ones included")
     messages_dropped: int = 0
-    messages_truncated: int = 0
+    messages_truncated: int = Field(0, description="cut to a link's token or byte budget")
     missed: bool = False
     last_message: str | None = None
 
@@ -128,9 +134,12 @@ class Interval(_Record):
     high: float
 
 
-RowKind = Literal[
-    "member_plain", "member_isolated", "member_collective", "ensemble_silent", "collective", "reference"
-]
+MemberRow = Literal["member_plain", "member_isolated", "member_collective"]  # one per node
+PooledRow = Literal["ensemble_silent", "collective", "reference"]  # one per run
+RowKind = Literal[MemberRow, PooledRow]
+ROW_ORDER: tuple[RowKind, ...] = get_args(RowKind)  # the order of a report's rows (then node order)
+MEMBER_ROWS: tuple[MemberRow, ...] = get_args(MemberRow)
+POOLED_ROWS: tuple[PooledRow, ...] = get_args(PooledRow)
 
 ROW_TITLES: dict[str, str] = {
     "member_plain": "member, plain",
@@ -167,7 +176,7 @@ class Report(_Record):
     run_id: str
     scenario: str
     seed: int
-    runtime: Literal["embedded", "mqtt"] = "embedded"
+    runtime: Runtime = "embedded"
     aggregator: str
     n_eval_tokens: int
     n_eval_rounds: int
@@ -195,3 +204,29 @@ class Report(_Record):
             if row.row == kind and row.node_id == node_id:
                 return row
         raise KeyError((kind, node_id))
+
+
+# ---------------------------------------------------------------------------- controls
+
+
+class ControlSearch(_Record):
+    """One node's prompt search on the train part (GCG)."""
+
+    node_id: str
+    objective: Literal["local", "collective"]
+    control_ids: list[int]
+    control_text: str
+    loss: float = Field(description="train NLL with the prompt found, nats/token")
+    initial_loss: float = Field(description="train NLL with the initial prompt, nats/token")
+    steps: int
+    wall_seconds: float
+
+
+class Controls(_Record):
+    """`controls.json`: the prompt every node used (token ids, and as text where not empty),
+    and the searches that found them (none when they were fixed or reused)."""
+
+    schema_version: int = CONTROLS_SCHEMA_VERSION
+    control_ids: dict[str, list[int]]
+    control_text: dict[str, str] = Field(default_factory=dict)
+    searches: list[ControlSearch] = Field(default_factory=list)

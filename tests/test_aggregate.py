@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from collective.lm.predictions import TokenPredictions, predictions_from_logits
-from collective.run import aggregate
+from collective.run import pools
 from collective.run.aggregate import (
     HedgeWeights,
     PerplexityWeights,
@@ -27,9 +27,29 @@ def random_targets(t: int, v: int, seed: int = 1) -> torch.Tensor:
     return torch.randint(0, v, (t,), generator=g)
 
 
+def listing_one_token(vocab_size: int, listed: list[tuple[int, float]], target_probs: list[float]) -> TokenPredictions:
+    """Members at one position with K = 1: member i lists token listed[i][0] at probability
+    listed[i][1] and gives the realized token target_probs[i]."""
+    return TokenPredictions(
+        target_logprob=torch.log(torch.tensor([[p] for p in target_probs])),
+        topk_ids=torch.tensor([[[token]] for token, _ in listed]),
+        topk_logprobs=torch.log(torch.tensor([[[p]] for _, p in listed])),
+        vocab_size=vocab_size,
+    )
+
+
 def at(tensor: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """(T, V) values at the (T,) targets."""
     return tensor.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+
+
+def test_a_tail_share_of_nothing_has_a_zero_gradient_not_nan():
+    # member 0's top-K holds all its mass (tail -inf), member 1's does not
+    logprobs = torch.log(torch.tensor([[1.0, 0.0], [0.5, 0.25]])).requires_grad_(True)  # (N=2, K=2)
+    share = log_tail_share(logprobs, 4)
+    assert share[0].item() == -math.inf and math.isfinite(share[1].item())
+    (share[1] + torch.where(torch.isinf(share), 0.0, share).sum()).backward()
+    assert torch.isfinite(logprobs.grad).all() and logprobs.grad[0].abs().sum() == 0
 
 
 def test_tail_share_spreads_the_mass_left_outside_the_top_k_evenly():
@@ -56,26 +76,35 @@ def test_linear_pool_target_logprob_matches_a_hand_computed_mixture_of_two_membe
     assert torch.allclose(pooled.target_logprob, at(mixture, targets).log(), atol=1e-5)
 
 
-def test_linear_pool_equals_a_full_vocabulary_mixture_when_k_equals_v():
-    logits = random_logits(3, 50, 40, seed=3)
+def _mixture(logits: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """(T, V) log of sum_i w_i p_i, from (N, T, V) logits."""
+    return (torch.softmax(logits, dim=-1) * weights[:, None, None]).sum(0).log()
+
+
+def _product_of_experts(logits: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """(T, V) log of prod_i p_i^w_i, normalized, from (N, T, V) logits."""
+    return (torch.log_softmax(logits, -1) * weights[:, None, None]).sum(0).log_softmax(-1)
+
+
+@pytest.mark.parametrize(
+    "pool, formula, seed, weights",
+    [(pool_linear, _mixture, 3, [0.2, 0.3, 0.5]), (pool_log, _product_of_experts, 4, [0.5, 0.2, 0.3])],
+    ids=["linear", "log"],
+)
+def test_a_pool_equals_its_full_vocabulary_formula_when_k_equals_v(pool, formula, seed, weights):
+    logits = random_logits(3, 50, 40, seed=seed)
     targets = random_targets(50, 40)
     preds = predictions_from_logits(logits, targets, top_k=40)
-    weights = torch.tensor([0.2, 0.3, 0.5])
-    pooled = pool_linear(preds, weights)
-    mixture = (torch.softmax(logits, dim=-1) * weights[:, None, None]).sum(0)  # (T, V)
-    assert torch.allclose(pooled.target_logprob, at(mixture, targets).log(), atol=1e-5)
-    assert torch.equal(pooled.top1, mixture.argmax(-1))
+    pooled = pool(preds, torch.tensor(weights))
+    expected = formula(logits, torch.tensor(weights))  # (T, V) log-probabilities
+    assert torch.allclose(pooled.target_logprob, at(expected, targets), atol=1e-5)
+    assert torch.equal(pooled.top1, expected.argmax(-1))
 
 
 def test_linear_pool_top1_uses_tail_shares_for_candidates_a_member_does_not_list():
     # V = 4, K = 1. Member 0: token 0 at 0.4, tail 0.6 -> 0.2 each; member 1: token 1 at 0.3,
     # tail 0.7 -> 0.7 / 3 each. Mixture: token 0 = 0.4 + 0.233, token 1 = 0.2 + 0.3.
-    preds = TokenPredictions(
-        target_logprob=torch.log(torch.tensor([[0.4], [0.3]])),
-        topk_ids=torch.tensor([[[0]], [[1]]]),
-        topk_logprobs=torch.log(torch.tensor([[[0.4]], [[0.3]]])),
-        vocab_size=4,
-    )
+    preds = listing_one_token(4, [(0, 0.4), (1, 0.3)], target_probs=[0.4, 0.3])
     assert pool_linear(preds, torch.tensor([0.5, 0.5])).top1.tolist() == [0]
     assert pool_linear(preds, torch.tensor([0.1, 0.9])).top1.tolist() == [1]
 
@@ -88,26 +117,12 @@ def test_log_pool_of_identical_members_is_that_member():
     assert torch.equal(pooled.top1, one.topk_ids[0, :, 0])
 
 
-def test_log_pool_equals_a_full_vocabulary_product_of_experts_when_k_equals_v():
-    logits = random_logits(3, 50, 40, seed=4)
-    targets = random_targets(50, 40)
-    preds = predictions_from_logits(logits, targets, top_k=40)
-    weights = torch.tensor([0.5, 0.2, 0.3])
-    pooled = pool_log(preds, weights)
-    product = (torch.log_softmax(logits, -1) * weights[:, None, None]).sum(0).log_softmax(-1)
-    assert torch.allclose(pooled.target_logprob, at(product, targets), atol=1e-5)
-    assert torch.equal(pooled.top1, product.argmax(-1))
 
 
 def test_log_pool_normalizer_counts_tokens_outside_the_union_with_their_tail_shares():
     # V = 4, K = 1, two members both listing token 0 at 0.7 (tail 0.1 per other token):
     # identical members, so the pool is the member even though K < V.
-    preds = TokenPredictions(
-        target_logprob=torch.log(torch.tensor([[0.1], [0.1]])),
-        topk_ids=torch.tensor([[[0]], [[0]]]),
-        topk_logprobs=torch.log(torch.tensor([[[0.7]], [[0.7]]])),
-        vocab_size=4,
-    )
+    preds = listing_one_token(4, [(0, 0.7), (0, 0.7)], target_probs=[0.1, 0.1])
     pooled = pool_log(preds, torch.tensor([0.5, 0.5]))
     assert pooled.target_logprob.item() == pytest.approx(math.log(0.1), abs=1e-6)
 
@@ -117,7 +132,7 @@ def test_pools_work_in_chunks_of_positions(monkeypatch):
     preds = predictions_from_logits(logits, random_targets(37, 60), top_k=7)
     weights = torch.tensor([0.2, 0.3, 0.5])
     whole_linear, whole_log = pool_linear(preds, weights), pool_log(preds, weights)
-    monkeypatch.setattr(aggregate, "_CHUNK_ELEMENTS", 3 * 3 * 7 * 4)  # 4 positions a chunk
+    monkeypatch.setattr(pools, "_CHUNK_ELEMENTS", 3 * 3 * 7 * 4)  # 4 positions a chunk
     assert torch.equal(pool_linear(preds, weights).top1, whole_linear.top1)
     chunked = pool_log(preds, weights)
     assert torch.equal(chunked.top1, whole_log.top1)
@@ -217,6 +232,13 @@ def test_perplexity_weights_are_past_only_and_serializable():
     restored = PerplexityWeights(3)
     restored.load_state_dict(a.state_dict())
     assert torch.equal(restored.step(losses), a.step(losses))
+
+
+def test_a_state_of_another_method_or_size_is_refused():
+    with pytest.raises(ValueError, match="not a perplexity state for 3 members"):
+        PerplexityWeights(3).load_state_dict(HedgeWeights(3).state_dict())
+    with pytest.raises(ValueError, match="not a hedge state for 2 members"):
+        HedgeWeights(2).load_state_dict(HedgeWeights(3).state_dict())
 
 
 def test_mean_and_logpool_aggregators_are_the_uniform_pools():

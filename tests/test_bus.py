@@ -6,7 +6,14 @@ import networkx as nx
 import pytest
 
 from collective.records import MessageRecord
-from collective.run.bus import Inbox, InMemoryBus, enforce_budget, is_dropped, link_policies
+from collective.run.bus import (
+    Inbox,
+    InMemoryBus,
+    enforce_budget,
+    is_dropped,
+    link_policies,
+    message_token_budgets,
+)
 from collective.scenario import BusSpec, LinkOverride
 
 TEXT = "The quick brown fox jumps over the lazy dog, and then the dog sleeps again."
@@ -107,6 +114,17 @@ def test_a_per_link_budget_and_latency_apply_on_the_bus(tiny_tok):
     to_b, to_c = bus.send("a", "hello there", 0)
     assert to_b.n_tokens <= 2 and to_b.truncated and to_b.deliver_round == 3
     assert to_c.text == "hello there" and not to_c.truncated and to_c.deliver_round == 1
+
+
+def test_a_senders_budget_is_its_tightest_out_link_and_the_default_without_one():
+    graph = nx.DiGraph([("a", "b"), ("a", "c"), ("b", "a")])
+    graph.add_node("d")  # no out-link
+    spec = BusSpec(max_message_tokens=24, links=[
+        LinkOverride(source="a", target="c", max_message_tokens=5),
+        LinkOverride(source="b", target="a", latency_rounds=2),  # no token budget of its own
+        LinkOverride(source="c", target="a", max_message_tokens=1),  # not an edge of the graph
+    ])
+    assert message_token_budgets(spec, graph) == {"a": 5, "b": 24, "c": 24, "d": 24}
 
 
 # ---------------------------------------------------------------------------- latency, retention

@@ -122,3 +122,39 @@ def test_the_initial_prompt_is_padded_with_tokens_that_read_back_the_same(tiny_m
         ids = _initial_ids(GCGController(tokens=6, init=init), tokenizer, "a")
         assert len(ids) == 6
         assert tokenizer.encode(tokenizer.decode(ids), add_special_tokens=False) == ids  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("kind", ["mean", "logpool"])
+def test_the_collective_objective_is_the_runs_own_pool_of_the_members_records(kind):
+    """Fed member 1's own log-probs, the objective is the NLL the run's aggregator reports."""
+    from collective.lm.predictions import predictions_from_logits
+    from collective.run.aggregate import make_aggregator
+    from collective.run.control import _pool_loss
+
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 6, 50, generator=gen) * 3  # (N, n, V)
+    targets = torch.randint(0, 50, (6,), generator=gen)
+    members = predictions_from_logits(logits, targets, top_k=8)
+    expected = -make_aggregator(kind, 3).pool(members).target_logprob.mean()
+    own = torch.log_softmax(logits[1], dim=-1)  # (n, V)
+    candidates = torch.stack([own, torch.log_softmax(torch.zeros(6, 50), dim=-1)]).requires_grad_(True)  # (B=2, n, V)
+    loss = _pool_loss(kind, 1, members, targets)(candidates)  # (B,)
+    assert loss.shape == (2,)
+    assert loss[0].item() == pytest.approx(expected.item(), abs=1e-5)
+    assert loss[1].item() != pytest.approx(expected.item(), abs=1e-3)  # a uniform member 1 pools otherwise
+    loss.sum().backward()
+    assert torch.isfinite(candidates.grad).all() and candidates.grad.abs().sum() > 0
+
+
+def test_a_controls_file_is_a_versioned_record_and_an_older_minimal_one_still_reads(tiny_model_dir, tmp_path):
+    from collective.records import CONTROLS_SCHEMA_VERSION, Controls, ControlSearch
+
+    scenario = load_scenario(_scenario_file(tmp_path, tiny_model_dir, GCG))
+    search = ControlSearch(node_id="a", objective="local", control_ids=[5, 6], control_text="hi", loss=1.0,
+                           initial_loss=2.0, steps=3, wall_seconds=0.5)
+    written = Controls(control_ids={"a": [5, 6], "b": []}, control_text={"a": "hi"}, searches=[search])
+    assert json.loads(written.model_dump_json())["schema_version"] == CONTROLS_SCHEMA_VERSION
+    (tmp_path / "controls.json").write_text(written.model_dump_json(indent=2), encoding="utf-8")
+    assert load_controls(tmp_path, scenario) == {"a": [5, 6], "b": []}
+    (tmp_path / "controls.json").write_text(json.dumps({"control_ids": {"a": [1]}}), encoding="utf-8")
+    assert load_controls(tmp_path, scenario) == {"a": [1]}

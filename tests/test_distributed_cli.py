@@ -28,6 +28,25 @@ def test_the_broker_command_refuses_a_user_without_a_password(tmp_path, capsys):
     assert "expected NAME:PASSWORD" in capsys.readouterr().out
 
 
+
+def test_an_anonymous_broker_has_no_logins_but_still_checks_each_user_option(tmp_path, capsys):
+    assert main(["broker", "--config-dir", str(tmp_path), "--anonymous", "--no-start"]) == 0
+    assert "no logins: anyone who reaches the port may join" in " ".join(capsys.readouterr().out.split())
+    assert not (tmp_path / "credentials.txt").exists()
+    assert main(["broker", "--config-dir", str(tmp_path), "--anonymous", "--user", "bob", "--no-start"]) == 2
+    assert "--user 'bob': expected NAME:PASSWORD" in capsys.readouterr().out
+
+
+def test_a_given_login_overrides_the_generated_one(tmp_path, capsys):
+    scenario = str(REPO / "scenarios" / "quickstart.yaml")
+    assert main(["broker", "--config-dir", str(tmp_path), "--scenario", scenario, "--user", "a:secret", "--no-start"]) == 0
+    assert "a:secret" in (tmp_path / "credentials.txt").read_text(encoding="utf-8")
+
+
+def test_tls_needs_both_the_certificate_and_its_key(tmp_path, capsys):
+    assert main(["broker", "--config-dir", str(tmp_path), "--tls-cert", str(tmp_path / "c.pem"), "--no-start"]) == 2
+    assert "TLS needs both --tls-cert and --tls-key" in capsys.readouterr().out
+
 @pytest.mark.parametrize(
     ("args", "complaint"),
     [

@@ -4,16 +4,22 @@ depend on the bus, and the evaluator's report built from it."""
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from typing import Any
 
 import networkx as nx
 import pytest
 import torch
 
+from collective.evaluate.book import RoundBook
 from collective.evaluate.evaluator import build_report
+from collective.lm.models import LoadedModel
+from collective.lm.predictions import TokenPredictions
 from collective.records import Report, RoundEvent
 from collective.run.bus import InMemoryBus
-from collective.run.engine import EmbeddedExecutor, EngineResult, LoadedLM, RoundEngine
+from collective.run.engine import EmbeddedExecutor, EngineResult, RoundEngine
+from collective.run.pools import pool_linear
+from collective.run.prepared import Prepared
 from collective.scenario import Scenario, parse_scenario
 from tests.tiny import pydoc_text
 
@@ -22,14 +28,7 @@ EVAL_ROUNDS = 5
 TIMING = {"wall_seconds", "tokens_per_second"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny models run many times faster on one thread: OpenMP threads spin-wait for each
-    other on small ops, which on a busy 2-core machine costs far more than it saves."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def scenario(**changes: Any) -> Scenario:
@@ -74,7 +73,7 @@ def stream_for(tok, sc: Scenario) -> tuple[torch.Tensor, torch.Tensor]:
 
 def run(model, tok, sc: Scenario, executor_wrapper=None) -> tuple[Report, list[RoundEvent], EngineResult]:
     graph = ring(sc.node_ids)
-    lm = LoadedLM(model, tok, "tiny")
+    lm = LoadedModel.in_memory(model, tok, "tiny")
     executor = EmbeddedExecutor(sc, {"tiny": lm}, InMemoryBus(graph, sc.bus, tok, sc.seed))
     if executor_wrapper is not None:
         executor = executor_wrapper(executor)
@@ -257,6 +256,51 @@ def test_a_node_that_misses_a_round_is_counted_and_not_scored(tiny_lm, tiny_tok)
     assert math.isfinite(report.row("collective").nll)
 
 
+class _WithoutIsolated:
+    """An executor whose node `b` returns no isolated row in round 3 (as if not asked for it)."""
+
+    def __init__(self, inner: EmbeddedExecutor) -> None:
+        self.inner = inner
+        self.kept: dict = {}
+
+    def run_round(self, round_index, requests):
+        results = self.inner.run_round(round_index, requests)
+        if round_index == 3:
+            self.kept = dict(results)
+            results["b"] = replace(results["b"], isolated=None)
+        return results
+
+
+def test_a_node_without_an_isolated_row_is_left_out_of_the_silent_ensemble_and_not_scored(tiny_lm, tiny_tok, default_run):
+    wrappers: list[_WithoutIsolated] = []
+
+    def wrap(inner: EmbeddedExecutor) -> _WithoutIsolated:
+        wrappers.append(_WithoutIsolated(inner))
+        return wrappers[-1]
+
+    report, events, _ = run(tiny_lm, tiny_tok, scenario(), executor_wrapper=wrap)
+    assert report.row("member_isolated", "b").n_tokens == ROUND * (EVAL_ROUNDS - 1)
+    assert report.row("member_plain", "b").n_tokens == ROUND * EVAL_ROUNDS
+    assert report.row("ensemble_silent").n_tokens == ROUND * EVAL_ROUNDS
+    assert events[3].nodes[1].nll_isolated is None and not events[3].nodes[1].missed
+    kept = wrappers[0].kept
+    others = TokenPredictions.stack([kept[n].isolated for n in ("a", "c", "d")])
+    silent = pool_linear(others, torch.full((3,), 1 / 3))  # the mean pool of the three that have the row
+    assert events[3].nll_silent == pytest.approx(float(-silent.target_logprob.mean()), rel=1e-6)
+    default, _, _ = default_run
+    assert rows(report, "collective") == rows(default, "collective")  # the collective rows are all there
+
+
+def test_an_engine_from_a_prepared_run_is_the_engine_of_its_parts(tiny_lm, tiny_tok, default_run):
+    sc = scenario()
+    stream, byte_lengths = stream_for(tiny_tok, sc)
+    placeholders = {n.id: tiny_tok.encode("_", add_special_tokens=False)[0] for n in sc.nodes if n.view.kind == "masked"}
+    models = {"tiny": LoadedModel.in_memory(tiny_lm, tiny_tok, "tiny")}
+    prepared = Prepared(sc, models, ring(sc.node_ids), stream, byte_lengths, placeholders, {n: [] for n in sc.node_ids})
+    engine = RoundEngine.from_prepared(prepared, EmbeddedExecutor.from_prepared(prepared), "run")
+    assert numbers(build_report(sc, engine.run(), run_id="run")) == numbers(default_run[0])
+
+
 # ---------------------------------------------------------------------------- the report
 
 
@@ -290,7 +334,7 @@ def test_report_numbers_are_internally_consistent(default_run):
 
 def test_a_report_needs_an_eval_round(tiny_lm, tiny_tok):
     sc = scenario()
-    result = EngineResult(books={}, rounds_done=2, eval_rounds_done=0, missed_rounds={}, messages_sent=0,
+    result = EngineResult(book=RoundBook(sc.node_ids), rounds_done=2, eval_rounds_done=0, missed_rounds={}, messages_sent=0,
                           messages_dropped=0, messages_truncated=0, wall_seconds=0.0, eval_tokens=0, eval_bytes=0)
     with pytest.raises(ValueError, match="no eval round"):
         build_report(sc, result, run_id="x")
@@ -299,7 +343,7 @@ def test_a_report_needs_an_eval_round(tiny_lm, tiny_tok):
 def test_should_stop_ends_the_run_between_rounds(tiny_lm, tiny_tok):
     sc = scenario(nodes=[{"id": "a", "view": {"kind": "window", "tokens": 16}}, {"id": "b", "view": {"kind": "none"}}])
     graph = ring(sc.node_ids)
-    lm = LoadedLM(tiny_lm, tiny_tok, "tiny")
+    lm = LoadedModel.in_memory(tiny_lm, tiny_tok, "tiny")
     stream, byte_lengths = stream_for(tiny_tok, sc)
     engine = RoundEngine(sc, graph, stream, byte_lengths, EmbeddedExecutor(sc, {"tiny": lm}, InMemoryBus(graph, sc.bus, tiny_tok, 0)),
                          lm, {}, {}, "run")

@@ -7,29 +7,26 @@ import math
 import pytest
 import torch
 
-from collective.evaluate.evaluator import build_report, describe_aggregator, row_name
+from collective.evaluate.book import RoundBook
+from collective.evaluate.evaluator import build_report, describe_aggregator
 from collective.evaluate.metrics import RoundStats
 from collective.records import Report
 from collective.run.engine import EngineResult
 from collective.scenario import parse_scenario
+from tests.test_scenario import _base
 
 ROUND = 4
 BYTES_PER_TOKEN = 3
 
 
 def _scenario(**changes):
-    data = {
-        "name": "hand",
-        "seed": 1,
-        "models": {"m": "x"},
-        "corpus": {"train_tokens": 64, "eval_tokens": 64},
+    """Two relay nodes a and b of one model, rounds of ROUND tokens (test_scenario's base)."""
+    hand = {
+        "name": "hand", "seed": 1, "models": {"m": "x"}, "corpus": {"train_tokens": 64, "eval_tokens": 64},
         "node_defaults": {"model": "m", "view": {"kind": "window", "tokens": 4}, "message": {"policy": "relay"}},
-        "nodes": [{"id": "a"}, {"id": "b"}],
-        "bus": {"round_tokens": ROUND},
-        "evaluation": {"context_tokens": 8, "n_boot": 500},
+        "bus": {"round_tokens": ROUND}, "evaluation": {"context_tokens": 8, "n_boot": 500},
     }
-    data.update(changes)
-    return parse_scenario(data)
+    return parse_scenario(_base(**{**hand, **changes}))
 
 
 def _stats(nll_per_token: list[float], correct: list[int] | None = None) -> RoundStats:
@@ -46,9 +43,9 @@ def _stats(nll_per_token: list[float], correct: list[int] | None = None) -> Roun
 
 def _result(rows: dict[tuple[str, str | None], list[float]], missed=None, wall=2.0) -> EngineResult:
     n_rounds = len(next(iter(rows.values())))
-    books = {key: [_stats([v]) for v in values] for key, values in rows.items()}
+    book = RoundBook.from_rounds({key: [_stats([v]) for v in values] for key, values in rows.items()})
     return EngineResult(
-        books=books,
+        book=book,
         rounds_done=n_rounds + 2,
         eval_rounds_done=n_rounds,
         missed_rounds=missed or {"a": 0, "b": 0},
@@ -160,5 +157,3 @@ def test_aggregators_are_described_in_a_few_words():
     assert describe_aggregator(_scenario()) == "mean"
     assert describe_aggregator(_scenario(aggregator={"kind": "readout", "node": "b"})) == "readout: b"
     assert describe_aggregator(_scenario(aggregator={"kind": "weighted", "method": "perplexity"})) == "weighted (perplexity)"
-    assert row_name(("member_plain", "a")) == "member_plain:a"
-    assert row_name(("collective", None)) == "collective"

@@ -34,7 +34,7 @@ def tiny_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def _loaded(name: str, tokenizer) -> LoadedModel:
     source = ModelSource("folder", f"/models/{name}", None, name)
-    return LoadedModel(name, source, None, tokenizer, torch.device("cpu"), torch.float32, len(tokenizer), name)
+    return LoadedModel(None, tokenizer, name, len(tokenizer), torch.device("cpu"), torch.float32, ref=name, source=source)
 
 
 # ------------------------------------------------------------------ resolution
@@ -138,6 +138,13 @@ def test_a_tiny_llama_folder_loads_frozen_in_eval_mode_with_the_same_logits(tiny
     assert loaded.tokenizer.pad_token is not None
     with torch.no_grad():
         torch.testing.assert_close(loaded.model(ids).logits, reference(ids).logits)
+
+
+def test_a_model_built_in_memory_is_a_loaded_model_with_its_size_device_and_dtype_read_off_it(tiny_lm, tiny_tok):
+    loaded = LoadedModel.in_memory(tiny_lm, tiny_tok, "tiny")
+    assert (loaded.model, loaded.tokenizer, loaded.name, loaded.ref) == (tiny_lm, tiny_tok, "tiny", "tiny")
+    assert loaded.vocab_size == len(tiny_tok) == 512
+    assert (loaded.device, loaded.dtype, loaded.source) == (torch.device("cpu"), torch.float32, None)
 
 
 def test_the_requested_dtype_is_the_dtype_of_the_weights(tiny_folder):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from collective.run.observation import Observer, describe_view
+from collective.run.observation import Observer
 from collective.scenario import (
     FullView,
     LaggedView,
@@ -144,7 +144,9 @@ def test_other_views_never_show_the_placeholder():
 
 
 def test_views_are_described_in_a_few_words():
-    assert describe_view(_node("a", FullView()), 256) == "full 256"
-    assert describe_view(_node("a", LaggedView(tokens=64, lag=32)), 256) == "lagged 64 (lag 32)"
-    assert describe_view(_node("a", MaskedView(tokens=8, keep=0.25)), 256) == "masked 8 (keep 0.25)"
-    assert describe_view(_node("a", NoView()), 256) == "none"
+    assert FullView().describe(256) == "full 256"
+    assert FullView(tokens=64).describe(256) == "full 64"
+    assert WindowView(tokens=16).describe(256) == "window 16"
+    assert LaggedView(tokens=64, lag=32).describe(256) == "lagged 64 (lag 32)"
+    assert MaskedView(tokens=8, keep=0.25).describe(256) == "masked 8 (keep 0.25)"
+    assert NoView().describe(256) == "none"

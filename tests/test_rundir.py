@@ -204,14 +204,14 @@ class _Publishing:
 
 
 def test_an_executor_that_publishes_events_gets_every_record_events_jsonl_gets(prepared, tmp_path):
-    from collective.run.runner import embedded_executor
+    from collective.run.engine import EmbeddedExecutor
 
-    publisher = _Publishing(embedded_executor(prepared))
+    publisher = _Publishing(EmbeddedExecutor.from_prepared(prepared))
     run_prepared(prepared, tmp_path / "run", executor=publisher)
     lines = (tmp_path / "run" / "events.jsonl").read_text().splitlines()
     assert [record.model_dump_json() for record in publisher.records] == lines
     assert len(lines) == 2 + WARMUP + EVAL_ROUNDS
     # a publisher that fails never breaks the run
-    failing = _Publishing(embedded_executor(prepared), fail=True)
+    failing = _Publishing(EmbeddedExecutor.from_prepared(prepared), fail=True)
     assert run_prepared(prepared, tmp_path / "run-2", executor=failing).status == "complete"
     assert len(failing.records) == len(lines)

@@ -12,17 +12,22 @@ import yaml
 
 from collective.scenario import (
     FixedController,
+    FullView,
     GenerateMessage,
     LaggedView,
+    MaskedView,
     ModelSpec,
     NoController,
+    NoView,
     RelayMessage,
     ScenarioError,
+    ScenarioFile,
     WindowView,
     load_scenario,
     parse_scenario,
     scenario_json_schema,
 )
+from collective.scenario_errors import field_names
 
 
 def _base(**overrides: Any) -> dict[str, Any]:
@@ -254,3 +259,37 @@ def test_load_scenario_reads_a_valid_file(tmp_path):
     path = tmp_path / "s.yaml"
     path.write_text(yaml.safe_dump(_base()), encoding="utf-8")
     assert load_scenario(Path(path)) == parse_scenario(_base(), base_dir=tmp_path)
+
+
+def test_the_controllers_training_rounds_must_also_fit_in_the_train_part():
+    # 1 warm-up round of 16 + the longest reach 32 + 2 training rounds of 16 = 80
+    gcg = {"model": "tiny", "view": {"kind": "window", "tokens": 16}, "message": {"policy": "relay"},
+           "controller": {"kind": "gcg", "train_rounds": 2}}
+    message = _error(_base(node_defaults=gcg, corpus={"train_tokens": 79, "eval_tokens": 64}))
+    assert message.startswith("s.yaml: corpus.train_tokens: found 79;")
+    assert "need the 80 tokens" in message and "+ 2 controller training rounds" in message
+    parse_scenario(_base(node_defaults=gcg, corpus={"train_tokens": 80, "eval_tokens": 64}))
+
+
+@pytest.mark.parametrize(
+    "view, reach, span",
+    [
+        (FullView(), 32, (68, 100)),
+        (FullView(tokens=8), 8, (92, 100)),
+        (WindowView(tokens=0), 0, (100, 100)),
+        (LaggedView(tokens=12, lag=8), 20, (80, 92)),
+        (MaskedView(tokens=16, keep=0.5), 16, (84, 100)),
+        (NoView(), 0, (100, 100)),
+    ],
+)
+def test_a_view_says_how_far_back_it_reaches_and_which_positions_it_shows(view, reach, span):
+    assert view.reach(32) == reach  # 32: what a full view without its own tokens sees
+    assert view.span(100, 32) == span
+    lo, hi = view.span(5, 32)  # clipped at the start of the stream
+    assert 0 <= lo <= hi <= 5
+
+
+def test_every_key_of_every_nested_part_is_known_to_the_misspelling_hint():
+    keys = field_names(ScenarioFile)
+    assert {"round_tokens", "placeholder", "lag", "speak_prompt", "sweeps", "id_prefix", "window_tokens"} <= keys
+    assert {"node_defaults", "overrides", "links", "drop_rate"} <= keys

@@ -27,7 +27,7 @@ _T975 = {
 }
 MAX_RUN_COLUMNS = 6
 
-RowKey = tuple[str, str | None]
+LineKey = tuple[str, str | None]  # a line of the comparison: a report row (kind, node id) or a gain (name, None)
 
 
 def t_quantile_975(df: int) -> float:
@@ -65,7 +65,7 @@ def mean_ci(values: Sequence[float]) -> Spread:
 @dataclass(frozen=True)
 class ComparedRow:
     label: str
-    key: RowKey
+    key: LineKey
     values: tuple[float | None, ...]  # one per run; None where that run has no such row
     spread: Spread
 
@@ -100,7 +100,7 @@ def run_labels(reports: Sequence[Report]) -> tuple[str, ...]:
 def compare_reports(reports: Sequence[Report], labels: Sequence[str] | None = None) -> Comparison:
     if not reports:
         raise ValueError("compare_reports needs at least one report")
-    keys: list[RowKey] = []
+    keys: list[LineKey] = []
     for report in reports:
         for row in report.rows:
             if (row.row, row.node_id) not in keys:
@@ -133,7 +133,7 @@ def _num(value: float | None, signed: bool = False) -> str:
     return f"{value:+.3f}" if signed else f"{value:.3f}"
 
 
-def _interval(spread: Spread, signed: bool = False) -> str:
+def _range_text(spread: Spread, signed: bool = False) -> str:
     if not math.isfinite(spread.low):
         return "n/a"
     return f"{_num(spread.low, signed)} .. {_num(spread.high, signed)}"
@@ -145,7 +145,7 @@ def gain_summary(row: ComparedRow) -> str:
     positive = sum(v > 0 for v in finite)
     return (
         f"{row.label}: mean {_num(row.spread.mean, True)} nats/token "
-        f"(95% CI {_interval(row.spread, True)} across {len(finite)} runs), positive in {positive} of {len(finite)}"
+        f"(95% CI {_range_text(row.spread, True)} across {len(finite)} runs), positive in {positive} of {len(finite)}"
     )
 
 
@@ -177,7 +177,7 @@ def comparison_table(comparison: Comparison) -> Group:
             cells = [_num(min(finite), signed), _num(max(finite), signed)] if finite else ["-", "-"]
         style = "bold" if row.key[0] in ("collective", "collective_gain", "communication_gain") else None
         table.add_row(
-            Text(row.label), *cells, _num(row.spread.mean, signed), _interval(row.spread, signed),
+            Text(row.label), *cells, _num(row.spread.mean, signed), _range_text(row.spread, signed),
             style=style, end_section=index == len(comparison.rows) - 1,
         )
     lines = [Text(gain_summary(gain)) for gain in comparison.gains]
@@ -192,7 +192,7 @@ def comparison_markdown(comparison: Comparison) -> str:
         signed = row in comparison.gains
         cells = [_num(v, signed) for v in row.values]
         out.append(
-            "| " + " | ".join([row.label, *cells, _num(row.spread.mean, signed), _interval(row.spread, signed)]) + " |"
+            "| " + " | ".join([row.label, *cells, _num(row.spread.mean, signed), _range_text(row.spread, signed)]) + " |"
         )
     out += ["", *(f"- {gain_summary(gain)}" for gain in comparison.gains)]
     return "\n".join(out) + "\n"

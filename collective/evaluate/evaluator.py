@@ -1,29 +1,34 @@
-"""The evaluator: the engine's per-round statistics in, the `Report` out.
+"""The evaluator: the engine's round book in, the `Report` out.
 
 Rows (DESIGN.md): each member plain, isolated and in collective, the silent ensemble,
 the collective and the full-view reference, all on the same eval tokens. Confidence
 intervals come from one paired block bootstrap over whole rounds (the same resampled
-rounds for every row), seeded from the scenario seed.
+rounds for every row), seeded from the scenario seed. Rows come out in `ROW_ORDER`, then
+node order.
 """
 
 from __future__ import annotations
 
 import math
 
-from collective.evaluate.metrics import RoundStats, block_bootstrap, gains, summarize, verdict
-from collective.records import Gain, Interval, Report, RowReport
-from collective.run.engine import EngineResult, RowKey
+from collective.evaluate.book import RowKey
+from collective.evaluate.metrics import (
+    BootstrapResult,
+    Estimate,
+    RoundStats,
+    block_bootstrap,
+    gains,
+    summarize,
+    verdict,
+)
+from collective.records import ROW_ORDER, Gain, Interval, Report, RowReport, Runtime
+from collective.run.engine import EngineResult
 from collective.scenario import Scenario
 from collective.seeding import generator
 
 
-def row_name(key: RowKey) -> str:
-    kind, node_id = key
-    return f"{kind}:{node_id}" if node_id is not None else kind
-
-
-def _interval(low: float, high: float) -> Interval:
-    return Interval(low=low, high=high)
+def _ci(estimate: Estimate) -> Interval:
+    return Interval(low=estimate.low, high=estimate.high)
 
 
 def build_report(
@@ -31,74 +36,44 @@ def build_report(
     result: EngineResult,
     *,
     run_id: str,
-    runtime: str = "embedded",
+    runtime: Runtime = "embedded",
     control_prompts: dict[str, str] | None = None,
     rejected_envelopes: dict[str, dict[str, int]] | None = None,
 ) -> Report:
     if result.eval_rounds_done == 0:
         raise ValueError("no eval round finished: there is nothing to report")
-    stats: dict[str, RoundStats] = {row_name(key): RoundStats.concat(parts) for key, parts in result.books.items()}
-    isolated = [row_name(("member_isolated", node_id)) for node_id in scenario.node_ids]
+    stats = result.book.stats()
+    evaluation = scenario.evaluation
     headline = gains(
         stats,
-        isolated=isolated,
-        silent="ensemble_silent",
-        collective="collective",
+        isolated=[RowKey("member_isolated", node_id) for node_id in scenario.node_ids],
+        silent=RowKey("ensemble_silent"),
+        collective=RowKey("collective"),
         generator=generator(scenario.seed, "bootstrap"),
-        block_rounds=scenario.evaluation.block_rounds,
-        n_boot=scenario.evaluation.n_boot,
+        block_rounds=evaluation.block_rounds,
+        n_boot=evaluation.n_boot,
     )
     every_row = block_bootstrap(
-        stats,
-        generator=generator(scenario.seed, "bootstrap"),
-        block_rounds=scenario.evaluation.block_rounds,
-        n_boot=scenario.evaluation.n_boot,
+        stats, generator=generator(scenario.seed, "bootstrap"), block_rounds=evaluation.block_rounds, n_boot=evaluation.n_boot
     )
-    rows = []
-    for key in result.books:
-        name = row_name(key)
-        summary = summarize(stats[name])
-        estimate = every_row.nll[name]
-        kind, node_id = key
-        model = scenario.node(node_id).model if node_id is not None else (
-            scenario.reference_model if kind == "reference" else None
-        )
-        rows.append(
-            RowReport(
-                row=kind,  # type: ignore[arg-type]
-                node_id=node_id,
-                model=model,
-                nll=summary.nll,
-                nll_ci=_interval(estimate.low, estimate.high),
-                perplexity=summary.ppl if math.isfinite(summary.ppl) else float("inf"),
-                bits_per_byte=summary.bits_per_byte,
-                top1=summary.top1_accuracy,
-                n_tokens=summary.n_tokens,
-            )
-        )
-    order = {kind: i for i, kind in enumerate(
-        ["member_plain", "member_isolated", "member_collective", "ensemble_silent", "collective", "reference"]
-    )}
-    node_order = {node_id: i for i, node_id in enumerate(scenario.node_ids)}
-    rows.sort(key=lambda r: (order[r.row], node_order.get(r.node_id or "", -1)))
-    best_member = headline.best_member.split(":", 1)[1]
+    best_member = headline.best_member.node_id or ""
     cg, mg = headline.collective_gain, headline.communication_gain
     return Report(
         run_id=run_id,
         scenario=scenario.name,
         seed=scenario.seed,
-        runtime=runtime,  # type: ignore[arg-type]
+        runtime=runtime,
         aggregator=describe_aggregator(scenario),
         n_eval_tokens=result.eval_tokens,
         n_eval_rounds=result.eval_rounds_done,
         round_tokens=scenario.bus.round_tokens,
         eval_bytes=result.eval_bytes,
         block_rounds=headline.bootstrap.block_rounds,
-        n_boot=scenario.evaluation.n_boot,
-        rows=rows,
+        n_boot=evaluation.n_boot,
+        rows=row_reports(scenario, stats, every_row),
         best_member=best_member,
-        collective_gain=Gain(value=cg.value, ci=_interval(cg.low, cg.high), versus=f"best isolated member ({best_member})"),
-        communication_gain=Gain(value=mg.value, ci=_interval(mg.low, mg.high), versus="silent ensemble"),
+        collective_gain=Gain(value=cg.value, ci=_ci(cg), versus=f"best isolated member ({best_member})"),
+        communication_gain=Gain(value=mg.value, ci=_ci(mg), versus="silent ensemble"),
         verdict=verdict(cg, mg, best_member),
         control_prompts=control_prompts or {},
         missed_rounds={k: v for k, v in result.missed_rounds.items() if v},
@@ -109,6 +84,35 @@ def build_report(
         wall_seconds=result.wall_seconds,
         tokens_per_second=result.eval_tokens / result.wall_seconds if result.wall_seconds > 0 else 0.0,
     )
+
+
+def row_reports(
+    scenario: Scenario, stats: dict[RowKey, RoundStats], bootstrap: BootstrapResult[RowKey]
+) -> list[RowReport]:
+    """One report row per booked row, in ROW_ORDER and then node order."""
+    node_order = {node_id: i for i, node_id in enumerate(scenario.node_ids)}
+    keys = sorted(stats, key=lambda key: (ROW_ORDER.index(key.kind), node_order.get(key.node_id or "", -1)))
+    rows = []
+    for key in keys:
+        summary = summarize(stats[key])
+        if key.node_id is not None:
+            model: str | None = scenario.node(key.node_id).model
+        else:
+            model = scenario.reference_model if key.kind == "reference" else None
+        rows.append(
+            RowReport(
+                row=key.kind,
+                node_id=key.node_id,
+                model=model,
+                nll=summary.nll,
+                nll_ci=_ci(bootstrap.nll[key]),
+                perplexity=summary.ppl if math.isfinite(summary.ppl) else float("inf"),
+                bits_per_byte=summary.bits_per_byte,
+                top1=summary.top1_accuracy,
+                n_tokens=summary.n_tokens,
+            )
+        )
+    return rows
 
 
 def describe_aggregator(scenario: Scenario) -> str:

@@ -14,15 +14,18 @@ Shapes: T positions, R rounds, B bootstrap resamples.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Generic, TypeVar
 
 import torch
 
 from collective.lm.predictions import TokenPredictions
-from collective.run.aggregate import PooledPrediction
+from collective.run.pools import PooledPrediction
 
 LN2 = math.log(2.0)
+
+Row = TypeVar("Row", bound=Hashable)  # what names a row: the evaluator's RowKey, a test's string
 
 
 @dataclass(frozen=True)
@@ -171,7 +174,7 @@ class Estimate:
 
 
 @dataclass(frozen=True)
-class BootstrapResult:
+class BootstrapResult(Generic[Row]):
     """Paired block-bootstrap intervals.
 
     nll: per row, mean NLL (nats/token) with CI. differences: per requested (a, b), the
@@ -179,8 +182,8 @@ class BootstrapResult:
     degenerate: True when there were too few rounds to resample (CIs are NaN).
     """
 
-    nll: dict[str, Estimate]
-    differences: dict[tuple[str, str], Estimate]
+    nll: dict[Row, Estimate]
+    differences: dict[tuple[Row, Row], Estimate]
     n_boot: int
     block_rounds: int
     degenerate: bool
@@ -198,7 +201,8 @@ def _resample_counts(
     return counts.scatter_add_(1, index, torch.ones_like(index, dtype=torch.float64))
 
 
-def _interval(value: float, samples: torch.Tensor | None, confidence: float) -> Estimate:
+def _percentile_estimate(value: float, samples: torch.Tensor | None, confidence: float) -> Estimate:
+    """`value` with the percentile interval of its bootstrap `samples` (B,) (None: no interval)."""
     if samples is None:
         return Estimate(value, math.nan, math.nan, confidence)
     alpha = (1.0 - confidence) / 2.0
@@ -209,17 +213,17 @@ def _interval(value: float, samples: torch.Tensor | None, confidence: float) -> 
 
 @torch.no_grad()
 def block_bootstrap(
-    rows: Mapping[str, RoundStats],
+    rows: Mapping[Row, RoundStats],
     *,
     generator: torch.Generator,
-    differences: Sequence[tuple[str, str]] = (),
+    differences: Sequence[tuple[Row, Row]] = (),
     block_rounds: int = 1,
     n_boot: int = 2000,
     confidence: float = 0.95,
-) -> BootstrapResult:
+) -> BootstrapResult[Row]:
     """Paired circular block bootstrap over rounds, percentile CIs.
 
-    rows: name -> RoundStats, all with the same R rounds (the same eval tokens).
+    rows: row -> RoundStats, all with the same R rounds (the same eval tokens).
     Each resample draws ceil(R / b) blocks of b consecutive whole rounds with replacement,
     each block starting at a uniformly random round and wrapping around the end (circular
     moving blocks, so every round is equally likely to be drawn), and keeps the first R
@@ -252,13 +256,13 @@ def block_bootstrap(
         samples = (counts @ nll_sum.T) / (counts @ n_tokens.T)  # (B, rows)
     col = {name: j for j, name in enumerate(names)}
     nll = {
-        name: _interval(
+        name: _percentile_estimate(
             float(point[col[name]]), None if samples is None else samples[:, col[name]], confidence
         )
         for name in names
     }
     diffs = {
-        (a, b): _interval(
+        (a, b): _percentile_estimate(
             float(point[col[a]] - point[col[b]]),
             None if samples is None else samples[:, col[a]] - samples[:, col[b]],
             confidence,
@@ -269,7 +273,7 @@ def block_bootstrap(
 
 
 @dataclass(frozen=True)
-class Gains:
+class Gains(Generic[Row]):
     """The headline numbers, nats/token, each with a paired CI.
 
     collective_gain: NLL(best isolated member) - NLL(collective); > 0: the collective wins.
@@ -280,25 +284,18 @@ class Gains:
 
     collective_gain: Estimate
     communication_gain: Estimate
-    best_member: str
-    bootstrap: BootstrapResult
+    best_member: Row
+    bootstrap: BootstrapResult[Row]
 
 
 def gains(
-    rows: Mapping[str, RoundStats],
-    *,
-    isolated: Sequence[str],
-    silent: str,
-    collective: str,
-    generator: torch.Generator,
-    block_rounds: int = 1,
-    n_boot: int = 2000,
-    confidence: float = 0.95,
-) -> Gains:
+    rows: Mapping[Row, RoundStats], *, isolated: Sequence[Row], silent: Row, collective: Row,
+    generator: torch.Generator, block_rounds: int = 1, n_boot: int = 2000, confidence: float = 0.95,
+) -> Gains[Row]:
     """Collective gain and communication gain with paired block-bootstrap CIs.
 
-    rows: name -> RoundStats over the same rounds; isolated: the names of the isolated
-    member rows; silent, collective: the names of those rows. Picking the best member on
+    rows: row -> RoundStats over the same rounds; isolated: the isolated member rows;
+    silent, collective: those rows. Picking the best member on
     the eval data itself favours the member (its NLL is the minimum of several noisy
     values), so the collective gain is, if anything, understated.
     """

@@ -100,16 +100,27 @@ class ModelSource:
 
 @dataclass(frozen=True, eq=False)
 class LoadedModel:
-    """A causal LM ready for inference. vocab_size is V, the width of its logits."""
+    """A causal LM ready for inference, with its tokenizer: the one model type of the library
+    (the round engine, the controllers' search, a volunteer's node all take it).
 
-    ref: str
-    source: ModelSource
+    vocab_size is V, the width of its logits. `ref` and `source` say where the weights came
+    from (`source` is None for a model built in this process, see `in_memory`).
+    """
+
     model: Any  # a transformers PreTrainedModel (causal LM), eval mode, no grads
     tokenizer: Any  # a transformers tokenizer with a pad token
+    name: str
+    vocab_size: int
     device: torch.device
     dtype: torch.dtype
-    vocab_size: int
-    name: str
+    ref: str = ""
+    source: ModelSource | None = None
+
+    @classmethod
+    def in_memory(cls, model: Any, tokenizer: Any, name: str) -> LoadedModel:
+        """A model built in this process (tests, benchmarks): V, device and dtype read off it."""
+        weight = model.get_output_embeddings().weight  # (V, hidden)
+        return cls(model, tokenizer, name, int(weight.shape[0]), weight.device, weight.dtype, ref=name)
 
 
 def default_cache_dir(env: Mapping[str, str] | None = None) -> Path:
@@ -348,7 +359,7 @@ def load_model(
         tokenizer.pad_token = tokenizer.eos_token
     vocab_size = int(model.get_output_embeddings().weight.shape[0])
     logger.info("loaded %s (%s) on %s in %s", source.name, source.kind, torch_device, torch_dtype)
-    return LoadedModel(ref, source, model, tokenizer, torch_device, torch_dtype, vocab_size, source.name)
+    return LoadedModel(model, tokenizer, source.name, vocab_size, torch_device, torch_dtype, ref=ref, source=source)
 
 
 class ModelPool:

@@ -13,20 +13,25 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
 
 import networkx as nx
 
+from collective.lm.codec import TextCodec
 from collective.records import MessageRecord
 from collective.scenario import BusSpec
 from collective.seeding import uniform
 
-
-class TextCodec(Protocol):
-    def encode(self, text: str, add_special_tokens: bool = ...) -> list[int]: ...
-
-    def decode(self, ids: Sequence[int], skip_special_tokens: bool = ...) -> str: ...
-
+__all__ = [
+    "InMemoryBus",
+    "Inbox",
+    "LinkPolicy",
+    "TextCodec",
+    "enforce_budget",
+    "is_dropped",
+    "link_policies",
+    "message_token_budgets",
+    "outgoing_messages",
+]
 
 @dataclass(frozen=True)
 class LinkPolicy:
@@ -49,6 +54,17 @@ def link_policies(bus: BusSpec, edges: Iterable[tuple[str, str]]) -> dict[tuple[
             drop_rate=bus.drop_rate if link is None or link.drop_rate is None else link.drop_rate,
         )
     return policies
+
+
+def message_token_budgets(bus: BusSpec, graph: nx.DiGraph) -> dict[str, int]:
+    """Each sender's message budget in tokens: the tightest of its out-links (the bus default
+    for a node without out-links). A relay quotes that many tokens of its view; a written
+    message stops there (each link then cuts it to its own budget, see `outgoing_messages`)."""
+    policies = link_policies(bus, graph.edges())
+    return {
+        node: min([policies[(node, receiver)].max_message_tokens for receiver in graph.successors(node)] or [bus.max_message_tokens])
+        for node in graph.nodes()
+    }
 
 
 def enforce_budget(text: str, codec: TextCodec, max_tokens: int, max_bytes: int) -> tuple[str, int, int, bool]:

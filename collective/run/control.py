@@ -2,56 +2,50 @@
 
 `search_controls(prepared)` fills `prepared.control_ids` for every node whose controller
 is `gcg` (none and fixed need no search). Training rounds are the last `train_rounds`
-rounds of the train part; the eval part is never read.
+rounds of the train part (the scenario's checks make sure the train part holds them,
+after the warm-up rounds and the longest view); the eval part is never read.
 
 - `objective: local`: node i's own NLL over the training rounds in its isolated context
   [bos][u_i][view] (no messages), one GCG search.
 - `objective: collective`: coordinate descent. For each sweep, for each such node in
   order: run the collective over the training rounds with every current prompt, record
   node i's inbox and every other member's predictions, then search u_i to minimise the
-  collective's NLL with those held fixed. The pool in the objective is the scenario's
-  aggregator (mean and weighted as a uniform linear pool, logpool as a geometric pool;
-  readout: node i's own NLL if it is the readout node, else the local objective, since
-  then u_i reaches the answer only through messages, which have no gradient).
+  collective's NLL with those held fixed. The pool in the objective is the run's own pool
+  (`collective.run.pools`) with uniform weights: a linear pool for mean and weighted, a
+  geometric one for logpool, applied to the members' records with node i's record built
+  from its live log-probabilities (its top-K and its exact target log-probability), so the
+  objective is the NLL the run's collective would report. Readout: node i's own NLL if it
+  is the readout node, else the local objective, since then u_i reaches the answer only
+  through messages, which have no gradient.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from transformers import PreTrainedTokenizerBase
 
+from collective.lm.codec import TextCodec, start_token
 from collective.lm.predictions import TokenPredictions
-from collective.run.aggregate import log_tail_share
-from collective.run.engine import EmbeddedExecutor, RoundEngine
-from collective.run.node import NodeRoundRequest, NodeRoundResult, start_token
+from collective.records import Controls, ControlSearch
+from collective.run.engine import EmbeddedExecutor, Results, RoundEngine
+from collective.run.node import NodeRoundRequest
 from collective.run.observation import Observer
-from collective.run.runner import Prepared, RunError, embedded_executor
-from collective.scenario import GCGController, Scenario
+from collective.run.pools import pool_linear, pool_log, uniform_weights
+from collective.run.prepared import Prepared, RunError
+from collective.scenario import GCGController, NodeSpec, Scenario
 from collective.seeding import derive_seed
 from controllers import GCGConfig, MeanObjective, run_gcg, stream_objective
 from controllers.filters import retokenizes
+from controllers.objectives import LogProbLoss, SequenceObjective
 
 log = logging.getLogger(__name__)
 
 Progress = Callable[[str, int, int], None]  # (node_id, step, total_steps)
-
-
-@dataclass(frozen=True)
-class ControlSearch:
-    node_id: str
-    objective: str
-    control_ids: list[int]
-    control_text: str
-    loss: float
-    initial_loss: float
-    steps: int
-    wall_seconds: float
 
 
 def training_scenario(scenario: Scenario, train_rounds: int) -> Scenario:
@@ -67,24 +61,13 @@ def _train_rounds(scenario: Scenario) -> int:
     return max(n.controller.train_rounds for n in scenario.nodes if isinstance(n.controller, GCGController))
 
 
-def check_train_part(scenario: Scenario) -> None:
-    rounds = _train_rounds(scenario)
-    needed = scenario.max_reach + (scenario.evaluation.warmup_rounds + rounds) * scenario.bus.round_tokens
-    if scenario.corpus.train_tokens < needed:
-        raise RunError(
-            f"corpus.train_tokens: found {scenario.corpus.train_tokens}; the controllers' {rounds} training "
-            f"rounds plus warm-up and the longest view need {needed}"
-        )
-
-
-def _initial_ids(spec: GCGController, tokenizer: object, node_id: str = "?") -> list[int]:
+def _initial_ids(spec: GCGController, tokenizer: PreTrainedTokenizerBase, node_id: str = "?") -> list[int]:
     """`init` cut or padded with " x" to `tokens` ids that survive decoding and re-encoding
     (the re-tokenization filter would otherwise reject nearly every candidate)."""
-    encode = tokenizer.encode  # type: ignore[attr-defined]
-    ids = list(encode(spec.init, add_special_tokens=False))
-    filler = int(encode(" x", add_special_tokens=False)[-1])  # " x" after any text stays one token
+    ids = list(tokenizer.encode(spec.init, add_special_tokens=False))
+    filler = int(tokenizer.encode(" x", add_special_tokens=False)[-1])  # " x" after any text stays one token
     ids = (ids + [filler] * spec.tokens)[: spec.tokens]
-    if spec.retokenize_filter and not bool(retokenizes(tokenizer, torch.tensor([ids]))[0]):  # type: ignore[arg-type]
+    if spec.retokenize_filter and not bool(retokenizes(tokenizer, torch.tensor([ids]))[0]):
         raise RunError(
             f"nodes.{node_id}.controller.init: {spec.init!r} cut or padded to {spec.tokens} tokens reads back as "
             f"other tokens, which the re-tokenization filter rejects; pick an init that does not "
@@ -95,58 +78,48 @@ def _initial_ids(spec: GCGController, tokenizer: object, node_id: str = "?") -> 
 
 def _gcg_config(spec: GCGController, seed: int) -> GCGConfig:
     return GCGConfig(
-        num_tokens=spec.tokens,
-        num_steps=spec.steps,
-        search_width=spec.search_width,
-        topk=spec.topk,
-        n_replace=spec.n_replace,
-        buffer_size=spec.buffer_size,
-        early_stop=False,
-        filter_ascii=spec.ascii_only,
-        filter_retokenize=spec.retokenize_filter,
-        seed=seed,
+        num_tokens=spec.tokens, num_steps=spec.steps, search_width=spec.search_width, topk=spec.topk,
+        n_replace=spec.n_replace, buffer_size=spec.buffer_size, early_stop=False,
+        filter_ascii=spec.ascii_only, filter_retokenize=spec.retokenize_filter, seed=seed,
     )
 
 
-def dense_log_probs(preds: TokenPredictions, member: int) -> torch.Tensor:
-    """(T, V) log-probs of one member rebuilt from its record (tail spread uniformly)."""
-    tail = log_tail_share(preds.topk_logprobs[member], preds.vocab_size)  # (T,)
-    dense = tail[:, None].expand(-1, preds.vocab_size).clone()  # (T, V)
-    return dense.scatter_(1, preds.topk_ids[member], preds.topk_logprobs[member])
+def with_member(members: TokenPredictions, member: int, log_probs: torch.Tensor, targets: torch.Tensor) -> TokenPredictions:
+    """The members' records over B candidate versions of member `member`, as one record of
+    B * n positions: candidate b's positions are b*n .. b*n + n - 1.
 
-
-def _pool_loss(
-    kind: str, member: int, others: TokenPredictions, targets: torch.Tensor
-) -> Callable[[torch.Tensor], torch.Tensor]:
-    """Collective NLL as a function of node `member`'s log-probs (B, n, V), others fixed.
-
-    others: the record of all N members for this round (row `member` is ignored).
+    members: N members at n positions (row `member` is replaced). log_probs: (B, n, V) the
+    member's log-probabilities under each candidate; targets: (n,). Keeps autograd.
     """
-    n_members = others.n_members
-    rest = [j for j in range(n_members) if j != member]
-    weight = 1.0 / n_members
-    if kind == "logpool":
-        fixed = torch.zeros(others.n_positions, others.vocab_size)  # (n, V)
-        for j in rest:
-            fixed += weight * dense_log_probs(others, j)
+    batch, n_positions, _ = log_probs.shape
+    k = int(members.topk_ids.shape[-1])
+    own_target = log_probs.gather(-1, targets.to(log_probs.device).expand(batch, -1).unsqueeze(-1))  # (B, n, 1)
+    own_topk, own_ids = log_probs.topk(k, dim=-1)  # (B, n, K)
 
-        def geometric(log_probs: torch.Tensor) -> torch.Tensor:
-            mixed = weight * log_probs.float() + fixed.to(log_probs.device)  # (B, n, V)
-            log_pool = mixed - torch.logsumexp(mixed, dim=-1, keepdim=True)
-            picked = log_pool.gather(-1, targets.to(log_probs.device)[None, :, None].expand(len(log_probs), -1, 1))
-            return -picked.squeeze(-1).mean(-1)  # (B,)
+    def replaced(rows: torch.Tensor, own: torch.Tensor) -> torch.Tensor:
+        """rows (N, n, ...) repeated for each candidate, (N, B*n, ...), with row `member` = own."""
+        repeated = rows.repeat(1, batch, *([1] * (rows.dim() - 2)))
+        own = own.reshape(1, batch * n_positions, *rows.shape[2:]).cpu()
+        return torch.cat([repeated[:member], own, repeated[member + 1 :]])
 
-        return geometric
-    other_lp = others.target_logprob[rest]  # (N-1, n)
+    return TokenPredictions(
+        replaced(members.target_logprob, own_target), replaced(members.topk_ids, own_ids),
+        replaced(members.topk_logprobs, own_topk), members.vocab_size,
+    )
 
-    def linear(log_probs: torch.Tensor) -> torch.Tensor:
-        own = log_probs.float().gather(-1, targets.to(log_probs.device)[None, :, None].expand(len(log_probs), -1, 1))
-        own = own.squeeze(-1)  # (B, n)
-        stacked = torch.cat([own[:, None, :], other_lp.to(own.device)[None].expand(len(own), -1, -1)], dim=1)
-        pooled = torch.logsumexp(stacked + math.log(weight), dim=1)  # (B, n)
-        return -pooled.mean(-1)
 
-    return linear
+def _pool_loss(kind: str, member: int, members: TokenPredictions, targets: torch.Tensor) -> LogProbLoss:
+    """Collective NLL (B,) as a function of node `member`'s log-probs (B, n, V), the other
+    members' records of this round held fixed: the run's pool with uniform weights."""
+    pool = pool_log if kind == "logpool" else pool_linear
+    weights = uniform_weights(members.n_members)
+
+    def loss(log_probs: torch.Tensor) -> torch.Tensor:
+        batch, n_positions, _ = log_probs.shape
+        pooled = pool(with_member(members, member, log_probs.float(), targets), weights)
+        return -pooled.target_logprob.view(batch, n_positions).mean(-1).to(log_probs.device)
+
+    return loss
 
 
 class _Recorder(EmbeddedExecutor):
@@ -154,33 +127,118 @@ class _Recorder(EmbeddedExecutor):
 
     def __init__(self, inner: EmbeddedExecutor) -> None:
         super().__init__(inner.scenario, inner.models, inner.bus)
-        self.rounds: list[tuple[list[NodeRoundRequest], dict[str, NodeRoundResult | None]]] = []
+        self.rounds: list[tuple[list[NodeRoundRequest], Results]] = []
 
-    def run_round(self, round_index: int, requests: list[NodeRoundRequest]) -> dict[str, NodeRoundResult | None]:
-        from dataclasses import replace
-
-        with_inbox = [replace(r, inbox_text=self.bus.render_inbox(r.node_id, round_index)) for r in requests]
+    def run_round(self, round_index: int, requests: list[NodeRoundRequest]) -> Results:
+        with_inbox = self.with_inboxes(round_index, requests)
         results = super().run_round(round_index, requests)
         self.rounds.append((with_inbox, results))
         return results
 
+    def inbox_ids(self, train_round: int, node_id: str, tokenizer: TextCodec) -> list[int]:
+        """What node `node_id` read in its inbox in the `train_round`-th training round."""
+        request = next(q for q in self.rounds[train_round][0] if q.node_id == node_id)
+        return list(tokenizer.encode(request.inbox_text, add_special_tokens=False)) if request.inbox_text else []
+
+    def members(self, train_round: int, node_ids: list[str]) -> TokenPredictions:
+        """(N, n) every member's row in collective in that training round, in node order."""
+        results = self.rounds[train_round][1]
+        rows = [results[n] for n in node_ids]
+        if any(row is None for row in rows):
+            raise RunError("a node missed a controller-training round")  # the embedded executor never misses
+        return TokenPredictions.stack([row.collective for row in rows if row is not None])
+
 
 def _record(prepared: Prepared, train: Scenario) -> _Recorder:
+    """Run the collective over the training rounds with the current prompts, recording it."""
     span = train.corpus.train_tokens + train.corpus.eval_tokens
     sub = Prepared(
         train, prepared.models, prepared.graph, prepared.stream[:span], prepared.byte_lengths[:span],
         prepared.placeholder_ids, prepared.control_ids,
     )
-    inner = embedded_executor(sub)
-    assert isinstance(inner, EmbeddedExecutor)
-    recorder = _Recorder(inner)
-    engine = RoundEngine(
-        train, prepared.graph, sub.stream, sub.byte_lengths, recorder, sub.lm(train.reference_model),
-        prepared.control_ids, prepared.placeholder_ids, "controller-training",
-    )
-    engine.run()
+    recorder = _Recorder(EmbeddedExecutor.from_prepared(sub))
+    RoundEngine.from_prepared(sub, recorder, "controller-training").run()
     recorder.rounds = recorder.rounds[train.evaluation.warmup_rounds :]
     return recorder
+
+
+@dataclass(frozen=True)
+class _Training:
+    """The training rounds: the scenario whose eval part they are, where each starts, and
+    what every node sees of them."""
+
+    scenario: Scenario
+    starts: list[int]
+    observer: Observer
+
+    @classmethod
+    def of(cls, prepared: Prepared) -> _Training:
+        scenario = prepared.scenario
+        train = training_scenario(scenario, _train_rounds(scenario))
+        observer = Observer(
+            prepared.stream, scenario.nodes, seed=scenario.seed, round_tokens=scenario.bus.round_tokens,
+            context_tokens=scenario.evaluation.context_tokens, placeholder_ids=prepared.placeholder_ids,
+        )
+        starts = [train.corpus.train_tokens + r * train.bus.round_tokens for r in range(train.eval_rounds)]
+        return cls(train, starts, observer)
+
+
+def _objective_parts(
+    prepared: Prepared, node: NodeSpec, training: _Training, n_rounds: int, recorder: _Recorder | None
+) -> list[SequenceObjective]:
+    """One objective per training round: node `node`'s NLL over the round after its
+    [bos][control][inbox][view], or the collective's NLL through it (see the module docstring)."""
+    scenario = prepared.scenario
+    kind = scenario.aggregator.kind
+    loaded = prepared.models[node.model]
+    parts = []
+    for r, start in enumerate(training.starts[:n_rounds]):
+        seen = training.observer.observe(node.id, start)
+        targets = training.observer.targets(start)
+        inbox = recorder.inbox_ids(r, node.id, loaded.tokenizer) if recorder is not None else []
+        pooled: LogProbLoss | None = None
+        if recorder is not None and kind != "readout":
+            members = recorder.members(r, scenario.node_ids)
+            pooled = _pool_loss(kind, scenario.node_ids.index(node.id), members, targets)
+        rest = inbox + seen.prefix_ids.tolist() + targets.tolist()
+        parts.append(
+            stream_objective(
+                loaded.model, rest, offset=len(rest) - len(targets), prefix_ids=[start_token(loaded.tokenizer)],
+                log_prob_loss=pooled,
+            )
+        )
+    return parts
+
+
+def _search_node(
+    prepared: Prepared, node: NodeSpec, sweep: int, training: _Training, progress: Progress | None
+) -> ControlSearch:
+    """One GCG search of node `node`'s prompt; updates prepared.control_ids."""
+    scenario = prepared.scenario
+    spec = node.controller
+    assert isinstance(spec, GCGController)
+    collective = spec.objective == "collective" and not (
+        scenario.aggregator.kind == "readout" and scenario.aggregator.node != node.id
+    )
+    recorder = _record(prepared, training.scenario) if collective else None
+    objective = MeanObjective(_objective_parts(prepared, node, training, spec.train_rounds, recorder))
+    loaded = prepared.models[node.model]
+    init = prepared.control_ids.get(node.id) or _initial_ids(spec, loaded.tokenizer, node.id)
+    initial_loss = float(objective.scores(torch.tensor([init], device=loaded.model.device)).loss[0])
+    config = _gcg_config(spec, derive_seed(scenario.seed, "gcg", node.id, sweep) % (2**31))
+
+    def tick(step: int, total: int) -> None:
+        if progress is not None:
+            progress(node.id, step, total)
+
+    result = run_gcg(loaded.model, loaded.tokenizer, objective, config, init_ids=init, progress=tick)
+    prepared.control_ids[node.id] = list(result.best_ids)
+    log.info("node %s: control %r, train loss %.4f -> %.4f", node.id, result.best_text, initial_loss, result.best_loss)
+    return ControlSearch(
+        node_id=node.id, objective="collective" if collective else "local", control_ids=list(result.best_ids),
+        control_text=result.best_text, loss=result.best_loss, initial_loss=initial_loss, steps=result.steps,
+        wall_seconds=result.wall_time_s,
+    )
 
 
 def search_controls(prepared: Prepared, progress: Progress | None = None) -> list[ControlSearch]:
@@ -189,71 +247,15 @@ def search_controls(prepared: Prepared, progress: Progress | None = None) -> lis
     gcg_nodes = [n for n in scenario.nodes if isinstance(n.controller, GCGController)]
     if not gcg_nodes:
         return []
-    check_train_part(scenario)
-    train = training_scenario(scenario, _train_rounds(scenario))
-    observer = Observer(
-        prepared.stream, scenario.nodes, seed=scenario.seed, round_tokens=scenario.bus.round_tokens,
-        context_tokens=scenario.evaluation.context_tokens, placeholder_ids=prepared.placeholder_ids,
-    )
-    starts = [train.corpus.train_tokens + r * train.bus.round_tokens for r in range(train.eval_rounds)]
-    node_index = {node_id: i for i, node_id in enumerate(scenario.node_ids)}
+    training = _Training.of(prepared)
     sweeps = max(n.controller.sweeps for n in gcg_nodes if isinstance(n.controller, GCGController))
     found: dict[str, ControlSearch] = {}
     for sweep in range(sweeps):
         for node in gcg_nodes:
             spec = node.controller
             assert isinstance(spec, GCGController)
-            if sweep >= spec.sweeps or (spec.objective == "local" and sweep > 0):
-                continue
-            loaded = prepared.models[node.model]
-            model, tokenizer = loaded.model, loaded.tokenizer
-            bos = [start_token(tokenizer)]
-            parts = []
-            kind = scenario.aggregator.kind
-            collective = spec.objective == "collective" and not (
-                kind == "readout" and scenario.aggregator.node != node.id
-            )
-            recorder = _record(prepared, train) if collective else None
-            for r, start in enumerate(starts[: spec.train_rounds]):
-                seen = observer.observe(node.id, start)
-                targets = observer.targets(start)
-                if recorder is None or kind == "readout":
-                    inbox: list[int] = []
-                    if recorder is not None:
-                        request = next(q for q in recorder.rounds[r][0] if q.node_id == node.id)
-                        inbox = list(tokenizer.encode(request.inbox_text, add_special_tokens=False)) if request.inbox_text else []
-                    rest = inbox + seen.prefix_ids.tolist() + targets.tolist()
-                    parts.append(stream_objective(model, rest, offset=len(rest) - len(targets), prefix_ids=bos))
-                    continue
-                requests, results = recorder.rounds[r]
-                request = next(q for q in requests if q.node_id == node.id)
-                inbox = list(tokenizer.encode(request.inbox_text, add_special_tokens=False)) if request.inbox_text else []
-                members = TokenPredictions.stack(
-                    [(results[n] or results[node.id]).collective for n in scenario.node_ids]  # type: ignore[union-attr]
-                )
-                rest = inbox + seen.prefix_ids.tolist() + targets.tolist()
-                parts.append(
-                    stream_objective(
-                        model, rest, offset=len(rest) - len(targets), prefix_ids=bos,
-                        log_prob_loss=_pool_loss(kind, node_index[node.id], members, targets),
-                    )
-                )
-            objective = MeanObjective(parts)
-            init = prepared.control_ids.get(node.id) or _initial_ids(spec, tokenizer, node.id)
-            initial_loss = float(objective.scores(torch.tensor([init], device=model.device)).loss[0])
-            config = _gcg_config(spec, derive_seed(scenario.seed, "gcg", node.id, sweep) % (2**31))
-
-            def tick(step: int, total: int, node_id: str = node.id) -> None:
-                if progress is not None:
-                    progress(node_id, step, total)
-
-            result = run_gcg(model, tokenizer, objective, config, init_ids=init, progress=tick)
-            prepared.control_ids[node.id] = list(result.best_ids)
-            found[node.id] = ControlSearch(
-                node.id, spec.objective if collective else "local", list(result.best_ids), result.best_text,
-                result.best_loss, initial_loss, result.steps, result.wall_time_s,
-            )
-            log.info("node %s: control %r, train loss %.4f -> %.4f", node.id, result.best_text, initial_loss, result.best_loss)
+            if sweep < spec.sweeps and (spec.objective == "collective" or sweep == 0):
+                found[node.id] = _search_node(prepared, node, sweep, training, progress)
     return list(found.values())
 
 
@@ -263,9 +265,8 @@ def load_controls(run_dir: Path, scenario: Scenario) -> dict[str, list[int]]:
     if not path.exists():
         raise RunError(f"{path}: no such file; --controllers-from needs a run folder that holds controls.json")
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-        ids = {str(k): [int(t) for t in v] for k, v in data["control_ids"].items()}
-    except (ValueError, KeyError, TypeError) as exc:
+        ids = Controls.model_validate_json(path.read_text(encoding="utf-8")).control_ids
+    except ValueError as exc:  # pydantic's ValidationError is a ValueError
         raise RunError(f"{path}: not a controls file written by collective ({exc})") from None
     unknown = sorted(set(ids) - set(scenario.node_ids))
     if unknown:

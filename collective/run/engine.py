@@ -1,11 +1,12 @@
 """The round engine: the stream advances one round at a time, in a fixed order.
 
-Each round: (1) every node's observation is cut from the stream; (2) an executor
-computes every node's predictions and message (the embedded executor batches all nodes
-sharing a model into one forward pass and runs the in-memory bus; the distributed one
-asks volunteer machines); (3) the engine scores the full-view reference, pools the
-members into the silent ensemble and the collective, (4) books per-round statistics of
-every evaluator row (eval rounds only) and (5) emits a `RoundEvent`.
+Each round: (1) every node's request is cut from the stream (its observation, its control
+prompt, its message budget); (2) an executor computes every node's predictions and
+message (the embedded executor batches all nodes sharing a model into one forward pass and
+runs the in-memory bus; the distributed one asks volunteer machines); (3) the engine
+scores the full-view reference and pools the members into the silent ensemble and the
+collective; (4) an eval round goes into the `RoundBook` the evaluator reads; (5) a
+`RoundEvent` goes to whoever listens (the run folder, the live view).
 
 The first `warmup_rounds` rounds come from the end of the train part, so that inboxes
 and online weights start warm; only eval rounds are booked.
@@ -16,42 +17,34 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Protocol
+from dataclasses import dataclass, field, replace
+from typing import Literal, Protocol
 
 import networkx as nx
 import torch
 
-from collective.evaluate.metrics import RoundStats, round_stats
+from collective.evaluate.book import RoundBook
+from collective.lm.codec import start_token
+from collective.lm.models import LoadedModel
 from collective.lm.predictions import TokenPredictions
 from collective.lm.scoring import ScoreItem, score_items
-from collective.records import NodeRound, RoundEvent
-from collective.run.aggregate import Aggregator, PooledPrediction, make_aggregator
-from collective.run.bus import InMemoryBus
-from collective.run.node import NodeRoundRequest, NodeRoundResult, compute_rounds, start_token
+from collective.records import MessageRecord, NodeRound, RoundEvent
+from collective.run.aggregate import Aggregator, make_aggregator
+from collective.run.bus import InMemoryBus, message_token_budgets
+from collective.run.node import NodeRoundRequest, NodeRoundResult, compute_rounds
 from collective.run.observation import Observer
+from collective.run.pools import PooledPrediction
+from collective.run.prepared import Prepared
 from collective.scenario import Scenario
 
 log = logging.getLogger(__name__)
 
-ROW_KINDS = ("member_plain", "member_isolated", "member_collective", "ensemble_silent", "collective", "reference")
-
-
-@dataclass
-class LoadedLM:
-    """What the engine needs of a loaded model."""
-
-    model: torch.nn.Module
-    tokenizer: object
-    name: str
-
-
-RowKey = tuple[str, str | None]
+Results = dict[str, NodeRoundResult | None]  # node id -> its part of a round (None: missed)
 
 
 @dataclass
 class EngineResult:
-    books: dict[RowKey, list[RoundStats]]
+    book: RoundBook
     rounds_done: int
     eval_rounds_done: int
     missed_rounds: dict[str, int]
@@ -66,32 +59,35 @@ class EngineResult:
 class Executor(Protocol):
     """Runs the nodes' part of a round; returns None for a node that missed it."""
 
-    def run_round(self, round_index: int, requests: list[NodeRoundRequest]) -> dict[str, NodeRoundResult | None]: ...
+    def run_round(self, round_index: int, requests: list[NodeRoundRequest]) -> Results: ...
 
 
 class EmbeddedExecutor:
     """All nodes in this process: one batched pass per distinct model, the in-memory bus."""
 
-    def __init__(self, scenario: Scenario, models: dict[str, LoadedLM], bus: InMemoryBus) -> None:
+    def __init__(self, scenario: Scenario, models: dict[str, LoadedModel], bus: InMemoryBus) -> None:
         self.scenario = scenario
         self.models = models
         self.bus = bus
 
-    def run_round(self, round_index: int, requests: list[NodeRoundRequest]) -> dict[str, NodeRoundResult | None]:
+    @classmethod
+    def from_prepared(cls, prepared: Prepared) -> EmbeddedExecutor:
+        scenario = prepared.scenario
+        return cls(scenario, prepared.models, InMemoryBus(prepared.graph, scenario.bus, prepared.tokenizer, scenario.seed))
+
+    def with_inboxes(self, round_index: int, requests: list[NodeRoundRequest]) -> list[NodeRoundRequest]:
+        """The requests with each node's inbox as it reads it this round."""
+        return [replace(r, inbox_text=self.bus.render_inbox(r.node_id, round_index)) for r in requests]
+
+    def run_round(self, round_index: int, requests: list[NodeRoundRequest]) -> Results:
         by_model: dict[str, list[NodeRoundRequest]] = {}
-        for request in requests:
-            request = _with_inbox(request, self.bus.render_inbox(request.node_id, round_index))
+        for request in self.with_inboxes(round_index, requests):
             by_model.setdefault(self.scenario.node(request.node_id).model, []).append(request)
-        results: dict[str, NodeRoundResult | None] = {}
+        results: Results = {}
+        evaluation = self.scenario.evaluation
         for alias, group in by_model.items():
             lm = self.models[alias]
-            for result in compute_rounds(
-                lm.model,
-                lm.tokenizer,
-                group,
-                top_k=self.scenario.evaluation.top_k,
-                batch_tokens=self.scenario.evaluation.batch_tokens,
-            ):
+            for result in compute_rounds(lm.model, lm.tokenizer, group, top_k=evaluation.top_k, batch_tokens=evaluation.batch_tokens):
                 results[result.node_id] = result
         # messages are sent after every node has read its inbox: latency >= 1 round
         for request in requests:
@@ -101,10 +97,41 @@ class EmbeddedExecutor:
         return results
 
 
-def _with_inbox(request: NodeRoundRequest, inbox_text: str) -> NodeRoundRequest:
-    from dataclasses import replace
+@dataclass(frozen=True)
+class RoundPools:
+    """What one round pooled: the silent ensemble (isolated rows), the collective (rows in
+    collective) and the full-view reference."""
 
-    return replace(request, inbox_text=inbox_text)
+    silent: PooledPrediction
+    collective: PooledPrediction
+    reference: TokenPredictions
+
+
+@dataclass
+class _Tally:
+    """Counts over the whole run, for the report."""
+
+    missed: dict[str, int]
+    rounds_done: int = 0
+    eval_rounds_done: int = 0
+    eval_tokens: int = 0
+    eval_bytes: int = 0
+    messages: list[MessageRecord] = field(default_factory=list)
+
+    def add(self, results: Results) -> list[MessageRecord]:
+        """Count one round; returns its messages."""
+        messages = [m for r in results.values() if r is not None for m in r.messages]
+        self.messages.extend(messages)
+        self.rounds_done += 1
+        return messages
+
+    def add_eval(self, results: Results, targets: torch.Tensor, token_bytes: torch.Tensor) -> None:
+        """Count what an eval round scored, and who missed it."""
+        self.eval_rounds_done += 1
+        self.eval_tokens += len(targets)
+        self.eval_bytes += int(token_bytes.sum())
+        for node_id in self.missed:
+            self.missed[node_id] += results.get(node_id) is None
 
 
 class RoundEngine:
@@ -117,7 +144,7 @@ class RoundEngine:
         stream: torch.Tensor,
         byte_lengths: torch.Tensor,
         executor: Executor,
-        reference: LoadedLM,
+        reference: LoadedModel,
         control_ids: dict[str, list[int]],
         placeholder_ids: dict[str, int],
         run_id: str,
@@ -148,18 +175,16 @@ class RoundEngine:
             temperature=spec.temperature, window_tokens=spec.window_tokens,
         )
         self.silent_pool: Aggregator = self.collective_pool.clone()
-        self.link_budget = {
-            node: min(
-                [self.executor_budget(node, succ) for succ in graph.successors(node)] or [scenario.bus.max_message_tokens]
-            )
-            for node in node_ids
-        }
+        self.message_tokens = message_token_budgets(scenario.bus, graph)
 
-    def executor_budget(self, sender: str, receiver: str) -> int:
-        for link in self.scenario.bus.links:
-            if (link.source, link.target) == (sender, receiver) and link.max_message_tokens is not None:
-                return link.max_message_tokens
-        return self.scenario.bus.max_message_tokens
+    @classmethod
+    def from_prepared(cls, prepared: Prepared, executor: Executor, run_id: str) -> RoundEngine:
+        """The engine of a prepared run: its stream, graph, prompts and reference model."""
+        scenario = prepared.scenario
+        return cls(
+            scenario, prepared.graph, prepared.stream, prepared.byte_lengths, executor,
+            prepared.models[scenario.reference_model], prepared.control_ids, prepared.placeholder_ids, run_id,
+        )
 
     @property
     def total_rounds(self) -> int:
@@ -167,6 +192,9 @@ class RoundEngine:
 
     def round_start(self, round_index: int) -> int:
         return self.eval_start + (round_index - self.scenario.evaluation.warmup_rounds) * self.round_tokens
+
+    def phase(self, round_index: int) -> Literal["warmup", "eval"]:
+        return "eval" if round_index >= self.scenario.evaluation.warmup_rounds else "warmup"
 
     def requests(self, round_index: int) -> list[NodeRoundRequest]:
         start = self.round_start(round_index)
@@ -183,7 +211,7 @@ class RoundEngine:
                     round_inputs=seen.round_inputs,
                     targets=targets,
                     message=node.message,
-                    message_tokens=self.link_budget[node.id],
+                    message_tokens=self.message_tokens[node.id],
                     seed=self.scenario.seed,
                 )
             )
@@ -194,77 +222,46 @@ class RoundEngine:
         on_event: Callable[[RoundEvent], None] | None = None,
         should_stop: Callable[[], bool] | None = None,
     ) -> EngineResult:
-        node_ids = self.scenario.node_ids
-        books: dict[RowKey, list[RoundStats]] = {}
-        for node_id in node_ids:
-            for kind in ("member_plain", "member_isolated", "member_collective"):
-                books[(kind, node_id)] = []
-        for kind in ("ensemble_silent", "collective", "reference"):
-            books[(kind, None)] = []
-        missed = dict.fromkeys(node_ids, 0)
-        sent = dropped = truncated = 0
+        book = RoundBook(self.scenario.node_ids)
+        tally = _Tally(missed=dict.fromkeys(self.scenario.node_ids, 0))
         began = time.perf_counter()
-        rounds_done = eval_done = 0
-        eval_tokens = eval_bytes = 0
-        warmup = self.scenario.evaluation.warmup_rounds
         for round_index in range(self.total_rounds):
             if should_stop is not None and should_stop():
                 break
             round_began = time.perf_counter()
             start = self.round_start(round_index)
             targets = self.observer.targets(start)
-            results = self.executor.run_round(round_index, self.requests(round_index))
-            present = torch.tensor([results.get(n) is not None for n in node_ids])
-            reference = self._reference(start, targets)
-            collective_members = self._stack(results, "collective", targets)
-            isolated_members = self._stack(results, "isolated", targets)
-            collective = self.collective_pool.pool(collective_members, present)
-            silent = self.silent_pool.pool(isolated_members, present)
-            phase = "eval" if round_index >= warmup else "warmup"
             token_bytes = self.byte_lengths[start : start + self.round_tokens]
-            if phase == "eval":
-                eval_done += 1
-                eval_tokens += len(targets)
-                eval_bytes += int(token_bytes.sum())
-                nan_row = torch.full((len(targets),), float("nan"))
-                for node_id in node_ids:
-                    result = results.get(node_id)
-                    if result is None:
-                        missed[node_id] += 1
-                    for kind, attr in (("member_plain", "plain"), ("member_isolated", "isolated"), ("member_collective", "collective")):
-                        preds = getattr(result, attr) if result is not None else None
-                        if preds is None:
-                            books[(kind, node_id)].append(round_stats(nan_row, targets, targets, token_bytes))
-                        else:
-                            books[(kind, node_id)].append(
-                                round_stats(preds.target_logprob[0], preds.topk_ids[0, :, 0], targets, token_bytes)
-                            )
-                for kind, pooled in (("collective", collective), ("ensemble_silent", silent)):
-                    books[(kind, None)].append(round_stats(pooled.target_logprob, pooled.top1, targets, token_bytes))
-                books[("reference", None)].append(
-                    round_stats(reference.target_logprob[0], reference.topk_ids[0, :, 0], targets, token_bytes)
+            results = self.executor.run_round(round_index, self.requests(round_index))
+            pools = self.pool(start, targets, results)
+            if self.phase(round_index) == "eval":
+                book.add_round(
+                    results, silent=pools.silent, collective=pools.collective, reference=pools.reference,
+                    targets=targets, token_bytes=token_bytes,
                 )
-            messages = [m for r in results.values() if r is not None for m in r.messages]
-            sent += len(messages)
-            dropped += sum(m.dropped for m in messages)
-            truncated += sum(m.truncated for m in messages)
-            rounds_done += 1
+                tally.add_eval(results, targets, token_bytes)
+            messages = tally.add(results)
             if on_event is not None:
-                on_event(
-                    self._event(round_index, phase, warmup, start, results, messages, collective, silent, reference, round_began, began)
-                )
+                on_event(self._event(round_index, results, messages, pools, round_began, began))
         return EngineResult(
-            books=books,
-            rounds_done=rounds_done,
-            eval_rounds_done=eval_done,
-            missed_rounds=missed,
-            messages_sent=sent,
-            messages_dropped=dropped,
-            messages_truncated=truncated,
+            book=book,
+            rounds_done=tally.rounds_done,
+            eval_rounds_done=tally.eval_rounds_done,
+            missed_rounds=tally.missed,
+            messages_sent=len(tally.messages),
+            messages_dropped=sum(m.dropped for m in tally.messages),
+            messages_truncated=sum(m.truncated for m in tally.messages),
             wall_seconds=time.perf_counter() - began,
-            eval_tokens=eval_tokens,
-            eval_bytes=eval_bytes,
+            eval_tokens=tally.eval_tokens,
+            eval_bytes=tally.eval_bytes,
         )
+
+    def pool(self, start: int, targets: torch.Tensor, results: Results) -> RoundPools:
+        """The round's pooled rows. A node without a row (it missed the round, or was not
+        asked for that row) is left out of that row's pool, as the book leaves it unscored."""
+        collective = self.collective_pool.pool(*self._members(results, "collective"))
+        silent = self.silent_pool.pool(*self._members(results, "isolated"))
+        return RoundPools(silent=silent, collective=collective, reference=self._reference(start, targets))
 
     def _reference(self, start: int, targets: torch.Tensor) -> TokenPredictions:
         seen = self.observer.reference(start)
@@ -278,80 +275,64 @@ class RoundEngine:
             batch_tokens=self.scenario.evaluation.batch_tokens,
         )
 
-    def _stack(self, results: dict[str, NodeRoundResult | None], attr: str, targets: torch.Tensor) -> TokenPredictions:
-        """(N, T) members in node order; an absent member gets a placeholder row (masked by `present`)."""
-        rows: list[TokenPredictions] = []
-        template: TokenPredictions | None = None
-        for result in results.values():
-            if result is not None:
-                template = getattr(result, attr) or result.collective
-                break
-        if template is None:
-            raise RuntimeError("no node answered this round")
-        for node_id in self.scenario.node_ids:
-            result = results.get(node_id)
-            preds = getattr(result, attr) if result is not None else None
-            if preds is None and result is not None:
-                preds = result.collective  # isolated not requested: same context
-            rows.append(preds if preds is not None else template)
-        return TokenPredictions.stack(rows)
+    def _members(
+        self, results: Results, context: Literal["collective", "isolated"]
+    ) -> tuple[TokenPredictions, torch.Tensor]:
+        """(N, T) members' rows of one context in node order, and the (N,) mask of the members
+        that have one (an absent member's row is a copy of a present one, masked out)."""
+        rows = {n: getattr(r, context) for n, r in results.items() if r is not None and getattr(r, context) is not None}
+        if not rows:
+            raise RuntimeError(f"no node has a {context} row this round")
+        stand_in = next(iter(rows.values()))
+        node_ids = self.scenario.node_ids
+        present = torch.tensor([n in rows for n in node_ids])
+        return TokenPredictions.stack([rows.get(n, stand_in) for n in node_ids]), present
 
     def _event(
         self,
         round_index: int,
-        phase: str,
-        warmup: int,
-        start: int,
-        results: dict[str, NodeRoundResult | None],
-        messages: list,
-        collective: PooledPrediction,
-        silent: PooledPrediction,
-        reference: TokenPredictions,
+        results: Results,
+        messages: list[MessageRecord],
+        pools: RoundPools,
         round_began: float,
         began: float,
     ) -> RoundEvent:
-        nodes = []
-        for node_id in self.scenario.node_ids:
-            result = results.get(node_id)
-            if result is None:
-                nodes.append(NodeRound(node_id=node_id, nll_collective=None, nll_isolated=None, nll_plain=None, missed=True))
-                continue
-            own = [m for m in result.messages if m.sender == node_id]
-
-            def mean_nll(preds: TokenPredictions | None) -> float | None:
-                return None if preds is None else float(-preds.target_logprob.mean())
-
-            nodes.append(
-                NodeRound(
-                    node_id=node_id,
-                    nll_collective=mean_nll(result.collective),
-                    nll_isolated=mean_nll(result.isolated),
-                    nll_plain=mean_nll(result.plain),
-                    inbox_tokens=result.inbox_tokens,
-                    bytes_sent=sum(m.n_bytes for m in own if not m.dropped),
-                    messages_sent=len(own),
-                    messages_dropped=sum(m.dropped for m in own),
-                    messages_truncated=sum(m.truncated for m in own),
-                    last_message=result.message_text,
-                )
-            )
+        phase = self.phase(round_index)
         now = time.perf_counter()
         return RoundEvent(
             run_id=self.run_id,
             round_index=round_index,
-            phase="eval" if phase == "eval" else "warmup",
-            eval_round=round_index - warmup if phase == "eval" else None,
-            start_token=start,
+            phase=phase,
+            eval_round=round_index - self.scenario.evaluation.warmup_rounds if phase == "eval" else None,
+            start_token=self.round_start(round_index),
             n_tokens=self.round_tokens,
-            nodes=nodes,
+            nodes=[node_round(node_id, results.get(node_id)) for node_id in self.scenario.node_ids],
             messages=messages,
-            nll_collective=_nanmean(collective.target_logprob),
-            nll_silent=_nanmean(silent.target_logprob),
-            nll_reference=float(-reference.target_logprob.mean()),
+            nll_collective=_nanmean_nll(pools.collective.target_logprob),
+            nll_silent=_nanmean_nll(pools.silent.target_logprob),
+            nll_reference=float(-pools.reference.target_logprob.mean()),
             wall_seconds=now - round_began,
             elapsed_seconds=now - began,
         )
 
 
-def _nanmean(target_logprob: torch.Tensor) -> float:
+def node_round(node_id: str, result: NodeRoundResult | None) -> NodeRound:
+    """One node's line of a round event: its mean NLLs and what it sent."""
+    if result is None:
+        return NodeRound(node_id=node_id, nll_collective=None, nll_isolated=None, nll_plain=None, missed=True)
+    own = [m for m in result.messages if m.sender == node_id]
+    return NodeRound(
+        node_id=node_id, nll_collective=_mean_nll(result.collective), nll_isolated=_mean_nll(result.isolated),
+        nll_plain=_mean_nll(result.plain), inbox_tokens=result.inbox_tokens,
+        bytes_sent=sum(m.n_bytes for m in own if not m.dropped), messages_sent=len(own),
+        messages_dropped=sum(m.dropped for m in own), messages_truncated=sum(m.truncated for m in own),
+        last_message=result.message_text,
+    )
+
+
+def _mean_nll(preds: TokenPredictions | None) -> float | None:
+    return None if preds is None else float(-preds.target_logprob.mean())
+
+
+def _nanmean_nll(target_logprob: torch.Tensor) -> float:
     return float(-target_logprob.nanmean()) if not bool(torch.isnan(target_logprob).all()) else float("nan")

@@ -6,7 +6,10 @@ rendered inbox, its view of the text before the round and its reading of the rou
 one batched teacher-forced pass, deduplicating identical sequences (without a control
 prompt the isolated and plain contexts are the same), then writes each node's outgoing
 message. The embedded runtime calls it once per model per round with every node; a
-volunteer machine calls it with its one node. That is why both runtimes agree.
+volunteer machine calls it with its one node. That is why both runtimes agree. A runtime
+may ask for fewer rows (`want_isolated`, `want_plain`; the engine always asks for all):
+a row not asked for comes back None, and the engine then books it as missing and leaves
+the node out of that row's pool.
 
 Every context starts with the tokenizer's BOS (or EOS) token, then:
   in collective: [control][inbox][view]   isolated: [control][view]   plain: [view]
@@ -14,11 +17,11 @@ Every context starts with the tokenizer's BOS (or EOS) token, then:
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 
+from collective.lm.codec import TextCodec, start_token, stop_ids
 from collective.lm.predictions import TokenPredictions
 from collective.lm.scoring import ScoreItem, Speak, score_and_speak, score_items
 from collective.records import MessageRecord
@@ -54,32 +57,30 @@ class NodeRoundResult:
     messages: list[MessageRecord] = field(default_factory=list)
 
 
-def start_token(tokenizer: object) -> int:
-    """The token every context starts with: a document boundary.
-
-    `<|endoftext|>` where the vocabulary has it (GPT-2 style and SmolLM2 tokenizers, whose
-    BOS is a chat-turn marker), else BOS (Gemma, Llama), else EOS.
-    """
-    convert = getattr(tokenizer, "convert_tokens_to_ids", None)
-    if convert is not None:
-        found = convert("<|endoftext|>")
-        if isinstance(found, int) and found != getattr(tokenizer, "unk_token_id", None):
-            return found
-    for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
-        value = getattr(tokenizer, name, None)
-        if value is not None:
-            return int(value)
-    raise ValueError("the tokenizer has no BOS, EOS or PAD token to start a context with")
-
-
 def _ids(values: list[int]) -> torch.Tensor:
     return torch.tensor(values, dtype=torch.long)
+
+
+class _Sequences:
+    """The distinct sequences to score, in order: an identical sequence (context, reading and
+    targets) gets the slot it already has, so it is scored once."""
+
+    def __init__(self) -> None:
+        self.items: list[ScoreItem] = []
+        self._slot: dict[tuple[tuple[int, ...], ...], int] = {}
+
+    def add(self, context: torch.Tensor, request: NodeRoundRequest) -> int:
+        key = (tuple(context.tolist()), tuple(request.round_inputs.tolist()), tuple(request.targets.tolist()))
+        if key not in self._slot:
+            self._slot[key] = len(self.items)
+            self.items.append(ScoreItem(context, request.round_inputs, request.targets))
+        return self._slot[key]
 
 
 @torch.no_grad()
 def compute_rounds(
     model: torch.nn.Module,
-    tokenizer: object,
+    tokenizer: TextCodec,
     requests: list[NodeRoundRequest],
     *,
     top_k: int,
@@ -88,103 +89,68 @@ def compute_rounds(
     """Score and speak for every request (all nodes must share this model)."""
     bos = _ids([start_token(tokenizer)])
     pad_id = int(getattr(tokenizer, "pad_token_id", None) or bos.item())
-    encode = tokenizer.encode  # type: ignore[attr-defined]
-    items: list[ScoreItem] = []
-    index_of: dict[tuple[int, ...], int] = {}
-    slots: list[tuple[int, int | None, int | None]] = []
-    inbox_lengths: list[int] = []
-
-    def slot(context: torch.Tensor, request: NodeRoundRequest) -> int:
-        key = tuple(context.tolist()) + (-1,) + tuple(request.round_inputs.tolist()) + (-2,) + tuple(request.targets.tolist())
-        if key not in index_of:
-            index_of[key] = len(items)
-            items.append(ScoreItem(context, request.round_inputs, request.targets))
-        return index_of[key]
-
+    inboxes = [_ids(tokenizer.encode(r.inbox_text, add_special_tokens=False) if r.inbox_text else []) for r in requests]
+    sequences = _Sequences()
     # The rows that cannot depend on messages (isolated, plain) are scored in their own
     # batches: a batch's shape (padding, size) changes the floating-point results a little,
     # and those rows must come out the same whatever the bus does.
     without_bus = [
         (
-            slot(torch.cat([bos, _ids(request.control_ids), request.prefix_ids]), request) if request.want_isolated else None,
-            slot(torch.cat([bos, request.prefix_ids]), request) if request.want_plain else None,
+            sequences.add(torch.cat([bos, _ids(r.control_ids), r.prefix_ids]), r) if r.want_isolated else None,
+            sequences.add(torch.cat([bos, r.prefix_ids]), r) if r.want_plain else None,
         )
-        for request in requests
+        for r in requests
     ]
-    n_without_bus = len(items)
+    n_without_bus = len(sequences.items)
+    collective_contexts = [torch.cat([bos, _ids(r.control_ids), inbox, r.prefix_ids]) for r, inbox in zip(requests, inboxes)]
     # Speakers' collective rows are scored together with the writing of their message, so
     # the message reuses the scoring pass's KV cache; they are never deduplicated.
-    speaker_items: list[ScoreItem] = []
-    speaks: list[Speak] = []
-    speaker_slot: dict[int, int] = {}
-    collective_slots: list[int | None] = []
-    for index, request in enumerate(requests):
-        inbox = _ids(encode(request.inbox_text, add_special_tokens=False)) if request.inbox_text else _ids([])
-        inbox_lengths.append(len(inbox))
-        collective_ctx = torch.cat([bos, _ids(request.control_ids), inbox, request.prefix_ids])
-        if isinstance(request.message, GenerateMessage):
-            speaker_slot[index] = len(speaker_items)
-            speaker_items.append(ScoreItem(collective_ctx, request.round_inputs, request.targets))
-            speaks.append(_speak(request, encode))
-            collective_slots.append(None)
-        else:
-            collective_slots.append(slot(collective_ctx, request))
+    speakers = [i for i, r in enumerate(requests) if isinstance(r.message, GenerateMessage)]
+    listeners = {i: sequences.add(collective_contexts[i], r) for i, r in enumerate(requests) if i not in speakers}
+    parts = (sequences.items[:n_without_bus], sequences.items[n_without_bus:])
     scored = TokenPredictions.stack(
-        [
-            score_items(model, part, pad_id=pad_id, top_k=top_k, batch_tokens=batch_tokens)
-            for part in (items[:n_without_bus], items[n_without_bus:])
-            if part
-        ]
+        [score_items(model, part, pad_id=pad_id, top_k=top_k, batch_tokens=batch_tokens) for part in parts if part]
     )
-    spoken_preds: TokenPredictions | None = None
-    spoken: list[list[int]] = []
-    if speaker_items:
+    collective_rows = {i: scored.select([slot]) for i, slot in listeners.items()}
+    said: dict[int, list[int]] = {}
+    if speakers:
         spoken_preds, spoken = score_and_speak(
-            model, speaker_items, speaks, pad_id=pad_id, top_k=top_k, stop_ids=_stop_ids(tokenizer),
-            batch_tokens=batch_tokens,
+            model,
+            [ScoreItem(collective_contexts[i], requests[i].round_inputs, requests[i].targets) for i in speakers],
+            [_speak(requests[i], tokenizer) for i in speakers],
+            pad_id=pad_id, top_k=top_k, stop_ids=stop_ids(tokenizer), batch_tokens=batch_tokens,
         )
-    decode = tokenizer.decode  # type: ignore[attr-defined]
-    texts: list[str | None] = []
-    for index, request in enumerate(requests):
-        if index in speaker_slot:
-            texts.append(decode(spoken[speaker_slot[index]], skip_special_tokens=True))
-        elif isinstance(request.message, RelayMessage):
-            seen = torch.cat([request.prefix_ids, request.round_inputs])
-            tail = seen[len(seen) - min(len(seen), request.message_tokens) :]
-            texts.append(decode(tail.tolist(), skip_special_tokens=True))
-        else:
-            texts.append(None)
-    for index, (isolated, plain) in enumerate(without_bus):
-        collective = collective_slots[index]
-        slots.append((collective if collective is not None else -1, isolated, plain))
-    results = []
-    for index, (request, (c, i, p), n_inbox, text) in enumerate(zip(requests, slots, inbox_lengths, texts)):
-        results.append(
-            NodeRoundResult(
-                node_id=request.node_id,
-                round_index=request.round_index,
-                collective=scored.select([c]) if c >= 0 else spoken_preds.select([speaker_slot[index]]),  # type: ignore[union-attr]
-                isolated=scored.select([i]) if i is not None else None,
-                plain=scored.select([p]) if p is not None else None,
-                message_text=text,
-                inbox_tokens=n_inbox,
-            )
+        collective_rows |= {i: spoken_preds.select([k]) for k, i in enumerate(speakers)}
+        said = dict(zip(speakers, spoken))
+    return [
+        NodeRoundResult(
+            node_id=request.node_id,
+            round_index=request.round_index,
+            collective=collective_rows[index],
+            isolated=None if isolated is None else scored.select([isolated]),
+            plain=None if plain is None else scored.select([plain]),
+            message_text=_message_text(request, said.get(index), tokenizer),
+            inbox_tokens=len(inboxes[index]),
         )
-    return results
+        for index, (request, (isolated, plain)) in enumerate(zip(requests, without_bus))
+    ]
 
 
-def _stop_ids(tokenizer: object) -> list[int]:
-    """A message ends at the end of a turn or document (EOS, BOS, the start token)."""
-    names = ("eos_token_id", "bos_token_id")
-    found = {int(t) for t in (getattr(tokenizer, n, None) for n in names) if t is not None}
-    found.add(start_token(tokenizer))
-    return sorted(found)
+def _message_text(request: NodeRoundRequest, spoken: list[int] | None, tokenizer: TextCodec) -> str | None:
+    """What the node says this round: the text it wrote, the tail of what it saw, or nothing."""
+    if spoken is not None:
+        return tokenizer.decode(spoken, skip_special_tokens=True)
+    if isinstance(request.message, RelayMessage):
+        seen = torch.cat([request.prefix_ids, request.round_inputs])
+        tail = seen[len(seen) - min(len(seen), request.message_tokens) :]
+        return tokenizer.decode(tail.tolist(), skip_special_tokens=True)
+    return None
 
 
-def _speak(request: NodeRoundRequest, encode: Callable[..., list[int]]) -> Speak:
+def _speak(request: NodeRoundRequest, tokenizer: TextCodec) -> Speak:
     spec = request.message
     assert isinstance(spec, GenerateMessage)
-    speak_ids = _ids(encode(spec.speak_prompt, add_special_tokens=False)) if spec.speak_prompt else _ids([])
+    speak_ids = _ids(tokenizer.encode(spec.speak_prompt, add_special_tokens=False) if spec.speak_prompt else [])
     sampled = spec.sampling == "sample"
     return Speak(
         continuation=speak_ids,

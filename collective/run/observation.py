@@ -12,7 +12,8 @@ from tokens before t); its *view* decides what it sees of the text before the ro
            drawn once per stream position, so a token hidden from a node stays hidden
 - none:    nothing before the round: only messages tell it about the past
 
-`Observer.observe(node_id, start)` returns a node's `Observation` for one round.
+`Observer.observe(node_id, start)` returns a node's `Observation` for one round; which
+positions a view shows is the view spec's own `span` (`collective.specs`).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from collective.scenario import FullView, LaggedView, MaskedView, NodeSpec, NoView, WindowView
+from collective.scenario import MaskedView, NodeSpec
 from collective.seeding import generator
 
 
@@ -36,19 +37,6 @@ class Observation:
     def seen_ids(self) -> torch.Tensor:
         """Everything the node has seen by the end of the round, in order."""
         return torch.cat([self.prefix_ids, self.round_inputs])
-
-
-def describe_view(node: NodeSpec, context_tokens: int) -> str:
-    view = node.view
-    if isinstance(view, FullView):
-        return f"full {view.tokens or context_tokens}"
-    if isinstance(view, WindowView):
-        return f"window {view.tokens}"
-    if isinstance(view, LaggedView):
-        return f"lagged {view.tokens} (lag {view.lag})"
-    if isinstance(view, MaskedView):
-        return f"masked {view.tokens} (keep {view.keep:g})"
-    return "none"
 
 
 class Observer:
@@ -80,6 +68,7 @@ class Observer:
                 self._keep[node.id] = draws < node.view.keep
 
     def _masked(self, node_id: str, lo: int, hi: int) -> torch.Tensor:
+        """stream[lo:hi] as the node sees it (a masked view's hidden tokens replaced)."""
         ids = self.stream[lo:hi]
         keep = self._keep.get(node_id)
         if keep is None:
@@ -87,20 +76,11 @@ class Observer:
         return torch.where(keep[lo:hi], ids, torch.full_like(ids, self._placeholder[node_id]))
 
     def observe(self, node_id: str, start: int) -> Observation:
-        node = self._nodes[node_id]
-        view = node.view
+        lo, hi = self._nodes[node_id].view.span(start, self.context_tokens)
         end = start + self.round_tokens
-        if isinstance(view, NoView):
-            prefix = self.stream[start:start]
-        elif isinstance(view, FullView):
-            prefix = self.stream[max(0, start - (view.tokens or self.context_tokens)) : start]
-        elif isinstance(view, WindowView):
-            prefix = self.stream[max(0, start - view.tokens) : start]
-        elif isinstance(view, LaggedView):
-            prefix = self.stream[max(0, start - view.lag - view.tokens) : max(0, start - view.lag)]
-        else:  # masked
-            prefix = self._masked(node_id, max(0, start - view.tokens), start)
-        return Observation(prefix_ids=prefix.clone(), round_inputs=self._masked(node_id, start, end).clone())
+        return Observation(
+            prefix_ids=self._masked(node_id, lo, hi).clone(), round_inputs=self._masked(node_id, start, end).clone()
+        )
 
     def reference(self, start: int) -> Observation:
         """The full-view reference: the last `context_tokens` before the round, unmasked."""

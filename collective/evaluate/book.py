@@ -1,0 +1,105 @@
+"""The round book: every report row's statistics, one entry per eval round, in one place.
+
+Each eval round the round engine books the members' three rows (plain, isolated, in
+collective), the silent ensemble, the collective and the full-view reference, keyed by a
+typed `RowKey`; the evaluator reads the book back as one `RoundStats` per row. A member
+with no prediction in a round (it missed the round, or was not asked for that row) is
+booked as missing: its positions are not scored.
+
+Row kinds and their order are `collective.records.RowKind` and `ROW_ORDER`; the book
+keeps its rows in booking order (each node's member rows, then the pooled rows), the
+report sorts them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import NamedTuple
+
+import torch
+
+from collective.evaluate.metrics import (
+    RoundStats,
+    member_round_stats,
+    pooled_round_stats,
+    round_stats,
+)
+from collective.lm.predictions import TokenPredictions
+from collective.records import MEMBER_ROWS, POOLED_ROWS, MemberRow, RowKind
+from collective.run.node import NodeRoundResult
+from collective.run.pools import PooledPrediction
+
+
+class RowKey(NamedTuple):
+    """One row of the report: a member row of node `node_id`, or a pooled row (no node)."""
+
+    kind: RowKind
+    node_id: str | None = None
+
+
+def row_keys(node_ids: Sequence[str]) -> list[RowKey]:
+    """Every row of a run of these nodes, in booking order."""
+    members = [RowKey(kind, node_id) for node_id in node_ids for kind in MEMBER_ROWS]
+    return members + [RowKey(kind) for kind in POOLED_ROWS]
+
+
+def member_predictions(result: NodeRoundResult | None, kind: MemberRow) -> TokenPredictions | None:
+    """A node's row of one round: None when it missed the round or was not asked for it."""
+    if result is None:
+        return None
+    if kind == "member_plain":
+        return result.plain
+    return result.isolated if kind == "member_isolated" else result.collective
+
+
+class RoundBook:
+    """Per-round statistics of every report row (eval rounds only)."""
+
+    def __init__(self, node_ids: Sequence[str]) -> None:
+        self.node_ids = list(node_ids)
+        self._rounds: dict[RowKey, list[RoundStats]] = {key: [] for key in row_keys(node_ids)}
+
+    @classmethod
+    def from_rounds(cls, rounds: Mapping[tuple[RowKind, str | None], Sequence[RoundStats]]) -> RoundBook:
+        """A book of rounds already booked (hand-made statistics, in the given row order)."""
+        book = cls([])
+        book._rounds = {RowKey(*key): list(stats) for key, stats in rounds.items()}
+        book.node_ids = list(dict.fromkeys(key.node_id for key in book._rounds if key.node_id is not None))
+        return book
+
+    def add_round(
+        self,
+        results: Mapping[str, NodeRoundResult | None],
+        *,
+        silent: PooledPrediction,
+        collective: PooledPrediction,
+        reference: TokenPredictions,
+        targets: torch.Tensor,
+        token_bytes: torch.Tensor,
+    ) -> None:
+        """Book one eval round. targets, token_bytes: (T,) the round's true tokens and their
+        UTF-8 lengths; every row is scored on them."""
+        for node_id in self.node_ids:
+            for kind in MEMBER_ROWS:
+                preds = member_predictions(results.get(node_id), kind)
+                self._add(RowKey(kind, node_id), _member_stats(preds, targets, token_bytes))
+        self._add(RowKey("ensemble_silent"), pooled_round_stats(silent, targets, token_bytes))
+        self._add(RowKey("collective"), pooled_round_stats(collective, targets, token_bytes))
+        self._add(RowKey("reference"), member_round_stats(reference, 0, targets, token_bytes))
+
+    def _add(self, key: RowKey, stats: RoundStats) -> None:
+        self._rounds[key].append(stats)
+
+    @property
+    def keys(self) -> list[RowKey]:
+        return list(self._rounds)
+
+    def stats(self) -> dict[RowKey, RoundStats]:
+        """Each row's rounds as one RoundStats, in booking order."""
+        return {key: RoundStats.concat(parts) for key, parts in self._rounds.items()}
+
+
+def _member_stats(preds: TokenPredictions | None, targets: torch.Tensor, token_bytes: torch.Tensor) -> RoundStats:
+    if preds is None:  # no prediction: every position missing, none scored
+        return round_stats(torch.full((len(targets),), float("nan")), targets, targets, token_bytes)
+    return member_round_stats(preds, 0, targets, token_bytes)

@@ -1,0 +1,120 @@
+"""A prepared run: everything a run needs before its first round, checked on user input.
+
+`prepare(scenario, pool)` builds the topology, loads the models (one copy per distinct
+model; every model must share one tokenizer), reads and tokenizes the corpus, resolves
+the masked views' placeholders and the fixed controllers' prompts, so that mistakes
+surface in seconds with a clear `RunError`. The `Prepared` it returns feeds the round
+engine (`RoundEngine.from_prepared`), the controllers' search and the distributed
+coordinator.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import networkx as nx
+import torch
+
+from collective.lm.codec import TextCodec
+from collective.lm.corpus import load_corpus_text, token_byte_lengths, tokenize_stream
+from collective.lm.models import LoadedModel, ModelPool, check_same_tokenizer
+from collective.scenario import FixedController, GCGController, MaskedView, Scenario
+from topologies import build_topology
+
+
+class RunError(Exception):
+    """A run cannot start or go on; the message is meant for the user."""
+
+
+@dataclass
+class Prepared:
+    scenario: Scenario
+    models: dict[str, LoadedModel]  # alias -> one loaded copy (shared by nodes)
+    graph: nx.DiGraph
+    stream: torch.Tensor  # (S,) train part then eval part
+    byte_lengths: torch.Tensor  # (S,)
+    placeholder_ids: dict[str, int]
+    control_ids: dict[str, list[int]] = field(default_factory=dict)
+
+    @property
+    def tokenizer(self) -> TextCodec:
+        """The one tokenizer every model shares."""
+        return next(iter(self.models.values())).tokenizer
+
+
+def build_graph(scenario: Scenario) -> nx.DiGraph:
+    spec = scenario.topology
+    if spec.kind == "edges":
+        graph = nx.DiGraph()
+        graph.add_nodes_from(scenario.node_ids)
+        for a, b in spec.edges or []:
+            graph.add_edge(a, b)
+            if not spec.directed:
+                graph.add_edge(b, a)
+        return graph
+    params = dict(spec.params)
+    if spec.kind == "file":
+        params["path"] = spec.path
+    try:
+        return build_topology(spec.kind, scenario.node_ids, seed=scenario.seed, directed=spec.directed, **params)
+    except (ValueError, TypeError) as exc:
+        raise RunError(f"topology: {exc}") from None
+
+
+def load_models(scenario: Scenario, pool: ModelPool, only: set[str] | None = None) -> dict[str, LoadedModel]:
+    used = {node.model for node in scenario.nodes} | {scenario.reference_model}
+    if only is not None:
+        used &= only
+    models = {}
+    for alias in scenario.models:
+        if alias in used:
+            spec = scenario.models[alias]
+            models[alias] = pool.get(spec.ref, device=spec.device, dtype=spec.dtype)
+    check_same_tokenizer(models)
+    return models
+
+
+def control_ids_for(scenario: Scenario, tokenizer: TextCodec) -> dict[str, list[int]]:
+    """Prompts that need no search: none and fixed controllers."""
+    controls = {}
+    for node in scenario.nodes:
+        if isinstance(node.controller, FixedController):
+            controls[node.id] = list(tokenizer.encode(node.controller.text, add_special_tokens=False))
+        else:
+            controls[node.id] = []
+    return controls
+
+
+def placeholder_ids_for(scenario: Scenario, tokenizer: TextCodec) -> dict[str, int]:
+    """The one token each masked view shows for a hidden token."""
+    placeholders = {}
+    for index, node in enumerate(scenario.nodes):
+        if isinstance(node.view, MaskedView):
+            ids = tokenizer.encode(node.view.placeholder, add_special_tokens=False)
+            if len(ids) != 1:
+                raise RunError(
+                    f"nodes[{index}].view.placeholder: {node.view.placeholder!r} is {len(ids)} tokens for "
+                    f"this tokenizer; a placeholder must be exactly one token (try '_' or '?')"
+                )
+            placeholders[node.id] = int(ids[0])
+    return placeholders
+
+
+def prepare(scenario: Scenario, pool: ModelPool, *, base_dir: Path) -> Prepared:
+    graph = build_graph(scenario)
+    models = load_models(scenario, pool)
+    tokenizer: TextCodec = next(iter(models.values())).tokenizer
+    corpus = scenario.corpus
+    text = load_corpus_text(corpus.source, corpus.path, base_dir=base_dir)
+    needed = corpus.offset_tokens + corpus.train_tokens + corpus.eval_tokens
+    stream = tokenize_stream(text, tokenizer, needed)[corpus.offset_tokens :]
+    byte_lengths = token_byte_lengths(stream, tokenizer)
+    return Prepared(
+        scenario, models, graph, stream, byte_lengths, placeholder_ids_for(scenario, tokenizer),
+        control_ids_for(scenario, tokenizer),
+    )
+
+
+def needs_search(scenario: Scenario) -> bool:
+    return any(isinstance(node.controller, GCGController) for node in scenario.nodes)

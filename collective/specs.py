@@ -1,0 +1,341 @@
+"""The parts of a scenario: frozen pydantic specs of the corpus, models, views, messages,
+controllers, nodes, topology, bus, aggregator and evaluation.
+
+`collective.scenario` assembles them into the `ScenarioFile` a user writes and the
+resolved `Scenario` the library consumes. A view spec also says what it shows
+(`reach`, `span`, `describe`), so that the observer, the scenario's checks and the run
+records read one definition.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+NODE_ID_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
+
+
+class Frozen(BaseModel):
+    """The base of every spec: unknown keys are errors, and a validated value never changes."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# ---------------------------------------------------------------------------- corpus
+
+
+class CorpusSpec(Frozen):
+    """Where the text comes from and how it is split (in tokens of the shared tokenizer)."""
+
+    source: str = Field(
+        "builtin:pydoc",
+        description="builtin:pydoc (ships with Python), wikitext2, file, or hf:DATASET[:CONFIG][:SPLIT]",
+    )
+    path: Path | None = Field(None, description="text file for `file`, or the wiki.test.raw for `wikitext2`")
+    train_tokens: int = Field(2048, ge=0, description="tokens controllers may look at (also feeds warm-up rounds)")
+    eval_tokens: int = Field(512, ge=1, description="tokens only the evaluator scores, right after the train part")
+    offset_tokens: int = Field(0, ge=0, description="tokens skipped at the start of the corpus")
+
+    @field_validator("source")
+    @classmethod
+    def _known_source(cls, value: str) -> str:
+        if value in ("builtin:pydoc", "wikitext2", "file") or value.startswith("hf:"):
+            return value
+        raise ValueError("expected one of builtin:pydoc, wikitext2, file, hf:DATASET[:CONFIG][:SPLIT]")
+
+    @model_validator(mode="after")
+    def _file_needs_path(self) -> CorpusSpec:
+        if self.source == "file" and self.path is None:
+            raise ValueError("source `file` needs `path: some/text.txt`")
+        return self
+
+
+# ---------------------------------------------------------------------------- models
+
+
+class ModelSpec(Frozen):
+    ref: str = Field(description="alias (smollm2-135m, gemma3-270m), Hugging Face id, local folder or .gguf file")
+    dtype: Literal["auto", "bfloat16", "float32", "float16"] = Field(
+        "auto", description="auto: bfloat16 on CUDA, float32 on the CPU (faster there)"
+    )
+    device: str = Field("auto", description="auto (CUDA when present), cpu, cuda, cuda:1 ...")
+
+
+# ---------------------------------------------------------------------------- views
+
+
+class _View(Frozen):
+    """What a node sees of the text before a round: the stream positions [start - reach,
+    start - lag), clipped at the start of the stream."""
+
+    if TYPE_CHECKING:
+        kind: str  # every view has its own literal `kind`, its first field
+
+    def reach(self, context_tokens: int) -> int:
+        """How many tokens before a round the view reaches back (`context_tokens`: what a
+        full view without its own `tokens` sees)."""
+        return 0
+
+    def lag_tokens(self) -> int:
+        """How many of the most recent tokens before a round the view misses."""
+        return 0
+
+    def span(self, start: int, context_tokens: int) -> tuple[int, int]:
+        """Stream positions [lo, hi) the view shows before a round that starts at `start`."""
+        return max(0, start - self.reach(context_tokens)), max(0, start - self.lag_tokens())
+
+    def describe(self, context_tokens: int) -> str:
+        """A few words for the run records: the kind, the tokens shown, e.g. 'lagged 64 (lag 32)'."""
+        return f"{self.kind} {self.reach(context_tokens) - self.lag_tokens()}{self._detail()}"
+
+    def _detail(self) -> str:
+        return ""
+
+
+class FullView(_View):
+    """The last `tokens` tokens before the round (default: evaluation.context_tokens)."""
+
+    kind: Literal["full"] = "full"
+    tokens: int | None = Field(None, ge=1)
+
+    def reach(self, context_tokens: int) -> int:
+        return self.tokens or context_tokens
+
+
+class WindowView(_View):
+    """The last `tokens` tokens before the round."""
+
+    kind: Literal["window"] = "window"
+    tokens: int = Field(ge=0)
+
+    def reach(self, context_tokens: int) -> int:
+        return self.tokens
+
+
+class LaggedView(_View):
+    """A window of `tokens` tokens that ends `lag` tokens before the round: a delayed sensor."""
+
+    kind: Literal["lagged"] = "lagged"
+    tokens: int = Field(ge=1)
+    lag: int = Field(ge=1)
+
+    def reach(self, context_tokens: int) -> int:
+        return self.tokens + self.lag
+
+    def lag_tokens(self) -> int:
+        return self.lag
+
+    def _detail(self) -> str:
+        return f" (lag {self.lag})"
+
+
+class MaskedView(_View):
+    """The last `tokens` tokens, each kept with probability `keep`, else `placeholder` (seeded)."""
+
+    kind: Literal["masked"] = "masked"
+    tokens: int = Field(ge=1)
+    keep: float = Field(ge=0.0, le=1.0)
+    placeholder: str = Field("_", min_length=1)
+
+    def reach(self, context_tokens: int) -> int:
+        return self.tokens
+
+    def _detail(self) -> str:
+        return f" (keep {self.keep:g})"
+
+
+class NoView(_View):
+    """Nothing of the text before the round: the node knows only what messages tell it."""
+
+    kind: Literal["none"] = "none"
+
+    def describe(self, context_tokens: int) -> str:
+        return "none"
+
+
+ViewSpec = Annotated[FullView | WindowView | LaggedView | MaskedView | NoView, Field(discriminator="kind")]
+
+
+# ---------------------------------------------------------------------------- messages
+
+
+class GenerateMessage(Frozen):
+    """The node's model writes one message a round, broadcast to its out-neighbours."""
+
+    policy: Literal["generate"] = "generate"
+    speak_prompt: str = Field("\nIn short:", description="appended after the node's context before it writes")
+    sampling: Literal["greedy", "sample"] = "greedy"
+    temperature: float = Field(1.0, gt=0.0)
+    max_tokens: int | None = Field(None, ge=1, description="at most the bus budget; default: the budget")
+
+
+class RelayMessage(Frozen):
+    """The last B tokens of the node's view, verbatim (B = the link's token budget)."""
+
+    policy: Literal["relay"] = "relay"
+
+
+class SilentMessage(Frozen):
+    policy: Literal["silent"] = "silent"
+
+
+MessageSpec = Annotated[GenerateMessage | RelayMessage | SilentMessage, Field(discriminator="policy")]
+
+
+# ---------------------------------------------------------------------------- controllers
+
+
+class NoController(Frozen):
+    kind: Literal["none"] = "none"
+
+
+class FixedController(Frozen):
+    kind: Literal["fixed"] = "fixed"
+    text: str = Field(min_length=1)
+
+
+class GCGController(Frozen):
+    """Greedy coordinate gradient over `tokens` control tokens, on the train part only."""
+
+    kind: Literal["gcg"] = "gcg"
+    tokens: int = Field(8, ge=1, le=64)
+    steps: int = Field(20, ge=1)
+    search_width: int = Field(64, ge=1)
+    topk: int = Field(64, ge=1)
+    n_replace: int = Field(1, ge=1)
+    buffer_size: int = Field(4, ge=1)
+    objective: Literal["local", "collective"] = "local"
+    train_rounds: int = Field(4, ge=1, description="train rounds the objective is measured on")
+    init: str = Field("x x x x x x x x", description="initial prompt text (cut or padded to `tokens`)")
+    sweeps: int = Field(1, ge=1, description="coordinate-descent sweeps over nodes (objective: collective)")
+    ascii_only: bool = True
+    retokenize_filter: bool = True
+
+
+ControllerSpec = Annotated[NoController | FixedController | GCGController, Field(discriminator="kind")]
+
+
+# ---------------------------------------------------------------------------- nodes
+
+
+class NodeSpec(Frozen):
+    """One node, fully resolved."""
+
+    id: str = Field(pattern=NODE_ID_PATTERN)
+    model: str
+    view: ViewSpec
+    message: MessageSpec
+    controller: ControllerSpec = NoController()
+
+
+class NodeDefaults(Frozen):
+    model: str | None = None
+    view: ViewSpec | None = None
+    message: MessageSpec | None = None
+    controller: ControllerSpec | None = None
+
+
+class NodeEntry(Frozen):
+    """A node in the `nodes:` list; unset fields come from `node_defaults`."""
+
+    id: str = Field(pattern=NODE_ID_PATTERN)
+    model: str | None = None
+    view: ViewSpec | None = None
+    message: MessageSpec | None = None
+    controller: ControllerSpec | None = None
+
+
+class NodeOverride(NodeDefaults):
+    pass  # one node's settings in a template: the same fields as the defaults they override
+
+
+class NodeTemplate(Frozen):
+    """`count` nodes named `{id_prefix}{i}`, from `node_defaults`, with per-node overrides."""
+
+    count: int = Field(ge=1, le=4096)
+    id_prefix: str = Field("n", pattern=r"^[A-Za-z_-][A-Za-z0-9_-]{0,31}$")
+    overrides: dict[str, NodeOverride] = Field(default_factory=dict)
+
+
+# ---------------------------------------------------------------------------- topology, bus
+
+
+class TopologySpec(Frozen):
+    kind: str = Field("ring", description="ring, line, star, complete, grid, small_world, scale_free, random_regular, erdos_renyi, file, edges")
+    directed: bool = False
+    params: dict[str, Any] = Field(default_factory=dict, description="the builder's parameters, e.g. {k: 4, p: 0.1}")
+    path: Path | None = Field(None, description="edge list or GraphML file for kind: file")
+    edges: list[tuple[str, str]] | None = Field(None, description="explicit edges for kind: edges")
+
+    @model_validator(mode="after")
+    def _kind_needs(self) -> TopologySpec:
+        if self.kind == "file" and self.path is None:
+            raise ValueError("kind `file` needs `path: graph.graphml` (or an edge list)")
+        if self.kind == "edges" and not self.edges:
+            raise ValueError("kind `edges` needs `edges: [[a, b], ...]`")
+        return self
+
+
+class LinkOverride(Frozen):
+    source: str
+    target: str
+    max_message_tokens: int | None = Field(None, ge=0)
+    max_message_bytes: int | None = Field(None, ge=0)
+    latency_rounds: int | None = Field(None, ge=1)
+    drop_rate: float | None = Field(None, ge=0.0, le=1.0)
+
+
+class BusSpec(Frozen):
+    round_tokens: int = Field(32, ge=1, description="stream tokens per round")
+    max_message_tokens: int = Field(24, ge=0, description="token budget of one message on a link")
+    max_message_bytes: int = Field(160, ge=0, description="UTF-8 byte budget of one message on a link")
+    latency_rounds: int = Field(1, ge=1, description="a message sent at the end of round r is read in round r + latency")
+    drop_rate: float = Field(0.0, ge=0.0, le=1.0, description="probability a message is lost (seeded per link and round)")
+    retain: int = Field(1, ge=1, description="messages kept per neighbour in a receiver's inbox")
+    inbox_template: str = Field("{sender}: {text}\n", description="how one message is rendered into the inbox")
+    inbox_header: str = Field("", description="text placed before the rendered messages (when any)")
+    links: list[LinkOverride] = Field(default_factory=list)
+
+    @field_validator("inbox_template")
+    @classmethod
+    def _template_has_text(cls, value: str) -> str:
+        if "{text}" not in value:
+            raise ValueError("the template must contain {text} (and may contain {sender}, {round})")
+        try:
+            value.format(sender="a", text="b", round=0)
+        except (KeyError, IndexError, ValueError) as exc:
+            raise ValueError(f"only {{sender}}, {{text}} and {{round}} may be used ({exc})") from None
+        return value
+
+
+# ---------------------------------------------------------------------------- aggregation, evaluation
+
+
+class AggregatorSpec(Frozen):
+    kind: Literal["mean", "logpool", "weighted", "readout"] = "mean"
+    method: Literal["hedge", "perplexity"] = Field("hedge", description="weighted only")
+    eta: float = Field(1.0, gt=0.0, description="weighted/hedge learning rate per token")
+    temperature: float = Field(1.0, gt=0.0, description="weighted/perplexity softmax temperature")
+    window_tokens: int = Field(256, ge=1, description="weighted/perplexity trailing window")
+    node: str | None = Field(None, description="readout only: the node whose prediction is the answer")
+
+    @model_validator(mode="after")
+    def _readout_needs_node(self) -> AggregatorSpec:
+        if self.kind == "readout" and not self.node:
+            raise ValueError("kind `readout` needs `node: NODE_ID`")
+        if self.kind != "readout" and self.node:
+            raise ValueError("`node` is only for kind `readout`")
+        return self
+
+
+class EvaluationSpec(Frozen):
+    context_tokens: int = Field(256, ge=1, description="what a `full` view and the reference see before a round")
+    warmup_rounds: int = Field(2, ge=0, description="unscored rounds (from the train part) so inboxes fill")
+    reference_model: str | None = Field(None, description="model alias for the full-view reference (default: the first)")
+    block_rounds: int = Field(1, ge=1, description="bootstrap block length in whole rounds")
+    n_boot: int = Field(2000, ge=100)
+    top_k: int = Field(64, ge=1, description="candidates kept per position for pooling")
+    batch_tokens: int = Field(8192, ge=256, description="padded tokens per forward pass (memory bound)")
+
