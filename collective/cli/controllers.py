@@ -1,6 +1,9 @@
 """`collective reach` and `collective game`: the paper's measurements from the command line.
 
-Thin: parse, load the model and corpus, call `controllers.reach`, render.
+Thin: parse, load the model and corpus, call `controllers.reach`, render. reach writes
+reach.csv (the library appends it pair by pair), summary.md and summary.json (a
+`ReachSummaryRecord`) and reach.png into --out. torch and the controllers package are
+imported only when a command runs, so that `collective --help` stays quick.
 """
 
 from __future__ import annotations
@@ -8,37 +11,62 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+from pydantic import BaseModel, ConfigDict
 from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
+from rich.progress import Progress, TaskID
+
+from collective.cli.common import (
+    EXIT_USER_ERROR,
+    add_threads_option,
+    minutes,
+    model_pool,
+    progress_bar,
+    set_threads,
 )
+from collective.scenario import CorpusSpec
+
+if TYPE_CHECKING:
+    import torch
+
+    from collective.lm.models import LoadedModel
+    from controllers import GreedyConfig, ReachConfig, ReachResult, ReachSummary
+
+REACH_SUMMARY_SCHEMA_VERSION = 1
+
+
+class ReachSummaryRecord(BaseModel):
+    """summary.json of `collective reach`: the model, the targets and the fraction of pairs
+    reached with at most k prompt tokens, keyed by k as text (JSON object keys are strings)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    schema_version: int = REACH_SUMMARY_SCHEMA_VERSION
+    model: str
+    targets: str
+    n_pairs: int
+    fraction: dict[str, float]
+    command: str  # the command line that measured it, to run it again
+
+    @classmethod
+    def of(cls, summary: ReachSummary, model: str, command: str) -> ReachSummaryRecord:
+        fraction = {str(k): value for k, value in summary.fraction.items()}
+        return cls(model=model, targets=summary.targets, n_pairs=summary.n_pairs, fraction=fraction, command=command)
+
+    def to_json(self) -> str:
+        # json.dumps, not model_dump_json: the bytes stay those summary.json always had
+        return json.dumps(self.model_dump(mode="json"), indent=2) + "\n"
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    from collective.cli import THREADS_HELP, threads_arg
-
+    """Add the `reach` and `game` subcommands to the main parser's subparsers."""
     reach = sub.add_parser(
-        "reach",
-        help="k-epsilon reachability of a model (the Magic Words measurement)",
-        description="Draw (x0, y) pairs from a corpus and find the shortest control prompt u (|u| <= k, "
-        "placed before x0) that makes y the argmax next token: greedy back-generation for k <= 3, GCG "
-        "above, stopping at the first success. Writes reach.csv (one row per pair, appended as pairs "
-        "finish) and summary.md/summary.json with the paper's numbers beside ours.",
+        "reach", help="k-epsilon reachability of a model (the Magic Words measurement)", description=cmd_reach.__doc__
     )
-    reach.add_argument("--model", default="smollm2-135m", help="alias, HF id, folder or .gguf (default smollm2-135m)")
-    reach.add_argument(
-        "--dtype", default="auto", choices=["auto", "bfloat16", "float32", "float16"],
-        help="auto: bfloat16 on CUDA, float32 on the CPU",
-    )
-    reach.add_argument("--device", default="auto")
-    reach.add_argument("--threads", type=threads_arg, metavar="N", help=THREADS_HELP)
+    _add_model_options(reach, model_help="alias, HF id, folder or .gguf (default smollm2-135m)")
     reach.add_argument("--corpus", default="wikitext2", help="builtin:pydoc, wikitext2, hf:ID, or a text file path")
     reach.add_argument("--corpus-path", help="file for wikitext2 (default: ../shared/data/... or Hugging Face)")
     reach.add_argument("--pairs", type=int, default=50)
@@ -56,19 +84,10 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     reach.add_argument("--resume", action="store_true", help="continue the CSV in --out, skipping finished pairs")
     reach.set_defaults(func=cmd_reach)
 
-    game = sub.add_parser(
-        "game",
-        help="the control game: shortest prompt that makes the model continue TEXT with TARGET",
-    )
+    game = sub.add_parser("game", help="the control game: shortest prompt that makes the model continue TEXT with TARGET")
     game.add_argument("text", help='the text, e.g. "Roger Federer is the"')
     game.add_argument("--target", required=True, help='what the greedy continuation must start with, e.g. " greatest"')
-    game.add_argument("--model", default="smollm2-135m")
-    game.add_argument(
-        "--dtype", default="auto", choices=["auto", "bfloat16", "float32", "float16"],
-        help="auto: bfloat16 on CUDA, float32 on the CPU",
-    )
-    game.add_argument("--device", default="auto")
-    game.add_argument("--threads", type=threads_arg, metavar="N", help=THREADS_HELP)
+    _add_model_options(game, model_help=None)
     game.add_argument("--max-k", type=int, default=10)
     game.add_argument("--gcg-steps", type=int, default=100)
     game.add_argument("--search-width", type=int, default=64)
@@ -77,113 +96,154 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     game.set_defaults(func=cmd_game)
 
 
-def _load(args: argparse.Namespace):  # type: ignore[no-untyped-def]
-    from collective.cli import _pool, set_threads
+def _add_model_options(parser: argparse.ArgumentParser, *, model_help: str | None) -> None:
+    """--model, --dtype, --device and --threads: which model to load and where it runs."""
+    parser.add_argument("--model", default="smollm2-135m", help=model_help)
+    parser.add_argument(
+        "--dtype", default="auto", choices=["auto", "bfloat16", "float32", "float16"],
+        help="auto: bfloat16 on CUDA, float32 on the CPU",
+    )
+    parser.add_argument("--device", default="auto")
+    add_threads_option(parser)
 
+
+def _load(args: argparse.Namespace) -> LoadedModel:
     set_threads(args.threads)
-    return _pool(args).get(args.model, device=args.device, dtype=args.dtype)
+    return model_pool(args).get(args.model, device=args.device, dtype=args.dtype)
 
 
-def _greedy(candidates: int):  # type: ignore[no-untyped-def]
+def _greedy(candidates: int) -> GreedyConfig:
     from controllers import GreedyConfig
 
     return GreedyConfig(candidates=candidates or None)
 
 
-def _minutes(seconds: float) -> str:
-    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.1f} min"
+# ---------------------------------------------------------------------------- reach
 
 
 def cmd_reach(args: argparse.Namespace, console: Console) -> int:
-    import torch
-
-    from collective.lm.corpus import CorpusTooSmallError, load_corpus_text, tokenize_stream
-    from controllers import GCGConfig, ReachConfig, draw_pairs, format_summary, run_reach
+    """Draw (x0, y) pairs from a corpus and find the shortest control prompt u (|u| <= k, placed
+    before x0) that makes y the argmax next token: greedy back-generation for k <= 3, GCG above,
+    stopping at the first success. Writes reach.csv (one row per pair, appended as pairs finish)
+    and summary.md/summary.json with the paper's numbers beside ours."""
+    from controllers import format_summary
     from controllers.objectives import ControllerError
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     with console.status(f"loading {args.model} and the corpus ..."):
         loaded = _load(args)
-        source, path = args.corpus, args.corpus_path
-        if source not in ("builtin:pydoc", "wikitext2") and not source.startswith("hf:"):
-            source, path = "file", source
-        text = load_corpus_text(source, Path(path) if path else None, base_dir=Path.cwd())
-        try:
-            stream = tokenize_stream(text, loaded.tokenizer, min(200_000, max(4096, 64 * args.pairs)))
-        except CorpusTooSmallError:  # a small corpus: all of it (drawing pairs says if even that is too short)
-            ids = loaded.tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
-            stream = torch.tensor(ids, dtype=torch.long)
-    config = ReachConfig(
+        stream = _token_stream(corpus_spec(args.corpus, args.corpus_path), loaded, args.pairs)
+    try:
+        result = _measure(args, loaded, stream, out / "reach.csv", console)
+    except ControllerError as exc:
+        console.print(f"[red]error:[/] {exc}", highlight=False)
+        return EXIT_USER_ERROR
+    table = format_summary(result.summary, loaded.name)
+    command = _reach_command(args)
+    (out / "summary.md").write_text(table + f"\n\nCommand: `{command}`\n", encoding="utf-8")
+    (out / "summary.json").write_text(ReachSummaryRecord.of(result.summary, loaded.name, command).to_json(), encoding="utf-8")
+    _plot(result, out / "reach.png", loaded.name, console)
+    console.print(table, highlight=False)
+    console.print(f"wrote {out}/reach.csv, summary.md, summary.json")
+    return 0
+
+
+def corpus_spec(corpus: str, corpus_path: str | None) -> CorpusSpec:
+    """--corpus as a scenario's corpus: a source the scenario knows (builtin:pydoc, wikitext2,
+    hf:...), checked by `CorpusSpec` itself, and anything else a text file."""
+    from pydantic import ValidationError
+
+    try:
+        return CorpusSpec(source=corpus, path=Path(corpus_path) if corpus_path else None)
+    except ValidationError:
+        return CorpusSpec(source="file", path=Path(corpus))
+
+
+def _token_stream(spec: CorpusSpec, loaded: LoadedModel, n_pairs: int) -> torch.Tensor:
+    """The corpus as token ids (L,): enough for n_pairs draws, or all of a small corpus."""
+    import torch
+
+    from collective.lm.corpus import CorpusTooSmallError, load_corpus_text, tokenize_stream
+
+    text = load_corpus_text(spec.source, spec.path, base_dir=Path.cwd())
+    try:
+        return tokenize_stream(text, loaded.tokenizer, min(200_000, max(4096, 64 * n_pairs)))
+    except CorpusTooSmallError:  # a small corpus: all of it (drawing pairs says if even that is too short)
+        ids = loaded.tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
+        return torch.tensor(ids, dtype=torch.long)
+
+
+def _reach_config(args: argparse.Namespace) -> ReachConfig:
+    from controllers import GCGConfig, ReachConfig
+
+    return ReachConfig(
         ks=tuple(args.k),
         greedy=_greedy(args.greedy_candidates),
         gcg=GCGConfig(num_steps=args.gcg_steps, search_width=args.search_width, topk=args.topk, filter_retokenize=False),
     )
-    try:
-        with console.status("drawing pairs ..."):
-            pairs = draw_pairs(
-                loaded.model, loaded.tokenizer, stream.tolist(), args.pairs, args.targets,
-                torch.Generator().manual_seed(args.seed),
-            )
-        with Progress(
-            TextColumn("[bold]pairs"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(),
-            console=console, transient=True,
-        ) as progress:
-            task = progress.add_task("pairs", total=len(pairs))
 
-            plain = not console.is_terminal  # no bar off a terminal: one line per pair instead
-            began = time.perf_counter()
-            skipped: int | None = None  # pairs already in the CSV (--resume) are ticked first
 
-            def tick(done: int, total: int) -> None:
-                nonlocal skipped
-                progress.update(task, completed=done, total=total)
-                if plain:
-                    if skipped is None:
-                        skipped = done - 1
-                    elapsed = time.perf_counter() - began
-                    rate = elapsed / max(1, done - skipped)
-                    left = f", about {_minutes(rate * (total - done))} left" if done < total else ""
-                    console.print(f"pairs {done}/{total} ({_minutes(elapsed)}{left})", highlight=False)
+def _measure(
+    args: argparse.Namespace, loaded: LoadedModel, stream: torch.Tensor, csv_path: Path, console: Console
+) -> ReachResult:
+    """Draw the pairs and search each, with a progress bar (or plain lines off a terminal)."""
+    import torch
 
-            result = run_reach(
-                loaded.model, loaded.tokenizer, pairs, out / "reach.csv", config, resume=args.resume, progress=tick
-            )
-    except ControllerError as exc:
-        console.print(f"[red]error:[/] {exc}", highlight=False)
-        return 2
-    table = format_summary(result.summary, loaded.name)
-    command = (
+    from controllers import draw_pairs, run_reach
+
+    config = _reach_config(args)
+    with console.status("drawing pairs ..."):
+        pairs = draw_pairs(
+            loaded.model, loaded.tokenizer, stream.tolist(), args.pairs, args.targets,
+            torch.Generator().manual_seed(args.seed),
+        )
+    with progress_bar(console, "pairs") as progress:
+        tick = _pair_ticker(progress, progress.add_task("pairs", total=len(pairs)), console)
+        return run_reach(loaded.model, loaded.tokenizer, pairs, csv_path, config, resume=args.resume, progress=tick)
+
+
+def _pair_ticker(progress: Progress, task: TaskID, console: Console) -> Callable[[int, int], None]:
+    """The reach progress callback: the bar, and off a terminal one line per pair with the time left."""
+    plain = not console.is_terminal  # no bar off a terminal: one line per pair instead
+    began = time.perf_counter()
+    skipped: int | None = None  # pairs already in the CSV (--resume) are ticked first
+
+    def tick(done: int, total: int) -> None:
+        nonlocal skipped
+        progress.update(task, completed=done, total=total)
+        if plain:
+            if skipped is None:
+                skipped = done - 1
+            elapsed = time.perf_counter() - began
+            rate = elapsed / max(1, done - skipped)
+            left = f", about {minutes(rate * (total - done))} left" if done < total else ""
+            console.print(f"pairs {done}/{total} ({minutes(elapsed)}{left})", highlight=False)
+
+    return tick
+
+
+def _reach_command(args: argparse.Namespace) -> str:
+    """The command line that repeats this measurement, for summary.md and summary.json."""
+    return (
         f"collective reach --model {args.model} --corpus {args.corpus} --pairs {args.pairs} --targets {args.targets} "
         f"--k {' '.join(map(str, args.k))} --seed {args.seed} --gcg-steps {args.gcg_steps} "
         f"--search-width {args.search_width} --topk {args.topk} --greedy-candidates {args.greedy_candidates} "
         f"--dtype {args.dtype} --out {args.out}"
     )
-    (out / "summary.md").write_text(table + f"\n\nCommand: `{command}`\n", encoding="utf-8")
-    (out / "summary.json").write_text(
-        json.dumps(
-            {
-                "schema_version": 1,
-                "model": loaded.name,
-                "targets": result.summary.targets,
-                "n_pairs": result.summary.n_pairs,
-                "fraction": {str(k): v for k, v in result.summary.fraction.items()},
-                "command": command,
-            },
-            indent=2,
-        )
-        + "\n",
-        encoding="utf-8",
-    )
+
+
+def _plot(result: ReachResult, path: Path, model_name: str, console: Console) -> None:
+    """reach.png, the fraction reached against k; a failure is a warning line, not an error."""
     try:
         from collective.report.plots import plot_reach
 
-        plot_reach([result.summary], out / "reach.png", title=f"{loaded.name}: reachability")
+        plot_reach([result.summary], path, title=f"{model_name}: reachability")
     except Exception as exc:  # a plot must never cost the measurement
         console.print(f"[yellow]no plot: {exc}[/]")
-    console.print(table, highlight=False)
-    console.print(f"wrote {out}/reach.csv, summary.md, summary.json")
-    return 0
+
+
+# ---------------------------------------------------------------------------- game
 
 
 def cmd_game(args: argparse.Namespace, console: Console) -> int:
@@ -201,7 +261,7 @@ def cmd_game(args: argparse.Namespace, console: Console) -> int:
             )
     except ControllerError as exc:
         console.print(f"[red]error:[/] {exc}", highlight=False)
-        return 2
+        return EXIT_USER_ERROR
     if args.json:
         console.print_json(
             json.dumps(

@@ -1,25 +1,36 @@
-"""`collective node` (a volunteer) and `collective broker` (a Mosquitto for a run). Thin:
-parse, call the library, render. Heavy imports wait until a command runs."""
+"""`collective node` (a volunteer) and `collective broker` (a Mosquitto for a run).
+
+Thin: parse, call `collective.distributed`, render. Each call into the distributed library
+sits in one small function (`_preflight`, `_serve`, `write_broker_config` and `_start`), so
+that a change of its signature is one edit here. Heavy imports wait until a command runs.
+"""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from rich.console import Console
 
+from collective.cli.common import EXIT_INTERRUPTED, model_cache_dir, set_threads
 
-def register(sub: Any) -> None:
-    """Add the `node` and `broker` subcommands to the main parser's subparsers."""
+if TYPE_CHECKING:
+    from collective.distributed.broker import BrokerFiles, BrokerSettings
+    from collective.distributed.mqtt import BrokerAddress
+    from collective.distributed.preflight import PreflightStep
+    from collective.scenario import Scenario
+
+SayLine = Callable[[str], None]  # one line of the node's progress, for the console
+
+
+def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    """Add the `node` and `broker` subcommands; each one's --help description is its docstring."""
     node = sub.add_parser(
-        "node",
-        help="serve one node of a distributed run (a volunteer machine)",
-        description="Join a distributed run through an MQTT broker and serve one node's rounds until the run "
-        "ends. The coordinator (`collective run SCENARIO --bus URL --out runs/RUN_ID`) publishes the scenario; "
-        "this node loads the model the scenario names for it.",
+        "node", help="serve one node of a distributed run (a volunteer machine)", description=cmd_node.__doc__
     )
     node.add_argument("--broker", required=True, metavar="URL", help="mqtt://USER:PASSWORD@host:1883 or mqtts://...:8883 (?ca=FILE)")
     node.add_argument("--run", required=True, metavar="RUN_ID", help="the run id: the name of the coordinator's run folder")
@@ -34,10 +45,7 @@ def register(sub: Any) -> None:
     broker = sub.add_parser(
         "broker",
         help="write a Mosquitto configuration (logins, ACLs, packet size, TLS) and start it",
-        description="Write mosquitto.conf, a password file and ACLs into --config-dir, then start mosquitto "
-        "(or say how to start it where it is not installed). With --scenario every node gets a login (its node "
-        "id) with a fresh password, listed in credentials.txt, and may publish only under its own topics; so do "
-        "the coordinator (coordinator) and a read-only watcher (watcher, for collective watch --broker).",
+        description=cmd_broker.__doc__,
     )
     broker.add_argument("--config-dir", required=True, type=Path, metavar="DIR")
     broker.add_argument("--scenario", type=Path, help="size max_packet_size from it and create a login per node")
@@ -55,42 +63,56 @@ def register(sub: Any) -> None:
 
 
 def cmd_node(args: argparse.Namespace, console: Console) -> int:
-    import re
+    """Join a distributed run through an MQTT broker and serve one node's rounds until the run
+    ends. The coordinator (`collective run SCENARIO --bus URL --out runs/RUN_ID`) publishes the
+    scenario; this node loads the model the scenario names for it."""
+    from collective.distributed.mqtt import parse_broker_url
 
-    from collective.distributed.mqtt import DistributedError, parse_broker_url
-    from collective.distributed.preflight import preflight
-    from collective.distributed.protocol import RUN_ID_PATTERN, Topics
-    from collective.distributed.volunteer import Volunteer, VolunteerConfig
-    from collective.lm.models import default_cache_dir
-    from collective.scenario import check_node_id
-
-    if not re.fullmatch(RUN_ID_PATTERN, args.run):
-        raise DistributedError(f"--run {args.run!r}: a run id is 1-64 letters, digits, '-' or '_'")
-    if not check_node_id(args.node):
-        raise DistributedError(f"--node {args.node!r}: a node id is 1-64 letters, digits, '-' or '_'")
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
+    _check_ids(args.run, args.node)
+    set_threads(args.threads or None)  # --threads 0: torch's choice, as without it
     address = parse_broker_url(args.broker)
 
     def report(line: str) -> None:
         console.print(f"[{args.node}] {line}", highlight=False, soft_wrap=True)
 
     if args.preflight_only:
-        asyncio.run(
-            preflight(address, Topics(args.run).echo(args.node), report=lambda s: report(f"preflight {s.name}: {s.status} ({s.detail})"))
-        )
+        _preflight(address, args.run, args.node, report)
         return 0
-    cache = Path(args.cache_dir) if getattr(args, "cache_dir", None) else default_cache_dir(os.environ)
+    return _serve(args, address, report)
+
+
+def _check_ids(run_id: str, node_id: str) -> None:
+    """--run and --node, checked before any connection is tried."""
+    import re
+
+    from collective.distributed.mqtt import DistributedError
+    from collective.distributed.protocol import RUN_ID_PATTERN
+    from collective.scenario import check_node_id
+
+    if not re.fullmatch(RUN_ID_PATTERN, run_id):
+        raise DistributedError(f"--run {run_id!r}: a run id is 1-64 letters, digits, '-' or '_'")
+    if not check_node_id(node_id):
+        raise DistributedError(f"--node {node_id!r}: a node id is 1-64 letters, digits, '-' or '_'")
+
+
+def _preflight(address: BrokerAddress, run_id: str, node_id: str, report: SayLine) -> None:
+    """The one call into the preflight check: each step's outcome becomes a line."""
+    from collective.distributed.preflight import preflight
+    from collective.distributed.protocol import Topics
+
+    def step_line(step: PreflightStep) -> None:
+        report(f"preflight {step.name}: {step.status} ({step.detail})")
+
+    asyncio.run(preflight(address, Topics(run_id).echo(node_id), report=step_line))
+
+
+def _serve(args: argparse.Namespace, address: BrokerAddress, report: SayLine) -> int:
+    """The one call into the volunteer: serve the node's rounds until the run ends or Ctrl-C."""
+    from collective.distributed.volunteer import Volunteer, VolunteerConfig
+
     config = VolunteerConfig(
-        address=address,
-        run_id=args.run,
-        node_id=args.node,
-        device=args.device,
-        model_ref=args.model,
-        cache_dir=cache,
-        scenario_timeout_s=args.scenario_timeout,
+        address=address, run_id=args.run, node_id=args.node, device=args.device, model_ref=args.model,
+        cache_dir=model_cache_dir(args), scenario_timeout_s=args.scenario_timeout,
     )
     report(f"node {args.node} of run {args.run} via {address.display()}")
     volunteer = Volunteer(config, report)
@@ -98,74 +120,106 @@ def cmd_node(args: argparse.Namespace, console: Console) -> int:
         detail = asyncio.run(volunteer.run())
     except KeyboardInterrupt:
         report(f"stopped (Ctrl-C) after {volunteer.rounds_served} rounds; the coordinator was told this node left")
-        return 130
+        return EXIT_INTERRUPTED
     report(f"done: {volunteer.rounds_served} rounds served; run ended ({detail})")
     if volunteer.rejections.total:
         report(f"dropped envelopes: {volunteer.rejections.as_dict()}")
     return 0
 
 
+# ---------------------------------------------------------------------------- broker
+
+
 def cmd_broker(args: argparse.Namespace, console: Console) -> int:
+    """Write mosquitto.conf, a password file and ACLs into --config-dir, then start mosquitto
+    (or say how to start it where it is not installed). With --scenario every node gets a login
+    (its node id) with a fresh password, listed in credentials.txt, and may publish only under its
+    own topics; so do the coordinator (coordinator) and a read-only watcher (watcher, for
+    collective watch --broker)."""
+    from collective.distributed.broker import write_broker_config
+    from collective.scenario import load_scenario
+
+    given = _given_logins(args.user)
+    scenario = load_scenario(args.scenario) if args.scenario else None
+    users = _logins(args, scenario, given)
+    files = write_broker_config(_broker_settings(args, scenario, users))
+    _say_written(files, users, args.port, console)
+    if args.no_start:
+        return 0
+    return _start(files, console)
+
+
+def _given_logins(items: list[str]) -> dict[str, str]:
+    """Each --user NAME:PASSWORD, by name."""
+    from collective.distributed.mqtt import DistributedError
+
+    given: dict[str, str] = {}
+    for item in items:
+        name, sep, password = item.partition(":")
+        if not sep or not name or not password:
+            raise DistributedError(f"--user {item!r}: expected NAME:PASSWORD")
+        given[name] = password
+    return given
+
+
+def _logins(args: argparse.Namespace, scenario: Scenario | None, given: dict[str, str]) -> dict[str, str]:
+    """The broker's logins: none with --anonymous; else a generated one per scenario node (and
+    the coordinator and watcher), each overridden by a --user NAME:PASSWORD."""
+    from collective.distributed.broker import users_for
+    from collective.distributed.mqtt import DistributedError
+
+    if args.anonymous:
+        return {}
+    if scenario is None:
+        return given
+    try:
+        return {**users_for(scenario, given), **given}
+    except ValueError as exc:
+        raise DistributedError(f"{args.scenario}: {exc}") from None
+
+
+def _broker_settings(args: argparse.Namespace, scenario: Scenario | None, users: dict[str, str]) -> BrokerSettings:
     from collective.distributed.broker import (
         DEFAULT_MAX_PACKET_BYTES,
         BrokerSettings,
         TlsFiles,
         max_packet_size_for,
-        mosquitto_binary,
-        start_broker,
-        start_instructions,
-        users_for,
-        write_broker_config,
     )
     from collective.distributed.mqtt import DistributedError
-    from collective.distributed.protocol import WATCHER
-    from collective.scenario import load_scenario
 
-    given: dict[str, str] = {}
-    for item in args.user:
-        name, sep, password = item.partition(":")
-        if not sep or not name or not password:
-            raise DistributedError(f"--user {item!r}: expected NAME:PASSWORD")
-        given[name] = password
-    scenario = load_scenario(args.scenario) if args.scenario else None
-    if args.anonymous:
-        users: dict[str, str] = {}
-    elif scenario is not None:
-        try:
-            users = {**users_for(scenario, given), **given}
-        except ValueError as exc:
-            raise DistributedError(f"{args.scenario}: {exc}") from None
-    else:
-        users = given
     if (args.tls_cert is None) != (args.tls_key is None):
         raise DistributedError("TLS needs both --tls-cert and --tls-key")
     tls = TlsFiles(args.tls_cert.resolve(), args.tls_key.resolve(), args.tls_ca.resolve() if args.tls_ca else None) if args.tls_cert else None
-    settings = BrokerSettings(
-        config_dir=args.config_dir,
-        port=args.port,
-        bind=args.bind,
-        users=users,
+    return BrokerSettings(
+        config_dir=args.config_dir, port=args.port, bind=args.bind, users=users,
         max_packet_size=max_packet_size_for(scenario) if scenario is not None else DEFAULT_MAX_PACKET_BYTES,
-        tls=tls,
-        tls_port=args.tls_port,
-        mount_dir=args.mount_dir,
+        tls=tls, tls_port=args.tls_port, mount_dir=args.mount_dir,
         run_as="root" if args.mount_dir is None and hasattr(os, "geteuid") and os.geteuid() == 0 else None,
     )
-    files = write_broker_config(settings)
+
+
+def _say_written(files: BrokerFiles, users: dict[str, str], port: int, console: Console) -> None:
+    """What was written, who may log in, and how the watcher login is used."""
+    from collective.distributed.protocol import WATCHER
+
     console.print(f"wrote {files.conf}" + (f", {files.passwd}, {files.acl}" if files.passwd else ""), highlight=False)
     if files.credentials is not None:
         console.print(f"logins ({len(users)}, passwords in {files.credentials}): {', '.join(users)}", highlight=False, soft_wrap=True)
         if WATCHER in users:
             console.print(
                 f"the {WATCHER} login may only read the runs' records: collective watch --broker "
-                f"mqtt://{WATCHER}:PASSWORD@HOST:{args.port} --run RUN_ID",
+                f"mqtt://{WATCHER}:PASSWORD@HOST:{port} --run RUN_ID",
                 highlight=False,
                 soft_wrap=True,
             )
     elif not users:
         console.print("[yellow]no logins: anyone who reaches the port may join (use on a closed network only)[/]")
-    if args.no_start:
-        return 0
+
+
+def _start(files: BrokerFiles, console: Console) -> int:
+    """Run mosquitto in the foreground until it exits or Ctrl-C; where it is not installed, say how to start it."""
+    from collective.distributed.broker import mosquitto_binary, start_broker, start_instructions
+
     binary = mosquitto_binary()
     if binary is None:
         console.print(start_instructions(files), highlight=False, soft_wrap=True)

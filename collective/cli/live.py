@@ -12,16 +12,12 @@ from __future__ import annotations
 import argparse
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from rich.console import Console
 
-if TYPE_CHECKING:
-    from collective.records import RoundEvent, RunEnd, RunStart
+from collective.cli.common import EXIT_USER_ERROR
+from collective.records import Report, RunRecord
 
-    Event = RunStart | RoundEvent | RunEnd
-
-EXIT_USER_ERROR = 2
 BROKER_START_TIMEOUT_S = 30.0  # watch --broker: how long to wait for any sign of the run
 
 
@@ -30,13 +26,11 @@ class WatchError(Exception):
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the `watch` and `report` subcommands; each one's --help description is its docstring."""
     watch = subparsers.add_parser(
         "watch",
         help="replay a run from its folder (following it while it runs), or attach to a distributed run, in the live view",
-        description="Show a run's events in the live view: a finished run is replayed at --speed times its own "
-        "pace, a running one is followed as it writes events.jsonl. With --broker URL --run RUN_ID it attaches "
-        "read-only to a distributed run through its MQTT broker: the run's start record, then each round as the "
-        "coordinator finishes it, until the run ends (with `collective broker`, log in as the watcher user).",
+        description=cmd_watch.__doc__,
     )
     watch.add_argument("run_dir", nargs="?", help="run folder (holds events.jsonl)")
     watch.add_argument("--speed", type=float, default=5.0, help="replay pace as a multiple of the run's round times (0: no pauses; default 5; --broker shows rounds as they come)")
@@ -60,10 +54,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     watch.set_defaults(func=cmd_watch)
 
     report = subparsers.add_parser(
-        "report",
-        help="print a run's report again, or compare several runs side by side",
-        description="One folder: its report table. Several: every row and both gains side by side, with the mean "
-        "and a 95%% t-interval across the runs (for seed sweeps and ablations).",
+        "report", help="print a run's report again, or compare several runs side by side", description=cmd_report.__doc__
     )
     report.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
     report.add_argument("--markdown", action="store_true", help="print Markdown instead of a table")
@@ -73,7 +64,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 # ---------------------------------------------------------------------------- watch
 
 
-def _broker_events(url: str, run_id: str, idle_timeout: float | None, console: Console) -> Iterator[Event]:
+def _broker_events(url: str, run_id: str, idle_timeout: float | None, console: Console) -> Iterator[RunRecord]:
     """The distributed run's records from its broker; broker trouble becomes a WatchError."""
     try:
         from collective.distributed import subscribe_events
@@ -94,7 +85,7 @@ def _broker_events(url: str, run_id: str, idle_timeout: float | None, console: C
     return _as_watch_errors(events, DistributedError)
 
 
-def _as_watch_errors(events: Iterator[Event], errors: type[Exception]) -> Iterator[Event]:
+def _as_watch_errors(events: Iterator[RunRecord], errors: type[Exception]) -> Iterator[RunRecord]:
     try:
         yield from events
     except errors as exc:
@@ -102,10 +93,15 @@ def _as_watch_errors(events: Iterator[Event], errors: type[Exception]) -> Iterat
 
 
 def cmd_watch(args: argparse.Namespace, console: Console) -> int:
+    """Show a run's events in the live view: a finished run is replayed at --speed times its own
+    pace, a running one is followed as it writes events.jsonl. With --broker URL --run RUN_ID it
+    attaches read-only to a distributed run through its MQTT broker: the run's start record, then
+    each round as the coordinator finishes it, until the run ends (with `collective broker`, log in
+    as the watcher user)."""
     from collective.live.display import watch
     from collective.live.replay import ReplayError, run_events, run_is_going
 
-    events: Iterable[Event] = ()
+    events: Iterable[RunRecord] = ()
     speed = max(0.0, args.speed)
     try:
         if args.broker:
@@ -134,7 +130,6 @@ def cmd_watch(args: argparse.Namespace, console: Console) -> int:
         if close is not None:
             close()  # a broker subscription disconnects
     if run_dir is not None and (run_dir / "report.json").exists():
-        from collective.records import Report
         from collective.report.report_view import report_table
 
         console.print(report_table(Report.model_validate_json((run_dir / "report.json").read_text(encoding="utf-8"))))
@@ -146,10 +141,10 @@ def cmd_watch(args: argparse.Namespace, console: Console) -> int:
 # ---------------------------------------------------------------------------- report
 
 
-def _load_report(run_dir: Path):  # type: ignore[no-untyped-def]
+def _load_report(run_dir: Path) -> Report:
+    """The report.json of a run folder; a missing or unreadable one is a WatchError that says why."""
     from pydantic import ValidationError
 
-    from collective.records import Report
     from collective.run.rundir import INCOMPLETE
 
     path = run_dir / "report.json"
@@ -167,6 +162,8 @@ def _load_report(run_dir: Path):  # type: ignore[no-untyped-def]
 
 
 def cmd_report(args: argparse.Namespace, console: Console) -> int:
+    """One folder: its report table. Several: every row and both gains side by side, with the
+    mean and a 95% t-interval across the runs (for seed sweeps and ablations)."""
     from collective.evaluate.compare import compare_reports, comparison_markdown, comparison_table
     from collective.report.report_view import report_markdown, report_table
 
