@@ -17,7 +17,10 @@ from typing import Annotated, Literal, get_args
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
 EVENT_SCHEMA_VERSION = 1
-REPORT_SCHEMA_VERSION = 2  # 2: adds rejected_envelopes (a version 1 report still reads: it defaults to {})
+# report 2: adds rejected_envelopes; 3: adds each row's n_rounds, each gain's n_rounds (the rounds its
+# two sides share), partial_members, best_member_rule and block_rule. Older reports still read: the
+# new fields default to None or empty, and `Report.is_partial` works from token counts.
+REPORT_SCHEMA_VERSION = 3
 CONTROLS_SCHEMA_VERSION = 1
 
 Runtime = Literal["embedded", "mqtt"]  # where the nodes ran: this process, or volunteers over MQTT
@@ -161,6 +164,7 @@ class RowReport(_Record):
     bits_per_byte: float
     top1: float
     n_tokens: int
+    n_rounds: int | None = Field(None, description="eval rounds this row scored (None: a report before version 3)")
 
 
 class Gain(_Record):
@@ -169,6 +173,7 @@ class Gain(_Record):
     value: float
     ci: Interval
     versus: str = Field(description="what the collective is compared with")
+    n_rounds: int | None = Field(None, description="eval rounds both sides were scored on (None: before version 3)")
 
 
 class Report(_Record):
@@ -189,6 +194,9 @@ class Report(_Record):
     collective_gain: Gain
     communication_gain: Gain
     verdict: str
+    best_member_rule: str = Field("", description="how the best member was chosen ('' before version 3)")
+    partial_members: list[str] = Field(default_factory=list, description="members not scored on every eval round")
+    block_rule: str = Field("", description="why the bootstrap blocks are `block_rounds` long ('' before version 3)")
     control_prompts: dict[str, str] = Field(default_factory=dict)
     missed_rounds: dict[str, int] = Field(default_factory=dict)
     # distributed runs: envelopes dropped by who dropped them (coordinator, node ids), by reason
@@ -204,6 +212,17 @@ class Report(_Record):
             if row.row == kind and row.node_id == node_id:
                 return row
         raise KeyError((kind, node_id))
+
+    def is_partial(self, row: RowReport) -> bool:
+        """The row scored fewer tokens than the eval part has: a node missed rounds (this
+        reads reports of every version, which all carry token counts)."""
+        return row.n_tokens < self.n_eval_tokens
+
+    def coverage(self, row: RowReport) -> str:
+        """What a row was scored on: '3/10 rounds', or '96/320 tokens' in an older report."""
+        if row.n_rounds is not None:
+            return f"{row.n_rounds}/{self.n_eval_rounds} rounds"
+        return f"{row.n_tokens}/{self.n_eval_tokens} tokens"
 
 
 # ---------------------------------------------------------------------------- controls

@@ -8,11 +8,13 @@ import pytest
 import torch
 
 from collective.evaluate.book import RoundBook
+from collective.evaluate.bootstrap import resample_counts
 from collective.evaluate.evaluator import build_report, describe_aggregator
 from collective.evaluate.metrics import RoundStats
-from collective.records import Report
+from collective.records import MEMBER_ROWS, Report
 from collective.run.engine import EngineResult
 from collective.scenario import parse_scenario
+from collective.seeding import generator
 from tests.test_scenario import _base
 
 ROUND = 4
@@ -29,21 +31,26 @@ def _scenario(**changes):
     return parse_scenario(_base(**{**hand, **changes}))
 
 
-def _stats(nll_per_token: list[float], correct: list[int] | None = None) -> RoundStats:
-    """One row over len(nll_per_token) rounds of ROUND tokens, each token with that NLL."""
+TOKENS = [4, 2, 4, 3, 4, 1, 4, 4]  # scored tokens per round: unequal, as when rounds lose positions
+SHARED = [0.3, -0.2, 0.5, 0.0, -0.4, 0.1, 0.2, -0.3]  # per-round difficulty every row shares
+
+
+def _stats(nll_per_token: list[float], tokens: list[int] | None = None) -> RoundStats:
+    """One row over len(nll_per_token) rounds, round r scoring tokens[r] tokens at that NLL each."""
     n = len(nll_per_token)
+    count = torch.tensor(tokens or TOKENS[:n], dtype=torch.long)
     return RoundStats(
-        nll_sum=torch.tensor(nll_per_token, dtype=torch.float64) * ROUND,
-        n_tokens=torch.full((n,), ROUND, dtype=torch.long),
-        n_correct=torch.tensor(correct or [0] * n, dtype=torch.long),
-        n_bytes=torch.full((n,), ROUND * BYTES_PER_TOKEN, dtype=torch.long),
+        nll_sum=torch.tensor(nll_per_token, dtype=torch.float64) * count,
+        n_tokens=count,
+        n_correct=torch.zeros(n, dtype=torch.long),
+        n_bytes=count * BYTES_PER_TOKEN,
         n_missing=torch.zeros(n, dtype=torch.long),
     )
 
 
 def _result(rows: dict[tuple[str, str | None], list[float]], missed=None, wall=2.0) -> EngineResult:
     n_rounds = len(next(iter(rows.values())))
-    book = RoundBook.from_rounds({key: [_stats([v]) for v in values] for key, values in rows.items()})
+    book = RoundBook.from_rounds({key: [_stats([v], [TOKENS[r]]) for r, v in enumerate(values)] for key, values in rows.items()})
     return EngineResult(
         book=book,
         rounds_done=n_rounds + 2,
@@ -53,60 +60,94 @@ def _result(rows: dict[tuple[str, str | None], list[float]], missed=None, wall=2
         messages_dropped=2,
         messages_truncated=3,
         wall_seconds=wall,
-        eval_tokens=n_rounds * ROUND,
-        eval_bytes=n_rounds * ROUND * BYTES_PER_TOKEN,
+        eval_tokens=sum(TOKENS[:n_rounds]),
+        eval_bytes=sum(TOKENS[:n_rounds]) * BYTES_PER_TOKEN,
     )
 
 
-NOISE = [0.3, -0.2, 0.5, 0.0, -0.4, 0.1, 0.2, -0.3]
+def _own_noise(key: tuple[str, str | None]) -> list[float]:
+    """Each row's own small per-round noise (seeded by its name): differences between rows vary
+    from round to round, so no CI collapses to a point."""
+    g = torch.Generator().manual_seed(sum(map(ord, f"{key}")))
+    return (0.05 * torch.randn(len(SHARED), generator=g, dtype=torch.float64)).tolist()
 
 
 def _rows(a=3.0, b=2.5, collective=2.0, silent=2.2, reference=1.5) -> dict:
-    """Rows with per-round noise shared by every row (so paired differences are constant)."""
-    out = {}
-    for kind in ("member_plain", "member_isolated", "member_collective"):
-        out[(kind, "a")] = [a + e for e in NOISE]
-        out[(kind, "b")] = [b + e for e in NOISE]
-    out[("ensemble_silent", None)] = [silent + e for e in NOISE]
-    out[("collective", None)] = [collective + e for e in NOISE]
-    out[("reference", None)] = [reference + e for e in NOISE]
-    return out
+    """Rows = level + SHARED difficulty + the row's own small noise."""
+    levels = {(kind, node): level for kind in MEMBER_ROWS for node, level in (("a", a), ("b", b))}
+    levels |= {("ensemble_silent", None): silent, ("collective", None): collective, ("reference", None): reference}
+    return {key: [level + s + e for s, e in zip(SHARED, _own_noise(key))] for key, level in levels.items()}
+
+
+def _ratio(values: list[float], counts: list[float] | None = None) -> float:
+    """The ratio estimator by hand: sum of NLL over sum of tokens, round r drawn counts[r] times."""
+    counts = counts or [1.0] * len(values)
+    return sum(c * v * t for c, v, t in zip(counts, values, TOKENS)) / sum(c * t for c, t in zip(counts, TOKENS))
+
+
+def _interval(samples: list[float]) -> tuple[float, float]:
+    ordered = sorted(samples)
+
+    def at(q: float) -> float:
+        position = q * (len(ordered) - 1)
+        low = int(position)
+        return ordered[low] + (ordered[min(low + 1, len(ordered) - 1)] - ordered[low]) * (position - low)
+
+    return at(0.025), at(0.975)
 
 
 def test_each_row_is_the_token_weighted_mean_of_its_rounds():
-    report = build_report(_scenario(), _result(_rows()), run_id="r")
-    mean_noise = sum(NOISE) / len(NOISE)
-    assert report.row("member_plain", "a").nll == pytest.approx(3.0 + mean_noise)
-    assert report.row("collective").nll == pytest.approx(2.0 + mean_noise)
+    rows = _rows()
+    report = build_report(_scenario(), _result(rows), run_id="r")
+    for key in (("member_plain", "a"), ("collective", None)):
+        assert report.row(*key).nll == pytest.approx(_ratio(rows[key]))
+        assert report.row(*key).nll != pytest.approx(sum(rows[key]) / len(rows[key]), abs=1e-3)  # not a mean of means
     row = report.row("reference")
     assert row.perplexity == pytest.approx(math.exp(row.nll))
     assert row.bits_per_byte == pytest.approx(row.nll / math.log(2) / BYTES_PER_TOKEN)
-    assert row.n_tokens == len(NOISE) * ROUND
+    assert row.n_tokens == sum(TOKENS) and row.n_rounds == len(TOKENS)
+
+
+def test_row_cis_and_gains_are_one_paired_block_bootstrap_recomputed_by_hand():
+    rows = _rows()
+    report = build_report(_scenario(), _result(rows), run_id="r")
+    assert report.best_member == "b" and report.block_rounds == 2  # ceil(8^(1/3))
+    assert report.block_rule == "ceil(R^(1/3)) for R = 8 eval rounds"
+    counts = resample_counts(len(TOKENS), 2, 500, generator(1, "bootstrap")).tolist()
+    for key in (("member_isolated", "b"), ("ensemble_silent", None), ("collective", None)):
+        low, high = _interval([_ratio(rows[key], c) for c in counts])
+        assert (report.row(*key).nll_ci.low, report.row(*key).nll_ci.high) == pytest.approx((low, high), rel=1e-9)
+    for gain, side in ((report.collective_gain, ("member_isolated", "b")), (report.communication_gain, ("ensemble_silent", None))):
+        assert gain.value == pytest.approx(_ratio(rows[side]) - _ratio(rows[("collective", None)]))
+        samples = [_ratio(rows[side], c) - _ratio(rows[("collective", None)], c) for c in counts]
+        assert (gain.ci.low, gain.ci.high) == pytest.approx(_interval(samples), rel=1e-9)
+        assert gain.n_rounds == len(TOKENS)
+    # paired: the shared difficulty cancels, so a gain's CI is far narrower than a row's
+    collective_ci = report.row("collective").nll_ci
+    assert 0 < report.collective_gain.ci.high - report.collective_gain.ci.low < 0.4 * (collective_ci.high - collective_ci.low)
 
 
 def test_gains_are_differences_against_the_best_isolated_member_and_the_silent_ensemble():
     report = build_report(_scenario(), _result(_rows()), run_id="r")
-    assert report.best_member == "b"
-    assert report.collective_gain.value == pytest.approx(0.5)
-    assert report.communication_gain.value == pytest.approx(0.2)
-    # the noise is shared by every row, so the paired differences do not vary at all
-    assert report.collective_gain.ci.low == pytest.approx(0.5) and report.collective_gain.ci.high == pytest.approx(0.5)
-    assert report.communication_gain.ci.low == pytest.approx(0.2)
-    assert report.verdict.startswith("The collective beats its best member (b) by 0.500 nats/token")
-    assert "communication mattered" in report.verdict
+    assert report.collective_gain.value == pytest.approx(0.5, abs=0.05)
+    assert report.communication_gain.value == pytest.approx(0.2, abs=0.05)
+    assert report.collective_gain.ci.low > 0.3 and report.communication_gain.ci.low > 0.05
+    assert report.verdict.startswith("The collective beats its best member (b) by 0.")
+    assert "communication mattered" in report.verdict and "Missed" not in report.verdict
     assert report.collective_gain.versus == "best isolated member (b)"
+    assert report.best_member_rule == "lowest NLL among the isolated members scored on every eval round"
 
 
 def test_a_collective_worse_than_its_members_is_reported_as_a_loss():
     report = build_report(_scenario(), _result(_rows(collective=4.0)), run_id="r")
-    assert report.collective_gain.value == pytest.approx(-1.5)
+    assert report.collective_gain.value == pytest.approx(-1.5, abs=0.05)
     assert report.verdict.startswith("The collective is worse than its best member (b)")
     assert "communication hurt" in report.verdict
 
 
 def test_unpaired_noise_widens_the_interval():
     rows = _rows()
-    rows[("collective", None)] = [2.0 + e for e in reversed(NOISE)]
+    rows[("collective", None)] = [2.0 + e for e in reversed(SHARED)]
     report = build_report(_scenario(), _result(rows), run_id="r")
     ci = report.communication_gain.ci
     assert ci.low < report.communication_gain.value < ci.high
@@ -115,12 +156,31 @@ def test_unpaired_noise_widens_the_interval():
 
 def test_the_bootstrap_is_seeded_by_the_scenario_seed():
     rows = _rows()
-    rows[("collective", None)] = [2.0 + e for e in reversed(NOISE)]
     first = build_report(_scenario(), _result(rows), run_id="r")
     again = build_report(_scenario(), _result(rows), run_id="r")
     other = build_report(_scenario(seed=2), _result(rows), run_id="r")
     assert first.communication_gain == again.communication_gain
     assert first.communication_gain.ci != other.communication_gain.ci
+
+
+def test_a_scenario_block_length_is_used_and_said_so():
+    report = build_report(_scenario(evaluation={"context_tokens": 8, "n_boot": 500, "block_rounds": 1}), _result(_rows()), run_id="r")
+    assert (report.block_rounds, report.block_rule) == (1, "evaluation.block_rounds")
+
+
+def test_a_member_that_missed_rounds_is_marked_left_out_of_the_best_member_and_named_in_the_verdict():
+    rows = _rows(a=2.0, b=2.5, collective=2.3)  # a, the lowest NLL, misses rounds 2 and 5
+    result = _result(rows, missed={"a": 2, "b": 0})
+    result.book = RoundBook.from_rounds(
+        {key: [_stats([v], [0 if key[1] == "a" and r in (2, 5) else TOKENS[r]]) for r, v in enumerate(values)] for key, values in rows.items()}
+    )
+    report = build_report(_scenario(), result, run_id="r")
+    assert report.best_member == "b" and report.partial_members == ["a"]
+    assert report.best_member_rule.endswith("not eligible: a (missed 2 of 8)")
+    assert report.row("member_isolated", "a").n_rounds == 6 and report.is_partial(report.row("member_isolated", "a"))
+    assert report.row("member_isolated", "a").n_tokens == sum(TOKENS) - TOKENS[2] - TOKENS[5]
+    assert "Missed eval rounds: a 2 of 8" in report.verdict
+    assert report.collective_gain.n_rounds == 8
 
 
 def test_rows_come_out_in_report_order_whatever_the_books_order():
@@ -139,9 +199,9 @@ def test_the_report_carries_counts_timing_and_only_nonzero_misses():
                           control_prompts={"a": "be brief"})
     assert report.missed_rounds == {"b": 2}
     assert (report.messages_sent, report.messages_dropped, report.messages_truncated) == (10, 2, 3)
-    assert report.tokens_per_second == pytest.approx(len(NOISE) * ROUND / 4.0)
+    assert report.tokens_per_second == pytest.approx(sum(TOKENS) / 4.0)
     assert report.control_prompts == {"a": "be brief"}
-    assert (report.n_eval_rounds, report.round_tokens, report.n_boot) == (len(NOISE), ROUND, 500)
+    assert (report.n_eval_rounds, report.round_tokens, report.n_boot) == (len(TOKENS), ROUND, 500)
     assert Report.model_validate_json(report.model_dump_json()) == report
 
 

@@ -18,6 +18,7 @@ from rich.table import Table
 from rich.text import Text
 
 from collective.records import ROW_TITLES, Report
+from collective.report.report_view import PARTIAL_MARK
 
 # Two-sided 95% Student t quantiles by degrees of freedom; between entries the next lower
 # df is used (a slightly wider, conservative interval).
@@ -68,6 +69,7 @@ class ComparedRow:
     key: LineKey
     values: tuple[float | None, ...]  # one per run; None where that run has no such row
     spread: Spread
+    partial: tuple[bool, ...] = ()  # per run: the row was scored on fewer than all eval rounds
 
 
 @dataclass(frozen=True)
@@ -108,13 +110,18 @@ def compare_reports(reports: Sequence[Report], labels: Sequence[str] | None = No
     rows = []
     for kind, node_id in keys:
         values: list[float | None] = []
+        partial: list[bool] = []
         for report in reports:
             try:
-                values.append(report.row(kind, node_id).nll)
+                row = report.row(kind, node_id)
             except KeyError:
                 values.append(None)
+                partial.append(False)
+                continue
+            values.append(row.nll)
+            partial.append(report.is_partial(row))
         spread = mean_ci([v for v in values if v is not None])
-        rows.append(ComparedRow(_row_label(kind, node_id), (kind, node_id), tuple(values), spread))
+        rows.append(ComparedRow(_row_label(kind, node_id), (kind, node_id), tuple(values), spread, tuple(partial)))
     gains = []
     for name in ("collective_gain", "communication_gain"):
         gain_values = tuple(getattr(r, name).value for r in reports)
@@ -131,6 +138,18 @@ def _num(value: float | None, signed: bool = False) -> str:
     if value is None or not math.isfinite(value):
         return "-"
     return f"{value:+.3f}" if signed else f"{value:.3f}"
+
+
+def _cells(row: ComparedRow, signed: bool) -> list[str]:
+    """One cell per run; a value from a partial row is marked with PARTIAL_MARK."""
+    marks = row.partial or (False,) * len(row.values)
+    return [_num(v, signed) + (PARTIAL_MARK if mark else "") for v, mark in zip(row.values, marks)]
+
+
+def _partial_note(comparison: Comparison) -> str:
+    if not any(any(row.partial) for row in comparison.rows):
+        return ""
+    return f"{PARTIAL_MARK} scored on fewer than all eval rounds of that run (a node missed rounds)"
 
 
 def _range_text(spread: Spread, signed: bool = False) -> str:
@@ -171,7 +190,7 @@ def comparison_table(comparison: Comparison) -> Group:
     for index, row in enumerate((*comparison.rows, *comparison.gains)):
         signed = row in comparison.gains
         if per_run:
-            cells = [_num(v, signed) for v in row.values]
+            cells = _cells(row, signed)
         else:
             finite = row.spread.values
             cells = [_num(min(finite), signed), _num(max(finite), signed)] if finite else ["-", "-"]
@@ -181,6 +200,8 @@ def comparison_table(comparison: Comparison) -> Group:
             style=style, end_section=index == len(comparison.rows) - 1,
         )
     lines = [Text(gain_summary(gain)) for gain in comparison.gains]
+    if note := _partial_note(comparison):
+        lines.append(Text(note))
     lines.append(Text("each run's own bootstrap CIs: collective report RUN_DIR", style="dim"))
     return Group(table, *lines)
 
@@ -190,9 +211,11 @@ def comparison_markdown(comparison: Comparison) -> str:
     out = ["| " + " | ".join(head) + " |", "| --- |" + " ---: |" * (len(head) - 1)]
     for row in (*comparison.rows, *comparison.gains):
         signed = row in comparison.gains
-        cells = [_num(v, signed) for v in row.values]
+        cells = _cells(row, signed)
         out.append(
             "| " + " | ".join([row.label, *cells, _num(row.spread.mean, signed), _range_text(row.spread, signed)]) + " |"
         )
     out += ["", *(f"- {gain_summary(gain)}" for gain in comparison.gains)]
+    if note := _partial_note(comparison):
+        out.append(f"- {note}")
     return "\n".join(out) + "\n"

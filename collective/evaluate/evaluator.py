@@ -1,27 +1,23 @@
 """The evaluator: the engine's round book in, the `Report` out.
 
 Rows (DESIGN.md): each member plain, isolated and in collective, the silent ensemble,
-the collective and the full-view reference, all on the same eval tokens. Confidence
-intervals come from one paired block bootstrap over whole rounds (the same resampled
-rounds for every row), seeded from the scenario seed. Rows come out in `ROW_ORDER`, then
-node order.
+the collective and the full-view reference, all on the same eval tokens (a member that
+missed rounds is scored on the others, and its rows say on how many). Every row's CI and
+both gains come from one paired block bootstrap over whole rounds (`gains.gains`),
+seeded from the scenario seed. Rows come out in `ROW_ORDER`, then node order.
 """
 
 from __future__ import annotations
 
 import math
 
+import torch
+
 from collective.evaluate.book import RowKey
-from collective.evaluate.metrics import (
-    BootstrapResult,
-    Estimate,
-    RoundStats,
-    block_bootstrap,
-    gains,
-    summarize,
-    verdict,
-)
-from collective.records import ROW_ORDER, Gain, Interval, Report, RowReport, Runtime
+from collective.evaluate.bootstrap import BootstrapResult
+from collective.evaluate.gains import RULE_COMPLETE, Gains, gains, missed_rounds_note, verdict
+from collective.evaluate.metrics import Estimate, RoundStats, summarize
+from collective.records import MEMBER_ROWS, ROW_ORDER, Gain, Interval, Report, RowReport, Runtime
 from collective.run.engine import EngineResult
 from collective.scenario import Scenario
 from collective.seeding import generator
@@ -50,14 +46,13 @@ def build_report(
         silent=RowKey("ensemble_silent"),
         collective=RowKey("collective"),
         generator=generator(scenario.seed, "bootstrap"),
-        block_rounds=evaluation.block_rounds,
+        block_rounds=None if evaluation.block_rounds == "auto" else evaluation.block_rounds,
         n_boot=evaluation.n_boot,
     )
-    every_row = block_bootstrap(
-        stats, generator=generator(scenario.seed, "bootstrap"), block_rounds=evaluation.block_rounds, n_boot=evaluation.n_boot
-    )
-    best_member = headline.best_member.node_id or ""
+    best_member = "" if headline.best_member is None else headline.best_member.node_id or ""
     cg, mg = headline.collective_gain, headline.communication_gain
+    missed = unscored_rounds(scenario, stats)
+    note = missed_rounds_note(missed, result.eval_rounds_done, cg, mg, headline.best_member_rule)
     return Report(
         run_id=run_id,
         scenario=scenario.name,
@@ -70,11 +65,14 @@ def build_report(
         eval_bytes=result.eval_bytes,
         block_rounds=headline.bootstrap.block_rounds,
         n_boot=evaluation.n_boot,
-        rows=row_reports(scenario, stats, every_row),
+        rows=row_reports(scenario, stats, headline.bootstrap),
         best_member=best_member,
-        collective_gain=Gain(value=cg.value, ci=_ci(cg), versus=f"best isolated member ({best_member})"),
-        communication_gain=Gain(value=mg.value, ci=_ci(mg), versus="silent ensemble"),
-        verdict=verdict(cg, mg, best_member),
+        collective_gain=_gain(cg, f"best isolated member ({best_member or 'none'})"),
+        communication_gain=_gain(mg, "silent ensemble"),
+        verdict=verdict(cg, mg, best_member or None, note),
+        best_member_rule=best_member_rule(headline, missed, result.eval_rounds_done),
+        partial_members=[node_id for node_id in scenario.node_ids if missed.get(node_id)],
+        block_rule=headline.bootstrap.block_rule,
         control_prompts=control_prompts or {},
         missed_rounds={k: v for k, v in result.missed_rounds.items() if v},
         rejected_envelopes={k: dict(v) for k, v in (rejected_envelopes or {}).items() if v},
@@ -84,6 +82,28 @@ def build_report(
         wall_seconds=result.wall_seconds,
         tokens_per_second=result.eval_tokens / result.wall_seconds if result.wall_seconds > 0 else 0.0,
     )
+
+
+def _gain(estimate: Estimate, versus: str) -> Gain:
+    return Gain(value=estimate.value, ci=_ci(estimate), versus=versus, n_rounds=estimate.n_rounds)
+
+
+def unscored_rounds(scenario: Scenario, stats: dict[RowKey, RoundStats]) -> dict[str, int]:
+    """Per node, the eval rounds in which one of its member rows scored nothing (0: none)."""
+    out = {}
+    for node_id in scenario.node_ids:
+        rows = [stats[key] for key in (RowKey(kind, node_id) for kind in MEMBER_ROWS) if key in stats]
+        scored = torch.stack([row.scored_rounds for row in rows]).all(0) if rows else torch.ones(0, dtype=torch.bool)
+        out[node_id] = int((~scored).sum())
+    return out
+
+
+def best_member_rule(headline: Gains[RowKey], missed: dict[str, int], n_rounds: int) -> str:
+    """The rule in words, naming the members it left out."""
+    left_out = [f"{node_id} (missed {count} of {n_rounds})" for node_id, count in missed.items() if count]
+    if headline.best_member_rule == RULE_COMPLETE and left_out:
+        return f"{RULE_COMPLETE}; not eligible: {', '.join(left_out)}"
+    return headline.best_member_rule
 
 
 def row_reports(
@@ -110,6 +130,7 @@ def row_reports(
                 bits_per_byte=summary.bits_per_byte,
                 top1=summary.top1_accuracy,
                 n_tokens=summary.n_tokens,
+                n_rounds=int(stats[key].scored_rounds.sum()),
             )
         )
     return rows

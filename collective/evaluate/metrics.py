@@ -1,22 +1,20 @@
-"""The evaluator's math: per-round statistics, row summaries, paired bootstrap CIs, verdict.
+"""The evaluator's per-round statistics and row summaries.
 
 Data flow: each round, every row of the report (a member, the silent ensemble, the
 collective, the reference) turns its predictions on the round's eval tokens into
 `RoundStats` for that round (sums, so that rounds add up); the rounds of a row are
-concatenated; `summarize` gives the row's point metrics and `block_bootstrap` /
-`gains` give paired confidence intervals by resampling whole rounds (neighbouring tokens
-are correlated, rounds much less so), with the SAME resampled rounds for every row.
-`verdict` writes the one-line answer.
+concatenated; `summarize` gives the row's point metrics. Confidence intervals are
+`bootstrap.py`'s, the gains and the verdict `gains.py`'s; both hand back `Estimate`s.
 
-Shapes: T positions, R rounds, B bootstrap resamples.
+Shapes: T positions, R rounds.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
-from typing import Generic, TypeVar
+from typing import TypeVar
 
 import torch
 
@@ -48,6 +46,16 @@ class RoundStats:
     @property
     def n_rounds(self) -> int:
         return int(self.nll_sum.shape[0])
+
+    @property
+    def scored_rounds(self) -> torch.Tensor:
+        """(R,) bool: the rounds in which at least one token was scored."""
+        return self.n_tokens > 0
+
+    @property
+    def complete(self) -> bool:
+        """Scored on every position of every round (nothing missed)."""
+        return self.n_rounds > 0 and bool(self.scored_rounds.all()) and not bool(self.n_missing.any())
 
     @staticmethod
     def empty() -> RoundStats:
@@ -161,219 +169,27 @@ def summarize(stats: RoundStats) -> RowSummary:
 
 @dataclass(frozen=True)
 class Estimate:
-    """A point value with its percentile confidence interval [low, high] (NaN: none)."""
+    """A point value with its percentile confidence interval [low, high] (NaN: none), and
+    the number of rounds it was computed on (None: not given)."""
 
     value: float
     low: float
     high: float
     confidence: float = 0.95
+    n_rounds: int | None = None
 
     @property
     def has_interval(self) -> bool:
         return not (math.isnan(self.low) or math.isnan(self.high))
 
 
-@dataclass(frozen=True)
-class BootstrapResult(Generic[Row]):
-    """Paired block-bootstrap intervals.
-
-    nll: per row, mean NLL (nats/token) with CI. differences: per requested (a, b), the
-    paired difference NLL_a - NLL_b with CI. block_rounds: the block length used.
-    degenerate: True when there were too few rounds to resample (CIs are NaN).
-    """
-
-    nll: dict[Row, Estimate]
-    differences: dict[tuple[Row, Row], Estimate]
-    n_boot: int
-    block_rounds: int
-    degenerate: bool
-
-
-def _resample_counts(
-    n_rounds: int, block_rounds: int, n_boot: int, generator: torch.Generator
-) -> torch.Tensor:
-    """How often each round appears in each circular-block resample: (B, R) float64."""
-    n_blocks = math.ceil(n_rounds / block_rounds)
-    starts = torch.randint(0, n_rounds, (n_boot, n_blocks, 1), generator=generator)
-    index = (starts + torch.arange(block_rounds)) % n_rounds  # (B, n_blocks, block)
-    index = index.reshape(n_boot, n_blocks * block_rounds)[:, :n_rounds]  # (B, R)
-    counts = torch.zeros(n_boot, n_rounds, dtype=torch.float64)
-    return counts.scatter_add_(1, index, torch.ones_like(index, dtype=torch.float64))
-
-
-def _percentile_estimate(value: float, samples: torch.Tensor | None, confidence: float) -> Estimate:
-    """`value` with the percentile interval of its bootstrap `samples` (B,) (None: no interval)."""
-    if samples is None:
-        return Estimate(value, math.nan, math.nan, confidence)
-    alpha = (1.0 - confidence) / 2.0
-    q = torch.tensor([alpha, 1.0 - alpha], dtype=torch.float64)
-    low, high = torch.nanquantile(samples, q).tolist()
-    return Estimate(value, low, high, confidence)
-
-
-@torch.no_grad()
-def block_bootstrap(
-    rows: Mapping[Row, RoundStats],
-    *,
-    generator: torch.Generator,
-    differences: Sequence[tuple[Row, Row]] = (),
-    block_rounds: int = 1,
-    n_boot: int = 2000,
-    confidence: float = 0.95,
-) -> BootstrapResult[Row]:
-    """Paired circular block bootstrap over rounds, percentile CIs.
-
-    rows: row -> RoundStats, all with the same R rounds (the same eval tokens).
-    Each resample draws ceil(R / b) blocks of b consecutive whole rounds with replacement,
-    each block starting at a uniformly random round and wrapping around the end (circular
-    moving blocks, so every round is equally likely to be drawn), and keeps the first R
-    rounds. The same resamples serve every row, so differences between rows are paired.
-    A row's mean NLL is the ratio estimator sum(nll_sum) / sum(n_tokens) of the resample.
-    b is `block_rounds` capped at R - 1 (a block of all R rounds would only rotate them).
-    With fewer than 2 rounds nothing can be resampled: the CIs are NaN and `degenerate`
-    is set; point values are still given.
-    """
-    if not rows:
-        raise ValueError("block_bootstrap needs at least one row")
-    if block_rounds < 1 or n_boot < 1 or not 0.0 < confidence < 1.0:
-        raise ValueError("need block_rounds >= 1, n_boot >= 1 and 0 < confidence < 1")
-    names = list(rows)
-    n_rounds = {rows[name].n_rounds for name in names}
-    if len(n_rounds) != 1:
-        raise ValueError(f"rows must cover the same rounds, got round counts {sorted(n_rounds)}")
-    for a, b in differences:
-        if a not in rows or b not in rows:
-            raise ValueError(f"difference ({a!r}, {b!r}) names a row that is not given")
-    n_r = n_rounds.pop()
-    nll_sum = torch.stack([rows[name].nll_sum.double() for name in names])  # (rows, R)
-    n_tokens = torch.stack([rows[name].n_tokens.double() for name in names])  # (rows, R)
-    point = nll_sum.sum(1) / n_tokens.sum(1)  # (rows,) NaN for a row with no token
-    degenerate = n_r < 2
-    block = max(1, min(block_rounds, n_r - 1))
-    samples: torch.Tensor | None = None
-    if not degenerate:
-        counts = _resample_counts(n_r, block, n_boot, generator)  # (B, R)
-        samples = (counts @ nll_sum.T) / (counts @ n_tokens.T)  # (B, rows)
-    col = {name: j for j, name in enumerate(names)}
-    nll = {
-        name: _percentile_estimate(
-            float(point[col[name]]), None if samples is None else samples[:, col[name]], confidence
-        )
-        for name in names
-    }
-    diffs = {
-        (a, b): _percentile_estimate(
-            float(point[col[a]] - point[col[b]]),
-            None if samples is None else samples[:, col[a]] - samples[:, col[b]],
-            confidence,
-        )
-        for a, b in differences
-    }
-    return BootstrapResult(nll, diffs, n_boot, block, degenerate)
-
-
-@dataclass(frozen=True)
-class Gains(Generic[Row]):
-    """The headline numbers, nats/token, each with a paired CI.
-
-    collective_gain: NLL(best isolated member) - NLL(collective); > 0: the collective wins.
-    communication_gain: NLL(silent ensemble) - NLL(collective); > 0: messages helped.
-    best_member: the isolated row with the lowest NLL on the full eval (chosen on the same
-    data the gain is measured on, and held fixed across resamples).
-    """
-
-    collective_gain: Estimate
-    communication_gain: Estimate
-    best_member: Row
-    bootstrap: BootstrapResult[Row]
-
-
-def gains(
-    rows: Mapping[Row, RoundStats], *, isolated: Sequence[Row], silent: Row, collective: Row,
-    generator: torch.Generator, block_rounds: int = 1, n_boot: int = 2000, confidence: float = 0.95,
-) -> Gains[Row]:
-    """Collective gain and communication gain with paired block-bootstrap CIs.
-
-    rows: row -> RoundStats over the same rounds; isolated: the isolated member rows;
-    silent, collective: those rows. Picking the best member on
-    the eval data itself favours the member (its NLL is the minimum of several noisy
-    values), so the collective gain is, if anything, understated.
-    """
-    if not isolated:
-        raise ValueError("gains needs at least one isolated member row")
-    best = min(isolated, key=lambda name: summarize(rows[name]).nll)
-    result = block_bootstrap(
-        rows,
-        generator=generator,
-        differences=[(best, collective), (silent, collective)],
-        block_rounds=block_rounds,
-        n_boot=n_boot,
-        confidence=confidence,
-    )
-    return Gains(
-        result.differences[(best, collective)],
-        result.differences[(silent, collective)],
-        best,
-        result,
-    )
-
-
-def _ci_text(estimate: Estimate) -> str:
-    level = f"{estimate.confidence:.0%} CI"
-    if not estimate.has_interval:
-        return f"no {level}: too few rounds"
-    return f"{level} {estimate.low:+.3f} to {estimate.high:+.3f}"
-
-
-def verdict(
-    collective_gain: Estimate, communication_gain: Estimate, best_member: str | None = None
-) -> str:
-    """One honest line: does the collective beat its best member, did communication matter.
-
-    A gain whose CI lies entirely above 0 is a win, entirely below 0 a loss, otherwise not
-    distinguishable (also when there is no CI). Numbers are nats/token.
-    """
-    best = "its best member" if best_member is None else f"its best member ({best_member})"
-    g = collective_gain
-    if g.has_interval and g.low > 0:
-        first = f"The collective beats {best} by {g.value:.3f} nats/token ({_ci_text(g)})"
-    elif g.has_interval and g.high < 0:
-        first = f"The collective is worse than {best} by {-g.value:.3f} nats/token ({_ci_text(g)})"
-    else:
-        first = (
-            f"The collective is not distinguishable from {best} "
-            f"(gain {g.value:+.3f} nats/token, {_ci_text(g)})"
-        )
-    c = communication_gain
-    if c.has_interval and c.low > 0:
-        second = (
-            f"communication mattered: {c.value:.3f} nats/token better than the silent "
-            f"ensemble ({_ci_text(c)})"
-        )
-    elif c.has_interval and c.high < 0:
-        second = (
-            f"communication hurt: {-c.value:.3f} nats/token worse than the silent "
-            f"ensemble ({_ci_text(c)})"
-        )
-    else:
-        second = (
-            f"communication made no measurable difference over the silent ensemble "
-            f"(gain {c.value:+.3f} nats/token, {_ci_text(c)})"
-        )
-    return f"{first}; {second}."
-
-
 __all__ = [
-    "BootstrapResult",
     "Estimate",
-    "Gains",
+    "Row",
     "RoundStats",
     "RowSummary",
-    "block_bootstrap",
-    "gains",
     "member_round_stats",
     "pooled_round_stats",
     "round_stats",
     "summarize",
-    "verdict",
 ]

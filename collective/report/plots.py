@@ -5,7 +5,9 @@ and writes three PNGs into the run folder, which `report.md` then embeds:
 
 - `nll_per_round.png`: each member's NLL in the collective and the collective's, silent
   ensemble's and reference's, per round and as running means over the eval rounds;
-- `gains.png`: every report row's NLL with its 95% CI, and the two headline gains;
+- `gains.png`: every report row's NLL with its 95% CI (a partial row, scored on fewer
+  than all eval rounds, is marked `*` with its round count and drawn hollow), and the two
+  headline gains;
 - `topology.png`: the graph, each node coloured by its final gain from messages
   (isolated minus in-collective NLL), links drawn as wide as the messages they carried.
 
@@ -26,7 +28,8 @@ from typing import TYPE_CHECKING, Any
 
 import networkx as nx
 
-from collective.records import ROW_TITLES, Report, RoundEvent, RunStart
+from collective.records import Gain, Report, RoundEvent, RowReport, RunStart
+from collective.report.report_view import row_label
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -108,10 +111,12 @@ def _nan(value: float | None) -> float:
 # ---------------------------------------------------------------------------- the run's plots
 
 
-def plot_nll_per_round(start: RunStart, rounds: Sequence[RoundEvent], out_path: Path) -> Path:
+def plot_nll_per_round(start: RunStart, rounds: Sequence[RoundEvent], out_path: Path, best_member: str | None = None) -> Path:
     """Left: each round's NLL for every member (in the collective), the collective, the
-    silent ensemble, the reference and the best member alone. Right: the same as running
-    means over the eval rounds, which end at the report's numbers."""
+    silent ensemble, the reference and the best member alone (the report's `best_member`;
+    without one, the member with the lowest mean over the eval rounds it was scored on).
+    Right: the same as running means over the eval rounds. A member that missed rounds
+    has gaps, and its legend entry says how many eval rounds it missed."""
     from matplotlib.ticker import MaxNLocator
 
     rounds = sorted(rounds, key=lambda event: event.round_index)
@@ -131,7 +136,8 @@ def plot_nll_per_round(start: RunStart, rounds: Sequence[RoundEvent], out_path: 
         kept = [v for v, e in zip(values, is_eval) if e and math.isfinite(v)]
         return sum(kept) / len(kept) if kept else math.inf
 
-    best = min(node_ids, key=lambda n: eval_mean(alone[n])) if node_ids else None
+    best = best_member if best_member in node_ids else min(node_ids, key=lambda n: eval_mean(alone[n])) if node_ids else None
+    member_labels = {n: f"{n} in collective{_missed_text(member[n], is_eval)}" for n in node_ids}
     summary = {
         "collective": ([e.nll_collective for e in rounds], {"color": "black", "lw": 2.4}),
         "silent ensemble": ([e.nll_silent for e in rounds], {"color": "tab:blue", "lw": 1.6, "ls": "--"}),
@@ -151,7 +157,7 @@ def plot_nll_per_round(start: RunStart, rounds: Sequence[RoundEvent], out_path: 
     ):
         for index, node_id in enumerate(node_ids):
             style = {"color": "0.6", "alpha": 0.35, "lw": 0.8} if many else {"color": palette[index], "alpha": 0.7, "lw": 1.0}
-            label = (f"members in collective ({len(node_ids)})" if index == 0 else None) if many else f"{node_id} in collective"
+            label = (f"members in collective ({len(node_ids)})" if index == 0 else None) if many else member_labels[node_id]
             axes.plot(x, transform(member[node_id]), label=label, **style)
         for label, (values, style) in summary.items():
             axes.plot(x, transform(list(values)), label=label, **style)
@@ -167,6 +173,12 @@ def plot_nll_per_round(start: RunStart, rounds: Sequence[RoundEvent], out_path: 
     return _save(figure, out_path)
 
 
+def _missed_text(values: Sequence[float], is_eval: Sequence[bool]) -> str:
+    """' (missed 7 eval rounds)' for a member without a score in 7 eval rounds, else ''."""
+    missed = sum(e and not math.isfinite(v) for v, e in zip(values, is_eval))
+    return f" (missed {missed} eval rounds)" if missed else ""
+
+
 def _ci_color(low: float, high: float) -> str:
     if low > 0:
         return "tab:green"
@@ -180,7 +192,7 @@ def plot_gains(report: Report, out_path: Path) -> Path:
     many). Right: the collective and communication gains with their CIs against zero."""
     n_members = len({row.node_id for row in report.rows if row.node_id})
     rows = [row for row in report.rows if row.node_id is None or n_members <= 6 or row.row == "member_isolated"]
-    labels = [f"{ROW_TITLES[row.row]} [{row.node_id}]" if row.node_id else ROW_TITLES[row.row] for row in rows]
+    labels = gains_plot_labels(report, rows)
     figure = _figure(11, max(3.2, 0.26 * len(rows) + 1.4))
     forest, gains = figure.subplots(1, 2, width_ratios=(3, 2))
     y = list(range(len(rows)))[::-1]
@@ -188,13 +200,16 @@ def plot_gains(report: Report, out_path: Path) -> Path:
         color = "black" if row.row == "collective" else "tab:blue" if row.row == "ensemble_silent" else "0.35"
         forest.errorbar(
             row.nll, yi, xerr=[[row.nll - row.nll_ci.low], [row.nll_ci.high - row.nll]],
-            fmt="o", color=color, ms=4, capsize=2,
+            fmt="o", color=color, ms=4, capsize=2, mfc="white" if report.is_partial(row) else color,  # hollow: partial
         )
     forest.set_yticks(y, labels, fontsize=7 if len(rows) > 12 else 9)
     forest.set_xlabel("NLL (nats/token), 95% CI")
     forest.grid(axis="x", alpha=0.3)
     forest.set_title("rows" if len(rows) == len(report.rows) else "rows (members: isolated only)")
-    names = ["collective gain\n" + report.collective_gain.versus, "communication gain\n" + report.communication_gain.versus]
+    names = [
+        f"{title}\n{gain.versus}" + (f"\n{gain.n_rounds}/{report.n_eval_rounds} shared rounds" if _shared_fewer(report, gain) else "")
+        for title, gain in (("collective gain", report.collective_gain), ("communication gain", report.communication_gain))
+    ]
     for yi, gain in zip((1, 0), (report.collective_gain, report.communication_gain)):
         low, high = gain.ci.low, gain.ci.high
         color = _ci_color(low, high)
@@ -210,6 +225,15 @@ def plot_gains(report: Report, out_path: Path) -> Path:
     gains.grid(axis="x", alpha=0.3)
     figure.suptitle(_wrap(report.verdict, 120), fontsize=9)
     return _save(figure, out_path)
+
+
+def gains_plot_labels(report: Report, rows: Sequence[RowReport]) -> list[str]:
+    """The forest plot's row labels: a partial row is marked and says what it was scored on."""
+    return [row_label(report, row) + (f" ({report.coverage(row)})" if report.is_partial(row) else "") for row in rows]
+
+
+def _shared_fewer(report: Report, gain: Gain) -> bool:
+    return gain.n_rounds is not None and gain.n_rounds < report.n_eval_rounds
 
 
 def _wrap(text: str, width: int) -> str:
@@ -343,7 +367,7 @@ def write_run_plots(run_dir: Path, report: Report) -> list[tuple[str, str]]:
         log.warning("no plots for %s: cannot read its events (%s)", run_dir, exc)
         return images
     jobs = (
-        ("NLL per round", NLL_PLOT, lambda path: plot_nll_per_round(start, rounds, path)),
+        ("NLL per round", NLL_PLOT, lambda path: plot_nll_per_round(start, rounds, path, report.best_member or None)),
         ("Gains", GAINS_PLOT, lambda path: plot_gains(report, path)),
         ("Topology and per-node gains", TOPOLOGY_PLOT, lambda path: plot_topology(start, report, path, rounds)),
     )

@@ -1,70 +1,162 @@
 """The report as people read it: a rich table for the terminal, Markdown for the folder.
 
-Both are pure functions of a `Report`.
+Both are pure functions of a `Report` (of any schema version). The terminal table picks
+its layout from the width it is given: the full one when it fits, else a compact one
+(short row labels, the CI on one line, no perplexity), dropping the model and then the
+bits-per-byte column until every row fits on one line. A row scored on fewer than all
+eval rounds (a node missed some) is marked `*` and explained under the table.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from dataclasses import dataclass
 
-from rich.console import Group
+from rich import box
+from rich.console import Console, ConsoleOptions, RenderableType
+from rich.measure import Measurement
 from rich.table import Table
 from rich.text import Text
 
 from collective.records import ROW_TITLES, Gain, Report, RowReport
 
+SHORT_TITLES: dict[str, str] = {
+    "member_plain": "plain",
+    "member_isolated": "isolated",
+    "member_collective": "in coll.",
+    "ensemble_silent": "silent ens.",
+    "collective": "collective",
+    "reference": "reference",
+}
+PARTIAL_MARK = "*"
 
-def _label(row: RowReport) -> str:
+
+def _label(row: RowReport, short: bool = False) -> str:
+    if short:
+        title = SHORT_TITLES[row.row]
+        return f"{title} {row.node_id}" if row.node_id else title
     title = ROW_TITLES[row.row]
     return f"{title} [{row.node_id}]" if row.node_id else title
 
 
-def _ci(low: float, high: float) -> str:
+def row_label(report: Report, row: RowReport, short: bool = False) -> str:
+    """The row's label, marked when the row is partial (scored on fewer than all eval rounds)."""
+    return _label(row, short) + (PARTIAL_MARK if report.is_partial(row) else "")
+
+
+def _signed(value: float) -> str:
+    text = f"{value:+.3f}"
+    return "+0.000" if text == "-0.000" else text
+
+
+def _ci(low: float, high: float, signed: bool = False, sep: str = " .. ") -> str:
     if math.isnan(low) or math.isnan(high):
         return "n/a"
-    return f"{low:.3f} .. {high:.3f}"
+    if signed:
+        return f"{_signed(low)}{sep}{_signed(high)}"
+    return f"{low:.3f}{sep}{high:.3f}"
 
 
-def _gain(gain: Gain) -> str:
-    return f"{gain.value:+.3f} nats/token (95% CI {_ci(gain.ci.low, gain.ci.high)}) vs {gain.versus}"
+def _gain(gain: Gain, n_rounds: int) -> str:
+    shared = "" if gain.n_rounds is None or gain.n_rounds == n_rounds else f", on {gain.n_rounds}/{n_rounds} shared rounds"
+    return f"{_signed(gain.value)} nats/token (95% CI {_ci(gain.ci.low, gain.ci.high, signed=True)}) vs {gain.versus}{shared}"
 
 
-def report_table(report: Report) -> Group:
-    table = Table(
-        title=f"{report.scenario}: {report.n_eval_tokens} eval tokens in {report.n_eval_rounds} rounds "
-        f"(seed {report.seed}, aggregator {report.aggregator})",
-        title_justify="left",
+def partial_note(report: Report) -> str:
+    """'* partial rows: d 3/10 rounds (96/320 tokens); ...' ('' when every row is complete)."""
+    partial = [row for row in report.rows if report.is_partial(row)]
+    if not partial:
+        return ""
+    seen: dict[str, str] = {}
+    for row in partial:
+        who = row.node_id or _label(row)
+        seen.setdefault(who, f"{who} {report.coverage(row)} ({row.n_tokens}/{report.n_eval_tokens} tokens)")
+    return (
+        f"{PARTIAL_MARK} partial rows, scored on fewer than all eval rounds: {'; '.join(seen.values())}. "
+        "Each gain pairs the rounds both its sides were scored on."
     )
-    table.add_column("row")
-    table.add_column("model")
-    table.add_column("NLL nats/tok", justify="right")
-    table.add_column("95% CI", justify="right")
-    table.add_column("ppl", justify="right")
-    table.add_column("bits/byte", justify="right")
-    table.add_column("top-1", justify="right")
+
+
+# ---------------------------------------------------------------------------- terminal
+
+
+@dataclass(frozen=True)
+class _Layout:
+    short: bool  # short labels, CI on one line, no perplexity, a light box
+    model: bool = True
+    bits: bool = True
+
+
+LAYOUTS = (_Layout(False), _Layout(True), _Layout(True, model=False), _Layout(True, model=False, bits=False))
+
+
+def _table(report: Report, layout: _Layout) -> Table:
+    partial = any(report.is_partial(row) for row in report.rows)
+    title = (
+        f"{report.scenario}: {report.n_eval_tokens} eval tokens in {report.n_eval_rounds} rounds "
+        f"(seed {report.seed}, aggregator {report.aggregator})"
+    )
+    table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD if layout.short else box.HEAVY_HEAD)
+    columns = [("row", "left"), ("model", "left")] if layout.model else [("row", "left")]
+    columns += [("NLL", "right"), ("95% CI", "right")] if layout.short else [("NLL nats/tok", "right"), ("95% CI", "right")]
+    columns += [] if layout.short else [("ppl", "right")]
+    columns += [("bits/byte", "right")] if layout.bits else []
+    columns += [("top-1", "right")]
+    columns += [("scored", "right")] if partial and not layout.short else []
+    for name, justify in columns:
+        table.add_column(name, justify=justify, no_wrap=layout.short)  # type: ignore[arg-type]
     for row in report.rows:
-        style = "bold" if row.row == "collective" else None
-        table.add_row(
-            Text(_label(row)),  # a Text: "[a]" in a plain string would be read as rich markup
-            Text(row.model or ""),
-            f"{row.nll:.3f}",
-            _ci(row.nll_ci.low, row.nll_ci.high),
-            f"{row.perplexity:.2f}",
-            f"{row.bits_per_byte:.3f}",
-            f"{row.top1:.1%}",
-            style=style,
-        )
+        cells: list[RenderableType] = [Text(row_label(report, row, layout.short))]  # Text: "[a]" is not markup
+        cells += [Text(row.model or "")] if layout.model else []
+        cells += [f"{row.nll:.3f}", _ci(row.nll_ci.low, row.nll_ci.high, sep=".." if layout.short else " .. ")]
+        cells += [] if layout.short else [f"{row.perplexity:.2f}"]
+        cells += [f"{row.bits_per_byte:.3f}"] if layout.bits else []
+        cells += [f"{row.top1:.1%}"]
+        cells += [report.coverage(row)] if partial and not layout.short else []
+        table.add_row(*cells, style="bold" if row.row == "collective" else None)
+    return table
+
+
+def _footer(report: Report) -> list[Text]:
+    n = report.n_eval_rounds
     lines = [
-        Text(f"collective gain     {_gain(report.collective_gain)}"),
-        Text(f"communication gain  {_gain(report.communication_gain)}"),
+        Text(f"collective gain     {_gain(report.collective_gain, n)}"),
+        Text(f"communication gain  {_gain(report.communication_gain, n)}"),
     ]
+    if note := partial_note(report):
+        lines.append(Text(note))
     if report.missed_rounds:
         missed = ", ".join(f"{k}: {v}" for k, v in report.missed_rounds.items())
         lines.append(Text(f"missed rounds       {missed}"))
     if report.rejected_envelopes:
         lines.append(Text(f"dropped envelopes   {_rejected(report.rejected_envelopes)}"))
     lines.append(Text(report.verdict, style="bold"))
-    return Group(table, *lines)
+    return lines
+
+
+class ReportTable:
+    """The report for the terminal: the widest layout that fits the width it is given
+    (each row on one line), then the gains, the partial rows and the verdict."""
+
+    def __init__(self, report: Report) -> None:
+        self.report = report
+
+    def table(self, console: Console, options: ConsoleOptions) -> Table:
+        tables = [_table(self.report, layout) for layout in LAYOUTS]
+        unbounded = options.update_width(10_000)  # a table's natural width, not the one it is squeezed to
+        for table in tables:
+            if Measurement.get(console, unbounded, table).maximum <= options.max_width:
+                return table
+        return tables[-1]  # narrower still: cells are cut with an ellipsis, rows stay one line
+
+    def __rich_console__(self, console: Console, options: ConsoleOptions) -> Iterator[RenderableType]:
+        yield self.table(console, options)
+        yield from _footer(self.report)
+
+
+def report_table(report: Report) -> ReportTable:
+    return ReportTable(report)
 
 
 def _rejected(rejected: dict[str, dict[str, int]]) -> str:
@@ -75,29 +167,43 @@ def _rejected(rejected: dict[str, dict[str, int]]) -> str:
     )
 
 
+# ---------------------------------------------------------------------------- markdown
+
+
+def _blocks(report: Report) -> str:
+    rule = f": {report.block_rule}" if report.block_rule else ""
+    return f"blocks of {report.block_rounds} rounds{rule}, {report.n_boot} resamples"
+
+
 def report_markdown(report: Report, images: list[tuple[str, str]] | None = None) -> str:
+    n = report.n_eval_rounds
     out = [
         f"# {report.scenario}",
         "",
         f"Run `{report.run_id}`, seed {report.seed}, {report.runtime} runtime, aggregator {report.aggregator}; "
-        f"{report.n_eval_tokens} eval tokens ({report.eval_bytes} bytes) in {report.n_eval_rounds} rounds of "
-        f"{report.round_tokens}; 95% CIs from a paired block bootstrap over rounds "
-        f"(blocks of {report.block_rounds}, {report.n_boot} resamples).",
+        f"{report.n_eval_tokens} eval tokens ({report.eval_bytes} bytes) in {n} rounds of "
+        f"{report.round_tokens}; 95% CIs from a paired block bootstrap over rounds ({_blocks(report)}).",
         "",
         f"**{report.verdict}**",
         "",
-        "| row | model | NLL (nats/token) | 95% CI | perplexity | bits/byte | top-1 |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: |",
+        "| row | model | NLL (nats/token) | 95% CI | perplexity | bits/byte | top-1 | scored |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for row in report.rows:
         out.append(
-            f"| {_label(row)} | {row.model or ''} | {row.nll:.4f} | {_ci(row.nll_ci.low, row.nll_ci.high)} | "
-            f"{row.perplexity:.3f} | {row.bits_per_byte:.4f} | {row.top1:.2%} |"
+            f"| {row_label(report, row)} | {row.model or ''} | {row.nll:.4f} | {_ci(row.nll_ci.low, row.nll_ci.high)} | "
+            f"{row.perplexity:.3f} | {row.bits_per_byte:.4f} | {row.top1:.2%} | {report.coverage(row)} |"
         )
+    if note := partial_note(report):
+        out += ["", note]
     out += [
         "",
-        f"- collective gain: {_gain(report.collective_gain)}",
-        f"- communication gain: {_gain(report.communication_gain)}",
+        f"- collective gain: {_gain(report.collective_gain, n)}",
+        f"- communication gain: {_gain(report.communication_gain, n)}",
+    ]
+    if report.best_member_rule:
+        out.append(f"- best member: {report.best_member or 'none'} ({report.best_member_rule})")
+    out += [
         f"- messages: {report.messages_sent} sent, {report.messages_dropped} dropped, "
         f"{report.messages_truncated} cut to the budget",
         f"- wall time {report.wall_seconds:.1f} s ({report.tokens_per_second:.1f} eval tokens/s)",

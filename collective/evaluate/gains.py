@@ -1,0 +1,183 @@
+"""The headline numbers and the one-line verdict.
+
+`gains` picks the best isolated member (among the members scored on every eval round),
+then asks ONE paired block bootstrap (`bootstrap.py`) for every row's CI and the two
+differences: collective gain = NLL(best member) - NLL(collective), communication gain =
+NLL(silent ensemble) - NLL(collective), each on the rounds its two sides share.
+`verdict` turns them into one honest sentence; gains within `TIE_NATS` of zero (float
+rounding of the scores, e.g. a collective of identical members) read as not
+distinguishable, never as a win or a loss.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Generic
+
+import torch
+
+from collective.evaluate.bootstrap import BootstrapResult, block_bootstrap
+from collective.evaluate.metrics import Estimate, RoundStats, Row, summarize
+
+TIE_NATS = 1e-5  # |gain| and CI within this many nats/token of 0: float rounding, not a difference
+
+RULE_COMPLETE = "lowest NLL among the isolated members scored on every eval round"
+RULE_ANY = "no isolated member was scored on every eval round: lowest NLL among those scored on any"
+RULE_NONE = "no isolated member was scored: no best member"
+
+
+@dataclass(frozen=True)
+class Gains(Generic[Row]):
+    """The headline numbers, nats/token, each with a paired CI.
+
+    collective_gain: NLL(best isolated member) - NLL(collective); > 0: the collective wins.
+    communication_gain: NLL(silent ensemble) - NLL(collective); > 0: messages helped.
+    Each `Estimate.n_rounds` is the rounds its two sides share.
+    best_member: the isolated row chosen by `best_member_rule` (None: no member was scored).
+    partial_members: the isolated rows not scored on every eval round.
+    bootstrap: the one resampling every row's CI and both gains come from.
+    """
+
+    collective_gain: Estimate
+    communication_gain: Estimate
+    best_member: Row | None
+    best_member_rule: str
+    partial_members: tuple[Row, ...]
+    bootstrap: BootstrapResult[Row]
+
+
+def choose_best_member(rows: Mapping[Row, RoundStats], isolated: Sequence[Row]) -> tuple[Row | None, str]:
+    """The isolated row with the lowest NLL among those scored on every round (else among
+    those scored on any), and the rule used. A member with no score (NaN) is never chosen.
+
+    Picking on the eval data itself favours the member (its NLL is the minimum of several
+    noisy values), so the collective gain is, if anything, understated."""
+    nll = {name: summarize(rows[name]).nll for name in isolated}
+    complete = [name for name in isolated if rows[name].complete]
+    if complete:
+        return min(complete, key=nll.__getitem__), RULE_COMPLETE
+    scored = [name for name in isolated if math.isfinite(nll[name])]
+    if scored:
+        return min(scored, key=nll.__getitem__), RULE_ANY
+    return None, RULE_NONE
+
+
+def gains(
+    rows: Mapping[Row, RoundStats], *, isolated: Sequence[Row], silent: Row, collective: Row,
+    generator: torch.Generator, block_rounds: int | None = None, n_boot: int = 2000, confidence: float = 0.95,
+) -> Gains[Row]:
+    """Collective and communication gain, and every row's CI, from one paired block bootstrap.
+
+    rows: row -> RoundStats over the same rounds; isolated: the isolated member rows;
+    silent, collective: those rows; block_rounds: None for the bootstrap's rule of thumb.
+    """
+    if not isolated:
+        raise ValueError("gains needs at least one isolated member row")
+    chosen = choose_best_member(rows, isolated)
+    best, rule = chosen
+    differences = [(silent, collective)] + ([] if best is None else [(best, collective)])
+    result = block_bootstrap(
+        rows, generator=generator, differences=differences, block_rounds=block_rounds, n_boot=n_boot, confidence=confidence
+    )
+    none = Estimate(math.nan, math.nan, math.nan, confidence, 0)
+    return Gains(
+        collective_gain=none if best is None else result.differences[(best, collective)],
+        communication_gain=result.differences[(silent, collective)],
+        best_member=best,
+        best_member_rule=rule,
+        partial_members=tuple(name for name in isolated if not rows[name].complete),
+        bootstrap=result,
+    )
+
+
+# ---------------------------------------------------------------------------- verdict
+
+
+def signed(value: float) -> str:
+    """`+0.123`; a value that rounds to zero is `+0.000`, never `-0.000`."""
+    text = f"{value:+.3f}"
+    return "+0.000" if text == "-0.000" else text
+
+
+def _ci_text(estimate: Estimate) -> str:
+    level = f"{estimate.confidence:.0%} CI"
+    if not estimate.has_interval:
+        return f"no {level}: too few rounds"
+    return f"{level} {signed(estimate.low)} to {signed(estimate.high)}"
+
+
+def direction(estimate: Estimate) -> int:
+    """+1: the CI lies above zero by more than TIE_NATS; -1: below; 0: not distinguishable
+    (the CI straddles zero, sits within float tolerance of it, or there is no CI)."""
+    if not estimate.has_interval:
+        return 0
+    if estimate.low > TIE_NATS:
+        return 1
+    return -1 if estimate.high < -TIE_NATS else 0
+
+
+def _tie(estimate: Estimate) -> bool:
+    """Equal within float tolerance: the value and any CI within TIE_NATS of 0."""
+    inside = abs(estimate.value) <= TIE_NATS
+    return inside and (not estimate.has_interval or max(abs(estimate.low), abs(estimate.high)) <= TIE_NATS)
+
+
+def verdict(
+    collective_gain: Estimate, communication_gain: Estimate, best_member: str | None = None, note: str = ""
+) -> str:
+    """One honest line: does the collective beat its best member, did communication matter.
+
+    A gain whose CI lies entirely above +TIE_NATS is a win, entirely below -TIE_NATS a
+    loss, otherwise not distinguishable (also when there is no CI). Numbers are
+    nats/token. `note` (e.g. on missed rounds) is appended as its own sentence.
+    """
+    best = "its best member" if best_member is None else f"its best member ({best_member})"
+    g, c = collective_gain, communication_gain
+    tie = ": equal within float tolerance" if _tie(g) else ""
+    first = {
+        1: f"The collective beats {best} by {g.value:.3f} nats/token ({_ci_text(g)})",
+        -1: f"The collective is worse than {best} by {-g.value:.3f} nats/token ({_ci_text(g)})",
+        0: f"The collective is not distinguishable from {best}{tie} (gain {signed(g.value)} nats/token, {_ci_text(g)})",
+    }[direction(g)]
+    tie = ", equal within float tolerance" if _tie(c) else ""
+    second = {
+        1: f"communication mattered: {c.value:.3f} nats/token better than the silent ensemble ({_ci_text(c)})",
+        -1: f"communication hurt: {-c.value:.3f} nats/token worse than the silent ensemble ({_ci_text(c)})",
+        0: f"communication made no measurable difference over the silent ensemble{tie} "
+        f"(gain {signed(c.value)} nats/token, {_ci_text(c)})",
+    }[direction(c)]
+    return f"{first}; {second}." + (f" {note}" if note else "")
+
+
+def missed_rounds_note(
+    missed: Mapping[str, int], n_rounds: int, collective_gain: Estimate, communication_gain: Estimate, rule: str
+) -> str:
+    """The verdict's sentence on members that missed eval rounds ('' when none did)."""
+    missed = {node_id: count for node_id, count in missed.items() if count}
+    if not missed:
+        return ""
+    who = ", ".join(f"{node_id} {count} of {n_rounds}" for node_id, count in missed.items())
+
+    def rounds(estimate: Estimate) -> str:
+        return "no rounds" if estimate.n_rounds is None else f"{estimate.n_rounds} of {n_rounds} rounds"
+
+    chosen = "the best member is chosen among the members scored on every round" if rule == RULE_COMPLETE else rule
+    return (
+        f"Missed eval rounds: {who}; each gain pairs the rounds both its sides were scored on "
+        f"(collective gain: {rounds(collective_gain)}, communication gain: {rounds(communication_gain)}), "
+        f"and {chosen}."
+    )
+
+
+__all__ = [
+    "Gains",
+    "TIE_NATS",
+    "choose_best_member",
+    "direction",
+    "gains",
+    "missed_rounds_note",
+    "signed",
+    "verdict",
+]
