@@ -12,42 +12,109 @@ import torch
 
 from collective.cli import main
 from collective.lm.models import ModelPool
-from collective.records import Report
-from collective.run.control import load_controls, search_controls
+from collective.records import Report, RoundEvent
+from collective.run import node as node_module
+from collective.run.control import (
+    _initial_ids,
+    _objective_parts,
+    _record,
+    _Training,
+    load_controls,
+    search_controls,
+)
+from collective.run.engine import EmbeddedExecutor, RoundEngine
+from collective.run.prepared import Prepared
 from collective.run.runner import RunError, prepare, run_prepared
-from collective.scenario import load_scenario
+from collective.scenario import GCGController, load_scenario
 from tests.test_rundir import write_tiny_scenario
 
 GCG = {"kind": "gcg", "tokens": 3, "steps": 3, "search_width": 8, "topk": 8, "train_rounds": 2, "init": "x x x"}
+ROUND = 8  # write_tiny_scenario's round_tokens
+# one node of each view that cuts the stream differently, training on different numbers of rounds
+VIEWS = [
+    {"id": "w", "view": {"kind": "window", "tokens": 16}, "controller": {**GCG, "train_rounds": 1}},
+    {"id": "l", "view": {"kind": "lagged", "tokens": 8, "lag": 8}},
+    {"id": "m", "view": {"kind": "masked", "tokens": 16, "keep": 0.5}, "controller": {**GCG, "train_rounds": 3}},
+    {"id": "n", "view": {"kind": "none"}},
+]
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-def _scenario_file(folder: Path, model_dir: Path, controller: dict, name: str = "ctl") -> Path:
+def _scenario_file(folder: Path, model_dir: Path, controller: dict, name: str = "ctl", **changes) -> Path:
     path = write_tiny_scenario(
-        folder, model_dir, name=name, corpus={"source": "builtin:pydoc", "train_tokens": 96, "eval_tokens": 24}
+        folder, model_dir, name=name, corpus={"source": "builtin:pydoc", "train_tokens": 96, "eval_tokens": 24},
+        **changes,
     )
     data = path.read_text(encoding="utf-8")
     path.write_text(data.replace("node_defaults:\n", f"node_defaults:\n  controller: {json.dumps(controller)}\n"))
     return path
 
 
-def _prepared(folder: Path, model_dir: Path, controller: dict):
-    scenario = load_scenario(_scenario_file(folder, model_dir, controller))
+def _prepared(folder: Path, model_dir: Path, controller: dict, **changes):
+    folder.mkdir(parents=True, exist_ok=True)
+    scenario = load_scenario(_scenario_file(folder, model_dir, controller, **changes))
     return prepare(scenario, ModelPool(cache_dir=folder / "cache"), base_dir=folder)
 
 
-def test_local_search_lowers_every_nodes_train_loss_and_never_reads_the_eval_part(tiny_model_dir, tmp_path):
-    prepared = _prepared(tmp_path, tiny_model_dir, GCG)
+def _training_run(prepared) -> dict[int, RoundEvent]:
+    """An engine run over the controllers' training rounds (as eval rounds) with the current
+    prompts, built here from the engine's parts: its round events by start token."""
+    train = _Training.of(prepared).scenario
+    span = train.corpus.train_tokens + train.corpus.eval_tokens
+    sub = Prepared(train, prepared.models, prepared.graph, prepared.stream[:span], prepared.byte_lengths[:span],
+                   prepared.placeholder_ids, prepared.control_ids)
+    events: list[RoundEvent] = []
+    RoundEngine.from_prepared(sub, EmbeddedExecutor.from_prepared(sub), "training").run(on_event=events.append)
+    return {e.start_token: e for e in events if e.phase == "eval"}
+
+
+def _last_starts(prepared, n_rounds: int) -> list[int]:
+    """Where the last n_rounds rounds of the train part start."""
+    end = prepared.scenario.corpus.train_tokens
+    return [end - (n_rounds - j) * ROUND for j in range(n_rounds)]
+
+
+def _training_nll(prepared, node_id: str, n_rounds: int, row: str) -> float:
+    """Mean over node_id's training rounds of the run's isolated NLL of that node ("isolated")
+    or of the collective's NLL ("collective"), with the current prompts."""
+    events = _training_run(prepared)
+    index = prepared.scenario.node_ids.index(node_id)
+    values = [
+        events[s].nll_collective if row == "collective" else events[s].nodes[index].nll_isolated
+        for s in _last_starts(prepared, n_rounds)
+    ]
+    return sum(v for v in values if v is not None) / len(values)
+
+
+def test_local_search_lowers_every_nodes_isolated_nll_on_its_training_rounds_and_never_reads_the_eval_part(
+    tiny_model_dir, tmp_path
+):
+    prepared = _prepared(tmp_path, tiny_model_dir, GCG, nodes=[
+        {"id": "a", "view": {"kind": "window", "tokens": 16}, "controller": {**GCG, "train_rounds": 1}},
+        {"id": "b", "view": {"kind": "lagged", "tokens": 8, "lag": 8}},
+        {"id": "c", "view": {"kind": "masked", "tokens": 16, "keep": 0.5}, "message": {"policy": "relay"}},
+    ])
     steps: list[tuple[str, int, int]] = []
     found = search_controls(prepared, progress=lambda node, step, total: steps.append((node, step, total)))
     assert [s.node_id for s in found] == ["a", "b", "c"]
+    init = {s.node_id: s.control_ids for s in search_controls(replace(prepared, control_ids={}))}
     for search in found:
         assert search.objective == "local" and search.steps == 3 and len(search.control_ids) == 3
-        assert search.loss <= search.initial_loss
         assert prepared.control_ids[search.node_id] == search.control_ids
     assert {(node, total) for node, _, total in steps} == {("a", 3), ("b", 3), ("c", 3)}
+    # The losses GCG reports are the node's isolated NLL that a run gives on its own training
+    # rounds (the last ones of the train part), with the found and with the initial prompt.
+    found_nll = {n: _training_nll(prepared, n, 2 - (n == "a"), "isolated") for n in "abc"}
+    init_ids = _initial_ids(GCGController.model_validate(GCG), prepared.tokenizer)
+    with_init = replace(prepared, control_ids=dict.fromkeys("abc", init_ids))
+    initial_nll = {n: _training_nll(with_init, n, 2 - (n == "a"), "isolated") for n in "abc"}
+    for search in found:
+        assert search.loss == pytest.approx(found_nll[search.node_id], abs=1e-4)
+        assert search.initial_loss == pytest.approx(initial_nll[search.node_id], abs=1e-4)
+        assert search.loss < search.initial_loss - 1e-3  # the search moved, and downhill
+    assert init == {s.node_id: s.control_ids for s in found}  # searching again from scratch is deterministic
 
     # the same search with the eval part of the stream replaced by other tokens finds the same prompts
     train = prepared.scenario.corpus.train_tokens
@@ -57,11 +124,23 @@ def test_local_search_lowers_every_nodes_train_loss_and_never_reads_the_eval_par
     assert [(s.control_ids, s.loss) for s in again] == [(s.control_ids, s.loss) for s in found]
 
 
-def test_collective_search_is_coordinate_descent_that_never_raises_the_train_loss(tiny_model_dir, tmp_path):
-    prepared = _prepared(tmp_path, tiny_model_dir, {**GCG, "objective": "collective"})
-    found = search_controls(prepared)
-    assert [s.objective for s in found] == ["collective"] * 3
-    assert all(s.loss <= s.initial_loss for s in found)
+def test_collective_search_is_coordinate_descent_on_the_collectives_training_nll(tiny_model_dir, tmp_path):
+    """Nodes in order, each with the prompts found before it in place: the last node's found
+    loss is the collective NLL of a run with every final prompt, and a later sweep starts
+    each node from its prompt of the sweep before, the others' records taken again."""
+    spec = {**GCG, "objective": "collective"}
+    one = _prepared(tmp_path / "one", tiny_model_dir, spec)
+    first = {s.node_id: s for s in search_controls(one)}
+    assert [s.objective for s in first.values()] == ["collective"] * 3
+    assert first["c"].loss == pytest.approx(_training_nll(one, "c", 2, "collective"), abs=1e-4)
+    assert all(s.loss < s.initial_loss - 1e-4 for s in first.values())
+
+    two = _prepared(tmp_path / "two", tiny_model_dir, {**spec, "sweeps": 2})
+    second = {s.node_id: s for s in search_controls(two)}
+    after_first_sweep = _training_nll(one, "a", 2, "collective")  # every prompt from the first sweep
+    assert second["a"].initial_loss == pytest.approx(after_first_sweep, abs=1e-4)
+    assert second["a"].initial_loss != pytest.approx(first["a"].initial_loss, abs=1e-3)
+    assert second["c"].loss == pytest.approx(_training_nll(two, "c", 2, "collective"), abs=1e-4)
 
 
 def test_prompts_enter_the_isolated_and_collective_rows_but_not_the_plain_ones(tiny_model_dir, tmp_path):
@@ -135,7 +214,7 @@ def test_the_collective_objective_is_the_runs_own_pool_of_the_members_records(ki
     logits = torch.randn(3, 6, 50, generator=gen) * 3  # (N, n, V)
     targets = torch.randint(0, 50, (6,), generator=gen)
     members = predictions_from_logits(logits, targets, top_k=8)
-    expected = -make_aggregator(kind, 3).pool(members).target_logprob.mean()
+    expected = -make_aggregator(kind, 3).pool(members, targets=targets).target_logprob.mean()
     own = torch.log_softmax(logits[1], dim=-1)  # (n, V)
     candidates = torch.stack([own, torch.log_softmax(torch.zeros(6, 50), dim=-1)]).requires_grad_(True)  # (B=2, n, V)
     loss = _pool_loss(kind, 1, members, targets)(candidates)  # (B,)
@@ -158,3 +237,44 @@ def test_a_controls_file_is_a_versioned_record_and_an_older_minimal_one_still_re
     assert load_controls(tmp_path, scenario) == {"a": [5, 6], "b": []}
     (tmp_path / "controls.json").write_text(json.dumps({"control_ids": {"a": [1]}}), encoding="utf-8")
     assert load_controls(tmp_path, scenario) == {"a": [1]}
+
+
+@pytest.mark.parametrize("objective", ["local", "collective"])
+def test_a_controller_optimises_the_very_context_its_node_is_scored_on(tiny_model_dir, tmp_path, monkeypatch, objective):
+    """For window, lagged, masked and none views: each training round's objective reads the
+    token sequence the node is scored on when that round is scored (the isolated row for
+    local, the row in collective for collective), on the last rounds of the train part,
+    is scored on the round's true tokens, and gives the NLL the run gives."""
+    prepared = _prepared(tmp_path, tiny_model_dir, {**GCG, "objective": objective}, nodes=VIEWS,
+                         node_defaults={"model": "tiny", "message": {"policy": "relay"}})
+    prompt = list(prepared.tokenizer.encode(" on x", add_special_tokens=False))
+    prepared.control_ids.update({n: prompt for n in prepared.scenario.node_ids})
+    scored: set[tuple[tuple[int, ...], tuple[int, ...]]] = set()
+    score_items = node_module.score_items
+
+    def spy(model, items, **kwargs):
+        scored.update((tuple(torch.cat([i.context, i.round_inputs]).tolist()), tuple(i.targets.tolist())) for i in items)
+        return score_items(model, items, **kwargs)
+
+    monkeypatch.setattr(node_module, "score_items", spy)
+    events = _training_run(prepared)
+    monkeypatch.setattr(node_module, "score_items", score_items)
+    training = _Training.of(prepared)
+    recorder = _record(prepared, training.scenario) if objective == "collective" else None
+    placeholder = prepared.placeholder_ids["m"]
+    for index, node in enumerate(prepared.scenario.nodes):
+        assert isinstance(node.controller, GCGController)
+        n_rounds = node.controller.train_rounds
+        parts = _objective_parts(prepared, node, training, n_rounds, recorder)
+        assert len(parts) == n_rounds
+        for part, start in zip(parts, _last_starts(prepared, n_rounds)):
+            labels = part.labels.tolist()
+            assert labels == prepared.stream[start : start + ROUND].tolist()
+            sequence = part.prefix_ids.tolist() + prompt + part.rest_ids.tolist()
+            assert (tuple(sequence), tuple(labels)) in scored, (node.id, start)
+            if node.id == "m":  # the masked node reads placeholders, also in the round itself
+                assert placeholder in part.rest_ids[-ROUND:].tolist()
+            loss = part.scores(torch.tensor([prompt])).loss.item()
+            event = events[start]
+            expected = event.nll_collective if objective == "collective" else event.nodes[index].nll_isolated
+            assert loss == pytest.approx(expected, abs=1e-4), (node.id, start)

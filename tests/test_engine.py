@@ -96,10 +96,30 @@ def rows(report: Report, kind: str) -> list[Any]:
 _cache: dict[str, tuple[Report, list[RoundEvent], EngineResult]] = {}
 
 
+class _Keeping:
+    """An executor that keeps every round's node results (round index -> results)."""
+
+    def __init__(self, inner: EmbeddedExecutor) -> None:
+        self.inner = inner
+        self.rounds: dict[int, dict] = {}
+
+    def run_round(self, round_index, requests):
+        self.rounds[round_index] = self.inner.run_round(round_index, requests)
+        return self.rounds[round_index]
+
+
+_default_rounds: list[_Keeping] = []  # the default run's executor
+
+
+def _keeping(inner: EmbeddedExecutor) -> _Keeping:
+    _default_rounds.append(_Keeping(inner))
+    return _default_rounds[-1]
+
+
 @pytest.fixture
 def default_run(tiny_lm, tiny_tok):
     if "default" not in _cache:
-        _cache["default"] = run(tiny_lm, tiny_tok, scenario())
+        _cache["default"] = run(tiny_lm, tiny_tok, scenario(), executor_wrapper=_keeping)
     return _cache["default"]
 
 
@@ -313,20 +333,70 @@ def test_the_report_has_every_row_in_order(default_run):
     assert report.row("reference").model == "tiny"
 
 
-def test_report_numbers_are_internally_consistent(default_run):
-    report, _, result = default_run
-    assert report.eval_bytes == result.eval_bytes > 0
+def _recomputed_rows(model, tok, sc: Scenario, rounds: dict[int, dict]) -> dict[tuple[str, str | None], tuple[float, float]]:
+    """(nll, top1) of every report row, recomputed from the eval rounds' raw records and the
+    stream: member rows from each node's records, the mean-pooled rows as the mixture of the
+    members' exact target probabilities (top-1: the argmax of the mixture of their recorded,
+    top-k plus even tail, distributions, built densely), the reference from a plain forward."""
+    stream, _ = stream_for(tok, sc)
+    starts = [48 + ROUND * i for i in range(EVAL_ROUNDS)]
+    targets = stream[48 : 48 + ROUND * EVAL_ROUNDS]
+    results = [rounds[2 + i] for i in range(EVAL_ROUNDS)]
+
+    def stats(logprob: torch.Tensor, top1: torch.Tensor) -> tuple[float, float]:
+        return float(-logprob.double().mean()), float((top1 == targets).double().mean())
+
+    def records(node_id: str, attr: str) -> TokenPredictions:
+        parts = [getattr(r[node_id], attr) for r in results]
+        return TokenPredictions(torch.cat([p.target_logprob for p in parts], 1), torch.cat([p.topk_ids for p in parts], 1),
+                                torch.cat([p.topk_logprobs for p in parts], 1), parts[0].vocab_size)
+
+    expected = {}
+    for attr, kind, pooled in (("plain", "member_plain", None), ("isolated", "member_isolated", "ensemble_silent"),
+                               ("collective", "member_collective", "collective")):
+        members = [records(n, attr) for n in sc.node_ids]
+        for node_id, rec in zip(sc.node_ids, members):
+            expected[(kind, node_id)] = stats(rec.target_logprob[0], rec.topk_ids[0, :, 0])
+        if pooled is not None:
+            lp = torch.cat([m.target_logprob for m in members]).double()  # (N, T)
+            mixture = torch.logsumexp(lp, 0) - math.log(len(members))
+            q = torch.zeros(len(members), len(targets), members[0].vocab_size, dtype=torch.float64)  # (N, T, V)
+            for i, m in enumerate(members):
+                top = m.topk_logprobs[0].double().exp()  # (T, K)
+                q[i] = ((1 - top.sum(-1, keepdim=True)) / (m.vocab_size - top.shape[-1])).expand(-1, m.vocab_size)
+                q[i].scatter_(-1, m.topk_ids[0], top)
+            expected[(pooled, None)] = stats(mixture, q.mean(0).argmax(-1))
+    bos = tok.convert_tokens_to_ids("<|endoftext|>")
+    with torch.no_grad():
+        logits = torch.cat([model(input_ids=torch.tensor([[bos, *stream[s - 24 : s + ROUND - 1].tolist()]])).logits[0, -ROUND:]
+                            for s in starts])  # (T, V)
+    reference = torch.log_softmax(logits.double(), -1)
+    expected[("reference", None)] = stats(reference.gather(-1, targets.unsqueeze(-1)).squeeze(-1), reference.argmax(-1))
+    return expected
+
+
+def test_report_rows_and_gains_are_the_raw_rounds_recomputed(tiny_lm, tiny_tok, default_run):
+    report, _, _ = default_run
+    sc = scenario()
+    expected = _recomputed_rows(tiny_lm, tiny_tok, sc, _default_rounds[0].rounds)
+    _, byte_lengths = stream_for(tiny_tok, sc)
+    n_tokens, n_bytes = ROUND * EVAL_ROUNDS, int(byte_lengths[48 : 48 + ROUND * EVAL_ROUNDS].sum())
+    assert (report.n_eval_tokens, report.eval_bytes) == (n_tokens, n_bytes)
+    assert {(r.row, r.node_id) for r in report.rows} == set(expected)
     for row in report.rows:
-        assert row.n_tokens == report.n_eval_tokens
-        assert row.perplexity == pytest.approx(math.exp(row.nll), rel=1e-9)
-        assert row.bits_per_byte == pytest.approx(row.nll * row.n_tokens / math.log(2) / report.eval_bytes, rel=1e-9)
-        assert 0.0 <= row.top1 <= 1.0
+        nll, top1 = expected[(row.row, row.node_id)]
+        assert row.nll == pytest.approx(nll, abs=1e-5), row.row
+        assert row.top1 == pytest.approx(top1, abs=1e-12), row.row
+        assert row.n_tokens == n_tokens
+        assert row.perplexity == pytest.approx(math.exp(nll), rel=1e-5)
+        assert row.bits_per_byte == pytest.approx(nll * n_tokens / math.log(2) / n_bytes, rel=1e-5)
         assert row.nll_ci.low <= row.nll <= row.nll_ci.high
-    best = min((r for r in report.rows if r.row == "member_isolated"), key=lambda r: r.nll)
-    assert report.best_member == best.node_id
-    collective, silent = report.row("collective").nll, report.row("ensemble_silent").nll
-    assert report.collective_gain.value == pytest.approx(best.nll - collective, abs=1e-9)
-    assert report.communication_gain.value == pytest.approx(silent - collective, abs=1e-9)
+    isolated = {n: expected[("member_isolated", n)][0] for n in sc.node_ids}
+    best = min(isolated, key=isolated.__getitem__)
+    collective, silent = expected[("collective", None)][0], expected[("ensemble_silent", None)][0]
+    assert report.best_member == best
+    assert report.collective_gain.value == pytest.approx(isolated[best] - collective, abs=1e-5)
+    assert report.communication_gain.value == pytest.approx(silent - collective, abs=1e-5)
     for gain in (report.collective_gain, report.communication_gain):
         assert gain.ci.low <= gain.value <= gain.ci.high
     assert Report.model_validate_json(report.model_dump_json()) == report

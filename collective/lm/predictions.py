@@ -5,8 +5,9 @@ a 262k vocabulary that is too much to keep, and far too much to send over a bus.
 aggregator and metric of the evaluator needs only: the log-probability of the token that
 really came next, and the node's top-K candidates. The remaining (tail) mass is
 `1 - sum(exp(topk_logprobs))`, spread uniformly over the V - K other tokens whenever a
-pool needs a probability the record does not hold. The embedded and the distributed
-runtimes both produce this record, so both evaluate identically.
+pool needs a probability the record does not hold (the member's *recorded distribution*,
+defined in `collective.run.pools`). The embedded and the distributed runtimes both
+produce this record, so both evaluate identically.
 
 Shapes: N nodes (or rows), T positions, K candidates, V vocabulary size.
 """

@@ -24,10 +24,10 @@ from collective.lm.predictions import TokenPredictions
 from collective.run.online_weights import HedgeWeights, OnlineWeights, PerplexityWeights
 from collective.run.pools import (
     PooledPrediction,
-    log_tail_share,
     pool_linear,
     pool_log,
     readout,
+    recorded_tail,
     uniform_weights,
 )
 
@@ -73,9 +73,15 @@ class Aggregator:
 
     @torch.no_grad()
     def pool(
-        self, preds: TokenPredictions, present: torch.Tensor | None = None
+        self,
+        preds: TokenPredictions,
+        present: torch.Tensor | None = None,
+        *,
+        targets: torch.Tensor | None = None,
     ) -> PooledPrediction:
-        """Pool one round. preds: N members at T positions; present: optional (N,) bool."""
+        """Pool one round. preds: N members at T positions; present: optional (N,) bool;
+        targets: (T,) the realized tokens, which a logpool needs (its NLL is that of the
+        recorded distributions, `collective.run.pools`)."""
         if preds.n_members != self.n_members:
             raise ValueError(f"aggregator built for {self.n_members} members got {preds.n_members}")
         if present is not None:
@@ -84,7 +90,9 @@ class Aggregator:
         if self.kind == "mean":
             return pool_linear(preds, uniform, present)
         if self.kind == "logpool":
-            return pool_log(preds, uniform, present)
+            if targets is None:
+                raise ValueError("a logpool aggregator needs the round's targets to pool")
+            return pool_log(preds, uniform, targets, present)
         if self.kind == "weighted":
             assert self.online is not None
             weights = self.online.step(-preds.target_logprob, present)  # (T, N)
@@ -160,10 +168,10 @@ __all__ = [
     "OnlineWeights",
     "PerplexityWeights",
     "PooledPrediction",
-    "log_tail_share",
     "make_aggregator",
     "pool_linear",
     "pool_log",
     "readout",
+    "recorded_tail",
     "uniform_weights",
 ]

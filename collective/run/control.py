@@ -1,9 +1,12 @@
 """Controllers in a run: search each node's control prompt on the train part only.
 
 `search_controls(prepared)` fills `prepared.control_ids` for every node whose controller
-is `gcg` (none and fixed need no search). Training rounds are the last `train_rounds`
-rounds of the train part (the scenario's checks make sure the train part holds them,
-after the warm-up rounds and the longest view); the eval part is never read.
+is `gcg` (none and fixed need no search). A node's training rounds are the last
+`train_rounds` rounds of the train part (the scenario's checks make sure the train part
+holds them, after the warm-up rounds and the longest view); the eval part is never read.
+In each, the node reads what it would read if that round were scored: its view of the
+text before the round and its reading of the round (a masked view's placeholders
+included), and is scored on the round's true tokens.
 
 - `objective: local`: node i's own NLL over the training rounds in its isolated context
   [bos][u_i][view] (no messages), one GCG search.
@@ -13,8 +16,9 @@ after the warm-up rounds and the longest view); the eval part is never read.
   collective's NLL with those held fixed. The pool in the objective is the run's own pool
   (`collective.run.pools`) with uniform weights: a linear pool for mean and weighted, a
   geometric one for logpool, applied to the members' records with node i's record built
-  from its live log-probabilities (its top-K and its exact target log-probability), so the
-  objective is the NLL the run's collective would report. Readout: node i's own NLL if it
+  from its live log-probabilities (its top-K and its exact target log-probability, which
+  only a linear pool reads), so the objective is the NLL the run's collective would report
+  (for weighted, with uniform rather than the learned weights). Readout: node i's own NLL if it
   is the readout node, else the local objective, since then u_i reaches the answer only
   through messages, which have no gradient.
 """
@@ -111,12 +115,15 @@ def with_member(members: TokenPredictions, member: int, log_probs: torch.Tensor,
 def _pool_loss(kind: str, member: int, members: TokenPredictions, targets: torch.Tensor) -> LogProbLoss:
     """Collective NLL (B,) as a function of node `member`'s log-probs (B, n, V), the other
     members' records of this round held fixed: the run's pool with uniform weights."""
-    pool = pool_log if kind == "logpool" else pool_linear
     weights = uniform_weights(members.n_members)
 
     def loss(log_probs: torch.Tensor) -> torch.Tensor:
         batch, n_positions, _ = log_probs.shape
-        pooled = pool(with_member(members, member, log_probs.float(), targets), weights)
+        record = with_member(members, member, log_probs.float(), targets)
+        if kind == "logpool":
+            pooled = pool_log(record, weights, targets.cpu().repeat(batch))
+        else:
+            pooled = pool_linear(record, weights)
         return -pooled.target_logprob.view(batch, n_positions).mean(-1).to(log_probs.device)
 
     return loss
@@ -164,8 +171,9 @@ def _record(prepared: Prepared, train: Scenario) -> _Recorder:
 
 @dataclass(frozen=True)
 class _Training:
-    """The training rounds: the scenario whose eval part they are, where each starts, and
-    what every node sees of them."""
+    """The training rounds (the last of the train part, as many as the largest
+    `train_rounds`): the scenario whose eval part they are, where each starts, and what
+    every node sees of them."""
 
     scenario: Scenario
     starts: list[int]
@@ -182,17 +190,24 @@ class _Training:
         starts = [train.corpus.train_tokens + r * train.bus.round_tokens for r in range(train.eval_rounds)]
         return cls(train, starts, observer)
 
+    def last(self, n_rounds: int) -> list[tuple[int, int]]:
+        """The last `n_rounds` training rounds: (index among all of them, start) each."""
+        first = len(self.starts) - n_rounds
+        return [(first + r, self.starts[first + r]) for r in range(n_rounds)]
+
 
 def _objective_parts(
     prepared: Prepared, node: NodeSpec, training: _Training, n_rounds: int, recorder: _Recorder | None
 ) -> list[SequenceObjective]:
-    """One objective per training round: node `node`'s NLL over the round after its
-    [bos][control][inbox][view], or the collective's NLL through it (see the module docstring)."""
+    """One objective per training round (the last `n_rounds`): node `node`'s NLL over the
+    round's true tokens after [bos][control][inbox][view][its reading of the round], or the
+    collective's NLL through it (see the module docstring). The layout is the node's row
+    in `collective.run.node` (isolated when there is no recorder, else in collective)."""
     scenario = prepared.scenario
     kind = scenario.aggregator.kind
     loaded = prepared.models[node.model]
     parts = []
-    for r, start in enumerate(training.starts[:n_rounds]):
+    for r, start in training.last(n_rounds):
         seen = training.observer.observe(node.id, start)
         targets = training.observer.targets(start)
         inbox = recorder.inbox_ids(r, node.id, loaded.tokenizer) if recorder is not None else []
@@ -200,11 +215,11 @@ def _objective_parts(
         if recorder is not None and kind != "readout":
             members = recorder.members(r, scenario.node_ids)
             pooled = _pool_loss(kind, scenario.node_ids.index(node.id), members, targets)
-        rest = inbox + seen.prefix_ids.tolist() + targets.tolist()
+        rest = inbox + seen.prefix_ids.tolist() + seen.round_inputs.tolist()
         parts.append(
             stream_objective(
                 loaded.model, rest, offset=len(rest) - len(targets), prefix_ids=[start_token(loaded.tokenizer)],
-                log_prob_loss=pooled,
+                log_prob_loss=pooled, labels=targets.tolist(),
             )
         )
     return parts

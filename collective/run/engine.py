@@ -259,8 +259,8 @@ class RoundEngine:
     def pool(self, start: int, targets: torch.Tensor, results: Results) -> RoundPools:
         """The round's pooled rows. A node without a row (it missed the round, or was not
         asked for that row) is left out of that row's pool, as the book leaves it unscored."""
-        collective = self.collective_pool.pool(*self._members(results, "collective"))
-        silent = self.silent_pool.pool(*self._members(results, "isolated"))
+        collective = self.collective_pool.pool(*self._members(results, "collective"), targets=targets)
+        silent = self.silent_pool.pool(*self._members(results, "isolated"), targets=targets)
         return RoundPools(silent=silent, collective=collective, reference=self._reference(start, targets))
 
     def _reference(self, start: int, targets: torch.Tensor) -> TokenPredictions:

@@ -8,12 +8,27 @@ the weights; a collective controller's objective (`collective.run.control`) call
 pools with one member's record built from its live log-probabilities, so the pools keep
 autograd (the aggregator itself runs them without).
 
-A member's probability for a token outside its top-K is its uniform tail share,
-(1 - sum of its top-K probabilities) / (V - K). Members that missed a round are left out
-by a `present: (N,) bool` mask: the weights are renormalized over the present members.
+What a member's record says about its whole distribution (`scenarios/README.md`, aggregator):
+its *recorded distribution* q_i gives each of its top-K tokens its recorded probability and
+spreads the rest of its mass, the tail 1 - sum(top-K), uniformly over the V - K tokens
+outside its top-K. The tail is at least `MIN_TAIL_MASS` (the top-K are then scaled so that
+q_i still sums to 1), so that q_i gives every token a positive probability.
 
-Shapes: N members, T positions, K top-K candidates, V vocabulary size, C = N*K
-candidates of the union (with repeats).
+- `pool_linear`: the NLL is that of the mixture sum_i w_i p_i of the members' full
+  distributions (exact: it needs only each p_i(y), which the record holds); top-1 is the
+  argmax of the mixture of the recorded distributions sum_i w_i q_i.
+- `pool_log`: the pool is prod_i q_i^{w_i} / Z over the whole vocabulary; both its NLL and
+  its top-1 are exact for that distribution (the full p_i is not at hand in every runtime,
+  and the product needs every token's probability).
+- top-1 ties go to the token listed first (members in node order, each member's list most
+  likely first); a token no member lists is the top-1 only when it is strictly more likely
+  than every listed one, and then it is the lowest such token id.
+
+Members that missed a round are left out by a `present: (N,) bool` mask: the weights are
+renormalized over the present members.
+
+Shapes: N members (M present), T positions, K top-K candidates, V vocabulary size,
+C = M*K candidates of the union (with repeats).
 """
 
 from __future__ import annotations
@@ -30,6 +45,11 @@ from collective.lm.predictions import TokenPredictions
 # 4M float32 = 16 MB, so that the handful of such temporaries stays well under 100 MB
 # even for N = 64 members with K = 64 candidates each.
 _CHUNK_ELEMENTS = 1 << 22
+
+# The least tail mass of a recorded distribution: float32's epsilon, the finest mass that
+# float32 top-K log-probabilities resolve next to 1. Without it a member whose top-K seems
+# to hold all its mass would give the realized token probability 0 under the log pool.
+MIN_TAIL_MASS = float(torch.finfo(torch.float32).eps)
 
 
 @dataclass(frozen=True)
@@ -51,23 +71,45 @@ class PooledPrediction:
         return int(self.target_logprob.shape[0])
 
 
+@dataclass(frozen=True)
+class RecordedTail:
+    """A member's recorded distribution q_i beyond its top-K list, per position.
 
-def log_tail_share(topk_logprobs: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    """Log of the probability a member gives each token outside its top-K.
+    log_share: (...) float32, log q_i(v) of each token v outside the top-K (-inf when K >= V).
+    log_scale: (...) float32, log q_i(v) - log p_i(v) for a top-K token v: 0 unless the
+        tail was raised to `MIN_TAIL_MASS`, which scales the top-K down.
+    raised: (...) bool, where the tail was raised. Only there can a listed token be less
+        likely than the share, so only there can a token no member lists be a pool's top-1.
+    """
 
-    topk_logprobs: (..., K) -> (...) float32; -inf when the top-K holds all the mass
-    (always when K == V).
+    log_share: torch.Tensor
+    log_scale: torch.Tensor
+    raised: torch.Tensor
+
+    def listed(self, topk_logprobs: torch.Tensor) -> torch.Tensor:
+        """(..., K) log q_i of the top-K tokens."""
+        return topk_logprobs + self.log_scale.unsqueeze(-1)
+
+
+def recorded_tail(topk_logprobs: torch.Tensor, vocab_size: int) -> RecordedTail:
+    """The recorded distribution's tail from the top-K log-probabilities (..., K).
+
+    Keeps autograd, finite everywhere: where the tail is raised it is a constant, and the
+    gradient reaches the top-K only through the scaling.
     """
     k = int(topk_logprobs.shape[-1])
+    shape = topk_logprobs.shape[:-1]
     if k >= vocab_size:
-        return torch.full(topk_logprobs.shape[:-1], -math.inf)
-    covered = torch.logsumexp(topk_logprobs.double(), dim=-1).clamp(max=0.0)  # log sum p_topk
+        return RecordedTail(torch.full(shape, -math.inf), torch.zeros(shape), torch.zeros(shape, dtype=torch.bool))
+    covered = torch.logsumexp(topk_logprobs.double(), dim=-1)  # log sum p_topk
     tail = -torch.expm1(covered)  # 1 - sum p_topk, accurate when the sum is close to 1
-    # -inf where the top-K holds all the mass, written so that autograd (a controller's
-    # objective) gets a zero gradient there rather than NaN from log(0)
-    has_tail = tail > 0
-    log_tail = torch.where(has_tail, torch.log(torch.where(has_tail, tail, torch.ones_like(tail))), -math.inf)
-    return (log_tail - math.log(vocab_size - k)).float()
+    raised = tail < MIN_TAIL_MASS
+    kept_tail = torch.where(raised, torch.full_like(tail, MIN_TAIL_MASS), tail)
+    # log(sum p_topk + MIN_TAIL_MASS) where the tail is raised, written so that autograd
+    # never meets log of a non-positive number on the branch it discards
+    log_total = torch.where(raised, torch.logaddexp(covered, torch.full_like(covered, math.log(MIN_TAIL_MASS))), 0.0)
+    log_share = torch.log(kept_tail) - math.log(vocab_size - k) - log_total
+    return RecordedTail(log_share.float(), (-log_total).float(), raised)
 
 
 def present_index(present: torch.Tensor | None, n_members: int) -> list[int]:
@@ -105,25 +147,25 @@ def _normalized_weights(
 
 
 def _candidate_logprobs(
-    topk_ids: torch.Tensor, topk_logprobs: torch.Tensor, log_share: torch.Tensor
+    topk_ids: torch.Tensor, listed_logq: torch.Tensor, log_share: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Every member's log-probability for every candidate of the union of top-K lists.
+    """Every member's log q_i for every candidate of the union of top-K lists.
 
-    topk_ids, topk_logprobs: (t, N, K); log_share: (t, N).
+    topk_ids, listed_logq: (t, M, K); log_share: (t, M).
     Returns cand: (t, C) ids, member 0's list first, each list most likely first (repeats
-    kept), and logprob: (t, N, C), member i's log p_i(cand) (its tail share when the
+    kept), and logq: (t, M, C), member i's log q_i(cand) (its tail share when the
     candidate is not in its top-K).
     """
     t, n, k = topk_ids.shape
     cand = topk_ids.reshape(t, n * k)  # (t, C), a copy when topk_ids is a transposed view
-    sorted_ids, order = topk_ids.sort(dim=-1)  # (t, N, K)
+    sorted_ids, order = topk_ids.sort(dim=-1)  # (t, M, K)
     sorted_ids = sorted_ids.contiguous()
-    sorted_logprobs = topk_logprobs.gather(-1, order)  # (t, N, K)
-    query = cand.unsqueeze(1).expand(t, n, n * k).contiguous()  # (t, N, C)
-    pos = torch.searchsorted(sorted_ids, query).clamp_(max=k - 1)  # (t, N, C)
+    sorted_logq = listed_logq.gather(-1, order)  # (t, M, K)
+    query = cand.unsqueeze(1).expand(t, n, n * k).contiguous()  # (t, M, C)
+    pos = torch.searchsorted(sorted_ids, query).clamp_(max=k - 1)  # (t, M, C)
     found = sorted_ids.gather(-1, pos) == query
-    logprob = torch.where(found, sorted_logprobs.gather(-1, pos), log_share.unsqueeze(-1))
-    return cand, logprob
+    logq = torch.where(found, sorted_logq.gather(-1, pos), log_share.unsqueeze(-1))
+    return cand, logq
 
 
 def _chunk_positions(n_members: int, k: int) -> int:
@@ -142,20 +184,52 @@ def _present_members(
 
 
 def _candidate_chunks(
-    sub: TokenPredictions, log_share: torch.Tensor
+    sub: TokenPredictions, tail: RecordedTail
 ) -> Iterator[tuple[slice, torch.Tensor, torch.Tensor]]:
     """The union of the members' top-K lists, a chunk of positions at a time (memory bound):
-    (positions, cand (t, C), logprob (t, M, C)) as `_candidate_logprobs` gives them.
-    log_share: (T, M) each member's tail share."""
+    (positions, cand (t, C), logq (t, M, C)) as `_candidate_logprobs` gives them.
+    tail: the members' recorded tails, (M, T)."""
     step = _chunk_positions(sub.n_members, int(sub.topk_ids.shape[-1]))
+    listed = tail.listed(sub.topk_logprobs.float())  # (M, T, K)
     for start in range(0, sub.n_positions, step):
         sl = slice(start, start + step)
-        cand, cand_logprob = _candidate_logprobs(
+        cand, cand_logq = _candidate_logprobs(
             sub.topk_ids[:, sl].transpose(0, 1),  # (t, M, K)
-            sub.topk_logprobs[:, sl].float().transpose(0, 1),
-            log_share[sl],  # (t, M)
+            listed[:, sl].transpose(0, 1),
+            tail.log_share[:, sl].transpose(0, 1),  # (t, M)
         )
-        yield sl, cand, cand_logprob
+        yield sl, cand, cand_logq
+
+
+def _distinct(cand: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """cand (t, C) -> sorted ids (t, C), the order that sorts them (t, C), and (t, C) bool
+    marking the first of each distinct id in sorted order."""
+    sorted_cand, order = cand.sort(dim=1, stable=True)
+    first = torch.ones_like(sorted_cand, dtype=torch.bool)
+    first[:, 1:] = sorted_cand[:, 1:] != sorted_cand[:, :-1]
+    return sorted_cand, order, first
+
+
+def _top1(
+    cand: torch.Tensor, score: torch.Tensor, unlisted: torch.Tensor, raised: torch.Tensor, vocab_size: int
+) -> torch.Tensor:
+    """The pool's argmax token under the module's tie rule.
+
+    cand, score: (t, C) the candidates and the pool's score of each (any increasing function
+    of its probability); unlisted: (t,) the same score of every token outside the union;
+    raised: (t,) bool, whether a weighted member's tail was raised there (elsewhere an
+    unlisted token is never more likely than a listed one, and a float tie must not say so).
+    """
+    best = score.argmax(dim=1, keepdim=True)  # (t, 1), the first of equal maxima
+    listed = cand.gather(1, best).squeeze(1)
+    sorted_cand, _, first = _distinct(cand)
+    rank = first.cumsum(dim=1) - 1  # (t, C) index of each distinct id among the distinct ids
+    n_listed = first.sum(dim=1)  # (t,)
+    # the lowest unlisted id is the first distinct rank whose id is not the rank itself
+    gap = torch.where(first & (sorted_cand != rank), rank, n_listed.unsqueeze(1))
+    lowest_unlisted = gap.min(dim=1).values
+    wins = raised & (n_listed < vocab_size) & (unlisted > score.gather(1, best).squeeze(1))
+    return torch.where(wins, lowest_unlisted, listed)
 
 
 def pool_linear(
@@ -166,71 +240,83 @@ def pool_linear(
     preds: N members at T positions. weights: (N,) or (T, N), non-negative; they are
     renormalized over the present members. present: optional (N,) bool.
 
-    The target log-probability is exact (logsumexp of log p_i(y) + log w_i). top1 is the
-    argmax of the mixture over the union of the members' top-K candidates (a member
-    contributes its tail share for a candidate outside its own top-K); no token outside
-    the union can beat it, since a top-K probability is at least the tail share. Ties go to
-    the earliest candidate in member order, so a pool of one member returns its own top-1.
+    The target log-probability is exact for the mixture of the members' full distributions
+    (logsumexp of log p_i(y) + log w_i). top1 is the exact argmax of the mixture of their
+    recorded distributions, sum_i w_i q_i (module docstring), so a pool of one member
+    returns its own top-1.
     """
     sub, w, w_full = _present_members(preds, weights, present)  # w: (T, M)
     logprob = sub.target_logprob.float().transpose(0, 1)  # (T, M)
     terms = torch.where(w > 0, logprob + torch.log(w), -math.inf)  # zero weight: no term
     target_logprob = torch.logsumexp(terms, dim=1)  # (T,)
 
-    log_share = log_tail_share(sub.topk_logprobs, sub.vocab_size).transpose(0, 1)  # (T, M)
+    tail = recorded_tail(sub.topk_logprobs, sub.vocab_size)  # (M, T)
+    unlisted = (w * tail.log_share.transpose(0, 1).exp()).sum(dim=1)  # (T,) q-mixture off the union
+    raised = _raised(tail, w)
     top1 = torch.empty(preds.n_positions, dtype=torch.long)
-    for sl, cand, cand_logprob in _candidate_chunks(sub, log_share):
-        mixture = (w[sl].unsqueeze(-1) * cand_logprob.exp()).sum(dim=1)  # (t, C)
-        top1[sl] = cand.gather(1, mixture.argmax(dim=1, keepdim=True)).squeeze(1)
+    for sl, cand, cand_logq in _candidate_chunks(sub, tail):
+        mixture = (w[sl].unsqueeze(-1) * cand_logq.exp()).sum(dim=1)  # (t, C)
+        top1[sl] = _top1(cand, mixture, unlisted[sl], raised[sl], sub.vocab_size)
     return PooledPrediction(target_logprob, top1, w_full)
 
 
+def _raised(tail: RecordedTail, w: torch.Tensor) -> torch.Tensor:
+    """(T,) bool: a member with a positive weight (w: (T, M)) had its tail raised there."""
+    return (tail.raised.transpose(0, 1) & (w > 0)).any(dim=1)
+
+
+def _weighted_sum(logq: torch.Tensor, weight: torch.Tensor, on: torch.Tensor) -> torch.Tensor:
+    """sum_i w_i log q_i over dim 1, where a zero weight adds nothing (not 0 * -inf = NaN)."""
+    return torch.where(on, weight * logq, torch.zeros(())).sum(dim=1)
+
+
+def _target_logq(sub: TokenPredictions, tail: RecordedTail, targets: torch.Tensor) -> torch.Tensor:
+    """(T, M) each member's log q_i(y_t): its listed value when y_t is in its top-K, else its
+    tail share. targets: (T,)."""
+    if targets.shape != (sub.n_positions,):
+        raise ValueError(f"targets must have shape ({sub.n_positions},), got {tuple(targets.shape)}")
+    hit = sub.topk_ids == targets.to(sub.topk_ids.device).view(1, -1, 1)  # (M, T, K)
+    slot = hit.long().argmax(dim=-1, keepdim=True)  # (M, T, 1), the slot of y_t (0 when absent)
+    listed = tail.listed(sub.topk_logprobs.float()).gather(-1, slot).squeeze(-1)  # (M, T)
+    return torch.where(hit.any(dim=-1), listed, tail.log_share).transpose(0, 1)
+
+
 def pool_log(
-    preds: TokenPredictions, weights: torch.Tensor, present: torch.Tensor | None = None
+    preds: TokenPredictions,
+    weights: torch.Tensor,
+    targets: torch.Tensor,
+    present: torch.Tensor | None = None,
 ) -> PooledPrediction:
-    """Geometric pool (normalized product of experts): p(v) ∝ prod_i p_i(v)^{w_i}.
+    """Geometric pool (normalized product of experts) of the recorded distributions:
+    p(v) = prod_i q_i(v)^{w_i} / Z, Z summing over the whole vocabulary.
 
     preds: N members at T positions. weights: (N,) or (T, N) exponents, renormalized to
-    sum to 1 over the present members. present: optional (N,) bool.
+    sum to 1 over the present members. targets: (T,) the realized tokens. present:
+    optional (N,) bool.
 
-    The log-normalizer runs over the full vocabulary as the record describes it: each
-    distinct candidate of the union of top-K lists gets its members' probabilities (the
-    tail share where a member does not list it), and each of the V - |union| other tokens
-    gets prod_i share_i^{w_i}. This is exact when the members' top-K lists hold all of their
-    mass (K = V, or the tail really is spread uniformly) and an approximation otherwise.
-    The numerator uses each member's exact log p_i(y), so the pooled probability of a
-    realized token outside a member's top-K is slightly inconsistent with the normalizer
-    in the approximate case. Pooling identical members returns that member (up to rounding).
+    Exact for that distribution: each distinct candidate of the union of top-K lists gets
+    its members' q_i (a tail share where a member does not list it), each of the V - |union|
+    other tokens gets prod_i share_i^{w_i}, and the realized token's q_i come from the same
+    record (its listed value, or the member's tail share), not from p_i(y). With K = V it is
+    the product of the members' full distributions; pooling identical members returns their
+    recorded distribution (up to rounding).
     """
     sub, w, w_full = _present_members(preds, weights, present)  # w: (T, M)
     positive = w > 0
-
-    def weighted_sum(logprob: torch.Tensor, weight: torch.Tensor, on: torch.Tensor) -> torch.Tensor:
-        # sum_i w_i log p_i, where a zero weight contributes nothing (not 0 * -inf = NaN).
-        return torch.where(on, weight * logprob, torch.zeros(())).sum(dim=1)
-
-    numerator = weighted_sum(sub.target_logprob.float().transpose(0, 1), w, positive)  # (T,)
-
-    vocab = sub.vocab_size
-    log_share = log_tail_share(sub.topk_logprobs, vocab).transpose(0, 1)  # (T, M)
-    outside = weighted_sum(log_share, w, positive)  # (T,) log score of a token outside the union
+    tail = recorded_tail(sub.topk_logprobs, sub.vocab_size)  # (M, T)
+    numerator = _weighted_sum(_target_logq(sub, tail, targets), w, positive)  # (T,)
+    unlisted = _weighted_sum(tail.log_share.transpose(0, 1), w, positive)  # (T,) log score off the union
+    raised = _raised(tail, w)
     log_norm = torch.empty(preds.n_positions)
     top1 = torch.empty(preds.n_positions, dtype=torch.long)
-    for sl, cand, cand_logprob in _candidate_chunks(sub, log_share):
-        score = weighted_sum(
-            cand_logprob, w[sl].unsqueeze(-1), positive[sl].unsqueeze(-1)
-        )  # (t, C)
-        top1[sl] = cand.gather(1, score.argmax(dim=1, keepdim=True)).squeeze(1)
-        # Count each distinct candidate once.
-        sorted_cand, order = cand.sort(dim=1, stable=True)  # (t, C)
-        first = torch.ones_like(sorted_cand, dtype=torch.bool)
-        first[:, 1:] = sorted_cand[:, 1:] != sorted_cand[:, :-1]
+    for sl, cand, cand_logq in _candidate_chunks(sub, tail):
+        score = _weighted_sum(cand_logq, w[sl].unsqueeze(-1), positive[sl].unsqueeze(-1))  # (t, C)
+        top1[sl] = _top1(cand, score, unlisted[sl], raised[sl], sub.vocab_size)
+        _, order, first = _distinct(cand)  # count each distinct candidate once
         union_score = torch.where(first, score.gather(1, order), -math.inf)  # (t, C)
-        n_outside = (vocab - first.sum(dim=1)).double()  # (t,)
-        outside_term = (outside[sl].double() + torch.log(n_outside)).float()  # -inf if none
-        log_norm[sl] = torch.logsumexp(
-            torch.cat([union_score, outside_term.unsqueeze(1)], dim=1), dim=1
-        )
+        n_unlisted = (sub.vocab_size - first.sum(dim=1)).double()  # (t,)
+        unlisted_term = (unlisted[sl].double() + torch.log(n_unlisted)).float()  # -inf if none
+        log_norm[sl] = torch.logsumexp(torch.cat([union_score, unlisted_term.unsqueeze(1)], dim=1), dim=1)
     return PooledPrediction(numerator - log_norm, top1, w_full)
 
 
