@@ -203,13 +203,11 @@ def _resolve_nodes(raw: ScenarioFile) -> list[dict[str, Any]]:
         if entry["id"] in seen:
             raise FieldError(("nodes", index, "id"), f"node id {entry['id']!r} appears twice")
         seen.add(entry["id"])
-        node = {**defaults, **entry}
-        for key in ("model", "view", "message"):
-            if key not in node:
-                raise FieldError(
-                    ("nodes", index, key),
-                    f"node {entry['id']!r} has no `{key}` and `node_defaults` gives none; set one of them",
-                )
+        node = {**defaults, **entry}  # what is still unset takes NodeSpec's built-in default
+        if "model" not in node:
+            raise FieldError(
+                ("nodes", index, "model"), f"node {entry['id']!r} has no `model` and `node_defaults` gives none; set one of them"
+            )
         resolved.append(node)
     return resolved
 

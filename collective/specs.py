@@ -220,31 +220,45 @@ ControllerSpec = Annotated[NoController | FixedController | GCGController, Field
 # ---------------------------------------------------------------------------- nodes
 
 
+# What a node's setting is when neither the node nor `node_defaults` gives one (the model
+# has no such default: it must be named). A node's own value wins over `node_defaults`,
+# which wins over these.
+DEFAULT_VIEW = FullView()  # the last evaluation.context_tokens tokens
+DEFAULT_MESSAGE = SilentMessage()
+DEFAULT_CONTROLLER = NoController()
+_MODEL_HELP = "a key of `models`; a node without one takes node_defaults.model (one of them is required)"
+_VIEW_HELP = "what the node sees before a round; a node without one takes node_defaults.view, else {kind: full}"
+_MESSAGE_HELP = "what the node sends after a round; a node without one takes node_defaults.message, else {policy: silent}"
+_CONTROLLER_HELP = "the node's control prompt; a node without one takes node_defaults.controller, else {kind: none}"
+
+
 class NodeSpec(Frozen):
     """One node, fully resolved."""
 
     id: str = Field(pattern=NODE_ID_PATTERN)
     model: str
-    view: ViewSpec
-    message: MessageSpec
-    controller: ControllerSpec = NoController()
+    view: ViewSpec = DEFAULT_VIEW
+    message: MessageSpec = DEFAULT_MESSAGE
+    controller: ControllerSpec = DEFAULT_CONTROLLER
 
 
 class NodeDefaults(Frozen):
-    model: str | None = None
-    view: ViewSpec | None = None
-    message: MessageSpec | None = None
-    controller: ControllerSpec | None = None
+    """Settings every node takes unless it sets its own."""
+
+    model: str | None = Field(None, description=_MODEL_HELP)
+    view: ViewSpec | None = Field(None, description=_VIEW_HELP)
+    message: MessageSpec | None = Field(None, description=_MESSAGE_HELP)
+    controller: ControllerSpec | None = Field(None, description=_CONTROLLER_HELP)
 
 
 class NodeEntry(Frozen):
-    """A node in the `nodes:` list; unset fields come from `node_defaults`."""
+    """A node in the `nodes:` list; unset fields come from `node_defaults`, then the built-in defaults."""
 
     id: str = Field(pattern=NODE_ID_PATTERN)
-    model: str | None = None
-    view: ViewSpec | None = None
-    message: MessageSpec | None = None
-    controller: ControllerSpec | None = None
+    model: str | None = Field(None, description=_MODEL_HELP)
+    view: ViewSpec | None = Field(None, description=_VIEW_HELP)
+    message: MessageSpec | None = Field(None, description=_MESSAGE_HELP)
+    controller: ControllerSpec | None = Field(None, description=_CONTROLLER_HELP)
 
 
 class NodeOverride(NodeDefaults):
@@ -266,13 +280,34 @@ class TopologySpec(Frozen):
     kind: str = Field("ring", description="ring, line, star, complete, grid, small_world, scale_free, random_regular, erdos_renyi, file, edges")
     directed: bool = False
     params: dict[str, Any] = Field(default_factory=dict, description="the builder's parameters, e.g. {k: 4, p: 0.1}")
-    path: Path | None = Field(None, description="edge list or GraphML file for kind: file")
+    path: Path | None = Field(
+        None, description="kind file: an edge list or GraphML file (also accepted as params.path), relative to the scenario's folder"
+    )
     edges: list[tuple[str, str]] | None = Field(None, description="explicit edges for kind: edges")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _file_path_from_params(cls, data: Any) -> Any:
+        """`{kind: file, params: {path: x}}` is the same as `{kind: file, path: x}`: the file's
+        path moves out of `params` (given both ways, it must be the same path)."""
+        if not isinstance(data, dict) or data.get("kind") != "file":
+            return data
+        params = data.get("params")
+        if not isinstance(params, dict) or "path" not in params:
+            return data
+        given = data.get("path")
+        if given is not None and Path(str(given)) != Path(str(params["path"])):
+            raise ValueError(f"kind `file` got two paths, {given!r} and params.path {params['path']!r}; give one")
+        rest = {key: value for key, value in params.items() if key != "path"}
+        return {**data, "path": params["path"], "params": rest}
 
     @model_validator(mode="after")
     def _kind_needs(self) -> TopologySpec:
         if self.kind == "file" and self.path is None:
-            raise ValueError("kind `file` needs `path: graph.graphml` (or an edge list)")
+            raise ValueError(
+                "kind `file` needs the graph file: `topology: {kind: file, path: graph.graphml}` "
+                "(or `params: {path: graph.edgelist}`), relative to the scenario's folder"
+            )
         if self.kind == "edges" and not self.edges:
             raise ValueError("kind `edges` needs `edges: [[a, b], ...]`")
         return self
@@ -334,7 +369,9 @@ class EvaluationSpec(Frozen):
     context_tokens: int = Field(256, ge=1, description="what a `full` view and the reference see before a round")
     warmup_rounds: int = Field(2, ge=0, description="unscored rounds (from the train part) so inboxes fill")
     reference_model: str | None = Field(None, description="model alias for the full-view reference (default: the first)")
-    block_rounds: int = Field(1, ge=1, description="bootstrap block length in whole rounds")
+    block_rounds: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(
+        "auto", description="bootstrap block length in whole rounds; auto: ceil(R^(1/3)) for R eval rounds"
+    )
     n_boot: int = Field(2000, ge=100)
     top_k: int = Field(64, ge=1, description="candidates kept per position for pooling")
     batch_tokens: int = Field(8192, ge=256, description="padded tokens per forward pass (memory bound)")

@@ -4,6 +4,11 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -135,3 +140,62 @@ def test_the_compose_broker_and_services_fit_the_quickstart_scenario():
     run_id = coordinator[coordinator.index("--out") + 1].removeprefix("runs/")
     assert all(s["command"][s["command"].index("--run") + 1] == run_id for name, s in services.items() if name.startswith("node-"))
     assert coordinator[:2] == ["run", "scenarios/quickstart.yaml"] and "mqtt://broker:1883" in coordinator
+
+
+# ---------------------------------------------------------------------------- the running broker
+
+
+def _children(pid: int) -> list[int]:
+    """The child processes of `pid` (Linux)."""
+    path = Path(f"/proc/{pid}/task/{pid}/children")
+    return [int(child) for child in path.read_text().split()] if path.exists() else []
+
+
+def _alive(pid: int) -> bool:
+    """Running (a zombie, waiting for its parent to reap it, counts as gone)."""
+    stat = Path(f"/proc/{pid}/stat")
+    return stat.exists() and stat.read_text().rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def _listening(port: int) -> bool:
+    import socket
+
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+@pytest.mark.mqtt
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_to_collective_broker_stops_its_mosquitto_and_frees_the_port(tmp_path: Path, sig: signal.Signals):
+    from collective.distributed.broker import mosquitto_binary
+    from tests.mosquitto import free_port
+
+    if mosquitto_binary() is None or not Path("/proc/self/task").exists():
+        pytest.skip("needs mosquitto and Linux's /proc")
+    repo = Path(__file__).resolve().parents[1]
+    port = free_port()
+    command = [sys.executable, "-m", "collective.cli", "broker", "--config-dir", str(tmp_path / "conf"),
+               "--scenario", str(repo / "scenarios" / "quickstart.yaml"), "--port", str(port), "--bind", "127.0.0.1"]
+    with (tmp_path / "broker.log").open("wb") as log:
+        broker = subprocess.Popen(command, cwd=repo, stdout=log, stderr=subprocess.STDOUT)
+    children: list[int] = []
+    try:
+        deadline = time.monotonic() + 30
+        while not (_listening(port) and (children := _children(broker.pid))):
+            assert broker.poll() is None and time.monotonic() < deadline, (tmp_path / "broker.log").read_text()
+            time.sleep(0.05)
+        broker.send_signal(sig)  # what `kill PID`, systemd and docker send (SIGTERM), or Ctrl-C (SIGINT)
+        code = broker.wait(timeout=20)
+        assert not any(_alive(child) for child in children), "mosquitto outlived `collective broker`"
+        assert not _listening(port)
+        assert code == 0  # stopped as asked
+    finally:
+        for child in children:  # an orphaned mosquitto must not outlive the test either
+            if _alive(child):
+                os.kill(child, signal.SIGKILL)
+        if broker.poll() is None:
+            broker.kill()
+            broker.wait()

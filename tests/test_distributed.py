@@ -118,6 +118,15 @@ class Nodes:
         self.processes[node_id] = process
         return process
 
+    def restart(self, url: str, run_id: str, node_id: str) -> Path:
+        """SIGKILL the node's process (no goodbye: the broker publishes its last will) and start a
+        new one; returns the new one's log."""
+        victim = self.processes[node_id]
+        victim.kill()
+        victim.wait()
+        self.start(url, run_id, node_id)
+        return self.folder / f"node-{node_id}-{self.started}.log"
+
     def output(self, node_id: str) -> str:
         return "\n".join(p.read_text() for p in sorted(self.folder.glob(f"node-{node_id}-*.log")))
 
@@ -224,10 +233,7 @@ def test_a_node_killed_mid_run_misses_its_rounds_and_rejoins_at_the_next(world, 
 
         def on_event(executor: MqttExecutor, event: RoundEvent) -> None:
             if event.round_index == 1:
-                victim = nodes.processes["c"]
-                victim.kill()  # SIGKILL: no goodbye, the broker publishes its last will
-                victim.wait()
-                nodes.start(broker.url(), run_dir.name, "c")
+                nodes.restart(broker.url(), run_dir.name, "c")
             if event.round_index == 2:
                 _wait_until(lambda: "c" not in executor.missing(), 60, "node c to rejoin")
 
@@ -242,6 +248,39 @@ def test_a_node_killed_mid_run_misses_its_rounds_and_rejoins_at_the_next(world, 
     kept = {(kind, node) for kind in ("member_plain", "member_isolated") for node in ("a", "b")} | {("reference", None)}
     _assert_same_evaluation(world.embedded, report, rows=kept)
     assert report.row("member_plain", "c").n_tokens == world.embedded.row("member_plain", "c").n_tokens - 16
+
+
+def test_a_restarted_node_is_taken_back_at_the_next_round_after_its_join_and_serves_every_round_left(world, nodes, tmp_path):
+    run_dir = tmp_path / "run-rejoin"
+    restarted = tmp_path / "node-c-4.log"  # the log of c's second process (a, b, c were started 1 to 3)
+    with running_broker(tmp_path / "broker") as broker:
+
+        def on_event(executor: MqttExecutor, event: RoundEvent) -> None:
+            if event.round_index == 1:
+                assert nodes.restart(broker.url(), run_dir.name, "c") == restarted
+            elif event.round_index == 2:  # from now on it hears b's messages, while it loads its model
+                _wait_until(lambda: restarted.exists() and "loading" in restarted.read_text(), 60, "node c to get the scenario")
+            elif event.round_index in (3, 4) and "c" in executor.missing():
+                time.sleep(0.3)  # rounds go on while it loads: its join lands mid-run
+            elif event.round_index == 5:  # at the latest: rounds 6, 7 and 8 are left
+                _wait_until(lambda: "c" not in executor.missing(), 60, "node c to rejoin")
+
+        result, executor, _ = _run_with_nodes(world, nodes, broker, run_dir, on_event)
+    report = result.report
+    assert result.status == "complete" and report is not None
+    events = [parse_event(line) for line in (run_dir / "events.jsonl").read_text().splitlines()]
+    rounds = [e for e in events if isinstance(e, RoundEvent)]
+    served = [e.round_index for e in rounds if e.round_index > 1 and not next(n for n in e.nodes if n.node_id == "c").missed]
+    back = served[0]  # the first round after its join: every round from then on is served
+    assert 2 <= back <= 6 and served == list(range(back, len(rounds)))
+    output = restarted.read_text()
+    assert f"taken back at round {back}" in output and f"done: {len(rounds) - back} rounds served" in output
+    assert report.missed_rounds == ({"c": back - 2} if back > 2 else {})
+    assert report.row("member_plain", "c").n_tokens == world.embedded.row("member_plain", "c").n_tokens - 16 * (back - 2)
+    # what was sent to c before its join is an expected loss: no warning, no drop, nothing missing
+    assert executor.node_rejections()["c"] == {} and executor.roster.nodes["c"].missing_messages == 0
+    assert "dropped an envelope" not in output and "never arrived" not in output
+    assert executor.rejections.total == 0
 
 
 def test_the_run_survives_a_broker_restart_with_the_same_numbers(world, nodes, tmp_path):

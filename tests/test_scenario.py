@@ -22,6 +22,7 @@ from collective.scenario import (
     RelayMessage,
     ScenarioError,
     ScenarioFile,
+    SilentMessage,
     WindowView,
     load_scenario,
     parse_scenario,
@@ -62,6 +63,56 @@ def test_a_node_list_takes_unset_fields_from_node_defaults():
     assert scenario.node("b").view == LaggedView(tokens=8, lag=4)
     assert scenario.node("a").message == RelayMessage()
     assert scenario.node("a").controller == NoController()
+
+
+def test_a_node_without_view_or_message_reads_a_full_view_and_stays_silent():
+    data = _base(node_defaults={"model": "tiny"}, nodes=[{"id": "a"}, {"id": "b", "view": {"kind": "none"}}])
+    scenario = parse_scenario(data)
+    assert scenario.node("a").view == FullView() and scenario.view_reach(scenario.node("a")) == 32  # context_tokens
+    assert scenario.node("a").message == SilentMessage() and scenario.node("a").controller == NoController()
+    assert scenario.node("b").view == NoView()  # its own value wins
+    again = parse_scenario(yaml.safe_load(scenario.resolved_yaml()))  # a run folder's scenario.yaml
+    assert again == scenario and again.node("a").view == FullView()
+
+
+def test_a_nodes_own_setting_wins_over_node_defaults_which_wins_over_the_built_in_default():
+    defaults = {"model": "tiny", "message": {"policy": "relay"}}
+    data = _base(
+        node_defaults=defaults,
+        nodes={"count": 3, "overrides": {"n1": {"message": {"policy": "generate"}}, "n2": {"view": {"kind": "window", "tokens": 4}}}},
+    )
+    scenario = parse_scenario(data)
+    assert [node.message for node in scenario.nodes] == [RelayMessage(), GenerateMessage(), RelayMessage()]
+    assert [node.view for node in scenario.nodes] == [FullView(), FullView(), WindowView(tokens=4)]
+
+
+def test_the_smallest_scenario_of_the_docs_is_valid_as_written():
+    readme = (Path(__file__).resolve().parents[1] / "scenarios" / "README.md").read_text(encoding="utf-8")
+    block = readme.split("So the smallest scenario is")[1].split("```yaml")[1].split("```")[0]
+    scenario = parse_scenario(yaml.safe_load(block))
+    assert scenario.node_ids == ["n0", "n1", "n2"]
+    assert all(node.view == FullView() and node.message == SilentMessage() for node in scenario.nodes)
+
+
+def test_the_json_schema_documents_the_built_in_node_defaults():
+    node = scenario_json_schema()["$defs"]["NodeEntry"]["properties"]
+    assert "{kind: full}" in node["view"]["description"] and "{policy: silent}" in node["message"]["description"]
+
+
+def test_a_file_topology_takes_its_path_at_the_top_level_or_under_params(tmp_path):
+    top = parse_scenario(_base(topology={"kind": "file", "path": "g.edgelist"}), base_dir=tmp_path)
+    under = parse_scenario(_base(topology={"kind": "file", "params": {"path": "g.edgelist"}}), base_dir=tmp_path)
+    assert top == under and under.topology.path == tmp_path / "g.edgelist" and under.topology.params == {}
+    again = parse_scenario(yaml.safe_load(under.resolved_yaml()))
+    assert again == under
+
+
+def test_a_file_topology_without_a_path_or_with_two_says_how_to_write_it():
+    message = _error(_base(topology={"kind": "file"}))
+    assert "topology: Value error, kind `file` needs the graph file: `topology: {kind: file, path: graph.graphml}`" in message
+    assert "(or `params: {path: graph.edgelist}`)" in message
+    two = _error(_base(topology={"kind": "file", "path": "a.edgelist", "params": {"path": "b.edgelist"}}))
+    assert "kind `file` got two paths, 'a.edgelist' and params.path 'b.edgelist'; give one" in two
 
 
 def test_a_template_makes_count_nodes_with_per_node_overrides():
@@ -205,8 +256,7 @@ def test_a_train_part_too_small_for_warm_up_and_views_is_an_error():
 
 
 def test_a_node_with_no_model_and_no_default_is_an_error():
-    data = _base()
-    del data["node_defaults"]["model"]
+    data = _base(node_defaults={})
     assert _error(data) == (
         "s.yaml: nodes[0].model: node 'a' has no `model` and `node_defaults` gives none; set one of them"
     )

@@ -217,18 +217,13 @@ def _say_written(files: BrokerFiles, users: dict[str, str], port: int, console: 
 
 
 def _start(files: BrokerFiles, console: Console) -> int:
-    """Run mosquitto in the foreground until it exits or Ctrl-C; where it is not installed, say how to start it."""
-    from collective.distributed.broker import mosquitto_binary, start_broker, start_instructions
+    """Run mosquitto in the foreground until it exits, Ctrl-C or SIGTERM (passed on to it); where
+    it is not installed, say how to start it."""
+    from collective.distributed.broker import mosquitto_binary, run_broker, start_instructions
 
     binary = mosquitto_binary()
     if binary is None:
         console.print(start_instructions(files), highlight=False, soft_wrap=True)
         return 0
-    console.print(f"starting {binary} -c {files.conf} (Ctrl-C stops it)", highlight=False)
-    process = start_broker(files, binary)
-    try:
-        return process.wait()
-    except KeyboardInterrupt:
-        process.terminate()
-        process.wait(timeout=10)
-        return 0
+    console.print(f"starting {binary} -c {files.conf} (Ctrl-C or SIGTERM stops it)", highlight=False)
+    return run_broker(files, binary)

@@ -1,7 +1,7 @@
 """`collective validate` and `collective schema`: check scenario files, print their JSON Schema.
 
-validate loads each file and builds its topology (with --deep also its models, tokenizers
-and corpus); every bad file gets one line naming the file, and the exit code is 2 when any
+validate loads each file and builds its topology, which also checks that every `bus.links`
+override names one of its links (with --deep it loads the models, tokenizers and corpus too); every bad file gets one line naming the file, and the exit code is 2 when any
 file is bad. schema prints the scenario JSON Schema for editors.
 """
 

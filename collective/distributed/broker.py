@@ -21,11 +21,15 @@ node's message and every link's.
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import os
 import secrets
 import shutil
+import signal
 import subprocess
+import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -236,3 +240,51 @@ def start_instructions(files: BrokerFiles) -> str:
 def start_broker(files: BrokerFiles, binary: str) -> subprocess.Popen[bytes]:
     """Start mosquitto on the written configuration (the caller waits on or stops it)."""
     return subprocess.Popen([binary, "-c", str(files.conf.resolve())])
+
+
+FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+STOP_GRACE_S = 10.0  # after a forwarded signal, how long mosquitto gets before it is killed
+
+
+def run_broker(files: BrokerFiles, binary: str) -> int:
+    """Run mosquitto in the foreground until it exits: SIGTERM and SIGINT sent to this process
+    (`kill PID`, systemd, docker, Ctrl-C) go on to mosquitto, and this process waits for it, so
+    that it never outlives us holding the port. Returns mosquitto's exit status, 0 when it
+    stopped because it was asked to."""
+    stopping: list[int] = []
+    started: list[subprocess.Popen[bytes]] = []
+
+    def forward(signum: int, frame: object) -> None:
+        stopping.append(signum)
+        for process in started:
+            with contextlib.suppress(ProcessLookupError):
+                process.send_signal(signum)
+
+    main_thread = threading.current_thread() is threading.main_thread()  # signal handlers live there only
+    previous = {sig: signal.signal(sig, forward) for sig in FORWARDED_SIGNALS} if main_thread else {}
+    try:
+        started.append(start_broker(files, binary))
+        if stopping:  # a signal came while it was starting
+            forward(stopping[0], None)
+        return _wait_for_broker(started[0], stopping)
+    finally:
+        for process in started:
+            if process.poll() is None:  # only when this process itself fails
+                process.kill()
+                process.wait()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _wait_for_broker(process: subprocess.Popen[bytes], stopping: list[int]) -> int:
+    """Until mosquitto exits; once asked to stop (`stopping`), it gets STOP_GRACE_S."""
+    kill_at: float | None = None
+    while True:
+        try:
+            code = process.wait(timeout=0.2)
+            return 0 if stopping else code
+        except subprocess.TimeoutExpired:
+            if stopping and kill_at is None:
+                kill_at = time.monotonic() + STOP_GRACE_S
+            if kill_at is not None and time.monotonic() > kill_at:  # asked to stop and did not
+                process.kill()

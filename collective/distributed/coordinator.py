@@ -271,11 +271,16 @@ class MqttExecutor:
                 raise Rejected("unexpected", f"a {env.kind!r} envelope on a {info.channel} topic")
 
     def _on_join(self, node_id: str, join: JoinPayload) -> None:
+        """Welcome or refuse; a welcomed node is asked from the next round on (a process that
+        reconnected mid-round is also sent again the request it may have lost)."""
+        new_process = self.roster.nodes[node_id].session not in (None, join.session)
         reply = self.roster.answer(node_id, join)
         self._spawn(self._publish(self.topics.to_node(node_id), reply))
         if isinstance(reply, RefusePayload):
             raise Rejected("refused", reply.reason)
-        # it reconnected mid-round: what it was sent may be lost
+        if new_process:
+            unread = self.rounds.new_process(node_id)
+            log.info("node %s is served by a new process from the next round on; %d message(s) sent to it before are not read", node_id, unread)
         self._spawn(self.rounds.send_again(node_id))
 
 

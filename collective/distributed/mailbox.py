@@ -6,6 +6,11 @@ A message from an in-neighbour is checked (sender, link, budget, round) and held
 node's `Inbox`, so a late or forged message cannot change what the node reads. A held
 message that is due but was never booked is dropped and counted as unconfirmed; a booked
 one that never arrives is counted as missing.
+
+A process that (re)joins a run already under way hears its in-neighbours before its first
+request: it holds each one's latest message (the coordinator may book the messages of the
+round it joined in for its first round) and does not read, nor warn about, the messages
+sent to its node before it was taken back (`expected_unread` counts them).
 """
 
 from __future__ import annotations
@@ -38,15 +43,18 @@ class Mailbox:
     rejections: Rejections
     topics: Topics
     missing_messages: int = field(default=0, init=False)
+    expected_unread: int = field(default=0, init=False)  # sent to this node before this process was taken back
     due: list[MessageKey] = field(default_factory=list, init=False)  # booked by the requests so far, not yet read
     _pending: dict[tuple[str, int], list[MessageRecord]] = field(default_factory=dict, init=False)
+    _before_first_request: set[tuple[str, int]] = field(default_factory=set, init=False)  # keys held then
 
     def __post_init__(self) -> None:
         self.inbox = Inbox(self.node_id, self.in_neighbours, self.scenario.bus.retain)
 
     def hold(self, sender: str, record: MessageRecord, now: int) -> None:
         """Check a message that arrived on the link sender -> this node (`now`: the latest round
-        requested) and hold it; raises `Rejected` when it cannot be a message of this run."""
+        requested, -1 before the first request) and hold it; raises `Rejected` when it cannot be
+        a message of this run."""
         if record.sender != sender or record.receiver != self.node_id:
             raise Rejected("spoofed", f"a record {record.sender} -> {record.receiver} on the link {sender} -> {self.node_id}")
         if sender not in self.scenario.node_ids:
@@ -56,7 +64,7 @@ class Mailbox:
         policy = self.policies[(sender, self.node_id)]
         if record.dropped or record.deliver_round != record.round_sent + policy.latency_rounds:
             raise Rejected("malformed", f"deliver round {record.deliver_round} for a message sent in round {record.round_sent}")
-        if not now - policy.latency_rounds - self.scenario.bus.retain - 2 <= record.round_sent <= now + 1:
+        if now >= 0 and not now - policy.latency_rounds - self.scenario.bus.retain - 2 <= record.round_sent <= now + 1:
             raise Rejected("wrong_round", f"a message of round {record.round_sent}; this node is at round {now}")
         n_bytes = len(record.text.encode("utf-8"))
         n_tokens = len(self.codec.encode(record.text, add_special_tokens=False))
@@ -65,9 +73,24 @@ class Mailbox:
                 "over_budget",
                 f"{n_tokens} tokens / {n_bytes} bytes on a link of {policy.max_message_tokens} / {policy.max_message_bytes}",
             )
+        if now < 0:
+            if not self._latest_before_first_request(sender, record.round_sent):
+                return
+            self._before_first_request.add((sender, record.round_sent))
         held = self._pending.setdefault((sender, record.round_sent), [])
         if len(held) < PENDING_PER_KEY and record not in held:
             held.append(record)
+
+    def _latest_before_first_request(self, sender: str, round_sent: int) -> bool:
+        """Before its first request this process does not know the run's round: it keeps only
+        `sender`'s latest round (older ones were sent before it was taken back: not read)."""
+        held = [r for s, r in self._pending if s == sender]
+        if any(r > round_sent for r in held):
+            self.expected_unread += 1
+            return False
+        for older in [r for r in held if r < round_sent]:
+            self.expected_unread += len(self._pending.pop((sender, older)))
+        return True
 
     async def read_booked(self, round_index: int, grace_s: float) -> None:
         """Move the messages booked for this round into the inbox (each may still be on its
@@ -87,13 +110,23 @@ class Mailbox:
                 continue
             self.inbox.deliver(found)
             self._pending[(key.sender, key.round_sent)].remove(found)
-        # whatever is still held and already due was never booked: late or forged
+        self._drop_unbooked(round_index)
+
+    def _drop_unbooked(self, round_index: int) -> None:
+        """Whatever is still held and already due was never booked: when it came before this
+        process's first request, sent before it was taken back (expected), else late or forged
+        (counted as unconfirmed)."""
         for (sender, round_sent), held in list(self._pending.items()):
-            latency = self.policies[(sender, self.node_id)].latency_rounds
-            if round_sent + latency <= round_index:
-                for record in held:
-                    self.rejections.add("unconfirmed", self.topics.message(sender, self.node_id), f"round {record.round_sent}, not booked by the coordinator")
-                del self._pending[(sender, round_sent)]
+            if round_sent + self.policies[(sender, self.node_id)].latency_rounds > round_index:
+                continue
+            del self._pending[(sender, round_sent)]
+            if (sender, round_sent) in self._before_first_request:
+                self._before_first_request.discard((sender, round_sent))
+                self.expected_unread += len(held)
+                log.info("node %s: %d message(s) of %s@%d, sent before it was taken back, are not read", self.node_id, len(held), sender, round_sent)
+                continue
+            for record in held:
+                self.rejections.add("unconfirmed", self.topics.message(sender, self.node_id), f"round {record.round_sent}, not booked by the coordinator")
 
     def _find(self, key: MessageKey) -> MessageRecord | None:
         held = self._pending.get((key.sender, key.round_sent), [])

@@ -6,7 +6,9 @@
     book the messages the accepted results carry (receivers read exactly those next rounds)
 
 A node that does not answer in time is None in the round's results: the evaluation counts
-it as missed and the run goes on. The deadline is generous for the first round (it
+it as missed and the run goes on. A node that (re)joins is asked from the next round on; when
+a new process serves it, the messages booked for it before are dropped (`new_process`): they
+went to the process before. The deadline is generous for the first round (it
 includes every node's warm-up), then ten times the first round's wall time.
 """
 
@@ -122,6 +124,12 @@ class RoundCollector:
     def left(self, node_id: str) -> None:
         """A node that left is no longer waited for."""
         self._awaiting.discard(node_id)
+
+    def new_process(self, node_id: str) -> int:
+        """A new process serves `node_id` from its next request on: the messages booked for the
+        node so far went to the one before (this one never heard them) and are not listed to it.
+        Returns how many were booked."""
+        return len(self._booked.pop(node_id, []))
 
     def accept(self, node_id: str, round_index: int, result: ResultPayload) -> None:
         """Take a node's result for the current round; raises `Rejected` when it cannot count."""

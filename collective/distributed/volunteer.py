@@ -7,6 +7,8 @@
        publish the messages to the out-neighbours' topics and the result to the coordinator
     -> until `control: ended`
 
+A process that joins a run under way (a restarted node) is asked from the coordinator's
+next round on; what was sent to its node before that is not read (see `Mailbox`).
 The connection is a `Connection` (it reconnects, and says leave before a clean
 disconnect). The model runs in a worker thread, so the connection keeps answering the
 broker while a round is computed. What a person should see goes to `report`, one line
@@ -377,5 +379,8 @@ class Volunteer:
         # gather keeps the order: each publish hands its packet to the client before it awaits
         await asyncio.gather(*(self.connection.publish(topic, data) for topic, data in sent))
         self.rounds_served += 1
+        if self.rounds_served == 1 and round_index > 0:  # taken back mid-run (a restart, a late process)
+            unread = f"; {mailbox.expected_unread} message(s) sent to it before are not read" if mailbox.expected_unread else ""
+            self.report(f"taken back at round {round_index}{unread}")
         log.info("node %s served round %d in %.2f s", self.node_id, round_index, compute_s)
         self.report(f"round {round_index} served in {compute_s:.2f} s")

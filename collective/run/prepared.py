@@ -43,7 +43,18 @@ class Prepared:
         return next(iter(self.models.values())).tokenizer
 
 
+LINKS_SHOWN = 24  # links listed in the error about an override of a link that does not exist
+
+
 def build_graph(scenario: Scenario) -> nx.DiGraph:
+    """The topology's graph (random kinds drawn from the scenario's seed); every `bus.links`
+    override must name one of its links, else a `RunError` names it and lists the real ones."""
+    graph = _topology(scenario)
+    check_link_overrides(scenario, graph)
+    return graph
+
+
+def _topology(scenario: Scenario) -> nx.DiGraph:
     spec = scenario.topology
     if spec.kind == "edges":
         graph = nx.DiGraph()
@@ -60,6 +71,23 @@ def build_graph(scenario: Scenario) -> nx.DiGraph:
         return build_topology(spec.kind, scenario.node_ids, seed=scenario.seed, directed=spec.directed, **params)
     except (ValueError, TypeError) as exc:
         raise RunError(f"topology: {exc}") from None
+
+
+def check_link_overrides(scenario: Scenario, graph: nx.DiGraph) -> None:
+    """A link override of a link the graph lacks would change nothing: a `RunError` that names
+    it and the links there are. Checked on the built graph, since a random topology's links
+    depend on the seed (`collective run --seed` too)."""
+    for index, link in enumerate(scenario.bus.links):
+        if graph.has_edge(link.source, link.target):
+            continue
+        spec = scenario.topology
+        edges = [f"{a} -> {b}" for a, b in graph.edges()]
+        shown = ", ".join(edges[:LINKS_SHOWN]) + (f" ... ({len(edges)} in all)" if len(edges) > LINKS_SHOWN else "")
+        kind = f"{spec.kind}, {'directed' if spec.directed else 'undirected: each edge is a link each way'}"
+        raise RunError(
+            f"bus.links[{index}]: there is no link {link.source} -> {link.target} in this topology ({kind}, seed "
+            f"{scenario.seed}), so this override would change nothing; override one of its links: {shown or 'none'}"
+        )
 
 
 def load_models(scenario: Scenario, pool: ModelPool, only: set[str] | None = None) -> dict[str, LoadedModel]:
