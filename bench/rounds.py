@@ -1,74 +1,107 @@
-"""Round-engine benchmark: the batched engine against a naive per-node, per-position loop.
+"""Round-engine benchmark: the batched engine against the baseline a competent user writes.
 
-Both run the same scenario through the same `RoundEngine` (same views, bus, pooling and
-evaluator); only the executor that computes the members' predictions and messages
-differs:
+Every engine runs the same scenario through the same `RoundEngine` (same views, bus,
+pooling and evaluator); only the code that computes the members' rows and messages and the
+full-view reference differs:
 
-- batched: `EmbeddedExecutor` -> `compute_rounds`: per round, every node sharing the
-  model in one left-padded teacher-forced pass (deduplicated), messages decoded together
-  with a KV cache; the full-view reference in one pass.
-- naive: for each node, each of its three rows (plain, isolated, in collective) and each
-  position of the round, one forward pass of that node's context up to that position,
-  no batching, no deduplication, no KV cache (messages decode one full forward per
-  token); the reference likewise, one forward per position.
+- batched (ours): `EmbeddedExecutor` -> `compute_rounds`: per round, every node sharing the
+  model in one left-padded teacher-forced pass (identical sequences scored once: with no
+  control prompt a node's isolated and plain rows are the same sequence), messages decoded
+  together with the scoring pass's KV cache; the reference in one pass.
+- fair baseline: per node and per row (plain, isolated, in collective), one unbatched
+  teacher-forced forward pass over the row's context and the round (`logits_to_keep`, no
+  deduplication), then Hugging Face `generate` (greedy, its own KV cache) for the message
+  from [context][round][speak prompt]; the reference in one forward pass.
+- position loop (`--position-loop`, off by default; the old "naive" baseline): per node, row
+  and position of the round, one forward pass of the context up to that position (full
+  logits), messages decoded without a KV cache (one full forward per token).
+- limits: the machine's rate for the scoring work alone, one forward pass over every row's
+  sequence of every round (each node's three rows and the reference) in a single left-padded
+  batch, no generation, no pooling ("every row", the fair baseline's work); and the
+  distinct sequences only (the batched engine's work: it scores identical rows once), in
+  one batch per sequence length so that nothing is padding ("distinct rows").
 
-The script checks that both give the same NLLs (every member row and the reference, per
-token; the pooled rows per round) and prints the speed ratio. Rows that depend on
-messages are compared up to the first round in which a message differs (bf16 greedy
-decoding may pick another token when two are within rounding of each other; float32
-should agree everywhere).
+"Tokens scored" counts one (row, position) prediction: rounds x (3 x nodes + 1) x round
+tokens, the same for every engine and limit (a deduplicated row is delivered as a copy); "of
+a limit" is the limit's time over the engine's. Each engine first runs one round to warm
+up, then the whole scenario `--repeats` times (interleaved, so that load hits all alike);
+the table gives medians of wall and CPU time.
+The script checks that the fair baseline (and the position loop) give the batched engine's
+NLLs (every member row and the reference, per token; the report rows) within the dtype's
+tolerance and the same messages; it exits 1 otherwise.
 
-    python bench/rounds.py                         # SmolLM2-135M, float32, 4 nodes
-    python bench/rounds.py --dtype bfloat16 --eval-rounds 1 --threads 1
+    python bench/rounds.py --threads 2                 # SmolLM2-135M, float32, 4 nodes: ~3 min
+    python bench/rounds.py --threads 1 --eval-rounds 1 --repeats 1    # a smoke test
+    python bench/rounds.py --threads 2 --position-loop --repeats 1     # + the loop: ~13 min
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import os
+import statistics
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+from transformers import GenerationConfig
 
 from collective.evaluate.evaluator import build_report
+from collective.lm.codec import start_token, stop_ids
 from collective.lm.models import LoadedModel, ModelPool
 from collective.lm.predictions import TokenPredictions, predictions_from_logits
+from collective.lm.scoring import ScoreItem, left_pad
 from collective.records import Report
 from collective.run.bus import InMemoryBus
 from collective.run.engine import EmbeddedExecutor, RoundEngine
-from collective.run.node import NodeRoundRequest, NodeRoundResult, start_token
+from collective.run.node import NodeRoundRequest, NodeRoundResult
 from collective.run.runner import Prepared, prepare
 from collective.scenario import GenerateMessage, RelayMessage, Scenario, parse_scenario
-from collective.seeding import generator
 
 ROWS = ("collective", "isolated", "plain")
-TOLERANCE = {"float32": 1e-3, "float16": 0.25, "bfloat16": 0.25}  # max |delta NLL| per token, nats
+EVERY, DISTINCT = "limit, every row", "limit, distinct rows"
+TOLERANCE = {"float32": 1e-4, "float16": 0.25, "bfloat16": 0.25}  # max |delta log p| per token, nats
+Scorer = Callable[[torch.nn.Module, torch.Tensor, torch.Tensor, torch.Tensor, int], TokenPredictions]
+
+
+SPEAK_PROMPT = "\n<|im_start|>user\nIn one line, what is the text above about?<|im_end|>\n<|im_start|>assistant\n"
+
+
+def node_view(index: int, view_tokens: int, round_tokens: int) -> dict[str, Any]:
+    """The quickstart's views, generalised so that no two nodes see the same thing: even nodes
+    a window of view_tokens, view_tokens - 24, ...; odd nodes a delayed window (view_tokens +
+    16 j tokens ending round_tokens + 16 j before the round, j = index // 2)."""
+    step = index // 2
+    if index % 2 == 0:
+        return {"kind": "window", "tokens": max(8, view_tokens - 24 * step)}
+    return {"kind": "lagged", "tokens": view_tokens + 16 * step, "lag": round_tokens + 16 * step}
 
 
 def build_scenario(args: argparse.Namespace) -> Scenario:
-    """A quickstart-like ring: alternating window / lagged views, generated messages."""
-    lagged = {"kind": "lagged", "tokens": args.view_tokens, "lag": args.round_tokens}
+    """The quickstart's ring (4 nodes: the same views and speak prompt), messages decoded greedily."""
+    message: dict[str, Any] = {"policy": args.message}
+    if args.message == "generate":
+        message |= {"speak_prompt": SPEAK_PROMPT, "sampling": "greedy"}
+    views = [node_view(i, args.view_tokens, args.round_tokens) for i in range(args.nodes)]
+    reach = max(args.context_tokens, *(view["tokens"] + view.get("lag", 0) for view in views))  # tokens before a round
     return parse_scenario(
         {
             "name": "bench-rounds",
             "seed": args.seed,
             "corpus": {
                 "source": "builtin:pydoc",
-                "train_tokens": args.warmup_rounds * args.round_tokens + max(args.context_tokens, args.view_tokens + args.round_tokens),
+                "train_tokens": args.warmup_rounds * args.round_tokens + reach,
                 "eval_tokens": args.eval_rounds * args.round_tokens,
                 "offset_tokens": 1000,
             },
             "models": {"lm": {"ref": args.model, "dtype": args.dtype, "device": "cpu"}},
-            "node_defaults": {
-                "model": "lm",
-                "view": {"kind": "window", "tokens": args.view_tokens},
-                "message": {"policy": args.message, **({"speak_prompt": "\nIn short:"} if args.message == "generate" else {})},
-            },
-            "nodes": {"count": args.nodes, "overrides": {f"n{i}": {"view": lagged} for i in range(1, args.nodes, 2)}},
+            "node_defaults": {"model": "lm", "message": message},
+            "nodes": [{"id": f"n{i}", "view": view} for i, view in enumerate(views)],
             "topology": {"kind": "ring"},
             "bus": {"round_tokens": args.round_tokens, "max_message_tokens": args.message_tokens, "max_message_bytes": 8 * args.message_tokens},
             "evaluation": {"context_tokens": args.context_tokens, "warmup_rounds": args.warmup_rounds, "n_boot": 200},
@@ -77,49 +110,69 @@ def build_scenario(args: argparse.Namespace) -> Scenario:
     )
 
 
-# ---------------------------------------------------------------------------- the naive loop
+# ---------------------------------------------------------------------------- the baselines
+
+
+@torch.no_grad()
+def score_once(model: torch.nn.Module, context: torch.Tensor, round_inputs: torch.Tensor,
+               targets: torch.Tensor, top_k: int) -> TokenPredictions:
+    """The fair baseline's scoring: one unbatched teacher-forced pass. (1, R, K)"""
+    ids = torch.cat([context, round_inputs[:-1]]).unsqueeze(0)  # (1, C + R - 1)
+    logits = model(input_ids=ids, logits_to_keep=len(targets), use_cache=False).logits  # (1, R, V)
+    return predictions_from_logits(logits, targets, top_k)
 
 
 @torch.no_grad()
 def score_positions(model: torch.nn.Module, context: torch.Tensor, round_inputs: torch.Tensor,
                     targets: torch.Tensor, top_k: int) -> TokenPredictions:
-    """One unbatched forward per position t: context + round_inputs[:t] -> p(targets[t]). (1, R, K)"""
-    device = next(model.parameters()).device
+    """The position loop: one unbatched forward per position t, context + round_inputs[:t]. (1, R, K)"""
     logits = []
     for t in range(len(targets)):
-        ids = torch.cat([context, round_inputs[:t]]).unsqueeze(0).to(device)  # (1, C + t)
-        logits.append(model(input_ids=ids, use_cache=False).logits[0, -1].float().cpu())  # (V,)
+        ids = torch.cat([context, round_inputs[:t]]).unsqueeze(0)  # (1, C + t)
+        logits.append(model(input_ids=ids, use_cache=False).logits[0, -1].float())  # (V,)
     return predictions_from_logits(torch.stack(logits).unsqueeze(0), targets, top_k)
 
 
 @torch.no_grad()
-def naive_generate(model: torch.nn.Module, prompt: torch.Tensor, max_new_tokens: int, stop_ids: set[int],
-                   gen: torch.Generator | None, temperature: float) -> list[int]:
-    """Decode without a KV cache: one full forward of the prompt and what was written, per token."""
-    device = next(model.parameters()).device
+def hf_generate(model: Any, prompt: torch.Tensor, max_new_tokens: int, stop: list[int], pad_id: int) -> list[int]:
+    """The fair baseline's message: Hugging Face `generate`, greedy, with its KV cache."""
+    config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=stop, pad_token_id=pad_id)
+    out = model.generate(input_ids=prompt[None], attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                         generation_config=config)
+    new = out[0, len(prompt):].tolist()
+    return next((new[:i] for i, t in enumerate(new) if t in stop), new)
+
+
+@torch.no_grad()
+def uncached_generate(model: Any, prompt: torch.Tensor, max_new_tokens: int, stop: list[int], pad_id: int) -> list[int]:
+    """The position loop's message: greedy, one full forward of the prompt and what was written per token."""
     new: list[int] = []
     for _ in range(max_new_tokens):
-        ids = torch.cat([prompt, torch.tensor(new, dtype=torch.long)]).unsqueeze(0).to(device)
-        logits = model(input_ids=ids, use_cache=False).logits[0, -1].float().cpu()
-        if gen is None:
-            chosen = int(logits.argmax())
-        else:
-            chosen = int(torch.multinomial(torch.softmax(logits / temperature, dim=-1), 1, generator=gen))
-        if chosen in stop_ids:
+        ids = torch.cat([prompt, torch.tensor(new, dtype=torch.long)]).unsqueeze(0)
+        chosen = int(model(input_ids=ids, use_cache=False).logits[0, -1].argmax())
+        if chosen in stop:
             break
         new.append(chosen)
     return new
 
 
-class NaiveExecutor:
-    """The same contract as EmbeddedExecutor, computed the slow, obvious way."""
+class LoopExecutor:
+    """The executor contract computed one node and one row at a time (`scorer` for the rows,
+    `speaker` for a generated message). Keeps every sequence it scores in `work`."""
 
-    def __init__(self, scenario: Scenario, models: dict[str, LoadedModel], bus: InMemoryBus) -> None:
+    def __init__(self, scenario: Scenario, models: dict[str, LoadedModel], bus: InMemoryBus,
+                 scorer: Scorer, speaker: Callable[..., list[int]]) -> None:
         self.scenario, self.models, self.bus = scenario, models, bus
+        self.scorer, self.speaker = scorer, speaker
+        self.work: list[ScoreItem] = []
+
+    def score(self, model: torch.nn.Module, context: torch.Tensor, round_inputs: torch.Tensor,
+              targets: torch.Tensor) -> TokenPredictions:
+        self.work.append(ScoreItem(context, round_inputs, targets))
+        return self.scorer(model, context, round_inputs, targets, self.scenario.evaluation.top_k)
 
     def run_round(self, round_index: int, requests: list[NodeRoundRequest]) -> dict[str, NodeRoundResult | None]:
         results: dict[str, NodeRoundResult | None] = {}
-        top_k = self.scenario.evaluation.top_k
         for request in requests:
             lm = self.models[self.scenario.node(request.node_id).model]
             tok: Any = lm.tokenizer
@@ -132,15 +185,11 @@ class NaiveExecutor:
                 "isolated": torch.cat([bos, control, request.prefix_ids]),
                 "plain": torch.cat([bos, request.prefix_ids]),
             }
-            scored = {row: score_positions(lm.model, contexts[row], request.round_inputs, request.targets, top_k) for row in ROWS}
+            scored = {row: self.score(lm.model, contexts[row], request.round_inputs, request.targets) for row in ROWS}
             results[request.node_id] = NodeRoundResult(
-                node_id=request.node_id,
-                round_index=round_index,
-                collective=scored["collective"],
-                isolated=scored["isolated"],
-                plain=scored["plain"],
-                message_text=self._message(lm, request, contexts["collective"]),
-                inbox_tokens=len(inbox),
+                node_id=request.node_id, round_index=round_index, collective=scored["collective"],
+                isolated=scored["isolated"], plain=scored["plain"],
+                message_text=self._message(lm, request, contexts["collective"]), inbox_tokens=len(inbox),
             )
         for request in requests:  # send after every node has read its inbox, as the engine does
             result = results[request.node_id]
@@ -148,8 +197,7 @@ class NaiveExecutor:
                 result.messages = self.bus.send(request.node_id, result.message_text, round_index)
         return results
 
-    @staticmethod
-    def _message(lm: LoadedModel, request: NodeRoundRequest, context: torch.Tensor) -> str | None:
+    def _message(self, lm: LoadedModel, request: NodeRoundRequest, context: torch.Tensor) -> str | None:
         tok: Any = lm.tokenizer
         spec = request.message
         if isinstance(spec, RelayMessage):
@@ -157,35 +205,30 @@ class NaiveExecutor:
             return tok.decode(seen[len(seen) - min(len(seen), request.message_tokens) :].tolist(), skip_special_tokens=True)
         if not isinstance(spec, GenerateMessage):
             return None
+        if spec.sampling != "greedy":
+            raise SystemExit("bench/rounds.py: the baselines decode greedily; the scenario must use sampling: greedy")
         speak = tok.encode(spec.speak_prompt, add_special_tokens=False) if spec.speak_prompt else []
         prompt = torch.cat([context, request.round_inputs, torch.tensor(speak, dtype=torch.long)])
-        gen = generator(request.seed, "speak", request.node_id, request.round_index) if spec.sampling == "sample" else None
         cap = min(spec.max_tokens or request.message_tokens, request.message_tokens)
-        stop = {int(t) for t in (tok.eos_token_id, tok.bos_token_id) if t is not None}
-        return tok.decode(naive_generate(lm.model, prompt, cap, stop, gen, spec.temperature), skip_special_tokens=True)
+        new = self.speaker(lm.model, prompt, cap, stop_ids(tok), start_token(tok))
+        return tok.decode(new, skip_special_tokens=True)
 
 
-class NaiveReferenceEngine(RoundEngine):
-    """The round engine with the full-view reference scored one position at a time."""
-
-    def _reference(self, start: int, targets: torch.Tensor) -> TokenPredictions:
-        seen = self.observer.reference(start)
-        context = torch.cat([torch.tensor([start_token(self.reference.tokenizer)]), seen.prefix_ids])
-        return score_positions(self.reference.model, context, seen.round_inputs, targets, self.scenario.evaluation.top_k)
-
-
-# ---------------------------------------------------------------------------- running and comparing
+# ---------------------------------------------------------------------------- running and timing
 
 
 @dataclass
 class Recorded:
-    """What one engine produced: per (round, node, row) target log-probs, and the messages."""
+    """What one run of an engine produced: per (round, node, row) target log-probs, the
+    messages, the reference per round start, and its wall and CPU time."""
 
     logprobs: dict[tuple[int, str, str], torch.Tensor] = field(default_factory=dict)
     messages: dict[tuple[int, str], str | None] = field(default_factory=dict)
     reference: dict[int, torch.Tensor] = field(default_factory=dict)
-    wall_seconds: float = 0.0
+    wall_s: float = 0.0
+    cpu_s: float = 0.0
     report: Report | None = None
+    work: list[ScoreItem] = field(default_factory=list)
 
 
 class Recording:
@@ -204,54 +247,87 @@ class Recording:
         return results
 
 
-def run_engine(prepared: Prepared, naive: bool) -> Recorded:
+ENGINES: dict[str, tuple[Scorer, Callable[..., list[int]]] | None] = {
+    "batched": None,
+    "fair": (score_once, hf_generate),
+    "position loop": (score_positions, uncached_generate),
+}
+
+
+def run_engine(prepared: Prepared, name: str, rounds: int | None = None) -> Recorded:
+    """A run of the scenario with engine `name` (a key of ENGINES): every round and the
+    report, or only the first `rounds` rounds (a warm-up) and no report."""
     scenario = prepared.scenario
     record = Recorded()
     bus = InMemoryBus(prepared.graph, scenario.bus, prepared.tokenizer, scenario.seed)  # type: ignore[arg-type]
-    models = prepared.models
-    executor = (NaiveExecutor if naive else EmbeddedExecutor)(scenario, models, bus)
-    engine_class = NaiveReferenceEngine if naive else RoundEngine
-    engine = engine_class.from_prepared(prepared, Recording(executor, record), "bench")
-    original = engine._reference
+    loop = ENGINES[name]
+    executor: Any = EmbeddedExecutor(scenario, prepared.models, bus) if loop is None else LoopExecutor(
+        scenario, prepared.models, bus, *loop)
+    engine = RoundEngine.from_prepared(prepared, Recording(executor, record), "bench")
+    batched_reference = engine._reference
 
-    def keep_reference(start: int, targets: torch.Tensor) -> TokenPredictions:
-        preds = original(start, targets)
+    def reference(start: int, targets: torch.Tensor) -> TokenPredictions:
+        if loop is None:
+            preds = batched_reference(start, targets)
+        else:
+            seen = engine.observer.reference(start)
+            context = torch.cat([torch.tensor([start_token(engine.reference.tokenizer)]), seen.prefix_ids])
+            preds = executor.score(engine.reference.model, context, seen.round_inputs, targets)
         record.reference[start] = preds.target_logprob[0].clone()
         return preds
 
-    engine._reference = keep_reference  # type: ignore[method-assign]
-    began = time.perf_counter()
-    result = engine.run(
-        on_event=lambda e: print(f"  {'naive' if naive else 'batched'} round {e.round_index + 1}/{engine.total_rounds}"
-                                 f" {e.wall_seconds:6.2f} s", flush=True)
-    )
-    record.wall_seconds = time.perf_counter() - began
-    record.report = build_report(scenario, result, run_id="bench")
+    engine._reference = reference  # type: ignore[method-assign]
+    wall, cpu = time.perf_counter(), time.process_time()
+    result = engine.run(should_stop=None if rounds is None else lambda: len(record.messages) >= rounds * len(scenario.nodes))
+    record.wall_s, record.cpu_s = time.perf_counter() - wall, time.process_time() - cpu
+    record.report = None if rounds is not None else build_report(scenario, result, run_id="bench")
+    record.work = [] if loop is None else executor.work
     return record
 
 
-def compare(batched: Recorded, naive: Recorded, n_rounds: int, node_ids: list[str]) -> dict[str, Any]:
+def padded_share(work: list[ScoreItem]) -> float:
+    """The share of a left-padded batch of `work` that is padding."""
+    lengths = [len(item.input_ids()) for item in work]
+    return 1 - sum(lengths) / (len(lengths) * max(lengths))
+
+
+@torch.no_grad()
+def limit_pass(model: torch.nn.Module, work: list[ScoreItem], pad_id: int, by_length: bool = False) -> tuple[float, float]:
+    """(wall, cpu) seconds of scoring every sequence in `work`: one forward over all of them in
+    one left-padded batch, or (`by_length`) one forward per group of equal length, no padding."""
+    groups: dict[int, list[torch.Tensor]] = {}
+    for item in work:
+        groups.setdefault(len(item.input_ids()) if by_length else 0, []).append(item.input_ids())
+    batches = [left_pad(rows, pad_id) for rows in groups.values()]  # ids, mask, positions (b, L) each
+    wall, cpu = time.perf_counter(), time.process_time()
+    for ids, mask, positions in batches:
+        model(input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=len(work[0].targets), use_cache=False)
+    return time.perf_counter() - wall, time.process_time() - cpu
+
+
+def compare(batched: Recorded, other: Recorded, n_rounds: int, node_ids: list[str]) -> dict[str, Any]:
     """Max |delta log p| per row kind; message-dependent rows up to the first differing message."""
     diverged = next(
-        (r for r in range(n_rounds) if any(batched.messages[(r, n)] != naive.messages[(r, n)] for n in node_ids)), None
+        (r for r in range(n_rounds) if any(batched.messages[(r, n)] != other.messages[(r, n)] for n in node_ids)), None
     )
     same_inbox_rounds = n_rounds if diverged is None else diverged + 1  # round d still read matching inboxes
 
-    def max_diff(keys: list[tuple[int, str, str]]) -> float:
-        return max((float((batched.logprobs[k] - naive.logprobs[k]).abs().max()) for k in keys), default=0.0)
+    def max_diff(row: str, rounds: int) -> float:
+        keys = [(r, n, row) for r in range(rounds) for n in node_ids]
+        return max((float((batched.logprobs[k] - other.logprobs[k]).abs().max()) for k in keys), default=0.0)
 
     out = {
-        "plain": max_diff([(r, n, "plain") for r in range(n_rounds) for n in node_ids]),
-        "isolated": max_diff([(r, n, "isolated") for r in range(n_rounds) for n in node_ids]),
-        "collective": max_diff([(r, n, "collective") for r in range(same_inbox_rounds) for n in node_ids]),
-        "reference": max(float((batched.reference[s] - naive.reference[s]).abs().max()) for s in batched.reference),
-        "messages_equal": sum(batched.messages[k] == naive.messages[k] for k in batched.messages),
+        "plain": max_diff("plain", n_rounds),
+        "isolated": max_diff("isolated", n_rounds),
+        "collective": max_diff("collective", same_inbox_rounds),
+        "reference": max(float((batched.reference[s] - other.reference[s]).abs().max()) for s in batched.reference),
+        "messages_equal": sum(batched.messages[k] == other.messages[k] for k in batched.messages),
         "messages": len(batched.messages),
         "diverged_round": diverged,
         "compared_collective_rounds": same_inbox_rounds,
     }
-    assert batched.report is not None and naive.report is not None
-    rows = {(r.row, r.node_id): r.nll for r in naive.report.rows}
+    assert batched.report is not None and other.report is not None
+    rows = {(r.row, r.node_id): r.nll for r in other.report.rows}
     kinds = ["member_plain", "member_isolated", "ensemble_silent", "reference"]
     if diverged is None:
         kinds += ["member_collective", "collective"]
@@ -259,57 +335,113 @@ def compare(batched: Recorded, naive: Recorded, n_rounds: int, node_ids: list[st
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
+def agreement(name: str, batched: Recorded, other: Recorded, scenario: Scenario, dtype: str) -> bool:
+    """Print how `other` agrees with the batched engine; True when within the dtype's tolerance."""
+    n_rounds = scenario.evaluation.warmup_rounds + scenario.eval_rounds
+    diff = compare(batched, other, n_rounds, scenario.node_ids)
+    tolerance = TOLERANCE[dtype]
+    worst = max(diff["plain"], diff["isolated"], diff["collective"], diff["reference"])
+    ok = worst <= tolerance and math.isfinite(worst)
+    if dtype == "float32" and any(isinstance(n.message, GenerateMessage) for n in scenario.nodes):
+        ok = ok and diff["diverged_round"] is None
+    print(f"{name} vs batched, max |delta log p| per token (nats): plain {diff['plain']:.2e}, isolated "
+          f"{diff['isolated']:.2e}, in collective {diff['collective']:.2e} (rounds 1..{diff['compared_collective_rounds']}), "
+          f"reference {diff['reference']:.2e}; report rows {diff['report_rows']:.2e}; messages identical "
+          f"{diff['messages_equal']}/{diff['messages']}"
+          + ("" if diff["diverged_round"] is None else f" (first difference in round {diff['diverged_round'] + 1})")
+          + f": {'SAME' if ok else 'DIFFERENT'} (tolerance {tolerance:g} nats/token for {dtype})")
+    return ok
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m", help="model alias, HF id or local folder")
     parser.add_argument("--dtype", default="float32", choices=["bfloat16", "float32", "float16"])
     parser.add_argument("--nodes", type=int, default=4)
     parser.add_argument("--eval-rounds", type=int, default=2)
     parser.add_argument("--warmup-rounds", type=int, default=1)
-    parser.add_argument("--round-tokens", type=int, default=16)
-    parser.add_argument("--view-tokens", type=int, default=32, help="window / lagged view length")
-    parser.add_argument("--context-tokens", type=int, default=64, help="the full-view reference's context")
+    parser.add_argument("--round-tokens", type=int, default=32)
+    parser.add_argument("--view-tokens", type=int, default=48, help="the first node's window (the quickstart's 48)")
+    parser.add_argument("--context-tokens", type=int, default=128, help="the full-view reference's context")
     parser.add_argument("--message", default="generate", choices=["generate", "relay", "silent"])
-    parser.add_argument("--message-tokens", type=int, default=8)
+    parser.add_argument("--message-tokens", type=int, default=24)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs of each engine, after one warm-up run")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    parser.add_argument("--skip-naive", action="store_true", help="time the batched engine only")
-    args = parser.parse_args(argv)
+    parser.add_argument("--position-loop", action="store_true", help="also time the per-position loop (slow)")
+    return parser.parse_args(argv)
+
+
+def distinct(work: list[ScoreItem]) -> list[ScoreItem]:
+    """The sequences of `work` that differ (input ids or targets), first occurrence kept."""
+    seen: dict[tuple[tuple[int, ...], tuple[int, ...]], ScoreItem] = {}
+    for item in work:
+        seen.setdefault((tuple(item.input_ids().tolist()), tuple(item.targets.tolist())), item)
+    return list(seen.values())
+
+
+def timing_table(runs: dict[str, list[Recorded]], limits: dict[str, list[tuple[float, float]]], scored: int,
+                 n_rounds: int) -> None:
+    """Median wall and CPU seconds per run, tokens scored per second, and the share of each limit
+    (the limit's time over the engine's, for the same tokens scored)."""
+    limit_wall = {name: statistics.median(w for w, _ in timed) for name, timed in limits.items()}
+    batched_wall = statistics.median(r.wall_s for r in runs["batched"])
+    shares = " | ".join(f"of {name}" for name in limits)
+    print(f"\n| engine | s/run wall | s/round wall | s/run cpu | tokens scored/s | {shares} | time vs batched |")
+    print("| --- | ---: | ---: | ---: | ---: | " + "---: | " * len(limits) + "---: |")
+
+    def line(name: str, wall: float, cpu: float) -> None:
+        share = " | ".join(f"{100 * lw / wall:.0f}%" for lw in limit_wall.values())
+        print(f"| {name} | {wall:.2f} | {wall / n_rounds:.2f} | {cpu:.2f} | {scored / wall:.0f} | {share} | "
+              f"{wall / batched_wall:.2f}x |")
+
+    for name, records in runs.items():
+        line(name, statistics.median(r.wall_s for r in records), statistics.median(r.cpu_s for r in records))
+    for name, timed in limits.items():
+        line(name, limit_wall[name], statistics.median(c for _, c in timed))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-
     scenario = build_scenario(args)
     began = time.perf_counter()
     prepared = prepare(scenario, ModelPool(), base_dir=Path.cwd())
     n_rounds = scenario.evaluation.warmup_rounds + scenario.eval_rounds
-    print(f"{args.model} ({args.dtype}, {torch.get_num_threads()} threads), loaded in {time.perf_counter() - began:.1f} s; "
-          f"{args.nodes} nodes on a ring, {n_rounds} rounds ({scenario.evaluation.warmup_rounds} warm-up) of "
-          f"{args.round_tokens} tokens, views {args.view_tokens}, messages {args.message} <= {args.message_tokens} tokens")
-
-    batched = run_engine(prepared, naive=False)
-    scored_tokens = n_rounds * args.round_tokens
-    print(f"batched: {batched.wall_seconds:8.2f} s  ({batched.wall_seconds / n_rounds:.2f} s/round, "
-          f"{scored_tokens / batched.wall_seconds:.1f} stream tokens/s)")
-    if args.skip_naive:
-        return 0
-    naive = run_engine(prepared, naive=True)
-    print(f"naive:   {naive.wall_seconds:8.2f} s  ({naive.wall_seconds / n_rounds:.2f} s/round, "
-          f"{scored_tokens / naive.wall_seconds:.1f} stream tokens/s)")
-    print(f"speed ratio (naive / batched): {naive.wall_seconds / batched.wall_seconds:.1f}x")
-
-    diff = compare(batched, naive, n_rounds, scenario.node_ids)
-    tolerance = TOLERANCE[args.dtype]
-    print(f"max |delta log p| per token (nats): plain {diff['plain']:.2e}, isolated {diff['isolated']:.2e}, "
-          f"in collective {diff['collective']:.2e} (rounds 1..{diff['compared_collective_rounds']}), "
-          f"reference {diff['reference']:.2e}; report rows {diff['report_rows']:.2e}")
-    print(f"messages identical: {diff['messages_equal']}/{diff['messages']}"
-          + ("" if diff["diverged_round"] is None else f" (first difference in round {diff['diverged_round'] + 1})"))
-    worst = max(diff["plain"], diff["isolated"], diff["collective"], diff["reference"])
-    ok = worst <= tolerance and math.isfinite(worst)
-    if args.dtype == "float32" and args.message != "silent":
-        ok = ok and diff["diverged_round"] is None
-    print(f"{'SAME' if ok else 'DIFFERENT'} NLLs (tolerance {tolerance:g} nats/token for {args.dtype})")
-    return 0 if ok else 1
+    rows_per_round = 3 * args.nodes + 1
+    scored = n_rounds * rows_per_round * args.round_tokens
+    print(f"{args.model}, {args.dtype}, torch {torch.__version__} on {torch.get_num_threads()} threads "
+          f"({os.cpu_count()} cores), loaded in {time.perf_counter() - began:.1f} s; {args.nodes} nodes on a ring, "
+          f"{n_rounds} rounds ({args.warmup_rounds} warm-up) of {args.round_tokens} tokens, views {args.view_tokens}, "
+          f"reference context {args.context_tokens}, messages {args.message} <= {args.message_tokens} tokens; "
+          f"{rows_per_round} rows a round, {scored} tokens scored a run; a 1-round warm-up, then {args.repeats} timed runs each")
+    names = ["batched", "fair"] + (["position loop"] if args.position_loop else [])
+    lm = prepared.models[scenario.reference_model]
+    pad_id = start_token(lm.tokenizer)
+    for name in names:  # warm-up: the first round of each engine, and a limit pass over its work
+        record = run_engine(prepared, name, rounds=1)
+        print(f"  warm-up {name} (1 round): {record.wall_s:.2f} s wall, {record.cpu_s:.2f} s cpu", flush=True)
+    limit_pass(lm.model, record.work, pad_id)  # the last engine is a loop: it kept its work
+    runs: dict[str, list[Recorded]] = {name: [] for name in names}
+    limits: dict[str, list[tuple[float, float]]] = {EVERY: [], DISTINCT: []}
+    for repeat in range(1, args.repeats + 1):  # interleaved, so that load hits every engine alike
+        for name in names:
+            runs[name].append(record := run_engine(prepared, name))
+            print(f"  run {repeat} {name}: {record.wall_s:.2f} s wall, {record.cpu_s:.2f} s cpu", flush=True)
+        work = {EVERY: runs["fair"][-1].work, DISTINCT: distinct(runs["fair"][-1].work)}
+        for name, items in work.items():
+            limits[name].append(limit_pass(lm.model, items, pad_id, by_length=name == DISTINCT))
+    assert len(work[EVERY]) == n_rounds * rows_per_round
+    lengths = {len(item.input_ids()) for item in work[DISTINCT]}
+    print(f"limits, no generation, no pooling: every row, one left-padded forward pass over {len(work[EVERY])} "
+          f"sequences ({100 * padded_share(work[EVERY]):.0f}% of it padding); distinct rows, the {len(work[DISTINCT])} "
+          f"distinct ones in {len(lengths)} batches of equal length (no padding)")
+    timing_table(runs, limits, scored, n_rounds)
+    print(f"load average at the end: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores\n")
+    batched = runs["batched"][-1]
+    agree = [agreement(name, batched, runs[name][-1], scenario, args.dtype) for name in names[1:]]
+    return 0 if all(agree) else 1
 
 
 if __name__ == "__main__":

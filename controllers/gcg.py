@@ -11,8 +11,11 @@ One step:
    keep the best in a buffer; the next step starts from the buffer's best.
 
 A candidate that meets the objective's success condition (every target token the argmax)
-is remembered; with `early_stop` the run ends there and returns that prompt, otherwise the
-result is the lowest-loss successful prompt, or the lowest-loss prompt when none succeeded.
+is remembered once `confirm_success` has checked the claim with one plain forward pass (the
+objective's scores come from the prefix cache and a batch, which in bfloat16 can flip a
+near-tie); a refuted claim is counted and the search goes on. With `early_stop` the run
+ends at the first confirmed success and returns that prompt, otherwise the result is the
+lowest-loss successful prompt, or the lowest-loss prompt when none succeeded.
 
 `GCG.run` is the loop over steps; `Found` keeps what the steps found (the best prompt, the
 best successful one, the per-step losses) and turns it into the `GCGResult`. All randomness
@@ -86,6 +89,7 @@ class GCGResult:
     wall_time_s: float = 0.0
     step_times_s: list[float] = field(default_factory=list)
     first_success_step: int | None = None  # 0 means the initial prompt already succeeded
+    refuted_successes: int = 0  # claims of success that the plain forward pass did not confirm
 
 
 @dataclass
@@ -100,6 +104,7 @@ class Found:
     first_success_step: int | None = None
     losses: list[float] = field(default_factory=list)
     step_times: list[float] = field(default_factory=list)
+    refuted: int = 0
 
     @classmethod
     def start(cls, ids: Tensor, scores: Scores) -> Found:
@@ -148,7 +153,24 @@ class Found:
             wall_time_s=wall_time_s,
             step_times_s=self.step_times,
             first_success_step=self.first_success_step,
+            refuted_successes=self.refuted,
         )
+
+
+def confirm_success(objective: Objective, candidates: Tensor, scores: Scores) -> tuple[Scores, bool]:
+    """The scores (B,) of candidates (B, k) with success kept for at most one candidate: the
+    lowest-loss one the objective claims, when `objective.confirm` (one plain forward pass)
+    agrees. Returns them and whether a claim was refuted."""
+    claim = scores.best_success()
+    success = torch.zeros_like(scores.success)
+    if claim is None:
+        return Scores(loss=scores.loss, success=success), False
+    win, loss = claim
+    if objective.confirm(candidates[win]):
+        success[win] = True
+        return Scores(loss=scores.loss, success=success), False
+    logger.info("a claimed success (loss %.4f) failed the plain forward check; searching on", loss)
+    return Scores(loss=scores.loss, success=success), True
 
 
 def sample_candidates(
@@ -304,6 +326,8 @@ class GCG:
             logger.warning("step %d: every candidate was filtered out; resampling", step)
             return self.buffer[0][0]
         scores, self.batch_size = score_batched(self.objective, candidates, self.batch_size)
+        scores, refuted = confirm_success(self.objective, candidates, scores)
+        found.refuted += refuted
         index = found.observe(step, candidates, scores)
         step_loss = float(scores.loss[index])
         self._add_to_buffer(step_loss, candidates[index])
@@ -317,7 +341,9 @@ class GCG:
         started = time.perf_counter()
         current = self._start_ids(init_ids)
         init_scores, self.batch_size = score_batched(self.objective, current[None], self.batch_size)
+        init_scores, refuted = confirm_success(self.objective, current[None], init_scores)
         found = Found.start(current, init_scores)
+        found.refuted += refuted
         self.buffer = [(found.best_loss, current)]
         step = 0
         while step < config.num_steps and not (config.early_stop and found.success_ids is not None):

@@ -79,6 +79,11 @@ class Objective(Protocol):
         """Raise ControllerError if k control tokens do not fit in the model's context."""
         ...
 
+    def confirm(self, control_ids: Tensor) -> bool:
+        """control_ids (k,) -> whether the prompt meets the objective in one plain forward
+        pass (input ids, no cache, every logit): the check behind a claimed success."""
+        ...
+
 
 def input_embedding(model: PreTrainedModel) -> tuple[Tensor, float]:
     """The input embedding matrix (V, d) and the scale the embedding module multiplies by.
@@ -167,15 +172,20 @@ class SequenceObjective:
         *,
         log_prob_loss: LogProbLoss | None = None,
         use_prefix_cache: bool = True,
+        labels: Sequence[int] | None = None,
     ) -> None:
         if not 1 <= n_scored <= len(rest_ids):
             raise ControllerError(f"n_scored: {n_scored} must be in 1..{len(rest_ids)}")
+        if labels is not None and len(labels) != n_scored:
+            raise ControllerError(f"labels: {len(labels)} tokens, expected n_scored = {n_scored}")
         input_embedding(model)  # fail early on a model without input embeddings
         self._model = model
         device = model.device
         self.prefix_ids = torch.tensor(list(prefix_ids), dtype=torch.long, device=device)  # (P,)
         self.rest_ids = torch.tensor(list(rest_ids), dtype=torch.long, device=device)  # (R,)
         self.n_scored = n_scored
+        # the scored tokens, when they differ from what the model reads there (a masked view)
+        self._labels = None if labels is None else torch.tensor(list(labels), dtype=torch.long, device=device)
         self.log_prob_loss = log_prob_loss
         self.use_prefix_cache = use_prefix_cache and len(prefix_ids) > 0
         self._prefix_kv: Cache | None = None
@@ -187,8 +197,8 @@ class SequenceObjective:
 
     @property
     def labels(self) -> Tensor:
-        """The scored tokens (n,)."""
-        return self.rest_ids[-self.n_scored :]
+        """The scored tokens (n,): the last n_scored of rest_ids unless given apart."""
+        return self.rest_ids[-self.n_scored :] if self._labels is None else self._labels
 
     def check_control_length(self, k: int) -> None:
         limit = model_context_length(self._model)
@@ -283,6 +293,18 @@ class SequenceObjective:
     def embed_loss(self, control_embeds: Tensor) -> Tensor:
         return self._loss(self._scored_logits(control_embeds)).sum()
 
+    @torch.no_grad()
+    def confirm(self, control_ids: Tensor) -> bool:
+        """Success recomputed the plain way: [prefix][control][rest] as input ids in one
+        uncached forward with every position's logits. The prefix cache, `logits_to_keep`
+        and batching each round differently, so in bfloat16 a near-tie can flip."""
+        if self.log_prob_loss is not None:
+            return False
+        ids = torch.cat([self.prefix_ids, control_ids.to(self.prefix_ids.device), self.rest_ids])
+        logits = self._model(input_ids=ids[None], use_cache=False).logits[0]  # (T, V)
+        predicted = logits[len(ids) - self.n_scored - 1 : -1].argmax(dim=-1)  # (n,)
+        return bool((predicted == self.labels).all())
+
 
 class MeanObjective:
     """The mean loss over several objectives on one model; success = every part succeeds.
@@ -316,6 +338,9 @@ class MeanObjective:
 
     def embed_loss(self, control_embeds: Tensor) -> Tensor:
         return torch.stack([part.embed_loss(control_embeds) for part in self.parts]).mean()
+
+    def confirm(self, control_ids: Tensor) -> bool:
+        return all(part.confirm(control_ids) for part in self.parts)
 
 
 def target_objective(
@@ -357,11 +382,14 @@ def stream_objective(
     prefix_ids: Sequence[int] = (),
     log_prob_loss: LogProbLoss | None = None,
     use_prefix_cache: bool = True,
+    labels: Sequence[int] | None = None,
 ) -> SequenceObjective:
     """A node's NLL over a stretch of the stream: layout [prefix][control][stream].
 
     The loss is the mean NLL of `stream_ids[offset:]`, each predicted from the control and the
     stream before it (tokens before `offset` are context only). `prefix_ids` is usually [bos].
+    `labels` (as many as `stream_ids[offset:]`) are scored instead when what the model reads
+    differs from the true tokens (a masked view reads placeholders).
     """
     if not 0 <= offset < len(stream_ids):
         raise ControllerError(f"offset: {offset} must be in 0..{len(stream_ids) - 1}")
@@ -372,6 +400,7 @@ def stream_objective(
         len(stream_ids) - offset,
         log_prob_loss=log_prob_loss,
         use_prefix_cache=use_prefix_cache,
+        labels=labels,
     )
 
 

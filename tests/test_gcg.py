@@ -15,6 +15,7 @@ from controllers.gcg import (
     GCG,
     Found,
     GCGConfig,
+    confirm_success,
     one_hot_gradient,
     run_gcg,
     sample_candidates,
@@ -211,6 +212,9 @@ def test_gcg_candidates_pass_the_retokenization_filter(tiny_lm, tiny_tok):
         def check_control_length(self, k):
             objective.check_control_length(k)
 
+        def confirm(self, control_ids):
+            return objective.confirm(control_ids)
+
     config = GCGConfig(num_tokens=4, num_steps=3, search_width=32, topk=32, early_stop=False)
     run_gcg(tiny_lm, tiny_tok, Recording(), config)
     for batch in seen[1:]:  # the first is the initial prompt
@@ -256,19 +260,90 @@ def test_early_stop_returns_a_prompt_that_really_makes_the_target_the_argmax(tin
     assert plain_argmax_holds(tiny_lm, result.best_ids, objective)
 
 
-def test_the_returned_prompt_recomputed_from_scratch_has_the_reported_loss(tiny_lm, tiny_tok):
-    objective = target_objective(tiny_lm, tiny_tok, " value of the", prefix="Return the")
+class ScoredEverything:
+    """Wraps an objective and keeps every batch of candidates it scored."""
+
+    def __init__(self, inner: SequenceObjective) -> None:
+        self.inner, self.batches = inner, []
+        self.model = inner.model
+
+    def scores(self, control_ids):
+        self.batches.append(control_ids.clone())
+        return self.inner.scores(control_ids)
+
+    def embed_loss(self, control_embeds):
+        return self.inner.embed_loss(control_embeds)
+
+    def check_control_length(self, k):
+        self.inner.check_control_length(k)
+
+    def confirm(self, control_ids):
+        return self.inner.confirm(control_ids)
+
+
+def test_without_a_success_the_result_is_the_lowest_loss_prompt_of_all_that_were_scored(tiny_lm, tiny_tok):
+    objective = ScoredEverything(target_objective(tiny_lm, tiny_tok, " value of the", prefix="Return the"))
     config = GCGConfig(num_tokens=5, num_steps=8, search_width=32, topk=32, buffer_size=2)
     result = run_gcg(tiny_lm, tiny_tok, objective, config)
+    assert not result.success  # three target tokens are out of reach of 8 steps on this model
     fresh = target_objective(
         tiny_lm, tiny_tok, " value of the", prefix="Return the", use_prefix_cache=False
     )
-    recomputed = float(fresh.scores(torch.tensor([result.best_ids])).loss[0])
-    assert recomputed == pytest.approx(result.best_loss, abs=1e-5)
+    every = torch.cat(objective.batches)  # (1 + sum of W', k): the initial prompt, every candidate
+    assert every.shape[0] > 8 * 16
+    losses = fresh.scores(every).loss  # recomputed without the prefix cache
+    assert result.best_ids == every[int(losses.argmin())].tolist()
+    assert result.best_loss == pytest.approx(float(losses.min()), abs=1e-5)
     assert result.best_text == tiny_tok.decode(result.best_ids)
+    step_best = [float(fresh.scores(batch).loss.min()) for batch in objective.batches[1:]]
+    assert result.losses == pytest.approx(step_best, abs=1e-5)
     assert len(result.losses) == result.steps == 8
-    if not result.success:
-        assert result.best_loss <= min(result.losses) + 1e-6
+
+
+class ClaimsEverySuccess(SequenceObjective):
+    """A scoring path that claims every candidate succeeds, as a prefix-cached bfloat16 pass
+    can claim one near-tie; the losses are the real ones."""
+
+    def scores(self, control_ids):
+        real = super().scores(control_ids)
+        return Scores(loss=real.loss, success=torch.ones_like(real.success))
+
+
+def test_a_claimed_success_that_a_plain_forward_pass_refutes_does_not_stop_the_search(tiny_lm, tiny_tok):
+    real = reachable_objective(tiny_lm, tiny_tok)
+    claims = ClaimsEverySuccess(tiny_lm, real.prefix_ids.tolist(), real.rest_ids.tolist(), 1)
+    config = GCGConfig(num_tokens=4, num_steps=40, search_width=64, topk=64, seed=0)
+    result = run_gcg(tiny_lm, tiny_tok, claims, config)
+    assert result.success
+    assert plain_argmax_holds(tiny_lm, result.best_ids, real)
+    assert 1 <= result.refuted_successes <= result.steps  # at most one check a step
+    assert result.first_success_step == result.steps > 0
+
+
+class Claims:
+    """An objective stand-in whose plain check confirms only the prompts in `true`."""
+
+    def __init__(self, true: set[tuple[int, ...]]) -> None:
+        self.true, self.checked = true, []
+
+    def confirm(self, control_ids):
+        self.checked.append(tuple(control_ids.tolist()))
+        return self.checked[-1] in self.true
+
+
+def test_only_the_lowest_loss_claim_is_checked_and_kept_when_the_plain_pass_confirms_it():
+    candidates = torch.tensor([[1, 1], [2, 2], [3, 3], [4, 4]])
+    scores = scored([0.5, 0.2, 0.3, 0.1], [True, True, True, False])
+    judge = Claims({(2, 2), (3, 3)})
+    confirmed, refuted = confirm_success(judge, candidates, scores)
+    assert (confirmed.success.tolist(), refuted, judge.checked) == ([False, True, False, False], False, [(2, 2)])
+    assert torch.equal(confirmed.loss, scores.loss)
+    judge = Claims({(3, 3)})
+    refused, refuted = confirm_success(judge, candidates, scores)
+    assert (refused.success.tolist(), refuted, judge.checked) == ([False] * 4, True, [(2, 2)])
+    judge = Claims(set())
+    _, refuted = confirm_success(judge, candidates, scored([0.5, 0.2, 0.3, 0.1], [False] * 4))
+    assert (refuted, judge.checked) == (False, [])
 
 
 def test_the_same_seed_gives_the_same_prompt_and_history(tiny_lm, tiny_tok):

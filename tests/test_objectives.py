@@ -77,19 +77,52 @@ def test_control_before_x0_with_a_suffix_is_scored_on_the_target_only(tiny_lm, t
     torch.testing.assert_close(objective.scores(controls).loss, nll, atol=1e-5, rtol=1e-5)
 
 
+def greedy_continuation(model, sequence: list[int], n: int) -> list[int]:
+    """The model's own n greedy next tokens after `sequence`, one plain forward each."""
+    greedy: list[int] = []
+    for _ in range(n):
+        greedy.append(int(plain_log_probs(model, [sequence + greedy])[0, -1].argmax()))
+    return greedy
+
+
 def test_success_means_every_target_token_is_the_greedy_argmax(tiny_lm, tiny_tok):
     prefix = encode(tiny_tok, "Return the")
     control = [[7, 8, 9]]
-    greedy = []
-    sequence = prefix + control[0]
-    for _ in range(2):  # the model's own greedy continuation succeeds by construction
-        token = int(plain_log_probs(tiny_lm, [sequence + greedy])[0, -1].argmax())
-        greedy.append(token)
+    # the model's own greedy continuation succeeds by construction
+    greedy = greedy_continuation(tiny_lm, prefix + control[0], 2)
     hit = SequenceObjective(tiny_lm, prefix, greedy, 2)
     assert hit.scores(torch.tensor(control)).success.tolist() == [True]
     wrong_second = (greedy[1] + 1) % 500
     miss = SequenceObjective(tiny_lm, prefix, [greedy[0], wrong_second], 2)
     assert miss.scores(torch.tensor(control)).success.tolist() == [False]
+
+
+class BrokenScoringPath(SequenceObjective):
+    """Every logit the scoring path computes (cached or not) is zero: it can neither succeed
+    nor rank, so a check that went through it would fail."""
+
+    def _forward(self, batch, length, **inputs):
+        return torch.zeros_like(super()._forward(batch, length, **inputs))
+
+
+@pytest.mark.parametrize("use_prefix_cache", [True, False])
+def test_confirm_is_the_success_of_one_plain_forward_pass_apart_from_the_scoring_path(
+    tiny_lm, tiny_tok, use_prefix_cache
+):
+    prefix = encode(tiny_tok, "Return the")
+    control = torch.tensor([7, 8, 9])
+    greedy = greedy_continuation(tiny_lm, prefix + control.tolist(), 2)
+    hit = BrokenScoringPath(tiny_lm, prefix, greedy, 2, use_prefix_cache=use_prefix_cache)
+    miss = BrokenScoringPath(
+        tiny_lm, prefix, [greedy[0], (greedy[1] + 1) % 500], 2, use_prefix_cache=use_prefix_cache
+    )
+    assert hit.confirm(control)
+    assert not miss.confirm(control)
+    assert not hit.scores(control[None]).success.any()  # the scoring path is broken indeed
+    assert MeanObjective([hit, hit]).confirm(control)
+    assert not MeanObjective([hit, miss]).confirm(control)
+    pooled = SequenceObjective(tiny_lm, prefix, greedy, 2, log_prob_loss=lambda lp: lp[:, 0, 2] * 0)
+    assert not pooled.confirm(control)  # a pooled loss has no success to confirm
 
 
 def test_the_embedding_level_loss_equals_the_scored_loss_of_the_same_prompt(
