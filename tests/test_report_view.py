@@ -125,3 +125,13 @@ def test_a_version_2_report_reads_and_renders_with_its_token_counts(tmp_path, ca
     assert "collective gain" in out and "not distinguishable" in out
     assert main(["report", str(run), "--markdown"]) == 0
     assert "| 320/320 tokens |" in capsys.readouterr().out
+
+
+def test_a_linear_pools_top1_is_labelled_approximate_and_a_logpools_is_not():
+    mean = quickstart()
+    assert mean.aggregator == "mean"
+    assert "recorded top-K mixture, approximate" in report_markdown(mean)
+    assert any("approximate" in line for line in render(mean, 120))
+    logpool = mean.model_copy(update={"aggregator": "logpool"})
+    assert "approximate" not in report_markdown(logpool)
+    assert not any("approximate" in line for line in render(logpool, 120))

@@ -118,12 +118,28 @@ def _table(report: Report, layout: _Layout) -> Table:
     return table
 
 
+def pooled_top1_note(report: Report) -> str:
+    """Where a pooled row's top-1 is approximate, say so ('' where it is exact).
+
+    A linear pool's NLL is exact, but its top-1 is the argmax of the mixture of the members'
+    *recorded* (top-K plus uniform tail) distributions: the full distributions are not at
+    hand in every runtime (scenarios/README.md, aggregator)."""
+    if not (report.aggregator == "mean" or report.aggregator.startswith("weighted")):
+        return ""
+    return (
+        "top-1 of the pooled rows (ensemble, collective) is the argmax of the members' recorded "
+        "top-K mixture, approximate where tail mass decides; their NLL is exact"
+    )
+
+
 def _footer(report: Report) -> list[Text]:
     n = report.n_eval_rounds
     lines = [
         Text(f"collective gain     {_gain(report.collective_gain, n)}"),
         Text(f"communication gain  {_gain(report.communication_gain, n)}"),
     ]
+    if note := pooled_top1_note(report):
+        lines.append(Text(note))
     if note := partial_note(report):
         lines.append(Text(note))
     if report.missed_rounds:
@@ -203,6 +219,8 @@ def report_markdown(report: Report, images: list[tuple[str, str]] | None = None)
     ]
     if report.best_member_rule:
         out.append(f"- best member: {report.best_member or 'none'} ({report.best_member_rule})")
+    if note := pooled_top1_note(report):
+        out.append(f"- {note}")
     out += [
         f"- messages: {report.messages_sent} sent, {report.messages_dropped} dropped, "
         f"{report.messages_truncated} cut to the budget",
