@@ -79,3 +79,13 @@ def test_a_file_topology_reads_its_graph_from_the_scenario_folder_either_way(tmp
     path.write_text(yaml.safe_dump(_scenario(topology, [{"source": "n0", "target": "n2", "drop_rate": 0.5}])), encoding="utf-8")
     graph = build_graph(load_scenario(path))
     assert sorted(graph.edges()) == [("n0", "n2"), ("n2", "n1")]
+
+
+def test_collective_run_names_the_file_of_an_override_of_a_missing_link(tmp_path, capsys):
+    path = tmp_path / "ring.yaml"
+    path.write_text(yaml.safe_dump(_scenario({"kind": "ring", "directed": True}, [{"source": "n0", "target": "n2"}])), encoding="utf-8")
+    assert main(["run", str(path), "--out", str(tmp_path / "run"), "--no-live"]) == 2
+    captured = capsys.readouterr()
+    said = " ".join((captured.out + captured.err).split())
+    assert f"{path}: bus.links[0]: there is no link n0 -> n2" in said
+    assert not (tmp_path / "run").exists()  # it stopped before the run folder was made

@@ -47,7 +47,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 def cmd_run(args: argparse.Namespace, console: Console) -> int:
     from collective.report.report_view import report_table
     from collective.run.rundir import default_run_dir, run_id_for
-    from collective.run.runner import prepare, run_prepared
+    from collective.run.runner import RunError, prepare, run_prepared
 
     set_threads(args.threads)
     scenario = load_scenario(args.scenario)
@@ -55,7 +55,10 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
         scenario = scenario.model_copy(update={"seed": args.seed})
     run_dir = Path(args.out) if args.out else default_run_dir(scenario.name)
     with console.status(f"loading models and corpus for {scenario.name} ..."):
-        prepared = prepare(scenario, model_pool(args), base_dir=Path.cwd())
+        try:
+            prepared = prepare(scenario, model_pool(args), base_dir=Path.cwd())
+        except RunError as exc:  # name the file, as validation errors do
+            raise RunError(f"{args.scenario}: {exc}") from None
     searches = _controls(args, prepared, console)
     console.print(f"run folder: {run_dir}")
     with contextlib.ExitStack() as stack:
