@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import math
 import random
+from dataclasses import replace
 
 import networkx as nx
 import pytest
@@ -310,3 +311,17 @@ def test_watch_paces_a_replay_by_the_recorded_round_times():
     now = [0.0]
     watch(synthetic_run(rounds=3), Console(file=io.StringIO()), speed=4.0, sleep=slept.append, clock=lambda: now[0])
     assert slept == [0.5, 0.5, 0.5]  # 2 s rounds at 4x
+
+
+def test_the_best_member_is_chosen_among_the_members_that_missed_no_round():
+    state = LiveState.fold(synthetic_run()[:-1])
+    best = state.best_member()
+    assert best is not None
+    missed = replace(best, rounds_missed=2)
+    others = [node for node in state.nodes if node.node_id != best.node_id]
+    partial = replace(state, nodes=(missed, *others))
+    chosen = partial.best_member()
+    assert chosen is not None and chosen.node_id != best.node_id  # the lower NLL missed rounds
+    assert chosen.node_id == min(others, key=lambda node: node.nll_isolated.mean or 0.0).node_id
+    every_one_missed = replace(state, nodes=tuple(replace(node, rounds_missed=1) for node in state.nodes))
+    assert every_one_missed.best_member() == replace(best, rounds_missed=1)

@@ -220,8 +220,11 @@ class LiveState:
         return (total - self.rounds_done) * self.elapsed_seconds / self.rounds_done
 
     def best_member(self) -> NodeState | None:
-        """The member with the lowest isolated NLL so far (the collective gain's yardstick)."""
-        ranked = [node for node in self.nodes if node.nll_isolated.mean is not None]
+        """The member with the lowest isolated NLL so far (the collective gain's yardstick),
+        among the members that missed no round, as the report chooses it; members that did
+        miss one count only when every member did."""
+        scored = [node for node in self.nodes if node.nll_isolated.mean is not None]
+        ranked = [node for node in scored if not node.rounds_missed] or scored
         return min(ranked, key=lambda node: node.nll_isolated.mean or 0.0) if ranked else None
 
     @property
