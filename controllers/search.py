@@ -25,7 +25,7 @@ from torch import Tensor
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from controllers.filters import filter_candidates, model_token_mask
-from controllers.gcg import GCGConfig, Progress, one_hot_gradient, run_gcg
+from controllers.gcg import GCGConfig, Progress, confirm_success, one_hot_gradient, run_gcg
 from controllers.objectives import ControllerError, Objective, score_batched
 
 logger = logging.getLogger(__name__)
@@ -111,6 +111,7 @@ def _scan(objective: Objective, candidates: Tensor, batch_size: int | None) -> _
     while start < candidates.shape[0]:
         chunk = candidates[start : start + (found.batch_size or candidates.shape[0])]
         scores, found.batch_size = score_batched(objective, chunk, found.batch_size)
+        scores, _ = confirm_success(objective, chunk, scores)  # a claim must survive a plain pass
         start += chunk.shape[0]
         found.scored += chunk.shape[0]
         success = scores.best_success()
@@ -280,8 +281,9 @@ class _Ladder:
 def _empty_prompt(model: PreTrainedModel, objective: Objective) -> Attempt:
     """Score the empty prompt (k = 0)."""
     started = time.perf_counter()
-    base = objective.scores(torch.zeros(1, 0, dtype=torch.long, device=model.device))
-    loss, ok = float(base.loss[0]), bool(base.success[0])
+    empty = torch.zeros(1, 0, dtype=torch.long, device=model.device)
+    base = objective.scores(empty)
+    loss, ok = float(base.loss[0]), bool(base.success[0]) and objective.confirm(empty[0])
     return Attempt(0, "base", loss, ok, time.perf_counter() - started)
 
 

@@ -352,3 +352,22 @@ def test_the_reach_command_writes_csv_summary_and_plot_and_prints_plain_progress
     assert main(argv) == 2  # the CSV is there: without --resume that is an error
     assert "resume" in capsys.readouterr().out
     assert main([*argv, "--resume"]) == 0  # nothing left to do
+
+
+class ClaimsEverySuccess(SequenceObjective):
+    """Its batched scoring claims that every prompt succeeds; its plain check does not lie."""
+
+    def scores(self, control_ids):
+        scores = super().scores(control_ids)
+        return dataclasses.replace(scores, success=torch.ones_like(scores.success))
+
+
+def test_greedy_and_the_empty_prompt_keep_only_successes_a_plain_forward_pass_confirms(tiny_lm, tiny_tok):
+    x0, y = one_token_game(tiny_lm, tiny_tok)
+    claims = ClaimsEverySuccess(tiny_lm, [], [*x0, y], 1)
+    config = GreedyConfig(filter_special=False, filter_ascii=False, batch_size=64)
+    result = greedy_backgenerate(tiny_lm, tiny_tok, claims, 3, config)
+    assert result.success and len(result.best_ids) == 1  # a real one-token prompt exists
+    assert int(next_token_log_probs(tiny_lm, result.best_ids + x0).argmax()) == y
+    backoff = BackoffConfig(ks=(0,), greedy_max_k=0).search(tiny_lm, tiny_tok, claims)
+    assert not backoff.reached and not backoff.attempts[0].success  # claimed, but y is not the base argmax
