@@ -91,6 +91,13 @@ def _clean_loc(loc: tuple[Any, ...], data: Any, missing: bool = False) -> tuple[
     return tuple(cleaned)
 
 
+# what to write when a top-level section is missing (the error names the field; this names the fix)
+MISSING_HINTS = {
+    "models": " (the models the nodes name, e.g. `models: {smol: smollm2-135m}` with "
+    "`node_defaults: {model: smol}`)",
+}
+
+
 def _key_hint(key: str, loc: tuple[Any, ...], known_keys: Collection[str]) -> str:
     """`(did you mean 'round_tokens'?)`, where templates of nodes and topology parameters go,
     or where the docs are."""
@@ -117,7 +124,7 @@ def format_validation_error(source: str, error: ValidationError, data: Any, know
         if item["type"] == "extra_forbidden":
             message = "unknown key" + _key_hint(str(item["loc"][-1]), loc, known_keys)
         elif item["type"] == "missing":
-            message = "this field is required"
+            message = "this field is required" + MISSING_HINTS.get(format_loc(loc), "")
             shown = "nothing"
         lines.append(f"  - {format_loc(loc)}: {message}; found {shown}")
     return "\n".join(lines)

@@ -343,3 +343,10 @@ def test_every_key_of_every_nested_part_is_known_to_the_misspelling_hint():
     keys = field_names(ScenarioFile)
     assert {"round_tokens", "placeholder", "lag", "speak_prompt", "sweeps", "id_prefix", "window_tokens"} <= keys
     assert {"node_defaults", "overrides", "links", "drop_rate"} <= keys
+
+
+def test_a_missing_models_section_says_what_to_write():
+    data = _base()
+    del data["models"]
+    message = _error(data)
+    assert "models: this field is required (the models the nodes name, e.g. `models: {smol: smollm2-135m}`" in message
