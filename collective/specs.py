@@ -177,11 +177,21 @@ class RelayMessage(Frozen):
     policy: Literal["relay"] = "relay"
 
 
+class ShuffleMessage(Frozen):
+    """A priming control: the relay's tokens in an order drawn per node and round from the
+    scenario seed, so the message has the relay's tokens and length but says nothing of
+    their order. A gain the control shows as well is priming, not communication."""
+
+    policy: Literal["shuffle"] = "shuffle"
+
+
 class SilentMessage(Frozen):
     policy: Literal["silent"] = "silent"
 
 
-MessageSpec = Annotated[GenerateMessage | RelayMessage | SilentMessage, Field(discriminator="policy")]
+MessageSpec = Annotated[
+    GenerateMessage | RelayMessage | ShuffleMessage | SilentMessage, Field(discriminator="policy")
+]
 
 
 # ---------------------------------------------------------------------------- controllers

@@ -25,7 +25,7 @@ from collective.lm.codec import TextCodec, start_token, stop_ids
 from collective.lm.predictions import TokenPredictions
 from collective.lm.scoring import ScoreItem, Speak, score_and_speak, score_items
 from collective.records import MessageRecord
-from collective.scenario import GenerateMessage, MessageSpec, RelayMessage
+from collective.scenario import GenerateMessage, MessageSpec, RelayMessage, ShuffleMessage
 from collective.seeding import generator
 
 
@@ -137,14 +137,26 @@ def compute_rounds(
 
 
 def _message_text(request: NodeRoundRequest, spoken: list[int] | None, tokenizer: TextCodec) -> str | None:
-    """What the node says this round: the text it wrote, the tail of what it saw, or nothing."""
+    """What the node says this round: the text it wrote, the tail of what it saw (in order or
+    shuffled), or nothing."""
     if spoken is not None:
         return tokenizer.decode(spoken, skip_special_tokens=True)
-    if isinstance(request.message, RelayMessage):
-        seen = torch.cat([request.prefix_ids, request.round_inputs])
-        tail = seen[len(seen) - min(len(seen), request.message_tokens) :]
-        return tokenizer.decode(tail.tolist(), skip_special_tokens=True)
+    if isinstance(request.message, RelayMessage | ShuffleMessage):
+        return tokenizer.decode(relayed_ids(request), skip_special_tokens=True)
     return None
+
+
+def relayed_ids(request: NodeRoundRequest) -> list[int]:
+    """The token ids a relay (the last B tokens the node read) or its shuffled control sends.
+
+    The shuffle's order comes from a generator seeded by (seed, node, round), never the
+    global RNG, so a run is repeatable and each node and round draws its own order."""
+    seen = torch.cat([request.prefix_ids, request.round_inputs])
+    tail = seen[len(seen) - min(len(seen), request.message_tokens) :]
+    if isinstance(request.message, ShuffleMessage):
+        order = torch.randperm(len(tail), generator=generator(request.seed, "shuffle", request.node_id, request.round_index))
+        tail = tail[order]
+    return tail.tolist()
 
 
 def _speak(request: NodeRoundRequest, tokenizer: TextCodec) -> Speak:
