@@ -1,0 +1,108 @@
+"""`collective sweep`: the grid, clear errors on a bad --set, one run folder per cell, the
+summary, and resuming (finished cells skipped, an INCOMPLETE one rerun)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from collective.cli import main
+from collective.evaluate.sweep import apply_override, expand_grid, parse_set
+from collective.run.rundir import INCOMPLETE
+from collective.scenario import ScenarioError
+from tests.test_plots import assert_real_png
+from tests.test_rundir import write_tiny_scenario
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def _data(tmp_path: Path, model_dir: Path) -> dict:
+    return yaml.safe_load(write_tiny_scenario(tmp_path, model_dir).read_text(encoding="utf-8"))
+
+
+def test_the_grid_is_every_combination_times_every_seed(tmp_path, tiny_model_dir):
+    sets = [parse_set("bus.max_message_tokens=2,4"), parse_set("node_defaults.message.policy=relay,shuffle")]
+    cells = expand_grid(_data(tmp_path, tiny_model_dir), sets, [0, 1], source="tiny.yaml")
+    assert len(cells) == 8
+    assert {(c.scenario.bus.max_message_tokens, c.scenario.node("a").message.policy, c.seed) for c in cells} == {
+        (t, p, s) for t in (2, 4) for p in ("relay", "shuffle") for s in (0, 1)
+    }
+    assert all(c.scenario.seed == c.seed for c in cells)
+    assert len({c.folder_name for c in cells}) == 8
+
+
+def test_another_policy_replaces_the_old_ones_fields():
+    data = {"node_defaults": {"message": {"policy": "generate", "speak_prompt": "x"}}}
+    assert apply_override(data, "node_defaults.message.policy", "relay") == {"node_defaults": {"message": {"policy": "relay"}}}
+    assert data["node_defaults"]["message"]["speak_prompt"] == "x"  # the input is not changed
+
+
+def test_an_unknown_path_names_it_and_the_closest_key(tmp_path, tiny_model_dir):
+    with pytest.raises(ScenarioError, match=r"bus\.max_mesage_tokens.*did you mean 'max_message_tokens'"):
+        expand_grid(_data(tmp_path, tiny_model_dir), [parse_set("bus.max_mesage_tokens=4")], [0], source="tiny.yaml")
+
+
+def test_a_wrong_typed_value_names_the_path_and_what_was_expected(tmp_path, tiny_model_dir):
+    with pytest.raises(ScenarioError, match=r"bus\.max_message_tokens.*valid integer.*'lots'"):
+        expand_grid(_data(tmp_path, tiny_model_dir), [parse_set("bus.max_message_tokens=4,lots")], [0], source="tiny.yaml")
+
+
+def test_a_bad_set_is_an_error_on_the_command_line(tmp_path, tiny_model_dir, capsys):
+    scenario = write_tiny_scenario(tmp_path, tiny_model_dir)
+    code = main(["sweep", str(scenario), "--set", "bsu.max_message_tokens=4", "--out", str(tmp_path / "s")])
+    assert code == 2
+    assert "did you mean 'bus'" in capsys.readouterr().out
+
+
+def _sweep(scenario: Path, out: Path) -> int:
+    return main(["sweep", str(scenario), "--set", "bus.max_message_tokens=2,6", "--seeds", "3", "--out", str(out), "--threads", "1"])
+
+
+def test_ctrl_c_keeps_finished_cells_and_a_rerun_resumes(tmp_path, tiny_model_dir, capsys, monkeypatch):
+    from collective.run.engine import RoundEngine
+
+    scenario, out = write_tiny_scenario(tmp_path, tiny_model_dir), tmp_path / "sweep"
+    names = ["bus.max_message_tokens=2,seed=3", "bus.max_message_tokens=6,seed=3"]
+    real_run = RoundEngine.run
+
+    def ctrl_c_in_the_second_cell(self, **kwargs):
+        if self.scenario.bus.max_message_tokens == 6:
+            raise KeyboardInterrupt
+        return real_run(self, **kwargs)
+
+    monkeypatch.setattr(RoundEngine, "run", ctrl_c_in_the_second_cell)
+    assert _sweep(scenario, out) == 130
+    assert (out / names[0] / "report.json").exists() and not (out / names[0] / INCOMPLETE).exists()
+    assert (out / names[1] / INCOMPLETE).exists() and not (out / names[1] / "report.json").exists()
+    finished = (out / names[0] / "report.json").stat().st_mtime_ns
+    monkeypatch.setattr(RoundEngine, "run", real_run)
+    capsys.readouterr()
+
+    assert _sweep(scenario, out) == 0
+    printed = capsys.readouterr().out
+    assert f"{names[0]}: already finished, skipped" in printed and f"{names[1]}: done" in printed
+    assert (out / names[0] / "report.json").stat().st_mtime_ns == finished
+    assert (out / names[1] / "report.json").exists() and not (out / names[1] / INCOMPLETE).exists()
+
+    summary = json.loads((out / "summary.json").read_text(encoding="utf-8"))
+    assert [c["overrides"] for c in summary["cells"]] == [{"bus.max_message_tokens": 2}, {"bus.max_message_tokens": 6}]
+    assert [c["seed"] for c in summary["cells"]] == [3, 3] and len(summary["means"]) == 2
+    small, large = (c["bytes_per_link_round"] for c in summary["cells"])
+    assert 0 < small < large  # a larger token budget sends more bytes
+    for cell in summary["cells"]:
+        low, high = cell["communication_gain"]["ci"]
+        assert low <= cell["communication_gain"]["value"] <= high
+    rows = (out / "summary.csv").read_text(encoding="utf-8").splitlines()
+    assert len(rows) == 1 + 2 + 2 and rows[0].startswith("combination,bus.max_message_tokens,seed,communication_gain")
+    assert rows[1].startswith("bus.max_message_tokens=2,2,3,")
+    assert_real_png(out / "gain_vs_bandwidth.png")
+
+    assert _sweep(scenario, out) == 0
+    assert "done" not in capsys.readouterr().out  # a third invocation runs nothing
+
+    (out / names[0] / INCOMPLETE).write_text("killed after the report was written\n", encoding="utf-8")
+    assert _sweep(scenario, out) == 0  # a marked folder is rerun even if it holds a report
+    assert f"{names[0]}: done" in capsys.readouterr().out and not (out / names[0] / INCOMPLETE).exists()
