@@ -99,6 +99,12 @@ def test_ctrl_c_keeps_finished_cells_and_a_rerun_resumes(tmp_path, tiny_model_di
     assert len(rows) == 1 + 2 + 2 and rows[0].startswith("combination,bus.max_message_tokens,seed,communication_gain")
     assert rows[1].startswith("bus.max_message_tokens=2,2,3,")
     assert_real_png(out / "gain_vs_bandwidth.png")
+    capsys.readouterr()
+    assert main(["report", str(out), "--markdown"]) == 0  # collective report reads a sweep folder
+    table = capsys.readouterr().out
+    first = summary["cells"][0]
+    assert f"| bus.max_message_tokens=2 | 3 | {first['communication_gain']['value']:+.3f} [" in table
+    assert "| bus.max_message_tokens=6 | mean |" in table
 
     assert _sweep(scenario, out) == 0
     assert "done" not in capsys.readouterr().out  # a third invocation runs nothing

@@ -54,7 +54,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     watch.set_defaults(func=cmd_watch)
 
     report = subparsers.add_parser(
-        "report", help="print a run's report again, or compare several runs side by side", description=cmd_report.__doc__
+        "report", help="print a run's report again, compare several runs side by side, or summarize a sweep folder",
+        description=cmd_report.__doc__
     )
     report.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
     report.add_argument("--markdown", action="store_true", help="print Markdown instead of a table")
@@ -141,6 +142,24 @@ def cmd_watch(args: argparse.Namespace, console: Console) -> int:
 # ---------------------------------------------------------------------------- report
 
 
+def _is_sweep(folder: Path) -> bool:
+    """A `collective sweep` folder: its summary.json and no report of its own."""
+    return (folder / "summary.json").exists() and not (folder / "report.json").exists()
+
+
+def _sweep_report(folder: Path, markdown: bool, console: Console) -> int:
+    import json
+
+    from collective.report.sweep_view import sweep_markdown, sweep_table
+
+    summary = json.loads((folder / "summary.json").read_text(encoding="utf-8"))
+    if markdown:
+        console.out(sweep_markdown(summary), highlight=False)
+    else:
+        console.print(sweep_table(summary))
+    return 0
+
+
 def _load_report(run_dir: Path) -> Report:
     """The report.json of a run folder; a missing or unreadable one is a WatchError that says why."""
     from pydantic import ValidationError
@@ -163,10 +182,13 @@ def _load_report(run_dir: Path) -> Report:
 
 def cmd_report(args: argparse.Namespace, console: Console) -> int:
     """One folder: its report table. Several: every row and both gains side by side, with the
-    mean and a 95% t-interval across the runs (for seed sweeps and ablations)."""
+    mean and a 95% t-interval across the runs (for seed sweeps and ablations). A `collective
+    sweep` folder: its summary, cell by cell and the mean over seeds."""
     from collective.evaluate.compare import compare_reports, comparison_markdown, comparison_table
     from collective.report.report_view import report_markdown, report_table
 
+    if len(args.run_dirs) == 1 and _is_sweep(Path(args.run_dirs[0])):
+        return _sweep_report(Path(args.run_dirs[0]), args.markdown, console)
     try:
         reports = [_load_report(Path(path)) for path in args.run_dirs]
     except WatchError as exc:
