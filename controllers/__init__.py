@@ -1,10 +1,19 @@
-"""Control prompts for language models: GCG, greedy back-generation, reachability.
+"""Control prompts for language models: GCG, greedy back-generation, reachability, messages.
 
 Depends on torch and transformers only (never on the bus or the round engine).
 """
 
 from controllers.filters import allowed_token_mask, filter_candidates, retokenizes
 from controllers.gcg import GCG, GCGConfig, GCGResult, one_hot_gradient, run_gcg, sample_candidates
+from controllers.messages import (
+    MessagePart,
+    MessageSearchConfig,
+    MessageSearchResult,
+    MessageTask,
+    message_gradients,
+    message_losses,
+    search_messages,
+)
 from controllers.objectives import (
     ControllerError,
     MeanObjective,
@@ -49,6 +58,10 @@ __all__ = [
     "GreedyConfig",
     "GreedyResult",
     "MeanObjective",
+    "MessagePart",
+    "MessageSearchConfig",
+    "MessageSearchResult",
+    "MessageTask",
     "Objective",
     "ReachConfig",
     "ReachPair",
@@ -64,6 +77,8 @@ __all__ = [
     "format_summary",
     "greedy_backgenerate",
     "input_embedding",
+    "message_gradients",
+    "message_losses",
     "one_hot_gradient",
     "play_game",
     "retokenizes",
@@ -71,6 +86,7 @@ __all__ = [
     "run_reach",
     "sample_candidates",
     "score_batched",
+    "search_messages",
     "stream_objective",
     "summarize",
     "target_objective",
