@@ -16,12 +16,15 @@ from typing import Annotated, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
-EVENT_SCHEMA_VERSION = 1
+# events 2: adds NodeRound.message_search (searched messages); version 1 files still read
+EVENT_SCHEMA_VERSION = 2
 # report 2: adds rejected_envelopes; 3: adds each row's n_rounds, each gain's n_rounds (the rounds its
 # two sides share), partial_members, best_member_rule and block_rule. Older reports still read: the
 # new fields default to None or empty, and `Report.is_partial` works from token counts.
-REPORT_SCHEMA_VERSION = 3
-CONTROLS_SCHEMA_VERSION = 1
+# 4: adds controller_gains and message_searches (empty in older reports).
+REPORT_SCHEMA_VERSION = 4
+# controls 2: adds each search's validation_loss, initial_validation_loss and stopped_at_step (None in version 1)
+CONTROLS_SCHEMA_VERSION = 2
 
 Runtime = Literal["embedded", "mqtt"]  # where the nodes ran: this process, or volunteers over MQTT
 
@@ -75,6 +78,37 @@ class RunStart(_Record):
     runtime: Runtime = "embedded"
 
 
+class MessageSearch(_Record):
+    """A searched message's search (message policy `search`): its objective, in nats per span
+    token, for the message it started from and the one it sends."""
+
+    objective: Literal["sender", "receiver"]
+    before: float
+    after: float
+    tokens: int = Field(description="tokens of the message searched")
+    steps: int
+    seconds: float = Field(description="the node's share of its model's batched search")
+
+
+class MessageSearchSummary(_Record):
+    """A node's searched messages over a run's rounds (warm-up included): the mean objective,
+    nats per span token, of the messages they started from and of those sent."""
+
+    messages: int
+    mean_before: float
+    mean_after: float
+    mean_tokens: float
+    seconds: float = Field(description="the node's share of the search time, summed over rounds")
+
+    @classmethod
+    def of(cls, searches: list[MessageSearch]) -> MessageSearchSummary:
+        n = len(searches)
+        return cls(
+            messages=n, mean_before=sum(s.before for s in searches) / n, mean_after=sum(s.after for s in searches) / n,
+            mean_tokens=sum(s.tokens for s in searches) / n, seconds=sum(s.seconds for s in searches),
+        )
+
+
 class NodeRound(_Record):
     """One node's round. NLLs are mean nats/token over the round; None when it missed it
     (or, for isolated and plain, when it was not asked for that row)."""
@@ -91,6 +125,7 @@ class NodeRound(_Record):
     messages_truncated: int = Field(0, description="cut to a link's token or byte budget")
     missed: bool = False
     last_message: str | None = None
+    message_search: MessageSearch | None = Field(None, description="a searched message's objective before and after (events 2)")
 
 
 class RoundEvent(_Record):
@@ -168,11 +203,12 @@ class RowReport(_Record):
 
 
 class Gain(_Record):
-    """NLL difference in nats/token (positive = the collective is better), with its paired CI."""
+    """NLL difference in nats/token with its paired CI: positive = the collective (for a
+    controller gain: the member with its prompt) is better than what it is compared with."""
 
     value: float
     ci: Interval
-    versus: str = Field(description="what the collective is compared with")
+    versus: str = Field(description="what it is compared with")
     n_rounds: int | None = Field(None, description="eval rounds both sides were scored on (None: before version 3)")
 
 
@@ -194,6 +230,14 @@ class Report(_Record):
     collective_gain: Gain
     communication_gain: Gain
     verdict: str
+    controller_gains: dict[str, Gain] = Field(
+        default_factory=dict,
+        description="per node with a control prompt: NLL(plain) - NLL(isolated), > 0: the prompt helps its node alone "
+        "(empty before version 4)",
+    )
+    message_searches: dict[str, MessageSearchSummary] = Field(
+        default_factory=dict, description="searched messages (policy search), per node: their objective before and after"
+    )
     best_member_rule: str = Field("", description="how the best member was chosen ('' before version 3)")
     partial_members: list[str] = Field(default_factory=list, description="members not scored on every eval round")
     block_rule: str = Field("", description="why the bootstrap blocks are `block_rounds` long ('' before version 3)")
@@ -232,13 +276,20 @@ class ControlSearch(_Record):
     """One node's prompt search on the train part (GCG)."""
 
     node_id: str
-    objective: Literal["local", "collective"]
+    objective: Literal["local", "collective", "speak"]
     control_ids: list[int]
     control_text: str
     loss: float = Field(description="train NLL with the prompt found, nats/token")
     initial_loss: float = Field(description="train NLL with the initial prompt, nats/token")
     steps: int
     wall_seconds: float
+    validation_loss: float | None = Field(
+        None, description="NLL on the validation slice with the prompt returned (None: no slice, or version 1)"
+    )
+    initial_validation_loss: float | None = Field(None, description="NLL on the validation slice with the initial prompt")
+    stopped_at_step: int | None = Field(
+        None, description="the step after which `patience` steps without a validation improvement ended the search"
+    )
 
 
 class Controls(_Record):

@@ -50,6 +50,7 @@ from collective.specs import (
     NodeTemplate,
     NoView,
     RelayMessage,
+    SearchMessage,
     ShuffleMessage,
     SilentMessage,
     TopologySpec,
@@ -85,6 +86,7 @@ __all__ = [
     "Scenario",
     "ScenarioError",
     "ScenarioFile",
+    "SearchMessage",
     "ShuffleMessage",
     "SilentMessage",
     "TopologySpec",
@@ -247,16 +249,19 @@ def _cross_checks(scenario: Scenario) -> None:
             f"{scenario.corpus.eval_tokens} eval tokens make no whole round of {scenario.bus.round_tokens} tokens",
         )
     needed = scenario.evaluation.warmup_rounds * scenario.bus.round_tokens + scenario.max_reach
-    train_rounds = [n.controller.train_rounds for n in scenario.nodes if isinstance(n.controller, GCGController)]
-    if train_rounds:  # the controllers' training rounds are the last ones of the train part
-        needed += max(train_rounds) * scenario.bus.round_tokens
+    gcg = [n.controller for n in scenario.nodes if isinstance(n.controller, GCGController)]
+    # the controllers' training rounds, then their validation slice, are the last rounds of the train part
+    train_rounds = max((spec.train_rounds for spec in gcg), default=0)
+    validation_rounds = max((spec.validation_rounds for spec in gcg), default=0)
+    needed += (train_rounds + validation_rounds) * scenario.bus.round_tokens
     if scenario.corpus.train_tokens < needed:
         raise FieldError(
             ("corpus", "train_tokens"),
             f"found {scenario.corpus.train_tokens}; the warm-up rounds and the longest view need the "
             f"{needed} tokens before the eval part to come from the train part "
             f"({scenario.evaluation.warmup_rounds} warm-up rounds x {scenario.bus.round_tokens} + {scenario.max_reach}"
-            + (f" + {max(train_rounds)} controller training rounds" if train_rounds else "")
+            + (f" + {train_rounds} controller training rounds" if gcg else "")
+            + (f" + {validation_rounds} controller validation rounds" if validation_rounds else "")
             + ")",
         )
 

@@ -189,8 +189,33 @@ class SilentMessage(Frozen):
     policy: Literal["silent"] = "silent"
 
 
+class SearchMessage(Frozen):
+    """The node searches its message every round: greedy coordinate gradient over the
+    message's tokens (as many as the out-links' token budget), starting from `init`, to make
+    what the sender just read as predictable as possible to a reader of the message.
+
+    objective `sender`: the NLL of the sender's last `span_tokens` read tokens after
+    [start][the inbox rendering of the message] (what a reader who saw nothing else would
+    learn). `receiver`: the same tokens scored by each out-neighbour's model context as the
+    scenario defines it, [start][its control][the message][its view before those tokens],
+    averaged over out-neighbours; only an embedded run can know the receivers' views (a
+    distributed node cannot, and is refused)."""
+
+    policy: Literal["search"] = "search"
+    objective: Literal["sender", "receiver"] = "sender"
+    span_tokens: int | None = Field(None, ge=1, description="recent read tokens the message should carry; default: the round just read")
+    init: Literal["relay", "generate", "filler"] = Field("relay", description="the message the search starts from")
+    speak_prompt: str = Field("\nIn short:", description="init generate: appended after the node's context before it writes")
+    steps: int = Field(4, ge=1, description="GCG steps per message")
+    search_width: int = Field(32, ge=1, description="candidates scored per step")
+    topk: int = Field(32, ge=1, description="tokens per position to sample replacements from")
+    n_replace: int = Field(1, ge=1)
+    ascii_only: bool = Field(True, description="only ASCII tokens in the message")
+    retokenize_filter: bool = Field(True, description="only messages that read back as the same tokens")
+
+
 MessageSpec = Annotated[
-    GenerateMessage | RelayMessage | ShuffleMessage | SilentMessage, Field(discriminator="policy")
+    GenerateMessage | RelayMessage | ShuffleMessage | SearchMessage | SilentMessage, Field(discriminator="policy")
 ]
 
 
@@ -216,10 +241,18 @@ class GCGController(Frozen):
     topk: int = Field(64, ge=1)
     n_replace: int = Field(1, ge=1)
     buffer_size: int = Field(4, ge=1)
-    objective: Literal["local", "collective"] = "local"
+    objective: Literal["local", "collective", "speak"] = Field(
+        "local",
+        description="local: the node's own NLL; collective: the pooled NLL through it; speak: its out-neighbours' "
+        "NLL in collective through the messages it writes (scored end to end)",
+    )
     train_rounds: int = Field(4, ge=1, description="train rounds the objective is measured on")
+    validation_rounds: int = Field(
+        2, ge=0, description="train rounds after the training rounds, held out to choose the returned prompt and stop early (0: none)"
+    )
+    patience: int = Field(3, ge=1, description="steps without a validation improvement before the search stops")
     init: str = Field("x x x x x x x x", description="initial prompt text (cut or padded to `tokens`)")
-    sweeps: int = Field(1, ge=1, description="coordinate-descent sweeps over nodes (objective: collective)")
+    sweeps: int = Field(1, ge=1, description="coordinate-descent sweeps over nodes (objective: collective or speak)")
     ascii_only: bool = True
     retokenize_filter: bool = True
 

@@ -18,8 +18,10 @@ ends at the first confirmed success and returns that prompt, otherwise the resul
 lowest-loss successful prompt, or the lowest-loss prompt when none succeeded.
 
 `GCG.run` is the loop over steps; `Found` keeps what the steps found (the best prompt, the
-best successful one, the per-step losses) and turns it into the `GCGResult`. All randomness
-comes from a `torch.Generator` seeded with `GCGConfig.seed`.
+best successful one, the per-step losses) and turns it into the `GCGResult`. An `on_step`
+callback sees the lowest-loss prompt after each step and may end the search (a caller's
+early stopping, e.g. on held-out data). All randomness comes from a `torch.Generator`
+seeded with `GCGConfig.seed`.
 """
 
 from __future__ import annotations
@@ -47,6 +49,8 @@ logger = logging.getLogger(__name__)
 
 Progress = Callable[[int, int], None]
 """Called with (done, total) after each unit of work."""
+OnStep = Callable[[int, Tensor], bool]
+"""Called with (step, the lowest-loss prompt so far (k,)) after each step; True ends the search."""
 
 
 class GCGConfig(BaseModel):
@@ -335,7 +339,10 @@ class GCG:
         return step_loss
 
     def run(
-        self, init_ids: Tensor | list[int] | None = None, progress: Progress | None = None
+        self,
+        init_ids: Tensor | list[int] | None = None,
+        progress: Progress | None = None,
+        on_step: OnStep | None = None,
     ) -> GCGResult:
         config = self.config
         started = time.perf_counter()
@@ -353,6 +360,8 @@ class GCG:
             found.step_times.append(time.perf_counter() - step_start)
             if progress is not None:
                 progress(step, config.num_steps)
+            if on_step is not None and on_step(step, found.best_ids):
+                break
         return found.result(self.tokenizer, step, time.perf_counter() - started)
 
 
@@ -365,15 +374,17 @@ def run_gcg(
     progress: Progress | None = None,
     *,
     allowed: Tensor | None = None,
+    on_step: OnStep | None = None,
 ) -> GCGResult:
     """Search a control prompt that minimizes `objective` (see the module docstring).
 
     `init_ids` (k,) sets the starting prompt and its length; otherwise k = config.num_tokens
     random allowed tokens. `allowed` (V,) bool overrides the token filters (reuse it across
-    runs: computing it decodes the whole vocabulary).
+    runs: computing it decodes the whole vocabulary). `on_step(step, best_ids)` runs after
+    each step; when it returns True the search ends there.
     """
     if objective.model is not model:
         raise ControllerError("objective: was built for a different model than the one given")
     return GCG(model, tokenizer, objective, config or GCGConfig(), allowed=allowed).run(
-        init_ids, progress
+        init_ids, progress, on_step
     )

@@ -28,11 +28,14 @@ from collective.run.runner import RunError, prepare, run_prepared
 from collective.scenario import GCGController, load_scenario
 from tests.test_rundir import write_tiny_scenario
 
-GCG = {"kind": "gcg", "tokens": 3, "steps": 3, "search_width": 8, "topk": 8, "train_rounds": 2, "init": "x x x"}
+# no validation slice: the search returns the lowest training loss it found, as before validation_rounds
+GCG = {"kind": "gcg", "tokens": 3, "steps": 3, "search_width": 8, "topk": 8, "train_rounds": 2, "init": "x x x",
+       "validation_rounds": 0}
 ROUND = 8  # write_tiny_scenario's round_tokens
 # one node of each view that cuts the stream differently, training on different numbers of rounds
+# before validation slices of different lengths (the slice: the largest, 2 rounds)
 VIEWS = [
-    {"id": "w", "view": {"kind": "window", "tokens": 16}, "controller": {**GCG, "train_rounds": 1}},
+    {"id": "w", "view": {"kind": "window", "tokens": 16}, "controller": {**GCG, "train_rounds": 1, "validation_rounds": 1}},
     {"id": "l", "view": {"kind": "lagged", "tokens": 8, "lag": 8}},
     {"id": "m", "view": {"kind": "masked", "tokens": 16, "keep": 0.5}, "controller": {**GCG, "train_rounds": 3}},
     {"id": "n", "view": {"kind": "none"}},
@@ -70,20 +73,25 @@ def _training_run(prepared) -> dict[int, RoundEvent]:
     return {e.start_token: e for e in events if e.phase == "eval"}
 
 
-def _last_starts(prepared, n_rounds: int) -> list[int]:
-    """Where the last n_rounds rounds of the train part start."""
-    end = prepared.scenario.corpus.train_tokens
+def _last_starts(prepared, n_rounds: int, validation: bool = False) -> list[int]:
+    """Where a node's n_rounds training rounds start: the rounds just before the validation
+    slice (the last max(validation_rounds) rounds of the train part); with `validation`, the
+    last n_rounds of the slice."""
+    specs = [n.controller for n in prepared.scenario.nodes if isinstance(n.controller, GCGController)]
+    held_out = 0 if validation else max(spec.validation_rounds for spec in specs)
+    end = prepared.scenario.corpus.train_tokens - held_out * ROUND
     return [end - (n_rounds - j) * ROUND for j in range(n_rounds)]
 
 
-def _training_nll(prepared, node_id: str, n_rounds: int, row: str) -> float:
-    """Mean over node_id's training rounds of the run's isolated NLL of that node ("isolated")
-    or of the collective's NLL ("collective"), with the current prompts."""
+def _training_nll(prepared, node_id: str, n_rounds: int, row: str, validation: bool = False) -> float:
+    """Mean over node_id's training rounds (with `validation`: its validation rounds) of the
+    run's isolated NLL of that node ("isolated") or of the collective's NLL ("collective"),
+    with the current prompts."""
     events = _training_run(prepared)
     index = prepared.scenario.node_ids.index(node_id)
     values = [
         events[s].nll_collective if row == "collective" else events[s].nodes[index].nll_isolated
-        for s in _last_starts(prepared, n_rounds)
+        for s in _last_starts(prepared, n_rounds, validation)
     ]
     return sum(v for v in values if v is not None) / len(values)
 
@@ -245,7 +253,7 @@ def test_a_controller_optimises_the_very_context_its_node_is_scored_on(tiny_mode
     token sequence the node is scored on when that round is scored (the isolated row for
     local, the row in collective for collective), on the last rounds of the train part,
     is scored on the round's true tokens, and gives the NLL the run gives."""
-    prepared = _prepared(tmp_path, tiny_model_dir, {**GCG, "objective": objective}, nodes=VIEWS,
+    prepared = _prepared(tmp_path, tiny_model_dir, {**GCG, "objective": objective, "validation_rounds": 2}, nodes=VIEWS,
                          node_defaults={"model": "tiny", "message": {"policy": "relay"}})
     prompt = list(prepared.tokenizer.encode(" on x", add_special_tokens=False))
     prepared.control_ids.update({n: prompt for n in prepared.scenario.node_ids})
@@ -265,7 +273,7 @@ def test_a_controller_optimises_the_very_context_its_node_is_scored_on(tiny_mode
     for index, node in enumerate(prepared.scenario.nodes):
         assert isinstance(node.controller, GCGController)
         n_rounds = node.controller.train_rounds
-        parts = _objective_parts(prepared, node, training, n_rounds, recorder)
+        parts = _objective_parts(prepared, node, training, training.last(n_rounds), recorder)
         assert len(parts) == n_rounds
         for part, start in zip(parts, _last_starts(prepared, n_rounds)):
             labels = part.labels.tolist()

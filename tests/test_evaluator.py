@@ -217,3 +217,23 @@ def test_aggregators_are_described_in_a_few_words():
     assert describe_aggregator(_scenario()) == "mean"
     assert describe_aggregator(_scenario(aggregator={"kind": "readout", "node": "b"})) == "readout: b"
     assert describe_aggregator(_scenario(aggregator={"kind": "weighted", "method": "perplexity"})) == "weighted (perplexity)"
+
+
+def test_each_prompted_node_gets_a_controller_gain_plain_minus_isolated_from_the_one_bootstrap():
+    rows = _rows()
+    rows[("member_isolated", "a")] = [v - 0.3 for v in rows[("member_isolated", "a")]]  # a's prompt helps it
+    plain, isolated = rows[("member_plain", "a")], rows[("member_isolated", "a")]
+    report = build_report(_scenario(), _result(rows), run_id="r", control_prompts={"a": "be brief"})
+    assert list(report.controller_gains) == ["a"]  # b has no prompt: no controller gain
+    gain = report.controller_gains["a"]
+    assert gain.value == pytest.approx(_ratio(plain) - _ratio(isolated))
+    counts = resample_counts(len(TOKENS), 2, 500, generator(1, "bootstrap")).tolist()
+    samples = [_ratio(plain, c) - _ratio(isolated, c) for c in counts]
+    assert (gain.ci.low, gain.ci.high) == pytest.approx(_interval(samples), rel=1e-9)
+    assert gain.ci.low > 0 and gain.n_rounds == len(TOKENS) and gain.versus == "plain member (no prompt)"
+    # the other numbers are those of the same report without prompts
+    unprompted = build_report(_scenario(), _result(rows), run_id="r")
+    assert unprompted.controller_gains == {}
+    assert (unprompted.collective_gain, unprompted.communication_gain, unprompted.rows) == (
+        report.collective_gain, report.communication_gain, report.rows)
+    assert Report.model_validate_json(report.model_dump_json()) == report

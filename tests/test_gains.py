@@ -14,6 +14,7 @@ from collective.evaluate.gains import (
     RULE_COMPLETE,
     RULE_NONE,
     choose_best_member,
+    controller_effect,
     gains,
     missed_rounds_note,
     verdict,
@@ -164,3 +165,41 @@ def test_the_verdict_names_missed_rounds_and_the_rounds_each_gain_pairs():
     assert missed_rounds_note({"a": 0}, 10, Estimate(0, 0, 0), Estimate(0, 0, 0), RULE_COMPLETE) == ""
     line = verdict(Estimate(0.12, 0.05, 0.2), Estimate(0.08, 0.02, 0.13), "a", note)
     assert line.endswith("ensemble (95% CI +0.020 to +0.130). " + note)
+
+
+# ---------------------------------------------------------------------------- controller gains
+
+
+def test_a_controller_gain_is_plain_minus_isolated_from_the_same_resamples_and_changes_no_other_number():
+    g = torch.Generator().manual_seed(3)
+    noise = torch.randn(ROUNDS, generator=g, dtype=torch.float64)
+    tokens = torch.randint(5, 30, (ROUNDS,), generator=g).tolist()
+    rows = {
+        "p0": stats((3.0 + noise + 0.1 * torch.randn(ROUNDS, generator=g)).tolist(), tokens),  # m0 without its prompt
+        "m0": stats((2.8 + noise).tolist(), tokens),
+        "m1": stats((2.9 + noise).tolist(), tokens),
+        "silent": stats((2.5 + noise).tolist(), tokens),
+        "collective": stats((2.3 + noise.flip(0)).tolist(), tokens),
+    }
+    result = gains(rows, isolated=["m0", "m1"], silent="silent", collective="collective",
+                   generator=torch.Generator().manual_seed(4), n_boot=300, controlled=[("p0", "m0")])
+    gain = result.controller_gains["m0"]
+    assert list(result.controller_gains) == ["m0"]
+    every = [True] * ROUNDS
+    counts = resample_counts(ROUNDS, result.bootstrap.block_rounds, 300, torch.Generator().manual_seed(4)).tolist()
+    assert gain.value == pytest.approx(loop_ratio(rows["p0"], [1.0] * ROUNDS, every) - loop_ratio(rows["m0"], [1.0] * ROUNDS, every))
+    samples = [loop_ratio(rows["p0"], c, every) - loop_ratio(rows["m0"], c, every) for c in counts]
+    assert (gain.low, gain.high) == pytest.approx(loop_interval(samples), rel=1e-12)
+    assert gain.value > 0 and gain.n_rounds == ROUNDS
+    without = _gains(rows, ["m0", "m1"], seed=4)
+    assert (without.collective_gain, without.communication_gain) == (result.collective_gain, result.communication_gain)
+    assert without.bootstrap.nll == result.bootstrap.nll and without.controller_gains == {}
+
+
+def test_a_controller_gain_reads_in_words_with_the_verdicts_float_tolerance():
+    assert controller_effect(Estimate(0.1, 0.05, 0.2)) == "the prompt helps its node"
+    assert controller_effect(Estimate(-0.1, -0.2, -0.05)) == "the prompt hurts its node"
+    assert controller_effect(Estimate(0.01, -0.05, 0.07)) == "no measurable effect"
+    # a prompt with no effect: ~1e-7 of rounding, all of one sign, is a tie, not a loss
+    assert controller_effect(Estimate(-2e-7, -3e-7, -1e-7)) == "no measurable effect, equal within float tolerance"
+    assert controller_effect(Estimate(0.2, math.nan, math.nan)) == "no measurable effect"

@@ -134,3 +134,25 @@ def test_a_silent_collective_has_a_communication_gain_ci_covering_zero(pool, tmp
     assert gain.ci.low <= 0.0 <= gain.ci.high
     assert report.messages_sent == 0
     assert "communication made no measurable difference" in report.verdict
+
+
+def test_a_two_cell_sweep_of_relayed_and_searched_messages(tmp_path):
+    """`collective sweep` on the real model: a relay cell and a searched-message cell, each a
+    finished run folder, and a summary whose searched messages stayed within the budget."""
+    import json
+
+    # the search settings sit in the file; the relay cell replaces the whole message mapping
+    search = {"policy": "search", "steps": 1, "search_width": 8, "topk": 8}
+    scenario = _write(tmp_path, _scenario(name="sweep", node_defaults={"model": "smol", "message": search}))
+    out = tmp_path / "sweep"
+    code = main(["sweep", str(scenario), "--set", "node_defaults.message.policy=relay,search", "--out", str(out), "--threads", "1"])
+    assert code == 0
+    summary = json.loads((out / "summary.json").read_text(encoding="utf-8"))
+    assert [c["overrides"]["node_defaults.message.policy"] for c in summary["cells"]] == ["relay", "search"]
+    assert (out / "gain_vs_bandwidth.png").stat().st_size > 0
+    searched = next(p for p in out.iterdir() if "search" in p.name and p.is_dir())
+    events = [parse_event(line) for line in (searched / "events.jsonl").read_text(encoding="utf-8").splitlines()]
+    rounds = [e for e in events if isinstance(e, RoundEvent)]
+    found = [n.message_search for e in rounds for n in e.nodes]
+    assert found and all(s is not None and s.after <= s.before for s in found)
+    assert all(m.n_tokens <= 8 and m.n_bytes <= 60 for e in rounds for m in e.messages)

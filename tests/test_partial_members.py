@@ -12,7 +12,7 @@ from rich.console import Console
 
 from collective.evaluate.book import RowKey
 from collective.evaluate.metrics import RoundStats, summarize
-from collective.records import Report
+from collective.records import REPORT_SCHEMA_VERSION, Report
 from collective.report.plots import gains_plot_labels
 from collective.report.report_view import report_markdown, report_table
 from collective.run.engine import Executor, Results
@@ -63,7 +63,7 @@ def test_the_missing_nodes_rows_are_counted_over_the_rounds_it_served(tiny_lm, t
         assert (row.n_rounds, row.n_tokens) == (served, served * ROUND) and report.is_partial(row)
         assert report.row(kind, "a").n_rounds == EVAL_ROUNDS and not report.is_partial(report.row(kind, "a"))
     assert report.partial_members == [DROPPED] and report.missed_rounds == {DROPPED: len(MISSED)}
-    assert report.schema_version == 3
+    assert report.schema_version == REPORT_SCHEMA_VERSION
 
 
 def test_the_best_member_is_the_best_of_the_members_scored_on_every_round(tiny_lm, tiny_tok):

@@ -148,7 +148,7 @@ def test_a_result_comes_back_with_identical_predictions_and_messages():
         (b"{not json", "malformed"),
         (b"[1, 2, 3]", "malformed"),
         (b'{"run_id": "r", "sender": "a"}', "malformed"),
-        (b'{"schema_version": 2, "run_id": "r"}', "wrong_schema"),
+        (b'{"schema_version": 1, "run_id": "r"}', "wrong_schema"),  # protocol 1: before searched messages
         (b"x" * 2000, "oversized"),
     ],
 )

@@ -4,6 +4,7 @@ marked in the table, report.md, the comparison and the plots, and reports of old
 from __future__ import annotations
 
 import io
+import json
 import shutil
 from pathlib import Path
 
@@ -11,7 +12,7 @@ from rich.console import Console
 
 from collective.cli import main
 from collective.evaluate.compare import compare_reports, comparison_markdown
-from collective.records import Report
+from collective.records import Gain, Interval, Report
 from collective.report.plots import gains_plot_labels, plot_gains
 from collective.report.report_view import report_markdown, report_table, row_label
 from tests.test_plots import assert_real_png
@@ -135,3 +136,43 @@ def test_a_linear_pools_top1_is_labelled_approximate_and_a_logpools_is_not():
     logpool = mean.model_copy(update={"aggregator": "logpool"})
     assert "approximate" not in report_markdown(logpool)
     assert not any("approximate" in line for line in render(logpool, 120))
+
+
+def test_a_version_3_report_reads_without_controller_gains_and_renders_none(tmp_path, capsys):
+    data = json.loads(with_partial_node(quickstart()).model_dump_json())
+    data.pop("controller_gains", None)  # what version 3 wrote
+    run = tmp_path / "v3-run"
+    run.mkdir()
+    (run / "report.json").write_text(json.dumps(data), encoding="utf-8")
+    report = Report.model_validate_json((run / "report.json").read_text(encoding="utf-8"))
+    assert report.schema_version == 3 and report.controller_gains == {}
+    assert main(["report", str(run)]) == 0
+    out = capsys.readouterr().out
+    assert "communication gain" in out and "controller gain" not in out
+    assert "controller gain" not in report_markdown(report)
+
+
+# ---------------------------------------------------------------------------- controller gains
+
+
+def with_controller_gains(report: Report) -> Report:
+    """Nodes a and c prompted: a's prompt helps it, c's makes no difference."""
+    helps = Gain(value=0.0423, ci=Interval(low=0.0121, high=0.0712), versus="plain member (no prompt)", n_rounds=10)
+    none = Gain(value=-2e-7, ci=Interval(low=-3e-7, high=-1e-7), versus="plain member (no prompt)", n_rounds=10)
+    return report.model_copy(update={"controller_gains": {"a": helps, "c": none}, "schema_version": 4})
+
+
+def test_controller_gains_are_shown_beside_the_other_gains_in_the_table_and_in_report_md():
+    report = with_controller_gains(quickstart())
+    for width in (80, 140):
+        text = " ".join(" ".join(render(report, width)).split())
+        assert text.index("communication gain") < text.index("controller gain a") < text.index("controller gain c")
+        assert ("controller gain a +0.042 nats/token (95% CI +0.012 .. +0.071) vs plain member (no prompt): "
+                "the prompt helps its node") in text
+        assert "controller gain c +0.000 nats/token" in text and "no measurable effect, equal within float tolerance" in text
+        assert "controller gain b" not in text
+    markdown = report_markdown(report)
+    assert ("- controller gain a: +0.042 nats/token (95% CI +0.012 .. +0.071) vs plain member (no prompt): "
+            "the prompt helps its node") in markdown
+    assert markdown.index("- communication gain:") < markdown.index("- controller gain a:")
+    assert Report.model_validate_json(report.model_dump_json()) == report

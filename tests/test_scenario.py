@@ -312,13 +312,14 @@ def test_load_scenario_reads_a_valid_file(tmp_path):
 
 
 def test_the_controllers_training_rounds_must_also_fit_in_the_train_part():
-    # 1 warm-up round of 16 + the longest reach 32 + 2 training rounds of 16 = 80
+    # 1 warm-up round of 16 + the longest reach 32 + (2 training + 3 validation rounds) of 16 = 128
     gcg = {"model": "tiny", "view": {"kind": "window", "tokens": 16}, "message": {"policy": "relay"},
-           "controller": {"kind": "gcg", "train_rounds": 2}}
-    message = _error(_base(node_defaults=gcg, corpus={"train_tokens": 79, "eval_tokens": 64}))
-    assert message.startswith("s.yaml: corpus.train_tokens: found 79;")
-    assert "need the 80 tokens" in message and "+ 2 controller training rounds" in message
-    parse_scenario(_base(node_defaults=gcg, corpus={"train_tokens": 80, "eval_tokens": 64}))
+           "controller": {"kind": "gcg", "train_rounds": 2, "validation_rounds": 3}}
+    message = _error(_base(node_defaults=gcg, corpus={"train_tokens": 127, "eval_tokens": 64}))
+    assert message.startswith("s.yaml: corpus.train_tokens: found 127;")
+    assert "need the 128 tokens" in message
+    assert "+ 2 controller training rounds + 3 controller validation rounds" in message
+    parse_scenario(_base(node_defaults=gcg, corpus={"train_tokens": 128, "eval_tokens": 64}))
 
 
 @pytest.mark.parametrize(

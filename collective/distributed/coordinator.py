@@ -61,7 +61,7 @@ from collective.distributed.validation import ResultCheck
 from collective.records import RunRecord
 from collective.run.bus import link_policies
 from collective.run.node import NodeRoundRequest, NodeRoundResult
-from collective.run.prepared import Prepared
+from collective.run.prepared import Prepared, refuse_receiver_search
 
 log = logging.getLogger(__name__)
 
@@ -328,6 +328,7 @@ def connect_executor(
     lines (checking the broker, how nodes join, who is missing, dropped envelopes) go to
     `on_status` (default: the log, at INFO).
     """
+    refuse_receiver_search(prepared.scenario)
     address = parse_broker_url(bus_url, allowed_options=("deadline",))
     deadline = address.option("deadline")
     if deadline is not None:

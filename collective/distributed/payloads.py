@@ -18,7 +18,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from collective.lm.predictions import TokenPredictions
-from collective.records import Event, MessageRecord
+from collective.records import Event, MessageRecord, MessageSearch
 from collective.run.node import NodeRoundRequest, NodeRoundResult
 from collective.scenario import MessageSpec
 
@@ -190,7 +190,7 @@ class MessageKey(WireModel):
 
 # the request fields that mean the same on both sides of the wire, and the token id lists
 # (tensors in a NodeRoundRequest, lists of ints on the wire)
-_SAME_FIELDS = ("node_id", "message", "message_tokens", "seed", "want_plain", "want_isolated")
+_SAME_FIELDS = ("node_id", "message", "message_tokens", "message_bytes", "seed", "want_plain", "want_isolated")
 _ID_FIELDS = ("prefix_ids", "round_inputs", "targets")
 
 
@@ -205,6 +205,8 @@ class RequestPayload(WireModel):
     targets: list[int]
     message: MessageSpec
     message_tokens: int = Field(ge=0)
+    message_bytes: int = Field(1 << 30, ge=0, description="the out-links' byte budget (protocol 2)")
+    message_frame: tuple[str, str] = Field(("", "\n"), description="a reader's inbox text around the message (protocol 2)")
     seed: int
     want_plain: bool = True
     want_isolated: bool = True
@@ -215,13 +217,17 @@ class RequestPayload(WireModel):
     def from_request(request: NodeRoundRequest, inbox: list[MessageKey], deadline_s: float) -> RequestPayload:
         same: dict[str, Any] = {name: getattr(request, name) for name in _SAME_FIELDS}
         ids = {name: getattr(request, name).tolist() for name in _ID_FIELDS}
-        return RequestPayload(**same, **ids, control_ids=list(request.control_ids), inbox=inbox, deadline_s=deadline_s)
+        return RequestPayload(
+            **same, **ids, control_ids=list(request.control_ids), message_frame=request.message_frame, inbox=inbox,
+            deadline_s=deadline_s,
+        )
 
     def to_request(self, round_index: int, inbox_text: str) -> NodeRoundRequest:
         same: dict[str, Any] = {name: getattr(self, name) for name in _SAME_FIELDS}
         ids: dict[str, Any] = {name: torch.tensor(getattr(self, name), dtype=torch.long) for name in _ID_FIELDS}
         return NodeRoundRequest(
-            **same, **ids, round_index=round_index, control_ids=list(self.control_ids), inbox_text=inbox_text
+            **same, **ids, round_index=round_index, control_ids=list(self.control_ids), inbox_text=inbox_text,
+            message_frame=self.message_frame,
         )
 
     def ids_out_of_range(self, vocab_size: int) -> bool:
@@ -251,6 +257,7 @@ class ResultPayload(WireModel):
     compute_seconds: float = 0.0
     rejected: dict[str, int] = Field(default_factory=dict, description="envelopes this node dropped so far, by reason")
     missing_messages: int = Field(0, description="booked messages that never reached this node, so far")
+    message_search: MessageSearch | None = Field(None, description="a searched message's objective (protocol 2)")
 
     @staticmethod
     def from_result(
@@ -267,6 +274,7 @@ class ResultPayload(WireModel):
             compute_seconds=compute_seconds,
             rejected=rejected,
             missing_messages=missing_messages,
+            message_search=result.message_search,
         )
 
     def to_result(self, node_id: str, round_index: int) -> NodeRoundResult:
@@ -279,6 +287,7 @@ class ResultPayload(WireModel):
             message_text=self.message_text,
             inbox_tokens=self.inbox_tokens,
             messages=list(self.messages),
+            message_search=self.message_search,
         )
 
 

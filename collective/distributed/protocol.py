@@ -43,7 +43,8 @@ from collective.records import RunRecord
 
 log = logging.getLogger(__name__)
 
-PROTOCOL_SCHEMA_VERSION = 1
+# protocol 2: requests carry message_bytes and message_frame, results a message_search (searched messages)
+PROTOCOL_SCHEMA_VERSION = 2
 COORDINATOR = "coordinator"
 WATCHER = "watcher"  # the read-only login of `collective watch --broker` (see broker.acl_text)
 TOPIC_ROOT = "collective"
@@ -69,7 +70,7 @@ class Envelope(WireModel):
     # a round record's NaN (a round every node missed) must survive, as it does in events.jsonl
     model_config = ConfigDict(extra="forbid", frozen=True, ser_json_inf_nan="constants")
 
-    schema_version: Literal[1] = 1
+    schema_version: Literal[2] = 2
     run_id: str = Field(pattern=RUN_ID_PATTERN)
     round_index: int = Field(-1, ge=-1, description="-1 for envelopes that belong to no round")
     sender: str = Field(max_length=64)

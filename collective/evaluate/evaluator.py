@@ -3,13 +3,15 @@
 Rows (DESIGN.md): each member plain, isolated and in collective, the silent ensemble,
 the collective and the full-view reference, all on the same eval tokens (a member that
 missed rounds is scored on the others, and its rows say on how many). Every row's CI and
-both gains come from one paired block bootstrap over whole rounds (`gains.gains`),
+every gain (collective, communication, and each prompted node's controller gain, plain
+minus isolated) come from one paired block bootstrap over whole rounds (`gains.gains`),
 seeded from the scenario seed. Rows come out in `ROW_ORDER`, then node order.
 """
 
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 
@@ -17,7 +19,16 @@ from collective.evaluate.book import RowKey
 from collective.evaluate.bootstrap import BootstrapResult
 from collective.evaluate.gains import RULE_COMPLETE, Gains, gains, missed_rounds_note, verdict
 from collective.evaluate.metrics import Estimate, RoundStats, summarize
-from collective.records import MEMBER_ROWS, ROW_ORDER, Gain, Interval, Report, RowReport, Runtime
+from collective.records import (
+    MEMBER_ROWS,
+    ROW_ORDER,
+    Gain,
+    Interval,
+    MessageSearchSummary,
+    Report,
+    RowReport,
+    Runtime,
+)
 from collective.run.engine import EngineResult
 from collective.scenario import Scenario
 from collective.seeding import generator
@@ -40,6 +51,7 @@ def build_report(
         raise ValueError("no eval round finished: there is nothing to report")
     stats = result.book.stats()
     evaluation = scenario.evaluation
+    prompted = [node_id for node_id in scenario.node_ids if (control_prompts or {}).get(node_id)]
     headline = gains(
         stats,
         isolated=[RowKey("member_isolated", node_id) for node_id in scenario.node_ids],
@@ -48,6 +60,7 @@ def build_report(
         generator=generator(scenario.seed, "bootstrap"),
         block_rounds=None if evaluation.block_rounds == "auto" else evaluation.block_rounds,
         n_boot=evaluation.n_boot,
+        controlled=[(RowKey("member_plain", node_id), RowKey("member_isolated", node_id)) for node_id in prompted],
     )
     best_member = "" if headline.best_member is None else headline.best_member.node_id or ""
     cg, mg = headline.collective_gain, headline.communication_gain
@@ -70,18 +83,29 @@ def build_report(
         collective_gain=_gain(cg, f"best isolated member ({best_member or 'none'})"),
         communication_gain=_gain(mg, "silent ensemble"),
         verdict=verdict(cg, mg, best_member or None, note),
+        controller_gains={
+            key.node_id or "": _gain(estimate, "plain member (no prompt)") for key, estimate in headline.controller_gains.items()
+        },
+        message_searches={node_id: MessageSearchSummary.of(found) for node_id, found in result.message_searches.items() if found},
         best_member_rule=best_member_rule(headline, missed, result.eval_rounds_done),
         partial_members=[node_id for node_id in scenario.node_ids if missed.get(node_id)],
         block_rule=headline.bootstrap.block_rule,
         control_prompts=control_prompts or {},
         missed_rounds={k: v for k, v in result.missed_rounds.items() if v},
         rejected_envelopes={k: dict(v) for k, v in (rejected_envelopes or {}).items() if v},
-        messages_sent=result.messages_sent,
-        messages_dropped=result.messages_dropped,
-        messages_truncated=result.messages_truncated,
-        wall_seconds=result.wall_seconds,
-        tokens_per_second=result.eval_tokens / result.wall_seconds if result.wall_seconds > 0 else 0.0,
+        **_counts(result),
     )
+
+
+def _counts(result: EngineResult) -> dict[str, Any]:
+    """The report's message and time counters."""
+    return {
+        "messages_sent": result.messages_sent,
+        "messages_dropped": result.messages_dropped,
+        "messages_truncated": result.messages_truncated,
+        "wall_seconds": result.wall_seconds,
+        "tokens_per_second": result.eval_tokens / result.wall_seconds if result.wall_seconds > 0 else 0.0,
+    }
 
 
 def _gain(estimate: Estimate, versus: str) -> Gain:

@@ -1,19 +1,21 @@
 """The headline numbers and the one-line verdict.
 
 `gains` picks the best isolated member (among the members scored on every eval round),
-then asks ONE paired block bootstrap (`bootstrap.py`) for every row's CI and the two
+then asks ONE paired block bootstrap (`bootstrap.py`) for every row's CI and the
 differences: collective gain = NLL(best member) - NLL(collective), communication gain =
-NLL(silent ensemble) - NLL(collective), each on the rounds its two sides share.
-`verdict` turns them into one honest sentence; gains within `TIE_NATS` of zero (float
-rounding of the scores, e.g. a collective of identical members) read as not
-distinguishable, never as a win or a loss.
+NLL(silent ensemble) - NLL(collective), and for each member with a control prompt its
+controller gain = NLL(member plain) - NLL(member isolated) (> 0: the prompt helps its node
+alone), each on the rounds its two sides share. `verdict` turns the first two into one
+honest sentence, `controller_effect` a controller gain into words; gains within
+`TIE_NATS` of zero (float rounding of the scores, e.g. a collective of identical members)
+read as not distinguishable, never as a win or a loss.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Generic
 
 import torch
@@ -37,7 +39,9 @@ class Gains(Generic[Row]):
     Each `Estimate.n_rounds` is the rounds its two sides share.
     best_member: the isolated row chosen by `best_member_rule` (None: no member was scored).
     partial_members: the isolated rows not scored on every eval round.
-    bootstrap: the one resampling every row's CI and both gains come from.
+    bootstrap: the one resampling every row's CI and every gain come from.
+    controller_gains: per prompted member's isolated row, NLL(its plain row) - NLL(it); > 0:
+    its control prompt helps it.
     """
 
     collective_gain: Estimate
@@ -46,6 +50,7 @@ class Gains(Generic[Row]):
     best_member_rule: str
     partial_members: tuple[Row, ...]
     bootstrap: BootstrapResult[Row]
+    controller_gains: dict[Row, Estimate] = field(default_factory=dict)
 
 
 def choose_best_member(rows: Mapping[Row, RoundStats], isolated: Sequence[Row]) -> tuple[Row | None, str]:
@@ -67,17 +72,20 @@ def choose_best_member(rows: Mapping[Row, RoundStats], isolated: Sequence[Row]) 
 def gains(
     rows: Mapping[Row, RoundStats], *, isolated: Sequence[Row], silent: Row, collective: Row,
     generator: torch.Generator, block_rounds: int | None = None, n_boot: int = 2000, confidence: float = 0.95,
+    controlled: Sequence[tuple[Row, Row]] = (),
 ) -> Gains[Row]:
-    """Collective and communication gain, and every row's CI, from one paired block bootstrap.
+    """Collective, communication and controller gains, and every row's CI, from one paired
+    block bootstrap.
 
     rows: row -> RoundStats over the same rounds; isolated: the isolated member rows;
-    silent, collective: those rows; block_rounds: None for the bootstrap's rule of thumb.
+    silent, collective: those rows; block_rounds: None for the bootstrap's rule of thumb;
+    controlled: (plain row, isolated row) of each member with a control prompt.
     """
     if not isolated:
         raise ValueError("gains needs at least one isolated member row")
     chosen = choose_best_member(rows, isolated)
     best, rule = chosen
-    differences = [(silent, collective)] + ([] if best is None else [(best, collective)])
+    differences = [(silent, collective)] + ([] if best is None else [(best, collective)]) + list(controlled)
     result = block_bootstrap(
         rows, generator=generator, differences=differences, block_rounds=block_rounds, n_boot=n_boot, confidence=confidence
     )
@@ -89,6 +97,7 @@ def gains(
         best_member_rule=rule,
         partial_members=tuple(name for name in isolated if not rows[name].complete),
         bootstrap=result,
+        controller_gains={prompted: result.differences[(plain, prompted)] for plain, prompted in controlled},
     )
 
 
@@ -151,6 +160,15 @@ def verdict(
     return f"{first}; {second}." + (f" {note}" if note else "")
 
 
+def controller_effect(estimate: Estimate) -> str:
+    """A controller gain in words, read like the verdict's gains (TIE_NATS, the CI)."""
+    return {
+        1: "the prompt helps its node",
+        -1: "the prompt hurts its node",
+        0: "no measurable effect" + (", equal within float tolerance" if _tie(estimate) else ""),
+    }[direction(estimate)]
+
+
 def missed_rounds_note(
     missed: Mapping[str, int], n_rounds: int, collective_gain: Estimate, communication_gain: Estimate, rule: str
 ) -> str:
@@ -175,6 +193,7 @@ __all__ = [
     "Gains",
     "TIE_NATS",
     "choose_best_member",
+    "controller_effect",
     "direction",
     "gains",
     "missed_rounds_note",

@@ -4,7 +4,9 @@ Both are pure functions of a `Report` (of any schema version). The terminal tabl
 its layout from the width it is given: the full one when it fits, else a compact one
 (short row labels, the CI on one line, no perplexity), dropping the model and then the
 bits-per-byte column until every row fits on one line. A row scored on fewer than all
-eval rounds (a node missed some) is marked `*` and explained under the table.
+eval rounds (a node missed some) is marked `*` and explained under the table. Under the
+table come the gains: collective, communication, and each prompted node's controller gain
+(plain minus isolated), read in words with the verdict's float tolerance.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ from rich.measure import Measurement
 from rich.table import Table
 from rich.text import Text
 
+from collective.evaluate.gains import controller_effect
+from collective.evaluate.metrics import Estimate
 from collective.records import ROW_TITLES, Gain, Report, RowReport
 
 SHORT_TITLES: dict[str, str] = {
@@ -61,6 +65,31 @@ def _ci(low: float, high: float, signed: bool = False, sep: str = " .. ") -> str
 def _gain(gain: Gain, n_rounds: int) -> str:
     shared = "" if gain.n_rounds is None or gain.n_rounds == n_rounds else f", on {gain.n_rounds}/{n_rounds} shared rounds"
     return f"{_signed(gain.value)} nats/token (95% CI {_ci(gain.ci.low, gain.ci.high, signed=True)}) vs {gain.versus}{shared}"
+
+
+def controller_lines(report: Report) -> list[tuple[str, str]]:
+    """(label, text) per prompted node: its controller gain and what it means."""
+    n = report.n_eval_rounds
+    return [
+        (f"controller gain {node_id}", f"{_gain(gain, n)}: {controller_effect(_estimate(gain))}")
+        for node_id, gain in report.controller_gains.items()
+    ]
+
+
+def message_search_lines(report: Report) -> list[tuple[str, str]]:
+    """(label, text) per node that searched its messages: the objective before and after."""
+    return [
+        (
+            f"messages of {node_id}",
+            f"searched: objective {found.mean_before:.3f} -> {found.mean_after:.3f} nats/token (mean over "
+            f"{found.messages} rounds, {found.mean_tokens:.1f} tokens, {found.seconds:.1f} s of search)",
+        )
+        for node_id, found in report.message_searches.items()
+    ]
+
+
+def _estimate(gain: Gain) -> Estimate:
+    return Estimate(gain.value, gain.ci.low, gain.ci.high, n_rounds=gain.n_rounds)
 
 
 def partial_note(report: Report) -> str:
@@ -138,6 +167,7 @@ def _footer(report: Report) -> list[Text]:
         Text(f"collective gain     {_gain(report.collective_gain, n)}"),
         Text(f"communication gain  {_gain(report.communication_gain, n)}"),
     ]
+    lines += [Text(f"{label:<19} {text}") for label, text in controller_lines(report) + message_search_lines(report)]
     if note := pooled_top1_note(report):
         lines.append(Text(note))
     if note := partial_note(report):
@@ -217,6 +247,7 @@ def report_markdown(report: Report, images: list[tuple[str, str]] | None = None)
         f"- collective gain: {_gain(report.collective_gain, n)}",
         f"- communication gain: {_gain(report.communication_gain, n)}",
     ]
+    out += [f"- {label}: {text}" for label, text in controller_lines(report) + message_search_lines(report)]
     if report.best_member_rule:
         out.append(f"- best member: {report.best_member or 'none'} ({report.best_member_rule})")
     if note := pooled_top1_note(report):

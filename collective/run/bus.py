@@ -29,8 +29,10 @@ __all__ = [
     "enforce_budget",
     "is_dropped",
     "link_policies",
+    "message_byte_budgets",
     "message_token_budgets",
     "outgoing_messages",
+    "render_messages",
 ]
 
 @dataclass(frozen=True)
@@ -60,9 +62,20 @@ def message_token_budgets(bus: BusSpec, graph: nx.DiGraph) -> dict[str, int]:
     """Each sender's message budget in tokens: the tightest of its out-links (the bus default
     for a node without out-links). A relay quotes that many tokens of its view; a written
     message stops there (each link then cuts it to its own budget, see `outgoing_messages`)."""
+    return _tightest(bus, graph, "max_message_tokens")
+
+
+def message_byte_budgets(bus: BusSpec, graph: nx.DiGraph) -> dict[str, int]:
+    """Each sender's message budget in UTF-8 bytes: the tightest of its out-links (a searched
+    message keeps within it, so that every link carries it whole)."""
+    return _tightest(bus, graph, "max_message_bytes")
+
+
+def _tightest(bus: BusSpec, graph: nx.DiGraph, name: str) -> dict[str, int]:
     policies = link_policies(bus, graph.edges())
+    default = int(getattr(bus, name))
     return {
-        node: min([policies[(node, receiver)].max_message_tokens for receiver in graph.successors(node)] or [bus.max_message_tokens])
+        node: min([int(getattr(policies[(node, receiver)], name)) for receiver in graph.successors(node)] or [default])
         for node in graph.nodes()
     }
 
@@ -178,13 +191,14 @@ class Inbox:
         return shown
 
     def render(self, round_index: int, template: str, header: str = "") -> str:
-        messages = self.visible(round_index)
-        if not messages:
-            return ""
-        body = "".join(
-            template.format(sender=m.sender, text=m.text, round=m.round_sent) for m in messages
-        )
-        return header + body
+        return render_messages(self.visible(round_index), template, header)
+
+
+def render_messages(messages: Sequence[MessageRecord], template: str, header: str = "") -> str:
+    """An inbox's text: the header, then each message through the template ("" when empty)."""
+    if not messages:
+        return ""
+    return header + "".join(template.format(sender=m.sender, text=m.text, round=m.round_sent) for m in messages)
 
 
 class InMemoryBus:

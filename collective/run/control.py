@@ -1,12 +1,20 @@
 """Controllers in a run: search each node's control prompt on the train part only.
 
 `search_controls(prepared)` fills `prepared.control_ids` for every node whose controller
-is `gcg` (none and fixed need no search). A node's training rounds are the last
-`train_rounds` rounds of the train part (the scenario's checks make sure the train part
-holds them, after the warm-up rounds and the longest view); the eval part is never read.
-In each, the node reads what it would read if that round were scored: its view of the
-text before the round and its reading of the round (a masked view's placeholders
-included), and is scored on the round's true tokens.
+is `gcg` (none and fixed need no search). The end of the train part is laid out as
+[... training rounds][validation slice][eval part]: the validation slice is the last
+`validation_rounds` rounds of the train part (the largest over the nodes), and a node's
+training rounds are the `train_rounds` rounds just before it (the scenario's checks make
+sure the train part holds both, after the warm-up rounds and the longest view); the eval
+part is never read. In each round, the node reads what it would read if that round were
+scored: its view of the text before the round and its reading of the round (a masked
+view's placeholders included), and is scored on the round's true tokens.
+
+GCG lowers the objective on the training rounds. After each step, the same objective on
+the node's last `validation_rounds` rounds of the slice scores the step's lowest-loss
+prompt: the search returns the prompt with the lowest validation loss (the initial one
+included, so it never returns a prompt worse on the slice than the one it started from)
+and stops after `patience` steps without a validation improvement (`_Validation`).
 
 - `objective: local`: node i's own NLL over the training rounds in its isolated context
   [bos][u_i][view] (no messages), one GCG search.
@@ -21,6 +29,9 @@ included), and is scored on the round's true tokens.
   (for weighted, with uniform rather than the learned weights). Readout: node i's own NLL if it
   is the readout node, else the local objective, since then u_i reaches the answer only
   through messages, which have no gradient.
+- `objective: speak`: node i's out-neighbours' NLL in collective through the messages it
+  writes, every candidate scored end to end on the collective recorded with the current
+  prompts (`collective.run.speaker`), in coordinate-descent sweeps like `collective`.
 """
 
 from __future__ import annotations
@@ -35,12 +46,13 @@ from transformers import PreTrainedTokenizerBase
 
 from collective.lm.codec import TextCodec, start_token
 from collective.lm.predictions import TokenPredictions
-from collective.records import Controls, ControlSearch
+from collective.records import Controls, ControlSearch, MessageRecord
 from collective.run.engine import EmbeddedExecutor, Results, RoundEngine
 from collective.run.node import NodeRoundRequest
 from collective.run.observation import Observer
 from collective.run.pools import pool_linear, pool_log, uniform_weights
 from collective.run.prepared import Prepared, RunError
+from collective.run.speaker import search_speaker
 from collective.scenario import GCGController, NodeSpec, Scenario
 from collective.seeding import derive_seed
 from controllers import GCGConfig, MeanObjective, run_gcg, stream_objective
@@ -61,8 +73,8 @@ def training_scenario(scenario: Scenario, train_rounds: int) -> Scenario:
     return scenario.model_copy(update={"corpus": corpus})
 
 
-def _train_rounds(scenario: Scenario) -> int:
-    return max(n.controller.train_rounds for n in scenario.nodes if isinstance(n.controller, GCGController))
+def _gcg_specs(scenario: Scenario) -> list[GCGController]:
+    return [n.controller for n in scenario.nodes if isinstance(n.controller, GCGController)]
 
 
 def _initial_ids(spec: GCGController, tokenizer: PreTrainedTokenizerBase, node_id: str = "?") -> list[int]:
@@ -130,14 +142,17 @@ def _pool_loss(kind: str, member: int, members: TokenPredictions, targets: torch
 
 
 class _Recorder(EmbeddedExecutor):
-    """The embedded executor, keeping each round's requests (with inboxes) and results."""
+    """The embedded executor, keeping each round's requests (with inboxes), results and each
+    node's visible inbox messages (what a speaker's objective replaces)."""
 
     def __init__(self, inner: EmbeddedExecutor) -> None:
         super().__init__(inner.scenario, inner.models, inner.bus)
         self.rounds: list[tuple[list[NodeRoundRequest], Results]] = []
+        self.visible: list[dict[str, list[MessageRecord]]] = []
 
     def run_round(self, round_index: int, requests: list[NodeRoundRequest]) -> Results:
         with_inbox = self.with_inboxes(round_index, requests)
+        self.visible.append({q.node_id: self.bus.inboxes[q.node_id].visible(round_index) for q in requests})
         results = super().run_round(round_index, requests)
         self.rounds.append((with_inbox, results))
         return results
@@ -166,48 +181,64 @@ def _record(prepared: Prepared, train: Scenario) -> _Recorder:
     recorder = _Recorder(EmbeddedExecutor.from_prepared(sub))
     RoundEngine.from_prepared(sub, recorder, "controller-training").run()
     recorder.rounds = recorder.rounds[train.evaluation.warmup_rounds :]
+    recorder.visible = recorder.visible[train.evaluation.warmup_rounds :]
     return recorder
 
 
 @dataclass(frozen=True)
 class _Training:
-    """The training rounds (the last of the train part, as many as the largest
-    `train_rounds`): the scenario whose eval part they are, where each starts, and what
-    every node sees of them."""
+    """The controllers' rounds at the end of the train part: the training rounds (as many as
+    the largest `train_rounds`), then the validation slice (the last `n_validation` rounds,
+    the largest `validation_rounds`). The scenario whose eval part they all are, where each
+    starts, and what every node sees of them."""
 
     scenario: Scenario
     starts: list[int]
     observer: Observer
+    n_validation: int = 0
 
     @classmethod
     def of(cls, prepared: Prepared) -> _Training:
         scenario = prepared.scenario
-        train = training_scenario(scenario, _train_rounds(scenario))
+        specs = _gcg_specs(scenario)
+        n_validation = max((spec.validation_rounds for spec in specs), default=0)
+        train = training_scenario(scenario, max(spec.train_rounds for spec in specs) + n_validation)
         observer = Observer(
             prepared.stream, scenario.nodes, seed=scenario.seed, round_tokens=scenario.bus.round_tokens,
             context_tokens=scenario.evaluation.context_tokens, placeholder_ids=prepared.placeholder_ids,
         )
         starts = [train.corpus.train_tokens + r * train.bus.round_tokens for r in range(train.eval_rounds)]
-        return cls(train, starts, observer)
+        return cls(train, starts, observer, n_validation)
+
+    def _rounds(self, first: int, n_rounds: int) -> list[tuple[int, int]]:
+        return [(first + r, self.starts[first + r]) for r in range(n_rounds)]
 
     def last(self, n_rounds: int) -> list[tuple[int, int]]:
-        """The last `n_rounds` training rounds: (index among all of them, start) each."""
-        first = len(self.starts) - n_rounds
-        return [(first + r, self.starts[first + r]) for r in range(n_rounds)]
+        """The last `n_rounds` training rounds before the validation slice: (index among all
+        rounds here, start) each."""
+        return self._rounds(len(self.starts) - self.n_validation - n_rounds, n_rounds)
+
+    def validation(self, n_rounds: int) -> list[tuple[int, int]]:
+        """The last `n_rounds` rounds of the validation slice (the train part's last rounds):
+        (index among all rounds here, start) each."""
+        if n_rounds > self.n_validation:
+            raise ValueError(f"{n_rounds} validation rounds asked of a slice of {self.n_validation}")
+        return self._rounds(len(self.starts) - n_rounds, n_rounds)
 
 
 def _objective_parts(
-    prepared: Prepared, node: NodeSpec, training: _Training, n_rounds: int, recorder: _Recorder | None
+    prepared: Prepared, node: NodeSpec, training: _Training, rounds: list[tuple[int, int]], recorder: _Recorder | None
 ) -> list[SequenceObjective]:
-    """One objective per training round (the last `n_rounds`): node `node`'s NLL over the
-    round's true tokens after [bos][control][inbox][view][its reading of the round], or the
-    collective's NLL through it (see the module docstring). The layout is the node's row
-    in `collective.run.node` (isolated when there is no recorder, else in collective)."""
+    """One objective per round of `rounds` (`training.last(n)` or `training.validation(n)`):
+    node `node`'s NLL over the round's true tokens after [bos][control][inbox][view][its
+    reading of the round], or the collective's NLL through it (see the module docstring).
+    The layout is the node's row in `collective.run.node` (isolated when there is no
+    recorder, else in collective)."""
     scenario = prepared.scenario
     kind = scenario.aggregator.kind
     loaded = prepared.models[node.model]
     parts = []
-    for r, start in training.last(n_rounds):
+    for r, start in rounds:
         seen = training.observer.observe(node.id, start)
         targets = training.observer.targets(start)
         inbox = recorder.inbox_ids(r, node.id, loaded.tokenizer) if recorder is not None else []
@@ -225,6 +256,54 @@ def _objective_parts(
     return parts
 
 
+def _loss(objective: MeanObjective, ids: list[int]) -> float:
+    """The objective's loss of one prompt."""
+    return float(objective.scores(torch.tensor([ids], device=objective.model.device)).loss[0])
+
+
+class _Validation:
+    """Early stopping and the choice of the returned prompt on the validation slice: called
+    after each GCG step with the step's lowest-loss prompt (`controllers.gcg.OnStep`), it
+    keeps the prompt with the lowest validation loss, the initial one included, and ends
+    the search once `patience` steps in a row brought no validation improvement (before its
+    last step `steps`: `stopped_at` is None when the search ran every step)."""
+
+    def __init__(self, objective: MeanObjective, init: list[int], patience: int, steps: int) -> None:
+        self.objective = objective
+        self.patience, self.steps = patience, steps
+        self.initial_loss = _loss(objective, init)
+        self.best_ids, self.best_loss = list(init), self.initial_loss
+        self.last: tuple[list[int], float] = (self.best_ids, self.best_loss)
+        self.waited = 0
+        self.stopped_at: int | None = None
+
+    def __call__(self, step: int, ids: torch.Tensor) -> bool:
+        prompt = [int(i) for i in ids.tolist()]
+        loss = self.last[1] if prompt == self.last[0] else _loss(self.objective, prompt)  # unchanged: not scored again
+        self.last = (prompt, loss)
+        if loss < self.best_loss:
+            self.best_ids, self.best_loss, self.waited = prompt, loss, 0
+        else:
+            self.waited += 1
+        log.debug("step %d: validation loss %.4f (best %.4f)", step, loss, self.best_loss)
+        if self.waited >= self.patience and step < self.steps:
+            self.stopped_at = step
+        return self.stopped_at is not None
+
+
+def _validation(
+    prepared: Prepared, node: NodeSpec, training: _Training, recorder: _Recorder | None, init: list[int]
+) -> _Validation | None:
+    """Node `node`'s objective on its validation rounds, as early stopping (None without any)."""
+    spec = node.controller
+    assert isinstance(spec, GCGController)
+    if spec.validation_rounds == 0:
+        return None
+    rounds = training.validation(spec.validation_rounds)
+    objective = MeanObjective(_objective_parts(prepared, node, training, rounds, recorder))
+    return _Validation(objective, init, spec.patience, spec.steps)
+
+
 def _search_node(
     prepared: Prepared, node: NodeSpec, sweep: int, training: _Training, progress: Progress | None
 ) -> ControlSearch:
@@ -236,24 +315,60 @@ def _search_node(
         scenario.aggregator.kind == "readout" and scenario.aggregator.node != node.id
     )
     recorder = _record(prepared, training.scenario) if collective else None
-    objective = MeanObjective(_objective_parts(prepared, node, training, spec.train_rounds, recorder))
+    objective = MeanObjective(_objective_parts(prepared, node, training, training.last(spec.train_rounds), recorder))
     loaded = prepared.models[node.model]
     init = prepared.control_ids.get(node.id) or _initial_ids(spec, loaded.tokenizer, node.id)
-    initial_loss = float(objective.scores(torch.tensor([init], device=loaded.model.device)).loss[0])
+    initial_loss = _loss(objective, init)
+    validation = _validation(prepared, node, training, recorder, init)
     config = _gcg_config(spec, derive_seed(scenario.seed, "gcg", node.id, sweep) % (2**31))
 
     def tick(step: int, total: int) -> None:
         if progress is not None:
             progress(node.id, step, total)
 
-    result = run_gcg(loaded.model, loaded.tokenizer, objective, config, init_ids=init, progress=tick)
-    prepared.control_ids[node.id] = list(result.best_ids)
-    log.info("node %s: control %r, train loss %.4f -> %.4f", node.id, result.best_text, initial_loss, result.best_loss)
-    return ControlSearch(
-        node_id=node.id, objective="collective" if collective else "local", control_ids=list(result.best_ids),
-        control_text=result.best_text, loss=result.best_loss, initial_loss=initial_loss, steps=result.steps,
+    result = run_gcg(loaded.model, loaded.tokenizer, objective, config, init_ids=init, progress=tick, on_step=validation)
+    ids, loss = list(result.best_ids), result.best_loss
+    if validation is not None and validation.best_ids != ids:
+        ids = validation.best_ids
+        loss = _loss(objective, ids)
+    prepared.control_ids[node.id] = ids
+    search = ControlSearch(
+        node_id=node.id, objective="collective" if collective else "local", control_ids=ids,
+        control_text=str(loaded.tokenizer.decode(ids)), loss=loss, initial_loss=initial_loss, steps=result.steps,
         wall_seconds=result.wall_time_s,
+        validation_loss=None if validation is None else validation.best_loss,
+        initial_validation_loss=None if validation is None else validation.initial_loss,
+        stopped_at_step=None if validation is None else validation.stopped_at,
     )
+    _log_search(search)
+    return search
+
+
+def _log_search(search: ControlSearch) -> None:
+    held_out = ""
+    if search.validation_loss is not None:
+        held_out = f", validation loss {search.initial_validation_loss:.4f} -> {search.validation_loss:.4f}"
+    if search.stopped_at_step is not None:
+        held_out += f", stopped early after step {search.stopped_at_step}"
+    log.info(
+        "node %s: control %r, train loss %.4f -> %.4f%s",
+        search.node_id, search.control_text, search.initial_loss, search.loss, held_out,
+    )
+
+
+def _search_speaker(
+    prepared: Prepared, node: NodeSpec, sweep: int, training: _Training, progress: Progress | None
+) -> ControlSearch:
+    """A speaker's search (`collective.run.speaker`), on the collective recorded with its
+    current prompt (its initial one at first) and every other prompt in place."""
+    spec = node.controller
+    assert isinstance(spec, GCGController)
+    init = prepared.control_ids.get(node.id) or _initial_ids(spec, prepared.models[node.model].tokenizer, node.id)
+    prepared.control_ids[node.id] = init
+    rounds = ([r for r, _ in training.last(spec.train_rounds)], [r for r, _ in training.validation(spec.validation_rounds)])
+    config = _gcg_config(spec, derive_seed(prepared.scenario.seed, "gcg", node.id, sweep) % (2**31))
+    recorder = _record(prepared, training.scenario)
+    return search_speaker(prepared, node, recorder, rounds, init, config, spec.patience, progress)
 
 
 def search_controls(prepared: Prepared, progress: Progress | None = None) -> list[ControlSearch]:
@@ -269,8 +384,9 @@ def search_controls(prepared: Prepared, progress: Progress | None = None) -> lis
         for node in gcg_nodes:
             spec = node.controller
             assert isinstance(spec, GCGController)
-            if sweep < spec.sweeps and (spec.objective == "collective" or sweep == 0):
-                found[node.id] = _search_node(prepared, node, sweep, training, progress)
+            if sweep < spec.sweeps and (spec.objective != "local" or sweep == 0):
+                search = _search_speaker if spec.objective == "speak" else _search_node
+                found[node.id] = search(prepared, node, sweep, training, progress)
     return list(found.values())
 
 

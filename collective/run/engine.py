@@ -28,14 +28,15 @@ from collective.lm.codec import start_token
 from collective.lm.models import LoadedModel
 from collective.lm.predictions import TokenPredictions
 from collective.lm.scoring import ScoreItem, score_items
-from collective.records import MessageRecord, NodeRound, RoundEvent
+from collective.records import MessageRecord, MessageSearch, NodeRound, RoundEvent
 from collective.run.aggregate import Aggregator, make_aggregator
-from collective.run.bus import InMemoryBus, message_token_budgets
+from collective.run.bus import InMemoryBus, message_byte_budgets, message_token_budgets
+from collective.run.messages import ReceiverContext, message_frame
 from collective.run.node import NodeRoundRequest, NodeRoundResult, compute_rounds
 from collective.run.observation import Observer
 from collective.run.pools import PooledPrediction
 from collective.run.prepared import Prepared
-from collective.scenario import Scenario
+from collective.scenario import NodeSpec, Scenario, SearchMessage
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +55,7 @@ class EngineResult:
     wall_seconds: float
     eval_tokens: int
     eval_bytes: int
+    message_searches: dict[str, list[MessageSearch]] = field(default_factory=dict)  # node -> every round's search
 
 
 class Executor(Protocol):
@@ -117,11 +119,15 @@ class _Tally:
     eval_tokens: int = 0
     eval_bytes: int = 0
     messages: list[MessageRecord] = field(default_factory=list)
+    searches: dict[str, list[MessageSearch]] = field(default_factory=dict)
 
     def add(self, results: Results) -> list[MessageRecord]:
         """Count one round; returns its messages."""
         messages = [m for r in results.values() if r is not None for m in r.messages]
         self.messages.extend(messages)
+        for node_id, result in results.items():
+            if result is not None and result.message_search is not None:
+                self.searches.setdefault(node_id, []).append(result.message_search)
         self.rounds_done += 1
         return messages
 
@@ -176,6 +182,7 @@ class RoundEngine:
         )
         self.silent_pool: Aggregator = self.collective_pool.clone()
         self.message_tokens = message_token_budgets(scenario.bus, graph)
+        self.message_bytes = message_byte_budgets(scenario.bus, graph)
 
     @classmethod
     def from_prepared(cls, prepared: Prepared, executor: Executor, run_id: str) -> RoundEngine:
@@ -213,9 +220,27 @@ class RoundEngine:
                     message=node.message,
                     message_tokens=self.message_tokens[node.id],
                     seed=self.scenario.seed,
+                    message_bytes=self.message_bytes[node.id],
+                    message_frame=message_frame(
+                        self.scenario.bus.inbox_template, self.scenario.bus.inbox_header, node.id, round_index
+                    ),
+                    receivers=self._receivers(node, start, len(seen.seen_ids)),
                 )
             )
         return requests
+
+    def _receivers(self, node: NodeSpec, start: int, n_seen: int) -> tuple[ReceiverContext, ...]:
+        """A receiver-aware searched message's readers: each out-neighbour's control prompt and
+        its view of the text before the span the message should carry (the last `span_tokens`
+        of the `n_seen` tokens the sender read)."""
+        spec = node.message
+        if not isinstance(spec, SearchMessage) or spec.objective != "receiver":
+            return ()
+        span_start = start + self.round_tokens - min(spec.span_tokens or self.round_tokens, n_seen)
+        return tuple(
+            ReceiverContext(j, self.control_ids.get(j, []), self.observer.observe(j, span_start).prefix_ids)
+            for j in self.graph.successors(node.id)
+        )
 
     def run(
         self,
@@ -254,6 +279,7 @@ class RoundEngine:
             wall_seconds=time.perf_counter() - began,
             eval_tokens=tally.eval_tokens,
             eval_bytes=tally.eval_bytes,
+            message_searches=tally.searches,
         )
 
     def pool(self, start: int, targets: torch.Tensor, results: Results) -> RoundPools:
@@ -326,7 +352,7 @@ def node_round(node_id: str, result: NodeRoundResult | None) -> NodeRound:
         nll_plain=_mean_nll(result.plain), inbox_tokens=result.inbox_tokens,
         bytes_sent=sum(m.n_bytes for m in own if not m.dropped), messages_sent=len(own),
         messages_dropped=sum(m.dropped for m in own), messages_truncated=sum(m.truncated for m in own),
-        last_message=result.message_text,
+        last_message=result.message_text, message_search=result.message_search,
     )
 
 

@@ -5,7 +5,8 @@ rendered inbox, its view of the text before the round and its reading of the rou
 `compute_rounds` scores the node's three contexts (in collective, isolated, plain) in
 one batched teacher-forced pass, deduplicating identical sequences (without a control
 prompt the isolated and plain contexts are the same), then writes each node's outgoing
-message. The embedded runtime calls it once per model per round with every node; a
+message (a searched message: every searching node of the model in one batched search,
+`collective.run.messages`). The embedded runtime calls it once per model per round with every node; a
 volunteer machine calls it with its one node. That is why both runtimes agree. A runtime
 may ask for fewer rows (`want_isolated`, `want_plain`; the engine always asks for all):
 a row not asked for comes back None, and the engine then books it as missing and leaves
@@ -24,8 +25,21 @@ import torch
 from collective.lm.codec import TextCodec, start_token, stop_ids
 from collective.lm.predictions import TokenPredictions
 from collective.lm.scoring import ScoreItem, Speak, score_and_speak, score_items
-from collective.records import MessageRecord
-from collective.scenario import GenerateMessage, MessageSpec, RelayMessage, ShuffleMessage
+from collective.records import MessageRecord, MessageSearch
+from collective.run.messages import (
+    ReceiverContext,
+    SearchInput,
+    filler_ids,
+    search_round_messages,
+    stable_ids,
+)
+from collective.scenario import (
+    GenerateMessage,
+    MessageSpec,
+    RelayMessage,
+    SearchMessage,
+    ShuffleMessage,
+)
 from collective.seeding import generator
 
 
@@ -43,6 +57,9 @@ class NodeRoundRequest:
     inbox_text: str = ""
     want_plain: bool = True
     want_isolated: bool = True
+    message_bytes: int = 1 << 30  # the out-links' byte budget (a searched message stays within it)
+    message_frame: tuple[str, str] = ("", "\n")  # a reader's inbox text before and after the message
+    receivers: tuple[ReceiverContext, ...] = ()  # a receiver-aware searched message's readers
 
 
 @dataclass
@@ -55,6 +72,7 @@ class NodeRoundResult:
     message_text: str | None
     inbox_tokens: int
     messages: list[MessageRecord] = field(default_factory=list)
+    message_search: MessageSearch | None = None
 
 
 def _ids(values: list[int]) -> torch.Tensor:
@@ -105,7 +123,7 @@ def compute_rounds(
     collective_contexts = [torch.cat([bos, _ids(r.control_ids), inbox, r.prefix_ids]) for r, inbox in zip(requests, inboxes)]
     # Speakers' collective rows are scored together with the writing of their message, so
     # the message reuses the scoring pass's KV cache; they are never deduplicated.
-    speakers = [i for i, r in enumerate(requests) if isinstance(r.message, GenerateMessage)]
+    speakers = [i for i, r in enumerate(requests) if _writes(r.message)]
     listeners = {i: sequences.add(collective_contexts[i], r) for i, r in enumerate(requests) if i not in speakers}
     parts = (sequences.items[:n_without_bus], sequences.items[n_without_bus:])
     scored = TokenPredictions.stack(
@@ -122,6 +140,7 @@ def compute_rounds(
         )
         collective_rows |= {i: spoken_preds.select([k]) for k, i in enumerate(speakers)}
         said = dict(zip(speakers, spoken))
+    searched = _searched(model, tokenizer, requests, said, int(bos.item()), batch_tokens)
     return [
         NodeRoundResult(
             node_id=request.node_id,
@@ -129,11 +148,59 @@ def compute_rounds(
             collective=collective_rows[index],
             isolated=None if isolated is None else scored.select([isolated]),
             plain=None if plain is None else scored.select([plain]),
-            message_text=_message_text(request, said.get(index), tokenizer),
+            message_text=searched[index][0] if index in searched else _message_text(request, said.get(index), tokenizer),
             inbox_tokens=len(inboxes[index]),
+            message_search=searched[index][1] if index in searched else None,
         )
         for index, (request, (isolated, plain)) in enumerate(zip(requests, without_bus))
     ]
+
+
+def _writes(message: MessageSpec) -> bool:
+    """Whether the node's model writes text after the round (a searched message may start from it)."""
+    return isinstance(message, GenerateMessage) or (isinstance(message, SearchMessage) and message.init == "generate")
+
+
+def _searched(
+    model: torch.nn.Module,
+    tokenizer: TextCodec,
+    requests: list[NodeRoundRequest],
+    said: dict[int, list[int]],
+    start: int,
+    batch_tokens: int,
+) -> dict[int, tuple[str, MessageSearch]]:
+    """Every searching node's message and search record, the nodes with the same search
+    settings searched together."""
+    groups: dict[tuple[object, ...], list[int]] = {}
+    for index, request in enumerate(requests):
+        spec = request.message
+        if isinstance(spec, SearchMessage) and request.message_tokens > 0:
+            key = (spec.steps, spec.search_width, spec.topk, spec.n_replace, spec.ascii_only, spec.retokenize_filter)
+            groups.setdefault(key, []).append(index)
+    found: dict[int, tuple[str, MessageSearch]] = {}
+    for members in groups.values():
+        items = [_search_input(requests[i], said.get(i), tokenizer) for i in members]
+        round_tokens = len(requests[members[0]].round_inputs)
+        done = search_round_messages(model, tokenizer, items, start=start, round_tokens=round_tokens, batch_tokens=batch_tokens)
+        found |= dict(zip(members, done))
+    return found
+
+
+def _search_input(request: NodeRoundRequest, spoken: list[int] | None, tokenizer: TextCodec) -> SearchInput:
+    spec = request.message
+    assert isinstance(spec, SearchMessage)
+    budget = request.message_tokens
+    if spec.init == "relay":
+        start = stable_ids(relayed_ids(request), tokenizer, budget)
+    elif spec.init == "generate":
+        start = stable_ids(spoken or [], tokenizer, budget)
+    else:
+        start = []
+    return SearchInput(
+        node_id=request.node_id, round_index=request.round_index, seed=request.seed, spec=spec,
+        seen_ids=torch.cat([request.prefix_ids, request.round_inputs]), start_ids=start or filler_ids(tokenizer, budget),
+        frame=request.message_frame, max_bytes=request.message_bytes, receivers=request.receivers,
+    )
 
 
 def _message_text(request: NodeRoundRequest, spoken: list[int] | None, tokenizer: TextCodec) -> str | None:
@@ -160,9 +227,12 @@ def relayed_ids(request: NodeRoundRequest) -> list[int]:
 
 
 def _speak(request: NodeRoundRequest, tokenizer: TextCodec) -> Speak:
+    """How the node writes: its generate settings, or a searched message's start (greedy)."""
     spec = request.message
-    assert isinstance(spec, GenerateMessage)
+    assert isinstance(spec, GenerateMessage | SearchMessage)
     speak_ids = _ids(tokenizer.encode(spec.speak_prompt, add_special_tokens=False) if spec.speak_prompt else [])
+    if isinstance(spec, SearchMessage):
+        return Speak(continuation=speak_ids, max_new_tokens=request.message_tokens)
     sampled = spec.sampling == "sample"
     return Speak(
         continuation=speak_ids,

@@ -19,7 +19,8 @@ import torch
 from collective.lm.codec import TextCodec
 from collective.lm.corpus import load_corpus_text, token_byte_lengths, tokenize_stream
 from collective.lm.models import LoadedModel, ModelPool, check_same_tokenizer
-from collective.scenario import FixedController, GCGController, MaskedView, Scenario
+from collective.run.bus import link_policies
+from collective.scenario import FixedController, GCGController, MaskedView, Scenario, SearchMessage
 from topologies import build_topology
 
 
@@ -51,6 +52,8 @@ def build_graph(scenario: Scenario) -> nx.DiGraph:
     override must name one of its links, else a `RunError` names it and lists the real ones."""
     graph = _topology(scenario)
     check_link_overrides(scenario, graph)
+    check_searched_messages(scenario, graph)
+    check_speakers(scenario, graph)
     return graph
 
 
@@ -88,6 +91,62 @@ def check_link_overrides(scenario: Scenario, graph: nx.DiGraph) -> None:
             f"bus.links[{index}]: there is no link {link.source} -> {link.target} in this topology ({kind}, seed "
             f"{scenario.seed}), so this override would change nothing; override one of its links: {shown or 'none'}"
         )
+
+
+def check_searched_messages(scenario: Scenario, graph: nx.DiGraph) -> None:
+    """A searched message needs readers, and room on every out-link for at least one token
+    and one byte: a `RunError` naming the node's field otherwise."""
+    policies = link_policies(scenario.bus, graph.edges())
+    for index, node in enumerate(scenario.nodes):
+        if not isinstance(node.message, SearchMessage):
+            continue
+        field = f"nodes[{index}].message (node {node.id!r}, policy search)"
+        receivers = list(graph.successors(node.id))
+        if not receivers:
+            raise RunError(
+                f"{field}: the node has no out-links in this topology, so no one reads what it searches; "
+                "give it out-links or another message policy (e.g. silent)"
+            )
+        for receiver in receivers:
+            link = policies[(node.id, receiver)]
+            if link.max_message_tokens < 1 or link.max_message_bytes < 1:
+                raise RunError(
+                    f"{field}: the link {node.id} -> {receiver} has a budget of {link.max_message_tokens} tokens and "
+                    f"{link.max_message_bytes} bytes; a searched message needs at least 1 of each: raise "
+                    "bus.max_message_tokens / bus.max_message_bytes (or that link's override in bus.links)"
+                )
+
+
+def check_speakers(scenario: Scenario, graph: nx.DiGraph) -> None:
+    """A speaker controller (`objective: speak`) lowers its out-neighbours' NLL through the
+    messages it writes: a node with no out-links, or one that does not write its messages
+    (policy generate), has nothing to search for; a `RunError` naming the field."""
+    for node in scenario.nodes:
+        if not (isinstance(node.controller, GCGController) and node.controller.objective == "speak"):
+            continue
+        field = f"nodes.{node.id}.controller.objective"
+        if not list(graph.successors(node.id)):
+            raise RunError(
+                f"{field}: `speak` searches the prompt for the node's readers, but node {node.id!r} has no out-links "
+                f"in this topology ({scenario.topology.kind}); give it out-links or use objective local or collective"
+            )
+        if node.message.policy != "generate":
+            raise RunError(
+                f"{field}: `speak` searches the prompt that steers the messages the node writes, but node "
+                f"{node.id!r} has message policy {node.message.policy!r}; set its message to {{policy: generate}}"
+            )
+
+
+def refuse_receiver_search(scenario: Scenario) -> None:
+    """A distributed node never sees its neighbours' views, so it cannot search a message for
+    them (`objective: receiver`): a `RunError` naming the node's field."""
+    for index, node in enumerate(scenario.nodes):
+        if isinstance(node.message, SearchMessage) and node.message.objective == "receiver":
+            raise RunError(
+                f"nodes[{index}].message.objective (node {node.id!r}): `receiver` scores the message on the "
+                "receivers' own views, which a distributed node cannot see; use `objective: sender` in a "
+                "distributed run (or run it embedded, --bus memory)"
+            )
 
 
 def load_models(scenario: Scenario, pool: ModelPool, only: set[str] | None = None) -> dict[str, LoadedModel]:

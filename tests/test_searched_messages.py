@@ -1,0 +1,152 @@
+"""Searched messages in a run (`message.policy: search`): the node's message is searched each
+round, within its out-links' budgets, and its objective before and after goes into the
+events; receiver-aware searches read the receivers' views; bad settings fail early."""
+
+from __future__ import annotations
+
+import networkx as nx
+import pytest
+
+from collective.distributed.payloads import RequestPayload
+from collective.lm.models import ModelPool
+from collective.records import RoundEvent, parse_event
+from collective.run.messages import message_frame
+from collective.run.prepared import RunError, check_searched_messages, refuse_receiver_search
+from collective.run.runner import prepare, run_prepared
+from collective.scenario import SearchMessage, load_scenario
+from tests.test_node import _request, _run
+from tests.test_rundir import write_tiny_scenario
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+SEARCH = {"policy": "search", "steps": 2, "search_width": 8, "topk": 8, "ascii_only": False}
+
+
+def test_the_frame_is_the_inbox_rendering_around_the_text():
+    assert message_frame("{sender}: {text}\n", "", "a", 3) == ("a: ", "\n")
+    assert message_frame("[{round}] {sender} says {text}.\n", "Inbox:\n", "b", 7) == ("Inbox:\n[7] b says ", ".\n")
+
+
+def test_a_node_searches_its_message_and_it_does_no_worse_than_where_it_started(tiny_lm, tiny_tok):
+    request = _request(tiny_tok, message=SearchMessage(**{k: v for k, v in SEARCH.items() if k != "policy"}), budget=6)
+    (result,) = _run(tiny_lm, tiny_tok, [request])
+    search = result.message_search
+    assert search is not None and search.objective == "sender" and search.steps == 2
+    assert search.after <= search.before
+    assert result.message_text is not None
+    assert len(tiny_tok.encode(result.message_text, add_special_tokens=False)) <= 6
+
+
+def test_a_searched_message_is_seeded(tiny_lm, tiny_tok):
+    spec = SearchMessage(**{k: v for k, v in SEARCH.items() if k != "policy"})
+
+    def text(seed):
+        (result,) = _run(tiny_lm, tiny_tok, [_request(tiny_tok, message=spec, budget=6, seed=seed)])
+        return result.message_text
+
+    assert text(0) == text(0)
+
+
+def test_each_start_the_search_can_take(tiny_lm, tiny_tok):
+    for init in ("relay", "generate", "filler"):
+        spec = SearchMessage(init=init, steps=1, search_width=4, topk=4, ascii_only=False)
+        (result,) = _run(tiny_lm, tiny_tok, [_request(tiny_tok, message=spec, budget=5)])
+        assert result.message_search is not None and result.message_search.tokens <= 5, init
+
+
+def _run_events(folder, model_dir, name, **changes):
+    scenario = load_scenario(write_tiny_scenario(folder, model_dir, name=name, **changes))
+    pool = ModelPool(cache_dir=folder / "cache")
+    run_prepared(prepare(scenario, pool, base_dir=folder), folder / name)
+    lines = (folder / name / "events.jsonl").read_text(encoding="utf-8").splitlines()
+    return [e for e in map(parse_event, lines) if isinstance(e, RoundEvent)]
+
+
+@pytest.mark.parametrize("objective", ["sender", "receiver"])
+def test_a_run_records_every_searched_message(tiny_model_dir, tmp_path, objective):
+    defaults = {"model": "tiny", "message": {**SEARCH, "objective": objective}}
+    events = _run_events(tmp_path, tiny_model_dir, f"search-{objective}", node_defaults=defaults)
+    searches = [n.message_search for e in events for n in e.nodes if n.node_id != "c"]  # c relays (its own setting)
+    assert len(searches) == 2 * len(events)
+    assert all(s is not None and s.objective == objective and s.after <= s.before for s in searches)
+    assert all(n.message_search is None for e in events for n in e.nodes if n.node_id == "c")
+    for event in events:
+        for message in event.messages:
+            assert message.n_tokens <= 4 and not message.truncated  # searched within the budget: sent whole
+
+
+def test_the_receiver_objective_reads_the_receivers_views(tiny_model_dir, tmp_path, monkeypatch):
+    import collective.run.node as node_module
+
+    seen = []
+    real = node_module.search_round_messages
+
+    def spy(model, tokenizer, items, **kwargs):
+        seen.extend(items)
+        return real(model, tokenizer, items, **kwargs)
+
+    monkeypatch.setattr(node_module, "search_round_messages", spy)
+    defaults = {"model": "tiny", "message": {**SEARCH, "objective": "receiver"}}
+    _run_events(tmp_path, tiny_model_dir, "receivers", node_defaults=defaults)
+    assert seen
+    for item in seen:
+        assert sorted(r.node_id for r in item.receivers) == {"a": ["b", "c"], "b": ["a", "c"]}[item.node_id]
+        by_id = {r.node_id: r for r in item.receivers}
+        if "c" in by_id:
+            assert len(by_id["c"].prefix_ids) == 0  # c has no view of the text
+        if "b" in by_id and "a" in by_id:
+            assert len(by_id["a"].prefix_ids) != len(by_id["b"].prefix_ids) or item.round_index < 2
+
+
+def _scenario_with(tmp_path, tiny_model_dir, **changes):
+    return load_scenario(write_tiny_scenario(tmp_path, tiny_model_dir, **changes))
+
+
+def test_a_search_over_a_link_with_no_room_is_refused(tmp_path, tiny_model_dir):
+    scenario = _scenario_with(
+        tmp_path, tiny_model_dir, node_defaults={"model": "tiny", "message": SEARCH},
+        bus={"round_tokens": 8, "max_message_tokens": 4, "links": [{"source": "a", "target": "b", "max_message_tokens": 0}]},
+    )
+    graph = nx.DiGraph([("a", "b"), ("b", "a"), ("a", "c"), ("c", "a"), ("b", "c"), ("c", "b")])
+    with pytest.raises(RunError, match=r"nodes\[0\]\.message .*a -> b has a budget of 0 tokens"):
+        check_searched_messages(scenario, graph)
+
+
+def test_a_search_with_no_reader_is_refused(tmp_path, tiny_model_dir):
+    scenario = _scenario_with(tmp_path, tiny_model_dir, node_defaults={"model": "tiny", "message": SEARCH})
+    graph = nx.DiGraph([("a", "b"), ("a", "c"), ("c", "a"), ("c", "b")])  # b reads but has no one to tell
+    with pytest.raises(RunError, match=r"nodes\[1\]\.message \(node 'b', policy search\): the node has no out-links"):
+        check_searched_messages(scenario, graph)
+
+
+def test_a_distributed_run_refuses_the_receiver_objective(tmp_path, tiny_model_dir):
+    receiver = _scenario_with(tmp_path, tiny_model_dir, node_defaults={"model": "tiny", "message": {**SEARCH, "objective": "receiver"}})
+    with pytest.raises(RunError, match=r"nodes\[0\]\.message\.objective .*use `objective: sender`"):
+        refuse_receiver_search(receiver)
+    refuse_receiver_search(_scenario_with(tmp_path, tiny_model_dir, node_defaults={"model": "tiny", "message": SEARCH}))
+
+
+def test_a_distributed_request_carries_what_the_search_needs(tiny_tok):
+    request = _request(tiny_tok, message=SearchMessage(steps=1), budget=6)
+    request = type(request)(**{**request.__dict__, "message_bytes": 17, "message_frame": ("x: ", "|\n")})
+    wire = RequestPayload.from_request(request, [], deadline_s=5.0)
+    back = RequestPayload.model_validate_json(wire.model_dump_json()).to_request(request.round_index, "")
+    assert isinstance(back.message, SearchMessage)
+    assert back.message_bytes == 17 and back.message_frame == ("x: ", "|\n")
+
+
+def test_the_report_summarizes_each_nodes_searched_messages(tiny_model_dir, tmp_path):
+    from collective.records import Report
+    from collective.report.report_view import report_markdown
+
+    defaults = {"model": "tiny", "message": SEARCH}
+    events = _run_events(tmp_path, tiny_model_dir, "summary", node_defaults=defaults)
+    report = Report.model_validate_json((tmp_path / "summary" / "report.json").read_text(encoding="utf-8"))
+    assert sorted(report.message_searches) == ["a", "b"]
+    for node_id, found in report.message_searches.items():
+        mine = [n.message_search for e in events for n in e.nodes if n.node_id == node_id]
+        assert found.messages == len(mine) == len(events)
+        assert found.mean_before == pytest.approx(sum(s.before for s in mine) / len(mine))
+        assert found.mean_after == pytest.approx(sum(s.after for s in mine) / len(mine))
+        assert found.mean_after <= found.mean_before
+    assert "messages of a: searched: objective" in report_markdown(report)
