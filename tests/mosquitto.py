@@ -86,6 +86,7 @@ def running_broker(
     users: dict[str, str] | None = None,
     tls: TlsFiles | None = None,
     max_packet_size: int = 8 << 20,
+    hosts: dict[str, list[str]] | None = None,
 ) -> Iterator[RunningBroker]:
     """A mosquitto on 127.0.0.1:<free port>, stopped on exit; skips the test when not installed."""
     if mosquitto_binary() is None:
@@ -96,6 +97,7 @@ def running_broker(
         port=port,
         bind="127.0.0.1",
         users=dict(users or {}),
+        hosts=dict(hosts or {}),
         max_packet_size=max_packet_size,
         tls=tls,
         tls_port=port,

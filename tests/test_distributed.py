@@ -91,7 +91,11 @@ def _messages(run_dir: Path) -> list[tuple[str, str, int, str]]:
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory, tiny_tok, tiny_lm) -> World:
-    root = tmp_path_factory.mktemp("distributed")
+    return build_world(tmp_path_factory.mktemp("distributed"), tiny_tok, tiny_lm)
+
+
+def build_world(root: Path, tiny_tok, tiny_lm) -> World:
+    """The tiny model saved to a folder, the scenario on it, and its embedded run."""
     tiny_lm.save_pretrained(root / "tiny")
     tiny_tok.save_pretrained(root / "tiny")
     spec = {**SCENARIO, "models": {"tiny": {"ref": str(root / "tiny"), "dtype": "float32", "device": "cpu"}}}

@@ -63,3 +63,52 @@ def test_the_node_command_names_the_failing_preflight_step(capsys):
     assert main(["node", "--broker", "mqtt://127.0.0.1:1", "--run", "x", "--node", "a", "--preflight-only"]) == 2
     out = " ".join(capsys.readouterr().out.split())
     assert "preflight DNS: ok" in out and "preflight failed at step 'TCP'" in out and "start the broker" in out
+
+
+def test_a_host_file_gives_each_host_login_its_nodes_topics_and_no_others(tmp_path, capsys):
+    hostfile = tmp_path / "hosts.yaml"
+    hostfile.write_text("box: [a, b]\n", encoding="utf-8")
+    scenario = str(REPO / "scenarios" / "quickstart.yaml")
+    args = ["broker", "--config-dir", str(tmp_path / "conf"), "--scenario", scenario, "--hosts", str(hostfile), "--no-start"]
+    assert main(args) == 0
+    assert "logins (7, passwords in" in " ".join(capsys.readouterr().out.split())
+    assert "\nbox:" in "\n" + (tmp_path / "conf" / "credentials.txt").read_text(encoding="utf-8")
+    box = (tmp_path / "conf" / "acl").read_text(encoding="utf-8").split("user box\n")[1].split("\n\n")[0]
+    for node in ("a", "b"):
+        assert f"topic write collective/+/nodes/{node}/#" in box and f"topic read collective/+/coord/to/{node}" in box
+        assert f"topic read collective/+/nodes/+/msg/{node}" in box
+    assert "/c/" not in box and "/to/c" not in box and "/d" not in box
+
+
+@pytest.mark.parametrize(
+    ("content", "complaint"),
+    [
+        ("box: [a, zz]\n", "host 'box': 'zz' is not a node of the scenario"),
+        ("a: [b]\n", "host 'a': a host login may not be a node id"),
+        ("watcher: [b]\n", "host 'watcher': a host login is 1-64 letters"),
+        ("box: []\n", "host 'box': expected a non-empty list of node ids"),
+        ("[a, b]\n", "a host file maps each host login to its node ids"),
+    ],
+)
+def test_the_broker_command_names_the_bad_entry_of_a_host_file(tmp_path, capsys, content, complaint):
+    hostfile = tmp_path / "hosts.yaml"
+    hostfile.write_text(content, encoding="utf-8")
+    scenario = str(REPO / "scenarios" / "quickstart.yaml")
+    assert main(["broker", "--config-dir", str(tmp_path), "--scenario", scenario, "--hosts", str(hostfile), "--no-start"]) == 2
+    out = " ".join(capsys.readouterr().out.split())
+    assert str(hostfile) in out and complaint in out, out
+
+
+@pytest.mark.parametrize(
+    ("args", "complaint"),
+    [
+        (["--node", "a", "--nodes", "b,a"], "node a is asked for twice"),
+        (["--claim", "2", "--node", "a"], "give it without --node/--nodes"),
+        (["--claim", "0"], "--claim N takes N >= 1"),
+        ([], "which nodes? --node ID (repeat it), --nodes A,B,... or --claim N"),
+        (["--nodes", "a,b c"], "--node 'b c': a node id is 1-64 letters"),
+    ],
+)
+def test_the_node_command_checks_which_nodes_a_host_asks_for_before_connecting(args, complaint, capsys):
+    assert main(["node", "--broker", "mqtt://127.0.0.1:1", "--run", "x", *args]) == 2
+    assert complaint in " ".join(capsys.readouterr().out.split())

@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import asyncio
 
-from collective.distributed.payloads import JoinPayload, LeavePayload
+from collective.distributed.payloads import (
+    AssignPayload,
+    ClaimPayload,
+    JoinPayload,
+    LeavePayload,
+    RefusePayload,
+)
 from collective.distributed.roster import Roster
 from tests.ring_scenario import ring_scenario
 
@@ -69,3 +75,26 @@ def test_after_an_outage_the_nodes_present_before_it_get_a_grace_period_to_come_
         return loop.time() - began
 
     assert 0.15 < asyncio.run(scenario()) < 3
+
+
+def test_a_claim_gets_free_nodes_that_no_other_claim_holds_and_a_claim_for_more_than_are_free_is_refused():
+    async def scenario() -> None:
+        roster = _roster()
+        roster.admit("a", _join("s1"))
+        first = roster.claim("h1", ClaimPayload(session="c1", count=1))
+        assert isinstance(first, AssignPayload) and first.node_ids == ["b"]
+        again = roster.claim("h1", ClaimPayload(session="c1", count=1))  # the same claim after a reconnect
+        assert isinstance(again, AssignPayload) and again.node_ids == ["b"]
+        greedy = roster.claim("h2", ClaimPayload(session="c2", count=2))
+        assert isinstance(greedy, RefusePayload) and "claims 2 node(s), 1 are free (c; the run has 3)" in greedy.reason
+        second = roster.claim("h2", ClaimPayload(session="c3", count=1))
+        assert isinstance(second, AssignPayload) and second.node_ids == ["c"]
+        as_node = roster.claim("a", ClaimPayload(session="c4", count=1))
+        assert isinstance(as_node, RefusePayload) and "is a node id of this run" in as_node.reason
+        # b joins (reserved no more, held by presence); when its host dies, b is free for a new claim
+        roster.admit("b", _join("s2"))
+        roster.leave("b", LeavePayload(session="s2"), expected=False)
+        third = roster.claim("h3", ClaimPayload(session="c5", count=1))
+        assert isinstance(third, AssignPayload) and third.node_ids == ["b"]
+
+    asyncio.run(scenario())

@@ -1,7 +1,7 @@
-"""`collective node` (a volunteer) and `collective broker` (a Mosquitto for a run).
+"""`collective node` (a volunteer, or a host of several nodes) and `collective broker` (a Mosquitto for a run).
 
 Thin: parse, call `collective.distributed`, render. Each call into the distributed library
-sits in one small function (`_preflight`, `_serve`, `write_broker_config` and `_start`), so
+sits in one small function (`_preflight`, `_serve`, `_serve_host`, `write_broker_config` and `_start`), so
 that a change of its signature is one edit here. Heavy imports wait until a command runs.
 """
 
@@ -10,9 +10,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 
@@ -30,11 +30,13 @@ SayLine = Callable[[str], None]  # one line of the node's progress, for the cons
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     """Add the `node` and `broker` subcommands; each one's --help description is its docstring."""
     node = sub.add_parser(
-        "node", help="serve one node of a distributed run (a volunteer machine)", description=cmd_node.__doc__
+        "node", help="serve one node, or host several, of a distributed run (a volunteer machine)", description=cmd_node.__doc__
     )
     node.add_argument("--broker", required=True, metavar="URL", help="mqtt://USER:PASSWORD@host:1883 or mqtts://...:8883 (?ca=FILE)")
     node.add_argument("--run", required=True, metavar="RUN_ID", help="the run id: the name of the coordinator's run folder")
-    node.add_argument("--node", required=True, metavar="NODE_ID", help="which node of the scenario to serve")
+    node.add_argument("--node", action="append", default=[], metavar="NODE_ID", help="a node of the scenario to serve (repeat to host several)")
+    node.add_argument("--nodes", metavar="A,B,...", help="several nodes to serve in this one process, comma-separated")
+    node.add_argument("--claim", type=int, metavar="N", help="serve N nodes that no live process serves yet (the coordinator assigns them)")
     node.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: the scenario's device for the model)")
     node.add_argument("--model", metavar="REF", help="load this model reference instead of the scenario's (a local copy)")
     node.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
@@ -51,6 +53,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     broker.add_argument("--scenario", type=Path, help="size max_packet_size from it and create a login per node")
     broker.add_argument("--port", type=int, default=1883)
     broker.add_argument("--bind", default="0.0.0.0", help="listen address (127.0.0.1 for this machine only)")
+    broker.add_argument("--hosts", type=Path, metavar="FILE", help="host logins: a YAML mapping login -> the node ids it may serve")
     broker.add_argument("--user", action="append", default=[], metavar="NAME:PASSWORD", help="a login (repeat); overrides a generated one")
     broker.add_argument("--anonymous", action="store_true", help="no logins and no ACLs (a closed network only)")
     broker.add_argument("--tls-cert", type=Path, help="server certificate (PEM) for a TLS listener")
@@ -65,23 +68,47 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 def cmd_node(args: argparse.Namespace, console: Console) -> int:
     """Join a distributed run through an MQTT broker and serve one node's rounds until the run
     ends. The coordinator (`collective run SCENARIO --bus URL --out runs/RUN_ID`) publishes the
-    scenario; this node loads the model the scenario names for it."""
+    scenario; this node loads the model the scenario names for it. Several --node, --nodes A,B
+    or --claim N make this process a host: one copy per model, all its nodes' rounds batched."""
     from collective.distributed.mqtt import parse_broker_url
 
-    _check_ids(args.run, args.node)
+    node_ids = _node_ids(args)
+    _check_ids(args.run, node_ids)
     set_threads(args.threads or None)  # --threads 0: torch's choice, as without it
     address = parse_broker_url(args.broker)
+    who = node_ids[0] if len(node_ids) == 1 and not args.claim else address.username or "host"
 
     def report(line: str) -> None:
-        console.print(f"[{args.node}] {line}", highlight=False, soft_wrap=True)
+        console.print(f"[{who}] {line}", highlight=False, soft_wrap=True)
 
+    if len(node_ids) == 1 and not args.claim:
+        if args.preflight_only:
+            _preflight(address, args.run, node_ids[0], report)
+            return 0
+        return _serve(args, address, report)
     if args.preflight_only:
-        _preflight(address, args.run, args.node, report)
+        _preflight(address, args.run, who, report)
         return 0
-    return _serve(args, address, report)
+    return _serve_host(args, address, node_ids, report)
 
 
-def _check_ids(run_id: str, node_id: str) -> None:
+def _node_ids(args: argparse.Namespace) -> list[str]:
+    """The nodes asked for: each --node, then --nodes; none with --claim (the coordinator assigns them)."""
+    from collective.distributed.mqtt import DistributedError
+
+    node_ids = list(args.node) + [n.strip() for n in (args.nodes or "").split(",") if n.strip()]
+    twice = sorted({n for n in node_ids if node_ids.count(n) > 1})
+    if twice:
+        raise DistributedError(f"node {', '.join(twice)} is asked for twice (--node/--nodes): name each node once")
+    if args.claim is not None:
+        if node_ids or args.claim < 1:
+            raise DistributedError("--claim N takes N >= 1 nodes the coordinator assigns: give it without --node/--nodes")
+    elif not node_ids:
+        raise DistributedError("which nodes? --node ID (repeat it), --nodes A,B,... or --claim N")
+    return node_ids
+
+
+def _check_ids(run_id: str, node_ids: list[str]) -> None:
     """--run and --node, checked before any connection is tried."""
     import re
 
@@ -91,8 +118,9 @@ def _check_ids(run_id: str, node_id: str) -> None:
 
     if not re.fullmatch(RUN_ID_PATTERN, run_id):
         raise DistributedError(f"--run {run_id!r}: a run id is 1-64 letters, digits, '-' or '_'")
-    if not check_node_id(node_id):
-        raise DistributedError(f"--node {node_id!r}: a node id is 1-64 letters, digits, '-' or '_'")
+    for node_id in node_ids:
+        if not check_node_id(node_id):
+            raise DistributedError(f"--node {node_id!r}: a node id is 1-64 letters, digits, '-' or '_'")
 
 
 def _preflight(address: BrokerAddress, run_id: str, node_id: str, report: SayLine) -> None:
@@ -110,20 +138,49 @@ def _serve(args: argparse.Namespace, address: BrokerAddress, report: SayLine) ->
     """The one call into the volunteer: serve the node's rounds until the run ends or Ctrl-C."""
     from collective.distributed.volunteer import Volunteer, VolunteerConfig
 
+    (node_id,) = _node_ids(args)
     config = VolunteerConfig(
-        address=address, run_id=args.run, node_id=args.node, device=args.device, model_ref=args.model,
+        address=address, run_id=args.run, node_id=node_id, device=args.device, model_ref=args.model,
         cache_dir=model_cache_dir(args), scenario_timeout_s=args.scenario_timeout,
     )
-    report(f"node {args.node} of run {args.run} via {address.display()}")
+    report(f"node {node_id} of run {args.run} via {address.display()}")
     volunteer = Volunteer(config, report)
-    try:
-        detail = asyncio.run(volunteer.run())
-    except KeyboardInterrupt:
-        report(f"stopped (Ctrl-C) after {volunteer.rounds_served} rounds; the coordinator was told this node left")
+    detail = _until_ended(volunteer.run(), lambda: f"{volunteer.rounds_served} rounds; the coordinator was told this node left", report)
+    if detail is None:
         return EXIT_INTERRUPTED
     report(f"done: {volunteer.rounds_served} rounds served; run ended ({detail})")
     if volunteer.rejections.total:
         report(f"dropped envelopes: {volunteer.rejections.as_dict()}")
+    return 0
+
+
+def _until_ended(serving: Coroutine[Any, Any, str], served: Callable[[], str], report: SayLine) -> str | None:
+    """Run `serving` to its closing words; on Ctrl-C say what was `served` and return None."""
+    try:
+        return asyncio.run(serving)
+    except KeyboardInterrupt:
+        report(f"stopped (Ctrl-C) after {served()}")
+        return None
+
+
+def _serve_host(args: argparse.Namespace, address: BrokerAddress, node_ids: list[str], report: SayLine) -> int:
+    """The one call into the host: serve several nodes (named or claimed) until the run ends or Ctrl-C."""
+    from collective.distributed.host import Host, HostConfig
+
+    config = HostConfig(
+        address=address, run_id=args.run, node_ids=tuple(node_ids), claim=args.claim or 0, device=args.device,
+        model_ref=args.model, cache_dir=model_cache_dir(args), scenario_timeout_s=args.scenario_timeout,
+    )
+    asked = f"nodes {', '.join(node_ids)}" if node_ids else f"{args.claim} node(s) to claim"
+    report(f"host of {asked} of run {args.run} via {address.display()}")
+    host = Host(config, report)
+    detail = _until_ended(host.run(), lambda: f"{host.rounds_served} node rounds; the coordinator was told its nodes left", report)
+    if detail is None:
+        return EXIT_INTERRUPTED
+    report(f"done: {host.rounds_served} node rounds served, {host.backend.copies} model copy(ies); run ended ({detail})")
+    dropped = {v.node_id: v.rejections.as_dict() for v in host.volunteers if v.rejections.total}
+    if dropped:
+        report(f"dropped envelopes: {dropped}")
     return 0
 
 
@@ -135,14 +192,16 @@ def cmd_broker(args: argparse.Namespace, console: Console) -> int:
     (or say how to start it where it is not installed). With --scenario every node gets a login
     (its node id) with a fresh password, listed in credentials.txt, and may publish only under its
     own topics; so do the coordinator (coordinator) and a read-only watcher (watcher, for
-    collective watch --broker)."""
-    from collective.distributed.broker import write_broker_config
+    collective watch --broker). --hosts FILE adds a login per host (`collective node --nodes`)
+    that may act for the node ids its entry lists, and only those."""
+    from collective.distributed.broker import fresh_passwords, write_broker_config
     from collective.scenario import load_scenario
 
     given = _given_logins(args.user)
     scenario = load_scenario(args.scenario) if args.scenario else None
-    users = _logins(args, scenario, given)
-    files = write_broker_config(_broker_settings(args, scenario, users))
+    hosts = _hosts(args, scenario)
+    users = {**_logins(args, scenario, given), **fresh_passwords(list(hosts), given)}
+    files = write_broker_config(_broker_settings(args, scenario, users, hosts))
     _say_written(files, users, args.port, console)
     if args.no_start:
         return 0
@@ -178,7 +237,24 @@ def _logins(args: argparse.Namespace, scenario: Scenario | None, given: dict[str
         raise DistributedError(f"{args.scenario}: {exc}") from None
 
 
-def _broker_settings(args: argparse.Namespace, scenario: Scenario | None, users: dict[str, str]) -> BrokerSettings:
+def _hosts(args: argparse.Namespace, scenario: Scenario | None) -> dict[str, list[str]]:
+    """--hosts FILE: host login -> its node ids (checked against the scenario's nodes when given)."""
+    from collective.distributed.broker import read_hostfile
+    from collective.distributed.mqtt import DistributedError
+
+    if args.hosts is None:
+        return {}
+    if args.anonymous:
+        raise DistributedError("--hosts gives logins, --anonymous none: use one of them")
+    try:
+        return read_hostfile(args.hosts, list(scenario.node_ids) if scenario is not None else None)
+    except ValueError as exc:
+        raise DistributedError(str(exc)) from None
+
+
+def _broker_settings(
+    args: argparse.Namespace, scenario: Scenario | None, users: dict[str, str], hosts: dict[str, list[str]]
+) -> BrokerSettings:
     from collective.distributed.broker import (
         DEFAULT_MAX_PACKET_BYTES,
         BrokerSettings,
@@ -191,7 +267,7 @@ def _broker_settings(args: argparse.Namespace, scenario: Scenario | None, users:
         raise DistributedError("TLS needs both --tls-cert and --tls-key")
     tls = TlsFiles(args.tls_cert.resolve(), args.tls_key.resolve(), args.tls_ca.resolve() if args.tls_ca else None) if args.tls_cert else None
     return BrokerSettings(
-        config_dir=args.config_dir, port=args.port, bind=args.bind, users=users,
+        config_dir=args.config_dir, port=args.port, bind=args.bind, users=users, hosts=hosts,
         max_packet_size=max_packet_size_for(scenario) if scenario is not None else DEFAULT_MAX_PACKET_BYTES,
         tls=tls, tls_port=args.tls_port, mount_dir=args.mount_dir,
         run_as="root" if args.mount_dir is None and hasattr(os, "geteuid") and os.geteuid() == 0 else None,

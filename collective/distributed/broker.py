@@ -6,14 +6,16 @@
     passwd            hashed logins (mosquitto_passwd when installed, else the same
                       PBKDF2-SHA512 format written here)
     acl               each node may publish only under collective/<run>/nodes/<its id>/ and
-                      read only its own requests and the messages addressed to it; the
-                      coordinator may do anything under collective/; the watcher may only
-                      read the runs' event records and control state
+                      read only its own requests and the messages addressed to it; a host
+                      login may do so for each node id of its list (`--hosts FILE`), and
+                      only those; the coordinator may do anything under collective/; the
+                      watcher may only read the runs' event records and control state
     credentials.txt   the plain passwords, for the host to hand out (mode 600)
 
 A node's username is its node id (that is what the ACL's %u patterns match); the
 coordinator's is `coordinator`, the read-only watcher's (`collective watch --broker`)
-`watcher`. `max_packet_size` is sized from the scenario: a result carries top-K candidates
+`watcher`. A host login (one process serving several nodes, `collective node --nodes`) is
+named in a host file, a mapping login -> node ids (`read_hostfile`). `max_packet_size` is sized from the scenario: a result carries top-K candidates
 for every position of a round, far more than a message; a round record carries every
 node's message and every link's.
 """
@@ -61,6 +63,7 @@ class BrokerSettings:
     port: int = 1883
     bind: str = "0.0.0.0"
     users: dict[str, str] = field(default_factory=dict)  # username -> password; empty: anonymous
+    hosts: dict[str, list[str]] = field(default_factory=dict)  # host login -> the node ids it may serve
     max_packet_size: int = DEFAULT_MAX_PACKET_BYTES
     tls: TlsFiles | None = None
     tls_port: int = 8883
@@ -117,8 +120,42 @@ def users_for(scenario: Scenario, passwords: dict[str, str] | None = None) -> di
     for reserved, whose in ((COORDINATOR, "the coordinator's"), (WATCHER, "the read-only watcher's")):
         if reserved in scenario.node_ids:
             raise ValueError(f"a node may not be called {reserved!r}: that is {whose} login")
+    return fresh_passwords([COORDINATOR, *scenario.node_ids, WATCHER], passwords)
+
+
+def fresh_passwords(names: list[str], passwords: dict[str, str] | None = None) -> dict[str, str]:
+    """Each login with its given password or a fresh random one."""
     given = passwords or {}
-    return {name: given.get(name) or secrets.token_urlsafe(12) for name in [COORDINATOR, *scenario.node_ids, WATCHER]}
+    return {name: given.get(name) or secrets.token_urlsafe(12) for name in names}
+
+
+def read_hostfile(path: Path, node_ids: list[str] | None = None) -> dict[str, list[str]]:
+    """A host file (`collective broker --hosts FILE`): a YAML mapping host login -> list of the
+    node ids it may serve. Raises ValueError naming the file, the entry and the fix."""
+    import yaml
+
+    from collective.scenario import check_node_id
+
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError) as exc:
+        raise ValueError(f"{path}: cannot read the host file ({exc})") from None
+    if not isinstance(data, dict) or not data:
+        raise ValueError(f"{path}: a host file maps each host login to its node ids, e.g. `gpu-box: [a, b, c]`")
+    hosts: dict[str, list[str]] = {}
+    for login, nodes in data.items():
+        where = f"{path}: host {login!r}"
+        if not isinstance(login, str) or not check_node_id(login) or login in (COORDINATOR, WATCHER):
+            raise ValueError(f"{where}: a host login is 1-64 letters, digits, '-' or '_', and not {COORDINATOR!r} or {WATCHER!r}")
+        if node_ids is not None and login in node_ids:
+            raise ValueError(f"{where}: a host login may not be a node id of the scenario (that node's login); rename the host")
+        if not isinstance(nodes, list) or not nodes or not all(isinstance(n, str) for n in nodes):
+            raise ValueError(f"{where}: expected a non-empty list of node ids, e.g. [a, b]")
+        unknown = [n for n in nodes if node_ids is not None and n not in node_ids]
+        if unknown:
+            raise ValueError(f"{where}: {', '.join(map(repr, unknown))} is not a node of the scenario (its nodes: {', '.join(node_ids or [])})")
+        hosts[login] = list(dict.fromkeys(nodes))
+    return hosts
 
 
 def password_hash(password: str, salt: bytes | None = None, iterations: int = 101) -> str:
@@ -140,12 +177,14 @@ def write_password_file(path: Path, users: dict[str, str]) -> None:
     path.write_text("".join(f"{user}:{password_hash(password)}\n" for user, password in users.items()), encoding="utf-8")
 
 
-def acl_text(users: list[str]) -> str:
+def acl_text(users: list[str], hosts: dict[str, list[str]] | None = None) -> str:
     """The coordinator may do anything under collective/; the watcher reads only the runs'
     event records and control state; every other login (%u = its username = its node id)
     publishes only under its own node topics and reads only the run's scenario and control,
-    its own requests, and the messages addressed to it. (The patterns apply to the watcher
-    too: it could publish under nodes/watcher/, which every party drops: no node has that id.)"""
+    its own requests, and the messages addressed to it; a host login (`hosts`) may in addition
+    do so for each node id of its list, and no other. (The patterns apply to the watcher and
+    the hosts too: under nodes/<login>/ a host publishes its claims and its preflight echo;
+    the watcher could publish there, which every party drops: no node has that id.)"""
     lines = [
         "# written by `collective broker` (topics: collective/distributed/protocol.py)",
         "pattern write collective/+/nodes/%u/#",
@@ -161,6 +200,13 @@ def acl_text(users: list[str]) -> str:
             lines += ["", f"user {user}", "topic read collective/+/coord/events/#", "topic read collective/+/coord/control"]
         elif user != COORDINATOR:
             lines += ["", f"user {user}", "topic read collective/+/coord/scenario", "topic read collective/+/coord/control"]
+            for node in (hosts or {}).get(user, []):
+                lines += [
+                    f"topic write collective/+/nodes/{node}/#",
+                    f"topic read collective/+/nodes/{node}/echo",
+                    f"topic read collective/+/coord/to/{node}",
+                    f"topic read collective/+/nodes/+/msg/{node}",
+                ]
     return "\n".join(lines) + "\n"
 
 
@@ -213,7 +259,7 @@ def write_broker_config(settings: BrokerSettings) -> BrokerFiles:
         write_password_file(passwd, settings.users)
         if settings.mount_dir is not None:  # the container's mosquitto user must read it
             os.chmod(passwd, 0o644)
-        acl.write_text(acl_text(list(settings.users)), encoding="utf-8")
+        acl.write_text(acl_text(list(settings.users), settings.hosts), encoding="utf-8")
         credentials.write_text("".join(f"{u}:{p}\n" for u, p in settings.users.items()), encoding="utf-8")
         os.chmod(credentials, 0o600)
     files = BrokerFiles(folder / "mosquitto.conf", passwd, acl, credentials)

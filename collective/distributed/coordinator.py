@@ -34,6 +34,7 @@ from collective.distributed.event_feed import EVENT_DRAIN_S, EventFeed
 from collective.distributed.loop_thread import LoopThread
 from collective.distributed.mqtt import BrokerAddress, DistributedError, parse_broker_url
 from collective.distributed.payloads import (
+    ClaimPayload,
     ControlPayload,
     JoinPayload,
     LeavePayload,
@@ -258,6 +259,9 @@ class MqttExecutor:
         with self.rejections.dropping(topic):
             limit = self.result_limit if info.channel == "result" else STATUS_BYTES
             env = open_envelope(raw, limit, run_id=self.run_id, sender=info.owner)
+            if info.channel == "status" and isinstance(env.payload, ClaimPayload):
+                self._on_claim(info.owner, env.payload)
+                return
             if info.owner not in self.roster.nodes:
                 raise Rejected("unknown_node", f"{info.owner!r} is not a node of this scenario")
             if info.channel == "status" and isinstance(env.payload, JoinPayload):
@@ -269,6 +273,13 @@ class MqttExecutor:
                 self.rounds.accept(info.owner, env.round_index, env.payload)
             else:
                 raise Rejected("unexpected", f"a {env.kind!r} envelope on a {info.channel} topic")
+
+    def _on_claim(self, host_id: str, claim: ClaimPayload) -> None:
+        """A host's claim (on nodes/<host id>/status): assign it free nodes, or refuse it."""
+        reply = self.roster.claim(host_id, claim)
+        self._spawn(self._publish(self.topics.to_node(host_id), reply))
+        if isinstance(reply, RefusePayload):
+            raise Rejected("refused", reply.reason)
 
     def _on_join(self, node_id: str, join: JoinPayload) -> None:
         """Welcome or refuse; a welcomed node is asked from the next round on (a process that

@@ -170,11 +170,31 @@ class WelcomePayload(WireModel):
 
 
 class RefusePayload(WireModel):
-    """The coordinator refused the join of this session, and why (the node stops)."""
+    """The coordinator refused the join (or claim) of this session, and why (the node or host stops)."""
 
     kind: Literal["refuse"] = "refuse"
     session: str
     reason: str
+
+
+class ClaimPayload(WireModel):
+    """A host asks for `count` nodes that no live process serves yet (`collective node --claim N`).
+
+    It goes on nodes/<host id>/status (a host id is never a node id), the answer (`assign` or
+    `refuse`) on coord/to/<host id>. A new kind, not a new field: no node that speaks protocol 2
+    receives it, so the schema version stays."""
+
+    kind: Literal["claim"] = "claim"
+    session: str = Field(max_length=64)
+    count: int = Field(ge=1, le=1 << 16)
+
+
+class AssignPayload(WireModel):
+    """The coordinator's answer to a claim: the nodes this host serves (reserved for it until they join)."""
+
+    kind: Literal["assign"] = "assign"
+    session: str = Field(description="the session of the claim it answers")
+    node_ids: list[str]
 
 
 # ---------------------------------------------------------------------------- rounds
@@ -322,6 +342,8 @@ Payload = Annotated[
     | LeavePayload
     | WelcomePayload
     | RefusePayload
+    | ClaimPayload
+    | AssignPayload
     | RequestPayload
     | ResultPayload
     | MessagePayload
@@ -329,4 +351,6 @@ Payload = Annotated[
     | EventPayload,
     Field(discriminator="kind"),
 ]
-Kind = Literal["scenario", "control", "join", "leave", "welcome", "refuse", "request", "result", "message", "echo", "event"]
+Kind = Literal[
+    "scenario", "control", "join", "leave", "welcome", "refuse", "claim", "assign", "request", "result", "message", "echo", "event"
+]

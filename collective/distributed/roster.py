@@ -5,6 +5,10 @@ process at a time), then welcomed or refused (`answer`); a leave (a goodbye, or 
 broker publishes for a silent node) marks the node absent. Rounds go only to present
 nodes; before a round the coordinator may wait here for anyone to be present, or, after a
 broker outage, for the nodes that were there before it to come back.
+
+A host that claims nodes (`collective node --claim N`) is assigned N nodes that no live
+process serves and no other claim holds; they stay reserved for it until they join (or for
+CLAIM_HOLD_S, the time a host may take to load its models).
 """
 
 from __future__ import annotations
@@ -14,13 +18,21 @@ import contextlib
 import logging
 from dataclasses import dataclass, field
 
-from collective.distributed.payloads import JoinPayload, LeavePayload, RefusePayload, WelcomePayload
+from collective.distributed.payloads import (
+    AssignPayload,
+    ClaimPayload,
+    JoinPayload,
+    LeavePayload,
+    RefusePayload,
+    WelcomePayload,
+)
 from collective.scenario import Scenario
 
 log = logging.getLogger(__name__)
 
 REJOIN_GRACE_S = 10.0  # after a broker outage, how long the next round waits for the nodes to come back
 WILLS_BEFORE_OUTAGE_S = 2.0  # a broker that shuts down first publishes every client's last will
+CLAIM_HOLD_S = 900.0  # how long nodes assigned to a claim wait for its host to join them
 
 
 @dataclass
@@ -57,6 +69,7 @@ class Roster:
         self.changed = asyncio.Event()
         self._expect_back: set[str] = set()
         self._expect_until = 0.0
+        self._claims: dict[str, tuple[list[str], float]] = {}  # claim session -> (its nodes, held until)
 
     # ------------------------------------------------------------------ joins and leaves
 
@@ -84,7 +97,32 @@ class Roster:
         self.admit(node_id, join)
         return WelcomePayload(session=join.session)
 
+    def claim(self, host_id: str, claim: ClaimPayload) -> AssignPayload | RefusePayload:
+        """Assign `claim.count` free nodes to the host, or refuse with the reason."""
+        if host_id in self.nodes:
+            reason = f"host id {host_id!r} is a node id of this run: a host claims under a login or --host-id of its own"
+            return RefusePayload(session=claim.session, reason=reason)
+        now = asyncio.get_running_loop().time()
+        self._claims = {s: held for s, held in self._claims.items() if held[1] > now and held[0]}
+        if claim.session in self._claims:  # the same claim again (a reconnect): the same nodes
+            return AssignPayload(session=claim.session, node_ids=self._claims[claim.session][0])
+        reserved = {n for nodes, _ in self._claims.values() for n in nodes}
+        free = [n for n, state in self.nodes.items() if not state.present and n not in reserved]
+        if claim.count > len(free):
+            reason = (
+                f"host {host_id} claims {claim.count} node(s), {len(free)} are free ({', '.join(free) or 'none'}; "
+                f"the run has {len(self.nodes)}): claim at most {len(free)}, or name the nodes with --nodes"
+            )
+            return RefusePayload(session=claim.session, reason=reason)
+        chosen = free[: claim.count]
+        self._claims[claim.session] = (chosen, now + CLAIM_HOLD_S)
+        log.info("host %s claimed %d node(s): assigned %s", host_id, claim.count, ", ".join(chosen))
+        return AssignPayload(session=claim.session, node_ids=chosen)
+
     def admit(self, node_id: str, join: JoinPayload) -> None:
+        for held, _ in self._claims.values():  # joined: no longer reserved (presence holds it now)
+            if node_id in held:
+                held.remove(node_id)
         state = self.nodes[node_id]
         rejoined = state.session is not None and not state.present
         state.session, state.present, state.host, state.device = join.session, True, join.host, join.device

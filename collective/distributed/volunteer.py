@@ -12,7 +12,9 @@ next round on; what was sent to its node before that is not read (see `Mailbox`)
 The connection is a `Connection` (it reconnects, and says leave before a clean
 disconnect). The model runs in a worker thread, so the connection keeps answering the
 broker while a round is computed. What a person should see goes to `report`, one line
-an event.
+an event. Where the model comes from and where a round is computed is its `NodeBackend`:
+`SoloBackend` (its own copy, its one request) here, a host's shared models and batched
+rounds in `host` (one process serving several nodes).
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import aiomqtt
 
@@ -59,8 +61,8 @@ from collective.distributed.protocol import (
     tokenizer_digest,
 )
 from collective.run.bus import link_policies, outgoing_messages
-from collective.run.node import compute_rounds
-from collective.scenario import Scenario, ScenarioError, parse_scenario
+from collective.run.node import NodeRoundRequest, NodeRoundResult, compute_rounds
+from collective.scenario import EvaluationSpec, Scenario, ScenarioError, parse_scenario
 
 log = logging.getLogger(__name__)
 
@@ -78,10 +80,13 @@ class VolunteerConfig:
     cache_dir: Path | None = None
     scenario_timeout_s: float = 600.0
     preflight_timeout_s: float = 10.0
+    preflight: bool = True  # False: a host checks the broker once for all its nodes
 
 
 @dataclass
-class _Loaded:
+class NodeModel:
+    """A loaded model as a volunteer uses it (a host shares one among its nodes)."""
+
     model: Any
     tokenizer: Any
     name: str
@@ -89,11 +94,47 @@ class _Loaded:
     device: str
 
 
+def load_node_model(ref: str, device: str, dtype: str, cache_dir: Path | None) -> NodeModel:
+    from collective.lm.models import load_model
+
+    loaded = load_model(ref, device=device, dtype=dtype, cache_dir=cache_dir)
+    return NodeModel(loaded.model, loaded.tokenizer, loaded.name, loaded.vocab_size, str(loaded.device))
+
+
+class NodeBackend(Protocol):
+    """Where a volunteer's model comes from and where its rounds are computed."""
+
+    async def load(self, ref: str, device: str, dtype: str) -> NodeModel: ...
+
+    async def compute(
+        self, node_id: str, loaded: NodeModel, request: NodeRoundRequest, evaluation: EvaluationSpec
+    ) -> NodeRoundResult: ...
+
+
+@dataclass(frozen=True)
+class SoloBackend:
+    """One node in its own process: its own copy of the model, its one request per round."""
+
+    cache_dir: Path | None = None
+
+    async def load(self, ref: str, device: str, dtype: str) -> NodeModel:
+        return await asyncio.to_thread(load_node_model, ref, device, dtype, self.cache_dir)
+
+    async def compute(self, node_id: str, loaded: NodeModel, request: NodeRoundRequest, evaluation: EvaluationSpec) -> NodeRoundResult:
+        (result,) = await asyncio.to_thread(
+            compute_rounds, loaded.model, loaded.tokenizer, [request], top_k=evaluation.top_k, batch_tokens=evaluation.batch_tokens
+        )
+        return result
+
+
 class Volunteer:
     """Serves one node's rounds until the run ends; `report` gets one line per event."""
 
-    def __init__(self, config: VolunteerConfig, report: Callable[[str], None] | None = None) -> None:
+    def __init__(
+        self, config: VolunteerConfig, report: Callable[[str], None] | None = None, backend: NodeBackend | None = None
+    ) -> None:
         self.config = config
+        self.backend = backend or SoloBackend(config.cache_dir)
         self.node_id = config.node_id
         self.run_id = config.run_id
         self.topics = Topics(config.run_id)
@@ -104,7 +145,7 @@ class Volunteer:
         self.scenario: Scenario | None = None
         self.out_neighbours: list[str] = []
         self.mailbox: Mailbox | None = None
-        self.loaded: _Loaded | None = None
+        self.loaded: NodeModel | None = None
         self.coordinator_session: str | None = None
         self.welcomed = False
         self.ended: str | None = None
@@ -131,12 +172,13 @@ class Volunteer:
 
     async def run(self) -> str:
         """Serve until the run ends; returns the coordinator's closing words."""
-        await preflight(
-            self.config.address,
-            self.topics.echo(self.node_id),
-            timeout=self.config.preflight_timeout_s,
-            report=lambda step: self.report(f"preflight {step.name}: {step.status} ({step.detail})"),
-        )
+        if self.config.preflight:
+            await preflight(
+                self.config.address,
+                self.topics.echo(self.node_id),
+                timeout=self.config.preflight_timeout_s,
+                report=lambda step: self.report(f"preflight {step.name}: {step.status} ({step.detail})"),
+            )
         worker = asyncio.create_task(self._serve_rounds())
         watchdog = asyncio.create_task(self._scenario_watchdog())
         try:
@@ -163,6 +205,10 @@ class Volunteer:
     def _end(self, detail: str) -> None:
         self.ended = detail
         self.connection.stop()
+
+    def stop(self, detail: str) -> None:
+        """End serving (saying leave) for a reason of the process's, such as a host's other node failing."""
+        self._end(self.ended or detail)
 
     async def _scenario_watchdog(self) -> None:
         await asyncio.sleep(self.config.scenario_timeout_s)
@@ -241,7 +287,7 @@ class Volunteer:
         device = self.config.device or spec.device
         self.report(f"run {self.run_id}: scenario {scenario.name!r}; loading {ref} ({spec.dtype}, {device}) ...")
         try:
-            self.loaded = await asyncio.to_thread(self._load_model, ref, device, spec.dtype)
+            self.loaded = await self.backend.load(ref, device, spec.dtype)
         except Exception as exc:  # ModelLoadError and friends: the message is for the user
             self._fail(DistributedError(f"node {self.node_id} cannot load its model {ref!r}: {exc}"))
             return
@@ -254,12 +300,6 @@ class Volunteer:
             self.report("warning: this tokenizer differs from the coordinator's first model; the coordinator decides")
         self.report(f"loaded {self.loaded.name} on {self.loaded.device}")
         await self._join()
-
-    def _load_model(self, ref: str, device: str, dtype: str) -> _Loaded:
-        from collective.lm.models import load_model
-
-        loaded = load_model(ref, device=device, dtype=dtype, cache_dir=self.config.cache_dir)
-        return _Loaded(loaded.model, loaded.tokenizer, loaded.name, loaded.vocab_size, str(loaded.device))
 
     async def _on_control(self, control: ControlPayload) -> None:
         if control.state == "ended":
@@ -356,10 +396,7 @@ class Volunteer:
         await mailbox.read_booked(round_index, grace_s=min(2.0, payload.deadline_s / 4))
         inbox_text = mailbox.inbox.render(round_index, scenario.bus.inbox_template, scenario.bus.inbox_header)
         request = payload.to_request(round_index, inbox_text)
-        evaluation = scenario.evaluation
-        (result,) = await asyncio.to_thread(
-            compute_rounds, loaded.model, loaded.tokenizer, [request], top_k=evaluation.top_k, batch_tokens=evaluation.batch_tokens
-        )
+        result = await self.backend.compute(self.node_id, loaded, request, scenario.evaluation)
         if result.message_text is not None:
             result.messages = outgoing_messages(
                 self.node_id, result.message_text, round_index, self.out_neighbours, mailbox.policies, loaded.tokenizer, scenario.seed
