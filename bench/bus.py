@@ -1,26 +1,32 @@
-"""Bus benchmark: the distributed runtime (MQTT, one process per node) against the embedded one.
+"""Bus benchmark: the distributed runtime (MQTT) against the embedded one, in two configurations.
 
-The same scenario runs twice through the same `RoundEngine`: embedded (one process, all
-nodes in one batched pass per round, the in-memory bus) and distributed (a Mosquitto on
-127.0.0.1, the coordinator in this process, one `collective node` process per node). The
-script checks that both give the same evaluation and messages, then prints rounds per
-second, the mean wall time per round, and for the distributed run how much of a round
-is the slowest node's own compute and how much is the bus (serialize, broker, validate).
+The same scenario runs three times through the same `RoundEngine`: embedded (one process,
+all nodes in one batched pass per round, the in-memory bus) and distributed (a Mosquitto on
+127.0.0.1, the coordinator in this process), once with one `collective node` process per
+node and once with one host process holding all the nodes (`collective node --nodes
+n0,n1,...`: one model copy, one batched pass per round, as embedded). The script checks
+that both distributed runs give the embedded evaluation and messages, then prints rounds
+per second and each distributed configuration's ratio against embedded (the target for the
+one host: at least 0.9x), the wall time per round, and for each distributed run how much of
+a round is the slowest node's own compute and how much is the bus (serialize, broker, validate).
 
 Threads, the rule: both runtimes may use the same cores. The N node processes run
 `--node-threads` torch threads each; the embedded run (and the coordinator, which scores
 the full-view reference after the nodes answer) gets `--threads`, by default as many as
 the node processes together, N x node-threads, capped at the machine's core count (more
 threads than cores make torch spin: 10x slower rounds were seen on 2 cores). The node
-processes are not capped: four one-thread processes share two cores through the OS.
+processes are not capped: four one-thread processes share two cores through the OS. The one
+host gets `--host-threads`, by default as many as the embedded run: it does the same
+batched work.
 
 "Same evaluation": every report row and every per-node, per-round NLL of the round events
 must agree within 1e-4 nats/token in float32 (the embedded run pads the nodes into one
-batch, a volunteer scores its node alone; in float32 that moves NLLs by about 1e-6), and
+batch, a volunteer scores its node alone; in float32 that moves NLLs by about 1e-6; the one
+host batches them as embedded does, so its numbers are the embedded ones), and
 within 0.05 in bfloat16/float16, where padding moves the rounding itself; messages must be
 identical.
 
-    python bench/bus.py                          # 4 SmolLM2-135M nodes, float32, relay messages: ~1.5 min
+    python bench/bus.py                          # 4 SmolLM2-135M nodes, float32, relay messages: ~2.5 min
     python bench/bus.py --model tiny             # a tiny random model: the bus overhead alone
     python bench/bus.py --eval-rounds 16 --threads 2 --node-threads 1
 
@@ -37,7 +43,10 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -49,6 +58,7 @@ from collective.lm.models import ModelPool  # noqa: E402
 from collective.records import RoundEvent, parse_event  # noqa: E402
 from collective.run.runner import prepare, run_prepared  # noqa: E402
 from collective.scenario import load_scenario  # noqa: E402
+from tests.mosquitto import running_broker  # noqa: E402
 
 
 def write_scenario(folder: Path, args: argparse.Namespace) -> Path:
@@ -117,6 +127,83 @@ def messages(run_dir: Path) -> list[tuple[str, str, int, str]]:
     return [(m.sender, m.receiver, m.round_sent, m.text) for e in events if isinstance(e, RoundEvent) for m in e.messages]
 
 
+@dataclass
+class Distributed:
+    """One distributed run of the scenario: its folder, round walls and the executor's timings."""
+
+    name: str
+    run_dir: Path
+    walls: list[float]
+    compute: list[float]  # per round: the slowest node's own compute
+    bus: list[float]  # per round: requests out to the last result in, less that compute
+    total_s: float
+
+
+@contextlib.contextmanager
+def reaped(processes: list[subprocess.Popen[bytes]], timeout: float) -> Iterator[None]:
+    """After the block, wait up to `timeout` s for each process to end; kill what still runs
+    (also when the block fails)."""
+    try:
+        yield
+        for process in processes:
+            process.wait(timeout=timeout)
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+
+
+def run_distributed(prepared: Any, folder: Path, name: str, node_commands: list[list[str]]) -> Distributed:
+    """A Mosquitto on 127.0.0.1, the `collective node` processes (each argument list after
+    `--broker URL --run RUN`), the coordinator in this process."""
+    run_id = f"bench-bus-{name}"
+    with running_broker(folder / f"broker-{name}") as broker:
+        logs = [(folder / f"{name}-{i}.log").open("wb") for i in range(len(node_commands))]
+        processes = [
+            subprocess.Popen(
+                [sys.executable, "-m", "collective.cli", "node", "--broker", broker.url(), "--run", run_id, *command],
+                cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+            )
+            for command, log in zip(node_commands, logs)
+        ]
+        try:
+            with reaped(processes, 60), connect_executor(
+                prepared, broker.url(), run_id=run_id, on_status=lambda line: None, join_timeout=300
+            ) as executor:
+                began = time.perf_counter()
+                run_prepared(prepared, folder / run_id, executor=executor, runtime="mqtt")
+                total_s = time.perf_counter() - began
+        finally:
+            for log in logs:
+                log.close()
+    compute = executor.rounds.round_compute_s
+    bus = [wall - c for wall, c in zip(executor.rounds.round_wall_s, compute)]
+    return Distributed(name, folder / run_id, round_walls(folder / run_id), compute, bus, total_s)
+
+
+def compare(embedded: Any, embedded_dir: Path, run: Distributed, dtype: str) -> bool:
+    """Print and return whether `run` gives the embedded evaluation and messages."""
+    report = parse_report(run.run_dir)
+    rows = {(r.row, r.node_id): r.nll for r in embedded.rows}
+    worst_row = max_difference(rows, {(r.row, r.node_id): r.nll for r in report.rows})
+    worst_round = max_difference(node_nlls(embedded_dir), node_nlls(run.run_dir))
+    same_messages = messages(embedded_dir) == messages(run.run_dir)
+    tolerance = 1e-4 if dtype == "float32" else 0.05
+    worst = max(worst_row, worst_round)
+    ok = math.isfinite(worst) and worst <= tolerance and same_messages
+    print(f"{run.name}: max |delta NLL| against embedded over report rows {worst_row:.2e}, over per-node per-round NLLs "
+          f"{worst_round:.2e} nats/token; same messages: {same_messages}: {'SAME' if ok else 'DIFFERENT'} "
+          f"(tolerance {tolerance:g} in {dtype}); whole run {run.total_s:.1f} s")
+    return ok
+
+
+def parse_report(run_dir: Path) -> Any:
+    from collective.records import Report
+
+    return Report.model_validate_json((run_dir / "report.json").read_text())
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m", help="a model reference, or `tiny` (random, float32)")
@@ -130,6 +217,7 @@ def main() -> int:
         help="torch threads of this process (the embedded run, the coordinator); default: nodes x node-threads, "
         "capped at the core count (see the rule above)",
     )
+    parser.add_argument("--host-threads", type=int, default=None, help="torch threads of the one host process (default: --threads)")
     args = parser.parse_args()
     import os
 
@@ -138,6 +226,7 @@ def main() -> int:
     cores = os.cpu_count() or 1
     together = args.nodes * args.node_threads
     threads = args.threads or min(together, cores)
+    host_threads = args.host_threads or threads
     torch.set_num_threads(threads)
 
     from collective.distributed.broker import mosquitto_binary
@@ -145,7 +234,6 @@ def main() -> int:
     if mosquitto_binary() is None:
         sys.stderr.write("mosquitto is not installed (apt-get install mosquitto)\n")
         return 2
-    from tests.mosquitto import running_broker
 
     folder = Path(tempfile.mkdtemp(prefix="bench-bus-"))
     scenario = load_scenario(write_scenario(folder, args))
@@ -153,64 +241,30 @@ def main() -> int:
 
     embedded = run_prepared(prepared, folder / "embedded")
     emb_walls = round_walls(folder / "embedded")
-
-    with running_broker(folder / "broker") as broker:
-        run_id = "bench-bus"
-        logs = [(folder / f"node-{n}.log").open("wb") for n in scenario.node_ids]
-        processes = [
-            subprocess.Popen(
-                [sys.executable, "-m", "collective.cli", "node", "--broker", broker.url(), "--run", run_id,
-                 "--node", node_id, "--threads", str(args.node_threads)],
-                cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
-            )
-            for node_id, log in zip(scenario.node_ids, logs)
-        ]
-        try:
-            with connect_executor(prepared, broker.url(), run_id=run_id, on_status=lambda line: None, join_timeout=300) as executor:
-                began = time.perf_counter()
-                distributed = run_prepared(prepared, folder / run_id, executor=executor, runtime="mqtt")
-                total_s = time.perf_counter() - began
-            for process in processes:
-                process.wait(timeout=60)
-        finally:
-            for process in processes:
-                if process.poll() is None:
-                    process.kill()
-                    process.wait()
-    dist_walls = round_walls(folder / run_id)
-    assert embedded.report is not None and distributed.report is not None
-    rows = {(r.row, r.node_id): r.nll for r in embedded.report.rows}
-    worst_row = max_difference(rows, {(r.row, r.node_id): r.nll for r in distributed.report.rows})
-    worst_round = max_difference(node_nlls(folder / "embedded"), node_nlls(folder / run_id))
-    worst = max(worst_row, worst_round)
-    same_messages = messages(folder / "embedded") == messages(folder / run_id)
-
-    compute = executor.rounds.round_compute_s
-    bus = [wall - c for wall, c in zip(executor.rounds.round_wall_s, compute)]
-    n_rounds = len(dist_walls)
-    emb_rate = len(emb_walls) / sum(emb_walls)
-    dist_rate = n_rounds / sum(dist_walls)
+    per_node = run_distributed(
+        prepared, folder, "per-node", [["--node", n, "--threads", str(args.node_threads)] for n in scenario.node_ids]
+    )
+    one_host = run_distributed(
+        prepared, folder, "one-host", [["--nodes", ",".join(scenario.node_ids), "--threads", str(host_threads)]]
+    )
+    assert embedded.report is not None
     dtype = "float32" if args.model == "tiny" else args.dtype
     print(f"scenario: {args.nodes} nodes of {args.model} ({dtype}), "
-          f"{args.round_tokens} tokens/round, {n_rounds} rounds (incl. warm-up), ring, relay messages")
+          f"{args.round_tokens} tokens/round, {len(emb_walls)} rounds (incl. warm-up), ring, relay messages")
     print(f"threads: embedded run and coordinator {threads} (nodes x node-threads = {together}, {cores} cores); "
-          f"distributed {args.nodes} node processes x {args.node_threads}")
-    print(f"{'runtime':<12} {'rounds/s':>9} {'ms/round (mean)':>16} {'ms/round (median)':>18}")
-    for name, walls, rate in (("embedded", emb_walls, emb_rate), ("distributed", dist_walls, dist_rate)):
-        print(f"{name:<12} {rate:>9.2f} {1000 * statistics.mean(walls):>16.1f} {1000 * statistics.median(walls):>18.1f}")
-    print(f"distributed / embedded: {dist_rate / emb_rate:.2f}x the rounds per second "
-          f"({1000 * (statistics.mean(dist_walls) - statistics.mean(emb_walls)):+.1f} ms per round)")
-    print(f"distributed round, median: slowest node's compute {1000 * statistics.median(compute):.1f} ms, "
-          f"bus and protocol {1000 * statistics.median(bus):.1f} ms (requests out, results in, validation)")
-    tolerance = 1e-4 if dtype == "float32" else 0.05
-    ok = math.isfinite(worst) and worst <= tolerance and same_messages
-    print(f"same evaluation: max |delta NLL| over report rows {worst_row:.2e}, over per-node per-round NLLs "
-          f"{worst_round:.2e} nats/token; same messages: {same_messages}: {'SAME' if ok else 'DIFFERENT'} "
-          f"(tolerance {tolerance:g} in {dtype}); whole distributed run {total_s:.1f} s")
-    with contextlib.suppress(Exception):
-        for log in logs:
-            log.close()
-    return 0 if ok else 1
+          f"per node: {args.nodes} node processes x {args.node_threads}; one host: 1 process x {host_threads}")
+    print(f"{'runtime':<24} {'rounds/s':>9} {'ms/round (mean)':>16} {'ms/round (median)':>18} {'vs embedded':>12}")
+    emb_rate = len(emb_walls) / sum(emb_walls)
+    runs = (("embedded", emb_walls), ("distributed, per node", per_node.walls), ("distributed, one host", one_host.walls))
+    for name, walls in runs:
+        rate = len(walls) / sum(walls)
+        print(f"{name:<24} {rate:>9.2f} {1000 * statistics.mean(walls):>16.1f} {1000 * statistics.median(walls):>18.1f} "
+              f"{rate / emb_rate:>11.2f}x")
+    for run in (per_node, one_host):
+        print(f"{run.name} round, median: slowest node's compute {1000 * statistics.median(run.compute):.1f} ms, "
+              f"bus and protocol {1000 * statistics.median(run.bus):.1f} ms (requests out, results in, validation)")
+    same = [compare(embedded.report, folder / "embedded", run, dtype) for run in (per_node, one_host)]
+    return 0 if all(same) else 1
 
 
 if __name__ == "__main__":

@@ -74,6 +74,7 @@ def host_id_for(address: BrokerAddress) -> str:
 class _Batch:
     round_index: int
     evaluation: EvaluationSpec
+    missing: set[str]  # the nodes expected when the batch opened that have not asked yet
     wanted: dict[str, tuple[NodeModel, NodeRoundRequest, asyncio.Future[NodeRoundResult]]] = field(default_factory=dict)
     timer: asyncio.TimerHandle | None = None
 
@@ -81,8 +82,10 @@ class _Batch:
 class HostBackend:
     """One copy per model for all the host's nodes; a round's requests batched per model.
 
-    A batch goes when every node in `expected()` has asked, or BATCH_GRACE_S after the
-    round's first request (a node welcomed mid-round is not asked until the next one)."""
+    A batch goes when every node in `expected()` (asked once, when the round's first request
+    opens the batch) has asked, or BATCH_GRACE_S after that first request (a node welcomed
+    mid-round is not asked until the next one). Each request costs O(1), so a round of N nodes
+    costs O(N), not O(N^2)."""
 
     def __init__(
         self,
@@ -110,10 +113,13 @@ class HostBackend:
         return len(self._models)
 
     async def compute(self, node_id: str, loaded: NodeModel, request: NodeRoundRequest, evaluation: EvaluationSpec) -> NodeRoundResult:
-        batch = self._open.setdefault(request.round_index, _Batch(request.round_index, evaluation))
+        batch = self._open.get(request.round_index)
+        if batch is None:
+            batch = self._open[request.round_index] = _Batch(request.round_index, evaluation, self.expected())
         future: asyncio.Future[NodeRoundResult] = asyncio.get_running_loop().create_future()
         batch.wanted[node_id] = (loaded, request, future)
-        if set(batch.wanted) >= self.expected():
+        batch.missing.discard(node_id)
+        if not batch.missing:
             self._launch(batch)
         elif batch.timer is None:
             batch.timer = asyncio.get_running_loop().call_later(self.grace_s, self._launch, batch)
@@ -172,6 +178,7 @@ class Host:
         self.report = report or (lambda line: None)
         self.rejections = Rejections(f"host {self.host_id}")
         self.volunteers: list[Volunteer] = []
+        self._ranks: dict[str, int] | None = None  # node id -> its place in the scenario, once known
         self.backend = HostBackend(config.cache_dir, self._expected, self._rank, self.report)
 
     @property
@@ -182,8 +189,12 @@ class Host:
         return {v.node_id for v in self.volunteers if v.welcomed and v.ended is None}
 
     def _rank(self, node_id: str) -> int:
-        scenario = next((v.scenario for v in self.volunteers if v.scenario is not None), None)
-        return scenario.node_ids.index(node_id) if scenario is not None and node_id in scenario.node_ids else 0
+        if self._ranks is None:
+            scenario = next((v.scenario for v in self.volunteers if v.scenario is not None), None)
+            if scenario is None:
+                return 0
+            self._ranks = {n: i for i, n in enumerate(scenario.node_ids)}
+        return self._ranks.get(node_id, 0)
 
     async def run(self) -> str:
         """Serve every node until the run ends; returns the coordinator's closing words."""
@@ -199,6 +210,7 @@ class Host:
             node_config = VolunteerConfig(
                 address=config.address, run_id=config.run_id, node_id=node_id, device=config.device, model_ref=config.model_ref,
                 cache_dir=config.cache_dir, scenario_timeout_s=config.scenario_timeout_s, preflight=False,
+                report_rounds=False,
             )
             self.volunteers.append(Volunteer(node_config, self._node_report(node_id), self.backend))
         return await self._serve()

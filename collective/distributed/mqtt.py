@@ -21,6 +21,7 @@ import aiomqtt
 from collective.run.prepared import RunError
 
 ADDRESS_OPTIONS = ("ca", "cert", "key", "insecure")
+PENDING_PUBLISHES_QUIET = 1 << 20  # concurrent QoS 1 publishes before aiomqtt warns (see make_client)
 KEEPALIVE_S = 20  # a silent client is dropped after 1.5x this, and its last will published
 
 
@@ -114,7 +115,7 @@ def make_client(
     timeout: float = 10.0,
 ) -> aiomqtt.Client:
     """An aiomqtt client for `address` with TCP_NODELAY (and TLS for mqtts://)."""
-    return aiomqtt.Client(
+    client = aiomqtt.Client(
         address.host,
         address.port,
         username=address.username,
@@ -127,6 +128,10 @@ def make_client(
         tls_context=tls_context(address) if address.tls else None,
         socket_options=((socket.IPPROTO_TCP, socket.TCP_NODELAY, 1),),
     )
+    # a coordinator sends a round's requests to all its nodes at once: aiomqtt's warning
+    # above 10 pending publishes would log a line per node and round
+    client.pending_calls_threshold = PENDING_PUBLISHES_QUIET
+    return client
 
 
 def refusal_kind(exc: BaseException) -> str | None:

@@ -9,6 +9,7 @@ the topology does not give it. A failed check raises `Rejected`.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from collective.distributed.payloads import RequestPayload, ResultPayload, check_predictions
@@ -17,6 +18,24 @@ from collective.lm.codec import TextCodec
 from collective.records import MessageRecord
 from collective.run.bus import LinkPolicy, outgoing_messages
 from collective.run.node import NodeRoundResult
+
+
+class EncodeOnce:
+    """A codec that encodes each text once: a message is cut to every out-link's budget, mostly
+    to the same text, and the tokenizer is most of what checking a result costs."""
+
+    def __init__(self, codec: TextCodec) -> None:
+        self.codec = codec
+        self._ids: dict[tuple[str, bool], list[int]] = {}
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        key = (text, add_special_tokens)
+        if key not in self._ids:
+            self._ids[key] = list(self.codec.encode(text, add_special_tokens=add_special_tokens))
+        return list(self._ids[key])
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
+        return self.codec.decode(ids, skip_special_tokens=skip_special_tokens)
 
 
 @dataclass(frozen=True)
@@ -53,21 +72,16 @@ class ResultCheck:
             if result.messages:
                 raise Rejected("malformed", f"{node_id} reported messages but no message text")
             return []
+        codec = EncodeOnce(self.codec)
         expected = outgoing_messages(
-            node_id,
-            result.message_text,
-            round_index,
-            self.out_neighbours[node_id],
-            self.policies,
-            self.codec,
-            self.seed,
+            node_id, result.message_text, round_index, self.out_neighbours[node_id], self.policies, codec, self.seed
         )
         if result.messages != expected:
             for record in result.messages:
                 policy = self.policies.get((record.sender, record.receiver))
                 if policy is not None and (
                     len(record.text.encode("utf-8")) > policy.max_message_bytes
-                    or len(self.codec.encode(record.text, add_special_tokens=False)) > policy.max_message_tokens
+                    or len(codec.encode(record.text, add_special_tokens=False)) > policy.max_message_tokens
                 ):
                     raise Rejected("over_budget", f"{node_id} -> {record.receiver}: {record.n_tokens} tokens, {record.n_bytes} bytes")
             raise Rejected("malformed", f"{node_id}'s message records are not what the link policies make of its text")

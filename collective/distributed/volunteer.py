@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import platform
 import time
@@ -81,6 +82,7 @@ class VolunteerConfig:
     scenario_timeout_s: float = 600.0
     preflight_timeout_s: float = 10.0
     preflight: bool = True  # False: a host checks the broker once for all its nodes
+    report_rounds: bool = True  # False: a host reports each round once for all its nodes
 
 
 @dataclass
@@ -93,12 +95,32 @@ class NodeModel:
     vocab_size: int
     device: str
 
+    @functools.cached_property
+    def digest(self) -> str:
+        """`tokenizer_digest` of its tokenizer, once per model (a host's nodes share it)."""
+        return tokenizer_digest(self.tokenizer)
+
 
 def load_node_model(ref: str, device: str, dtype: str, cache_dir: Path | None) -> NodeModel:
     from collective.lm.models import load_model
 
     loaded = load_model(ref, device=device, dtype=dtype, cache_dir=cache_dir)
     return NodeModel(loaded.model, loaded.tokenizer, loaded.name, loaded.vocab_size, str(loaded.device))
+
+
+@functools.lru_cache(maxsize=4)
+def published_scenario(scenario_yaml: str, run_id: str) -> tuple[Scenario, int]:
+    """The run's published scenario, parsed and validated once per process however many of
+    a host's nodes receive it, and the largest request envelope a node of it takes. Raises
+    `Rejected` when it does not validate."""
+    import yaml
+
+    try:
+        scenario = parse_scenario(yaml.safe_load(scenario_yaml), source=f"run {run_id}")
+    except (ScenarioError, ValueError) as exc:
+        raise Rejected("malformed", f"the published scenario does not validate: {exc}") from None
+    limit = request_bytes_bound(scenario.max_reach, scenario.bus.round_tokens, 4_096, 4 * len(scenario.nodes))
+    return scenario, limit
 
 
 class NodeBackend(Protocol):
@@ -143,6 +165,7 @@ class Volunteer:
         self.rejections = Rejections(f"node {config.node_id}")
         self.rounds_served = 0
         self.scenario: Scenario | None = None
+        self._request_limit = CONTROL_BYTES  # the largest request envelope, once the scenario is known
         self.out_neighbours: list[str] = []
         self.mailbox: Mailbox | None = None
         self.loaded: NodeModel | None = None
@@ -245,7 +268,7 @@ class Volunteer:
             policies = [] if self.mailbox is None else list(self.mailbox.policies.values())
             return message_bytes_bound(max([p.max_message_bytes for p in policies] + [1]))
         if channel == "to" and scenario is not None:
-            return request_bytes_bound(scenario.max_reach, scenario.bus.round_tokens, 4_096, 4 * len(scenario.nodes))
+            return self._request_limit
         return SCENARIO_BYTES if channel == "scenario" else CONTROL_BYTES
 
     async def _handle(self, topic: str, raw: bytes) -> None:
@@ -268,12 +291,7 @@ class Volunteer:
     async def _on_scenario(self, payload: ScenarioPayload) -> None:
         if self.scenario is not None or self.ended is not None:
             return
-        try:
-            import yaml
-
-            scenario = parse_scenario(yaml.safe_load(payload.scenario_yaml), source=f"run {self.run_id}")
-        except (ScenarioError, ValueError) as exc:
-            raise Rejected("malformed", f"the published scenario does not validate: {exc}") from None
+        scenario, request_limit = published_scenario(payload.scenario_yaml, self.run_id)
         if self.node_id not in scenario.node_ids:
             self._fail(
                 DistributedError(
@@ -281,7 +299,7 @@ class Volunteer:
                 )
             )
             return
-        self.scenario = scenario
+        self.scenario, self._request_limit = scenario, request_limit
         spec = scenario.models[scenario.node(self.node_id).model]
         ref = self.config.model_ref or spec.ref
         device = self.config.device or spec.device
@@ -296,7 +314,7 @@ class Volunteer:
         edges = [(s, self.node_id) for s in in_neighbours] + [(self.node_id, r) for r in self.out_neighbours]
         policies = link_policies(scenario.bus, edges)
         self.mailbox = Mailbox(self.node_id, scenario, in_neighbours, policies, self.loaded.tokenizer, self.rejections, self.topics)
-        if self.loaded.vocab_size and tokenizer_digest(self.loaded.tokenizer) != payload.tokenizer_digest:
+        if self.loaded.vocab_size and self.loaded.digest != payload.tokenizer_digest:
             self.report("warning: this tokenizer differs from the coordinator's first model; the coordinator decides")
         self.report(f"loaded {self.loaded.name} on {self.loaded.device}")
         await self._join()
@@ -319,7 +337,7 @@ class Volunteer:
             session=self.session,
             model=self.loaded.name,
             vocab_size=self.loaded.vocab_size,
-            tokenizer_digest=tokenizer_digest(self.loaded.tokenizer),
+            tokenizer_digest=self.loaded.digest,
             device=self.loaded.device,
             host=platform.node(),
         )
@@ -420,4 +438,5 @@ class Volunteer:
             unread = f"; {mailbox.expected_unread} message(s) sent to it before are not read" if mailbox.expected_unread else ""
             self.report(f"taken back at round {round_index}{unread}")
         log.info("node %s served round %d in %.2f s", self.node_id, round_index, compute_s)
-        self.report(f"round {round_index} served in {compute_s:.2f} s")
+        if self.config.report_rounds:
+            self.report(f"round {round_index} served in {compute_s:.2f} s")

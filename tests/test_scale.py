@@ -1,0 +1,105 @@
+"""What keeps a host's and a coordinator's cost per round linear in the node count, and the
+scale benchmark's pure pieces (bench/scale.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from types import SimpleNamespace
+
+import pytest
+import yaml
+
+from bench.scale import host_groups, scaling_exponent, scenario_spec
+from collective.distributed.host import HostBackend
+from collective.distributed.protocol import Rejected
+from collective.distributed.volunteer import NodeModel, published_scenario
+from collective.scenario import EvaluationSpec
+
+
+def test_the_scaling_exponent_is_the_slope_on_log_log_axes():
+    nodes = [16, 64, 256]
+    assert scaling_exponent(nodes, [0.5 * n for n in nodes]) == pytest.approx(1.0)
+    assert scaling_exponent(nodes, [0.01 * n * n for n in nodes]) == pytest.approx(2.0)
+    assert scaling_exponent(nodes, [3.0, 3.0, 3.0]) == pytest.approx(0.0)
+    assert math.isnan(scaling_exponent([16], [1.0]))
+
+
+def test_host_groups_hold_every_node_once_in_order():
+    ids = [f"n{i}" for i in range(40)]
+    assert host_groups(ids, None) == [ids]
+    groups = host_groups(ids, 16)
+    assert [len(g) for g in groups] == [16, 16, 8] and sum(groups, []) == ids
+
+
+def test_a_host_batch_asks_who_is_expected_once_per_round_and_goes_when_all_asked():
+    """The old batch compared every arrival with a fresh `expected()` set: O(N) per request,
+    O(N^2) per round. Now the set is taken once, when the round's first request opens the batch."""
+    n_nodes = 200
+    ids = [f"n{i}" for i in range(n_nodes)]
+    asked: list[int] = []
+
+    def expected() -> set[str]:
+        asked.append(1)
+        return set(ids)
+
+    backend = HostBackend(None, expected, rank=ids.index, report=lambda line: None, grace_s=60.0)
+    batches: list[list[str]] = []
+
+    def compute(batch):  # stands in for the batched pass: the nodes of the batch, in the scenario's order
+        order = sorted(batch.wanted, key=ids.index)
+        batches.append(order)
+        return {n: f"result of {n}" for n in order}, [order]
+
+    backend._compute = compute  # type: ignore[method-assign]
+    loaded = NodeModel(model=None, tokenizer=None, name="m", vocab_size=8, device="cpu")
+
+    async def one_round(round_index: int) -> list[object]:
+        request = SimpleNamespace(round_index=round_index)
+        calls = [backend.compute(n, loaded, request, EvaluationSpec()) for n in reversed(ids)]  # type: ignore[arg-type]
+        return await asyncio.wait_for(asyncio.gather(*calls), 10)  # the 60 s grace never comes into it
+
+    results = asyncio.run(one_round(0))
+    assert results == [f"result of {n}" for n in reversed(ids)]
+    assert batches == [ids] and len(asked) == 1
+    asyncio.run(one_round(1))
+    assert len(batches) == 2 and len(asked) == 2
+
+
+def test_a_published_scenario_is_parsed_once_per_process_however_many_nodes_receive_it(tmp_path):
+    spec = scenario_spec(64, tmp_path / "model", rounds=2, warmup=1, round_tokens=8, top_k=8)
+    text = yaml.safe_dump(spec, sort_keys=False)
+    first, limit = published_scenario(text, "r1")
+    again, _ = published_scenario(str(text[:-1] + text[-1]), "r1")  # an equal string, another object
+    assert again is first and len(first.nodes) == 64 and limit > 12 * 8
+    with pytest.raises(Rejected, match="does not validate"):
+        published_scenario(text.replace("round_tokens: 8", "round_tokens: -1"), "r1")
+
+
+class CountingCodec:
+    def __init__(self, codec) -> None:
+        self.codec, self.encoded = codec, 0
+
+    def encode(self, text, add_special_tokens=True):
+        self.encoded += 1
+        return self.codec.encode(text, add_special_tokens=add_special_tokens)
+
+    def decode(self, ids, skip_special_tokens=False):
+        return self.codec.decode(ids, skip_special_tokens=skip_special_tokens)
+
+
+@pytest.mark.parametrize("text", ["a short note", "a message far longer than any link of this run lets through, cut to fit " * 3])
+def test_checking_a_results_messages_encodes_each_text_once_and_gives_the_link_policies_records(tiny_tok, text):
+    """A node with four out-links: the check recomputes the four records (each cut to the same
+    budget) with one tokenizer call per distinct text, not two calls per link."""
+    from collective.distributed.validation import ResultCheck
+    from collective.run.bus import link_policies, outgoing_messages
+    from collective.specs import BusSpec
+
+    receivers = ["b", "c", "d", "e"]
+    policies = link_policies(BusSpec(max_message_tokens=8, max_message_bytes=64), [("a", r) for r in receivers])
+    records = outgoing_messages("a", text, 3, receivers, policies, tiny_tok, 0)
+    codec = CountingCodec(tiny_tok)
+    check = ResultCheck(top_k=4, seed=0, vocab_sizes={}, out_neighbours={"a": receivers}, policies=policies, codec=codec)
+    assert check.messages("a", 3, SimpleNamespace(message_text=text, messages=records)) == records  # type: ignore[arg-type]
+    assert codec.encoded == len({text, records[0].text})
