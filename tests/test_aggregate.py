@@ -241,7 +241,7 @@ def test_pools_work_in_chunks_of_positions(monkeypatch):
     preds = predictions_from_logits(logits, targets, top_k=7)
     weights = torch.tensor([0.2, 0.3, 0.5])
     whole_linear, whole_log = pool_linear(preds, weights), pool_log(preds, weights, targets)
-    monkeypatch.setattr(pools, "_CHUNK_ELEMENTS", 3 * 3 * 7 * 4)  # 4 positions a chunk
+    monkeypatch.setattr(pools, "_CHUNK_ELEMENTS", 3 * 3 * 7 * 4)  # 12 positions a chunk
     assert torch.equal(pool_linear(preds, weights).top1, whole_linear.top1)
     chunked = pool_log(preds, weights, targets)
     assert torch.equal(chunked.top1, whole_log.top1)

@@ -27,6 +27,10 @@ q_i still sums to 1), so that q_i gives every token a positive probability.
 Members that missed a round are left out by a `present: (N,) bool` mask: the weights are
 renormalized over the present members.
 
+Time and memory are linear in the members: each member's listed probabilities are added
+to the slots of the distinct ids of the union (`_Union`), never compared with every other
+member's list.
+
 Shapes: N members (M present), T positions, K top-K candidates, V vocabulary size,
 C = M*K candidates of the union (with repeats).
 """
@@ -41,10 +45,10 @@ import torch
 
 from collective.lm.predictions import TokenPredictions
 
-# Upper bound on the elements of one (chunk, N, C) temporary of the candidate pools:
-# 4M float32 = 16 MB, so that the handful of such temporaries stays well under 100 MB
-# even for N = 64 members with K = 64 candidates each.
-_CHUNK_ELEMENTS = 1 << 22
+# Upper bound on the elements of one (chunk, C) temporary of the candidate pools: 1M
+# float64 = 8 MB, so that the handful of such temporaries stays well under 100 MB; at
+# N = 256 members with K = 64 candidates each a chunk is 64 positions.
+_CHUNK_ELEMENTS = 1 << 20
 
 # The least tail mass of a recorded distribution: float32's epsilon, the finest mass that
 # float32 top-K log-probabilities resolve next to 1. Without it a member whose top-K seems
@@ -146,30 +150,68 @@ def _normalized_weights(
     return kept / total
 
 
-def _candidate_logprobs(
-    topk_ids: torch.Tensor, listed_logq: torch.Tensor, log_share: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Every member's log q_i for every candidate of the union of top-K lists.
+@dataclass(frozen=True)
+class _Union:
+    """The union of the members' top-K lists at t positions, each distinct id once.
 
-    topk_ids, listed_logq: (t, M, K); log_share: (t, M).
-    Returns cand: (t, C) ids, member 0's list first, each list most likely first (repeats
-    kept), and logq: (t, M, C), member i's log q_i(cand) (its tail share when the
-    candidate is not in its top-K).
+    cand: (t, C) the listed ids, member 0's list first, each list most likely first
+        (repeats kept): the order of the top-1 tie rule.
+    group: (t, C) int64, the rank of each entry's id among the row's distinct ids (ascending),
+        the slot its member's probability is added to.
+    n_distinct: (t,) the number of distinct ids.
+    lowest_unlisted: (t,) the lowest id that no member lists (n_distinct when that is
+        0 .. n_distinct - 1 all listed).
     """
-    t, n, k = topk_ids.shape
-    cand = topk_ids.reshape(t, n * k)  # (t, C), a copy when topk_ids is a transposed view
-    sorted_ids, order = topk_ids.sort(dim=-1)  # (t, M, K)
-    sorted_ids = sorted_ids.contiguous()
-    sorted_logq = listed_logq.gather(-1, order)  # (t, M, K)
-    query = cand.unsqueeze(1).expand(t, n, n * k).contiguous()  # (t, M, C)
-    pos = torch.searchsorted(sorted_ids, query).clamp_(max=k - 1)  # (t, M, C)
-    found = sorted_ids.gather(-1, pos) == query
-    logq = torch.where(found, sorted_logq.gather(-1, pos), log_share.unsqueeze(-1))
-    return cand, logq
+
+    cand: torch.Tensor
+    group: torch.Tensor
+    n_distinct: torch.Tensor
+    lowest_unlisted: torch.Tensor
+
+    @staticmethod
+    def of(cand: torch.Tensor) -> _Union:
+        sorted_cand, order = cand.sort(dim=1, stable=True)
+        first = torch.ones_like(sorted_cand, dtype=torch.bool)
+        first[:, 1:] = sorted_cand[:, 1:] != sorted_cand[:, :-1]
+        rank = first.cumsum(dim=1) - 1  # (t, C) in sorted order
+        group = torch.empty_like(rank).scatter_(1, order, rank)  # (t, C) in list order
+        n_distinct = first.sum(dim=1)
+        # the lowest unlisted id is the first distinct rank whose id is not the rank itself
+        gap = torch.where(first & (sorted_cand != rank), rank, n_distinct.unsqueeze(1))
+        return _Union(cand, group, n_distinct, gap.min(dim=1).values)
+
+    def scores(self, base: torch.Tensor, excess: torch.Tensor) -> torch.Tensor:
+        """(t, C) float64 score of each distinct id (slot = its rank; slots from n_distinct
+        on are unused): base (t,) plus the excesses (t, C) of the entries listing it, added
+        in list order (member order: the CPU's scatter_add adds in index order), so that ids
+        with equal members' values score equal."""
+        return torch.zeros_like(excess).scatter_add(1, self.group, excess) + base.unsqueeze(1)
+
+    def top1(self, scores: torch.Tensor, unlisted: torch.Tensor, raised: torch.Tensor, vocab_size: int) -> torch.Tensor:
+        """The pool's argmax token under the module's tie rule.
+
+        scores: (t, C) as `scores` gives them (any increasing function of the probability);
+        unlisted: (t,) the same score of every token outside the union; raised: (t,) bool,
+        whether a weighted member's tail was raised there (elsewhere an unlisted token is
+        never more likely than a listed one, and a float tie must not say so).
+        """
+        entry = scores.gather(1, self.group)  # (t, C) each listed entry's score
+        best = entry.argmax(dim=1, keepdim=True)  # (t, 1), the first of equal maxima
+        listed = self.cand.gather(1, best).squeeze(1)
+        wins = raised & (self.n_distinct < vocab_size) & (unlisted > entry.gather(1, best).squeeze(1))
+        return torch.where(wins, self.lowest_unlisted, listed)
+
+    def log_normalizer(self, scores: torch.Tensor, unlisted: torch.Tensor, vocab_size: int) -> torch.Tensor:
+        """(t,) float64 log of the sum of exp(score) over the whole vocabulary: each distinct
+        id once, and unlisted (t,) for each of the other V - n_distinct tokens."""
+        slot = torch.arange(scores.shape[1]).unsqueeze(0)  # (1, C)
+        union = torch.where(slot < self.n_distinct.unsqueeze(1), scores, -math.inf)  # (t, C)
+        rest = unlisted + torch.log((vocab_size - self.n_distinct).double())  # (t,) -inf if none
+        return torch.logsumexp(torch.cat([union, rest.unsqueeze(1)], dim=1), dim=1)
 
 
 def _chunk_positions(n_members: int, k: int) -> int:
-    return max(1, _CHUNK_ELEMENTS // (n_members * n_members * k))
+    return max(1, _CHUNK_ELEMENTS // (n_members * k))
 
 
 def _present_members(
@@ -183,53 +225,16 @@ def _present_members(
     return sub, w_full[:, index], w_full
 
 
-def _candidate_chunks(
-    sub: TokenPredictions, tail: RecordedTail
-) -> Iterator[tuple[slice, torch.Tensor, torch.Tensor]]:
+def _candidate_chunks(sub: TokenPredictions, tail: RecordedTail) -> Iterator[tuple[slice, _Union, torch.Tensor]]:
     """The union of the members' top-K lists, a chunk of positions at a time (memory bound):
-    (positions, cand (t, C), logq (t, M, C)) as `_candidate_logprobs` gives them.
+    (positions, union, listed (t, M, K) the members' log q_i of their own top-K).
     tail: the members' recorded tails, (M, T)."""
     step = _chunk_positions(sub.n_members, int(sub.topk_ids.shape[-1]))
     listed = tail.listed(sub.topk_logprobs.float())  # (M, T, K)
     for start in range(0, sub.n_positions, step):
         sl = slice(start, start + step)
-        cand, cand_logq = _candidate_logprobs(
-            sub.topk_ids[:, sl].transpose(0, 1),  # (t, M, K)
-            listed[:, sl].transpose(0, 1),
-            tail.log_share[:, sl].transpose(0, 1),  # (t, M)
-        )
-        yield sl, cand, cand_logq
-
-
-def _distinct(cand: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """cand (t, C) -> sorted ids (t, C), the order that sorts them (t, C), and (t, C) bool
-    marking the first of each distinct id in sorted order."""
-    sorted_cand, order = cand.sort(dim=1, stable=True)
-    first = torch.ones_like(sorted_cand, dtype=torch.bool)
-    first[:, 1:] = sorted_cand[:, 1:] != sorted_cand[:, :-1]
-    return sorted_cand, order, first
-
-
-def _top1(
-    cand: torch.Tensor, score: torch.Tensor, unlisted: torch.Tensor, raised: torch.Tensor, vocab_size: int
-) -> torch.Tensor:
-    """The pool's argmax token under the module's tie rule.
-
-    cand, score: (t, C) the candidates and the pool's score of each (any increasing function
-    of its probability); unlisted: (t,) the same score of every token outside the union;
-    raised: (t,) bool, whether a weighted member's tail was raised there (elsewhere an
-    unlisted token is never more likely than a listed one, and a float tie must not say so).
-    """
-    best = score.argmax(dim=1, keepdim=True)  # (t, 1), the first of equal maxima
-    listed = cand.gather(1, best).squeeze(1)
-    sorted_cand, _, first = _distinct(cand)
-    rank = first.cumsum(dim=1) - 1  # (t, C) index of each distinct id among the distinct ids
-    n_listed = first.sum(dim=1)  # (t,)
-    # the lowest unlisted id is the first distinct rank whose id is not the rank itself
-    gap = torch.where(first & (sorted_cand != rank), rank, n_listed.unsqueeze(1))
-    lowest_unlisted = gap.min(dim=1).values
-    wins = raised & (n_listed < vocab_size) & (unlisted > score.gather(1, best).squeeze(1))
-    return torch.where(wins, lowest_unlisted, listed)
+        ids = sub.topk_ids[:, sl].transpose(0, 1)  # (t, M, K)
+        yield sl, _Union.of(ids.reshape(ids.shape[0], -1)), listed[:, sl].transpose(0, 1)
 
 
 def pool_linear(
@@ -251,12 +256,16 @@ def pool_linear(
     target_logprob = torch.logsumexp(terms, dim=1)  # (T,)
 
     tail = recorded_tail(sub.topk_logprobs, sub.vocab_size)  # (M, T)
-    unlisted = (w * tail.log_share.transpose(0, 1).exp()).sum(dim=1)  # (T,) q-mixture off the union
+    share = tail.log_share.double().exp().transpose(0, 1)  # (T, M) q_i of a token off its top-K
+    w64 = w.double()
+    unlisted = (w64 * share).sum(dim=1)  # (T,) q-mixture off the union
     raised = _raised(tail, w)
     top1 = torch.empty(preds.n_positions, dtype=torch.long)
-    for sl, cand, cand_logq in _candidate_chunks(sub, tail):
-        mixture = (w[sl].unsqueeze(-1) * cand_logq.exp()).sum(dim=1)  # (t, C)
-        top1[sl] = _top1(cand, mixture, unlisted[sl], raised[sl], sub.vocab_size)
+    for sl, union, listed in _candidate_chunks(sub, tail):
+        # a member listing v adds w_i (q_i(v) - share_i) to the mixture's value off the union
+        excess = w64[sl].unsqueeze(-1) * (listed.double().exp() - share[sl].unsqueeze(-1))  # (t, M, K)
+        mixture = union.scores(unlisted[sl], excess.flatten(1))
+        top1[sl] = union.top1(mixture, unlisted[sl], raised[sl], sub.vocab_size)
     return PooledPrediction(target_logprob, top1, w_full)
 
 
@@ -302,22 +311,22 @@ def pool_log(
     recorded distribution (up to rounding).
     """
     sub, w, w_full = _present_members(preds, weights, present)  # w: (T, M)
-    positive = w > 0
+    positive, w64 = w > 0, w.double()
     tail = recorded_tail(sub.topk_logprobs, sub.vocab_size)  # (M, T)
-    numerator = _weighted_sum(_target_logq(sub, tail, targets), w, positive)  # (T,)
-    unlisted = _weighted_sum(tail.log_share.transpose(0, 1), w, positive)  # (T,) log score off the union
+    numerator = _weighted_sum(_target_logq(sub, tail, targets).double(), w64, positive)  # (T,)
+    share = tail.log_share.double().transpose(0, 1)  # (T, M)
+    unlisted = _weighted_sum(share, w64, positive)  # (T,) log score off the union, -inf if K = V
+    base = _weighted_sum(share.nan_to_num(neginf=0.0), w64, positive)  # finite stand-in: K = V lists all
     raised = _raised(tail, w)
-    log_norm = torch.empty(preds.n_positions)
+    log_norm = torch.empty(preds.n_positions, dtype=torch.float64)
     top1 = torch.empty(preds.n_positions, dtype=torch.long)
-    for sl, cand, cand_logq in _candidate_chunks(sub, tail):
-        score = _weighted_sum(cand_logq, w[sl].unsqueeze(-1), positive[sl].unsqueeze(-1))  # (t, C)
-        top1[sl] = _top1(cand, score, unlisted[sl], raised[sl], sub.vocab_size)
-        _, order, first = _distinct(cand)  # count each distinct candidate once
-        union_score = torch.where(first, score.gather(1, order), -math.inf)  # (t, C)
-        n_unlisted = (sub.vocab_size - first.sum(dim=1)).double()  # (t,)
-        unlisted_term = (unlisted[sl].double() + torch.log(n_unlisted)).float()  # -inf if none
-        log_norm[sl] = torch.logsumexp(torch.cat([union_score, unlisted_term.unsqueeze(1)], dim=1), dim=1)
-    return PooledPrediction(numerator - log_norm, top1, w_full)
+    for sl, union, listed in _candidate_chunks(sub, tail):
+        # a member listing v adds w_i (log q_i(v) - log share_i) to the score off the union
+        gap = w64[sl].unsqueeze(-1) * (listed.double() - share[sl].nan_to_num(neginf=0.0).unsqueeze(-1))
+        score = union.scores(base[sl], torch.where(positive[sl].unsqueeze(-1), gap, 0.0).flatten(1))  # (t, C)
+        top1[sl] = union.top1(score, unlisted[sl], raised[sl], sub.vocab_size)
+        log_norm[sl] = union.log_normalizer(score, unlisted[sl], sub.vocab_size)
+    return PooledPrediction((numerator - log_norm).float(), top1, w_full)
 
 
 def readout(preds: TokenPredictions, member: int) -> PooledPrediction:
