@@ -112,3 +112,17 @@ def test_ctrl_c_keeps_finished_cells_and_a_rerun_resumes(tmp_path, tiny_model_di
     (out / names[0] / INCOMPLETE).write_text("killed after the report was written\n", encoding="utf-8")
     assert _sweep(scenario, out) == 0  # a marked folder is rerun even if it holds a report
     assert f"{names[0]}: done" in capsys.readouterr().out and not (out / names[0] / INCOMPLETE).exists()
+
+
+def test_a_long_combination_gets_a_short_distinct_folder_name():
+    from collective.evaluate.sweep import MAX_FOLDER_NAME, Cell
+
+    long_value = "x" * 300
+
+    def cell(last):
+        return Cell((("corpus.path", long_value), ("node_defaults.message.policy", last)), 0, None)  # type: ignore[arg-type]
+
+    one, two = cell("relay").folder_name, cell("search").folder_name
+    assert len(one) <= MAX_FOLDER_NAME and len(two) <= MAX_FOLDER_NAME
+    assert one != two
+    assert Cell((("bus.max_message_tokens", 8),), 1, None).folder_name == "bus.max_message_tokens=8,seed=1"  # type: ignore[arg-type]

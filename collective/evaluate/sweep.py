@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import hashlib
 import io
 import itertools
 import re
@@ -33,6 +34,9 @@ SUMMARY_COLUMNS = (  # after "combination", one column per --set path
 )
 
 
+MAX_FOLDER_NAME = 200  # characters of a cell's folder name
+
+
 @dataclass(frozen=True)
 class Override:
     path: str
@@ -51,7 +55,14 @@ class Cell:
 
     @property
     def folder_name(self) -> str:
-        return re.sub(r"[^A-Za-z0-9._=,-]", "-", f"{self.combination},seed={self.seed}")
+        """The cell's folder: its settings and seed, made safe for a file name; a name over
+        MAX_FOLDER_NAME characters (file systems refuse 255) is cut and ends with a digest
+        of the whole, so that two cells never share a folder."""
+        name = re.sub(r"[^A-Za-z0-9._=,-]", "-", f"{self.combination},seed={self.seed}")
+        if len(name) <= MAX_FOLDER_NAME:
+            return name
+        digest = hashlib.blake2b(name.encode("utf-8"), digest_size=8).hexdigest()
+        return f"{name[: MAX_FOLDER_NAME - len(digest) - 1]}-{digest}"
 
 
 def parse_set(text: str) -> Override:
