@@ -126,3 +126,21 @@ def test_a_long_combination_gets_a_short_distinct_folder_name():
     assert len(one) <= MAX_FOLDER_NAME and len(two) <= MAX_FOLDER_NAME
     assert one != two
     assert Cell((("bus.max_message_tokens", 8),), 1, None).folder_name == "bus.max_message_tokens=8,seed=1"  # type: ignore[arg-type]
+
+
+def test_a_cell_searches_its_controllers_as_collective_run_does(tmp_path, tiny_model_dir):
+    import json
+
+    from tests.test_rundir import EVAL_ROUNDS
+
+    gcg = {"kind": "gcg", "tokens": 2, "steps": 1, "search_width": 4, "topk": 4, "train_rounds": 1,
+           "validation_rounds": 0, "ascii_only": False, "init": "x x"}
+    scenario = write_tiny_scenario(
+        tmp_path, tiny_model_dir, corpus={"source": "builtin:pydoc", "train_tokens": 96, "eval_tokens": 8 * EVAL_ROUNDS},
+        node_defaults={"model": "tiny", "message": {"policy": "relay"}, "controller": gcg},
+    )
+    out = tmp_path / "sweep"
+    assert main(["sweep", str(scenario), "--set", "bus.max_message_tokens=4", "--out", str(out), "--threads", "1"]) == 0
+    controls = json.loads((out / "bus.max_message_tokens=4,seed=2" / "controls.json").read_text(encoding="utf-8"))
+    assert sorted(s["node_id"] for s in controls["searches"]) == ["a", "b", "c"]
+    assert all(len(ids) == 2 for ids in controls["control_ids"].values())

@@ -23,6 +23,7 @@ from collective.cli.common import add_threads_option, minutes, model_pool, progr
 
 if TYPE_CHECKING:
     from collective.evaluate.sweep import Cell, CellSummary
+    from collective.run.prepared import Prepared
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -74,7 +75,7 @@ def _run_cells(cells: list[Cell], out: Path, args: argparse.Namespace, console: 
     """Run every unfinished cell; the summaries of all cells, in grid order."""
     from collective.evaluate.sweep import read_cell
     from collective.run.rundir import is_complete
-    from collective.run.runner import prepare, run_prepared
+    from collective.run.runner import prepare
 
     pool = model_pool(args)
     started = time.monotonic()
@@ -87,12 +88,22 @@ def _run_cells(cells: list[Cell], out: Path, args: argparse.Namespace, console: 
                 line = f"cell {index + 1}/{len(cells)} {cell.folder_name}: already finished, skipped"
             else:
                 (folder / "report.json").unlink(missing_ok=True)  # a run killed after writing it
-                run_prepared(prepare(cell.scenario, pool, base_dir=Path(args.scenario).parent), folder)
+                _run_cell(prepare(cell.scenario, pool, base_dir=Path(args.scenario).parent), folder)
                 line = f"cell {index + 1}/{len(cells)} {cell.folder_name}: done ({minutes(time.monotonic() - started)} so far)"
             progress.advance(task)
             if not console.is_terminal:
                 console.print(line, highlight=False)
     return [read_cell(cell, out / cell.folder_name) for cell in cells]
+
+
+def _run_cell(prepared: Prepared, folder: Path) -> None:
+    """One cell as `collective run` does it: its controllers searched on the train part
+    first (their prompts and searches go into the cell's controls.json), then the rounds."""
+    from collective.run.control import search_controls
+    from collective.run.runner import needs_search, run_prepared
+
+    searches = search_controls(prepared) if needs_search(prepared.scenario) else []
+    run_prepared(prepared, folder, control_searches=searches)
 
 
 def _write_summary(out: Path, summaries: list[CellSummary]) -> None:
