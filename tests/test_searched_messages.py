@@ -37,21 +37,59 @@ def test_a_node_searches_its_message_and_it_does_no_worse_than_where_it_started(
     assert len(tiny_tok.encode(result.message_text, add_special_tokens=False)) <= 6
 
 
-def test_a_searched_message_is_seeded(tiny_lm, tiny_tok):
-    spec = SearchMessage(**{k: v for k, v in SEARCH.items() if k != "policy"})
+def _spy_inputs(monkeypatch):
+    """The SearchInput items compute_rounds hands to the search, and the tasks it builds."""
+    import collective.run.messages as messages_module
+    import collective.run.node as node_module
 
-    def text(seed):
-        (result,) = _run(tiny_lm, tiny_tok, [_request(tiny_tok, message=spec, budget=6, seed=seed)])
-        return result.message_text
+    items, tasks = [], []
+    real_round, real_search = node_module.search_round_messages, messages_module.search_messages
 
-    assert text(0) == text(0)
+    def round_spy(model, tokenizer, given, **kwargs):
+        items.extend(given)
+        return real_round(model, tokenizer, given, **kwargs)
+
+    def search_spy(model, tokenizer, given, config, **kwargs):
+        tasks.extend(given)
+        return real_search(model, tokenizer, given, config, **kwargs)
+
+    monkeypatch.setattr(node_module, "search_round_messages", round_spy)
+    monkeypatch.setattr(messages_module, "search_messages", search_spy)
+    return items, tasks
 
 
-def test_each_start_the_search_can_take(tiny_lm, tiny_tok):
+def test_a_searched_message_is_seeded_per_seed_node_and_round(tiny_lm, tiny_tok, monkeypatch):
+    _, tasks = _spy_inputs(monkeypatch)
+    spec = SearchMessage(steps=1, search_width=4, topk=4, ascii_only=False)
+    requests = [
+        _request(tiny_tok, message=spec, budget=4),
+        _request(tiny_tok, message=spec, budget=4),
+        _request(tiny_tok, message=spec, budget=4, seed=1),
+        _request(tiny_tok, "b", message=spec, budget=4),
+        _request(tiny_tok, message=spec, budget=4, round_index=5),
+    ]
+    texts = [_run(tiny_lm, tiny_tok, [r])[0].message_text for r in requests]
+    seeds = [task.seed for task in tasks]
+    assert seeds[0] == seeds[1] and texts[0] == texts[1]  # the same request, the same search
+    assert len(set(seeds[1:])) == 4  # another seed, node or round: another generator
+
+
+def test_each_start_the_search_can_take(tiny_lm, tiny_tok, monkeypatch):
+    from collective.run.messages import filler_ids, stable_ids
+    from collective.run.node import relayed_ids
+    from collective.scenario import RelayMessage
+
+    items, _ = _spy_inputs(monkeypatch)
+    starts = {}
     for init in ("relay", "generate", "filler"):
         spec = SearchMessage(init=init, steps=1, search_width=4, topk=4, ascii_only=False)
         (result,) = _run(tiny_lm, tiny_tok, [_request(tiny_tok, message=spec, budget=5)])
         assert result.message_search is not None and result.message_search.tokens <= 5, init
+        starts[init] = items[-1].start_ids
+    relay = relayed_ids(_request(tiny_tok, message=RelayMessage(), budget=5))
+    assert starts["relay"] == stable_ids(relay, tiny_tok, 5)
+    assert starts["filler"] == filler_ids(tiny_tok, 5)
+    assert starts["generate"] not in (starts["relay"], starts["filler"])
 
 
 def _run_events(folder, model_dir, name, **changes):
@@ -76,26 +114,15 @@ def test_a_run_records_every_searched_message(tiny_model_dir, tmp_path, objectiv
 
 
 def test_the_receiver_objective_reads_the_receivers_views(tiny_model_dir, tmp_path, monkeypatch):
-    import collective.run.node as node_module
-
-    seen = []
-    real = node_module.search_round_messages
-
-    def spy(model, tokenizer, items, **kwargs):
-        seen.extend(items)
-        return real(model, tokenizer, items, **kwargs)
-
-    monkeypatch.setattr(node_module, "search_round_messages", spy)
+    items, _ = _spy_inputs(monkeypatch)
     defaults = {"model": "tiny", "message": {**SEARCH, "objective": "receiver"}}
     _run_events(tmp_path, tiny_model_dir, "receivers", node_defaults=defaults)
-    assert seen
-    for item in seen:
+    assert items
+    for item in items:
         assert sorted(r.node_id for r in item.receivers) == {"a": ["b", "c"], "b": ["a", "c"]}[item.node_id]
-        by_id = {r.node_id: r for r in item.receivers}
-        if "c" in by_id:
-            assert len(by_id["c"].prefix_ids) == 0  # c has no view of the text
-        if "b" in by_id and "a" in by_id:
-            assert len(by_id["a"].prefix_ids) != len(by_id["b"].prefix_ids) or item.round_index < 2
+        # a: window 16, b: 8 tokens lagged 8, c: no view (write_tiny_scenario), all before the round read
+        lengths = {r.node_id: len(r.prefix_ids) for r in item.receivers}
+        assert lengths == {n: {"a": 16, "b": 8, "c": 0}[n] for n in lengths}
 
 
 def _scenario_with(tmp_path, tiny_model_dir, **changes):
