@@ -123,15 +123,30 @@ class Pooled:
     excluding: int  # replicates whose own CI lies above 0
     collective: float
     bytes_per_link_round: float
+    t_low: float  # the t interval over the replicates' gains (their spread, n - 1 degrees of freedom)
+    t_high: float
+
+
+T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571}  # Student's t, 97.5% quantile, by degrees of freedom
 
 
 def pool(points: list[Point]) -> Pooled:
+    """The mean gain over replicates with two intervals: `low..high` combines the replicates'
+    bootstrap CIs (normal approximation; the uncertainty within each stretch of text only),
+    `t_low..t_high` is the t interval of the replicates' gains (their spread from one stretch
+    of text and seed to another; NaN for one replicate)."""
     n = len(points)
     gain = sum(p.gain for p in points) / n
     se = math.sqrt(sum(((p.high - p.low) / 3.92) ** 2 for p in points)) / n
+    if n > 1:
+        sd = math.sqrt(sum((p.gain - gain) ** 2 for p in points) / (n - 1))
+        half = T_975.get(n - 1, 1.96) * sd / math.sqrt(n)
+    else:
+        half = math.nan
     return Pooled(
         n, gain, gain - 1.96 * se, gain + 1.96 * se, sum(p.low > 0 for p in points),
         sum(p.collective for p in points) / n, sum(p.bytes_per_link_round for p in points) / n,
+        gain - half, gain + half,
     )
 
 
@@ -144,13 +159,13 @@ def summarize(args: argparse.Namespace) -> None:
             groups[(point.shape, point.source, point.policy, point.budget)].append(point)
     pooled = {key: pool(points) for key, points in sorted(groups.items())}
     lines = [
-        "| shape | source | policy | tokens | bytes/link/round | communication gain | pooled 95% CI | replicates with CI > 0 | collective gain |",
-        "|---|---|---|---:|---:|---:|---|---:|---:|",
+        "| shape | source | policy | tokens | bytes/link/round | communication gain | 95% CI within the stretches | 95% t interval over replicates | replicates with CI > 0 | collective gain |",
+        "|---|---|---|---:|---:|---:|---|---|---:|---:|",
     ]
     for (shape, source, policy, budget), p in pooled.items():
         lines.append(
             f"| {shape} | {source} | {policy} | {budget} | {p.bytes_per_link_round:.1f} | {p.gain:+.3f} | "
-            f"{p.low:+.3f} .. {p.high:+.3f} | {p.excluding}/{p.n} | {p.collective:+.3f} |"
+            f"{p.low:+.3f} .. {p.high:+.3f} | {p.t_low:+.3f} .. {p.t_high:+.3f} | {p.excluding}/{p.n} | {p.collective:+.3f} |"
         )
     lines += ["", *verdicts(pooled)]
     (out / "results.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
@@ -163,20 +178,21 @@ def summarize(args: argparse.Namespace) -> None:
 
 
 def verdicts(pooled: dict[tuple[str, str, str, int], Pooled]) -> list[str]:
-    """The smallest budget whose pooled CI excludes 0, per policy; and half-the-bytes."""
+    """The smallest budget whose gain is above 0 by the t interval over replicates (and, where
+    that fails, by the CI within the stretches), per policy; and half-the-bytes."""
     out = []
     combos = sorted({(k[0], k[1]) for k in pooled})
     for shape, source in combos:
         here = {(k[2], k[3]): v for k, v in pooled.items() if k[:2] == (shape, source)}
         for policy in sorted({k[0] for k in here}):
             budgets = sorted(b for p, b in here if p == policy)
-            winning = [b for b in budgets if here[(policy, b)].low > 0]
-            tried = ", ".join(str(b) for b in budgets)
-            first = (
-                f"{winning[0]} tokens ({here[(policy, winning[0])].bytes_per_link_round:.0f} B/link/round)"
-                if winning else f"none of the budgets tried ({tried} tokens)"
+            rows = {b: here[(policy, b)] for b in budgets}
+            over = _first([b for b in budgets if rows[b].t_low > 0], rows)
+            within = _first([b for b in budgets if rows[b].low > 0], rows)
+            out.append(
+                f"- {shape}, {source}, {policy}: smallest budget above 0 by the t interval over replicates: {over}; "
+                f"by the CI within the stretches: {within}"
             )
-            out.append(f"- {shape}, {source}, {policy}: smallest budget with the pooled CI above 0: {first}")
         for challenger in ("search", "speak"):
             for budget in sorted(b for p, b in here if p == "relay"):
                 relay = here[("relay", budget)]
@@ -195,6 +211,13 @@ def verdicts(pooled: dict[tuple[str, str, str, int], Pooled]) -> list[str]:
     return out
 
 
+def _first(above: list[int], rows: dict[int, Pooled]) -> str:
+    """The smallest of the budgets `above`, with its bytes, or that none of `rows` was."""
+    if not above:
+        return f"none of the budgets tried ({', '.join(str(b) for b in rows)} tokens)"
+    return f"{above[0]} tokens ({rows[above[0]].bytes_per_link_round:.0f} B/link/round)"
+
+
 def plot(pooled: dict[tuple[str, str, str, int], Pooled], path: Path) -> None:
     from collective.report.plots import _figure, _save
 
@@ -206,14 +229,14 @@ def plot(pooled: dict[tuple[str, str, str, int], Pooled], path: Path) -> None:
             points = sorted((v for k, v in pooled.items() if k[:3] == (shape, source, policy)), key=lambda v: v.bytes_per_link_round)
             x = [p.bytes_per_link_round for p in points]
             y = [p.gain for p in points]
-            error = [[p.gain - p.low for p in points], [p.high - p.gain for p in points]]
+            error = [[p.gain - p.t_low for p in points], [p.t_high - p.gain for p in points]]
             panel.errorbar(x, y, yerr=error, fmt="o-", capsize=3, label=policy)
         panel.axhline(0, color="black", lw=0.8)
         panel.set_xscale("symlog", linthresh=1.0)
         panel.set_title(f"{shape}, {source}")
         panel.set_xlabel("bytes delivered per link per round")
         panel.grid(alpha=0.3)
-    panels[0].set_ylabel("communication gain, nats/token (pooled 95% CI)")
+    panels[0].set_ylabel("communication gain, nats/token (mean, 95% t interval over replicates)")
     panels[0].legend(fontsize=8)
     _save(figure, path)
 
