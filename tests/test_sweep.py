@@ -144,3 +144,15 @@ def test_a_cell_searches_its_controllers_as_collective_run_does(tmp_path, tiny_m
     controls = json.loads((out / "bus.max_message_tokens=4,seed=2" / "controls.json").read_text(encoding="utf-8"))
     assert sorted(s["node_id"] for s in controls["searches"]) == ["a", "b", "c"]
     assert all(len(ids) == 2 for ids in controls["control_ids"].values())
+
+
+def test_a_cell_that_cannot_be_prepared_names_the_file_and_the_cell(tmp_path, tiny_model_dir, capsys):
+    scenario = write_tiny_scenario(
+        tmp_path, tiny_model_dir,
+        nodes=[{"id": "a", "view": {"kind": "masked", "tokens": 8, "keep": 0.5, "placeholder": "many tokens here"}}, {"id": "b"}],
+    )
+    code = main(["sweep", str(scenario), "--set", "bus.max_message_tokens=4", "--out", str(tmp_path / "s"), "--threads", "1"])
+    err = capsys.readouterr()
+    message = err.err + err.out
+    assert code != 0
+    assert f"{scenario} (bus.max_message_tokens=4, seed 2): nodes[0].view.placeholder" in " ".join(message.split())

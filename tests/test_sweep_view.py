@@ -30,7 +30,8 @@ def test_the_markdown_has_each_cell_and_the_mean_with_signed_gains_and_cis():
     assert lines[0].startswith("| cell | seed | communication gain")
     assert "| policy=relay | 0 | +0.120 [+0.020, +0.220] | -0.500 [-0.700, -0.300] | 40.0 |" in lines
     assert "| policy=relay | mean | +0.100 [+0.000, +0.200] | -0.500 [-0.700, -0.300] | 41.0 |" in lines
-    assert len(lines) == 2 + 3
+    assert len(lines) == 2 + 3 + 2
+    assert lines[-1].startswith("Mean rows:") and "not a confidence interval" in lines[-1]
 
 
 def test_the_table_fits_100_columns_and_names_every_seed():

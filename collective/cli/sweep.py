@@ -75,7 +75,7 @@ def _run_cells(cells: list[Cell], out: Path, args: argparse.Namespace, console: 
     """Run every unfinished cell; the summaries of all cells, in grid order."""
     from collective.evaluate.sweep import read_cell
     from collective.run.rundir import is_complete
-    from collective.run.runner import prepare
+    from collective.run.runner import RunError, prepare
 
     pool = model_pool(args)
     started = time.monotonic()
@@ -88,7 +88,11 @@ def _run_cells(cells: list[Cell], out: Path, args: argparse.Namespace, console: 
                 line = f"cell {index + 1}/{len(cells)} {cell.folder_name}: already finished, skipped"
             else:
                 (folder / "report.json").unlink(missing_ok=True)  # a run killed after writing it
-                _run_cell(prepare(cell.scenario, pool, base_dir=Path(args.scenario).parent), folder)
+                try:
+                    prepared = prepare(cell.scenario, pool, base_dir=Path(args.scenario).parent)
+                except RunError as exc:  # name the file and the cell, as collective run names the file
+                    raise RunError(f"{args.scenario} ({cell.combination}, seed {cell.seed}): {exc}") from None
+                _run_cell(prepared, folder)
                 line = f"cell {index + 1}/{len(cells)} {cell.folder_name}: done ({minutes(time.monotonic() - started)} so far)"
             progress.advance(task)
             if not console.is_terminal:

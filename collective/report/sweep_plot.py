@@ -1,6 +1,6 @@
 """`gain_vs_bandwidth.png` of a sweep: the communication and collective gains (mean over
-seeds, with the mean CI) against the bytes links actually delivered per link and round,
-one line per message policy (the value of a `...message.policy` override; one line when
+seeds, with the mean of the seeds' CI ends, which is not a CI of the mean) against the
+bytes links actually delivered per link and round, one line per message policy (the value of a `...message.policy` override; one line when
 the sweep does not vary the policy)."""
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ def plot_gain_vs_bandwidth(cells: Sequence[CellSummary], out_path: Path) -> Path
         panel.axhline(0, color="black", lw=0.8)
         panel.set_xlabel("bytes delivered per link per round")
         panel.set_ylabel("nats/token (positive: better), mean over seeds")
-        panel.set_title(f"{title}, mean 95% CI")
+        panel.set_title(f"{title}: mean; bars: mean of the seeds' CI ends, not a CI")
         panel.grid(alpha=0.3)
     panels[0].legend(title="message policy", fontsize=8)
     return _save(figure, out_path)

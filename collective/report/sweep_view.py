@@ -26,12 +26,18 @@ def _gain(gain: dict[str, Any]) -> str:
     return f"{gain['value']:+.3f} [{low:+.3f}, {high:+.3f}]"
 
 
+MEAN_NOTE = (
+    "Mean rows: the mean of the seeds' gains, in brackets the mean of the seeds' CI ends, which is "
+    "not a confidence interval of the mean (it ignores how much the seeds differ)."
+)
 HEADERS = ("cell", "seed", "communication gain [95% CI]", "collective gain [95% CI]", "bytes/link/round")
 
 
 def sweep_table(summary: dict[str, Any]) -> Table:
     """Every cell, then each combination's mean over seeds (its CI the mean of the seeds' ends)."""
-    table = Table(title="sweep: gains in nats/token; mean rows average the seeds' CI ends", title_justify="left")
+    table = Table(
+        title="sweep: gains in nats/token; mean rows average the seeds' CI ends (not a CI of the mean)", title_justify="left"
+    )
     for header in HEADERS:
         table.add_column(header, justify="left" if header == "cell" else "right")
     for row in _rows(summary):
@@ -42,4 +48,6 @@ def sweep_table(summary: dict[str, Any]) -> Table:
 def sweep_markdown(summary: dict[str, Any]) -> str:
     lines = ["| " + " | ".join(HEADERS) + " |", "| --- |" + " ---: |" * (len(HEADERS) - 1)]
     lines += ["| " + " | ".join(row) + " |" for row in _rows(summary)]
+    if summary.get("means"):
+        lines += ["", MEAN_NOTE]
     return "\n".join(lines) + "\n"
