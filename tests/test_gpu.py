@@ -172,4 +172,3 @@ def test_the_batched_scoring_pass_against_its_limit(model_ref, tmp_path):
         max_abs_delta_logprob=worst,
     )
     assert worst <= 0.25  # bfloat16: a different batch moves the rounding, not the numbers (bench/rounds.py's tolerance)
-    assert batched_s > 0 and limit_s > 0

@@ -22,7 +22,7 @@ from collective.cli import main
 from collective.distributed.broker import users_for
 from collective.distributed.coordinator import MqttExecutor
 from collective.distributed.protocol import Topics
-from collective.records import Report, RoundEvent, parse_event
+from collective.records import RoundEvent, parse_event
 from tests.mosquitto import running_broker
 from tests.test_distributed import (
     NODES,
@@ -61,15 +61,6 @@ def _host(nodes: Nodes, key: str, url: str, run_id: str, *which: str) -> subproc
     return process
 
 
-def _largest_difference(expected: Report, found: Report) -> float:
-    """The largest absolute difference of any row's nll, bits per byte or top-1 between two reports."""
-    return max(
-        abs(getattr(want, name) - getattr(got, name))
-        for want, got in zip(expected.rows, found.rows)
-        for name in ("nll", "bits_per_byte", "top1")
-    )
-
-
 def test_a_host_with_every_node_behind_a_host_login_gives_the_embedded_numbers_in_one_batch_a_round(world, nodes, tmp_path):
     users = {**users_for(world.prepared.scenario), "box": "box-pass"}
     run_dir = tmp_path / "run-host"
@@ -80,7 +71,6 @@ def test_a_host_with_every_node_behind_a_host_login_gives_the_embedded_numbers_i
     report = result.report
     assert result.status == "complete" and report is not None and report.missed_rounds == {}
     _assert_same_evaluation(world.embedded, report)  # rows and gains within 1e-5
-    assert _largest_difference(world.embedded, report) <= 1e-4
     assert _messages(run_dir) == world.embedded_messages
     output = nodes.output("box")
     rounds = len([line for line in (run_dir / "events.jsonl").read_text().splitlines() if '"kind":"round"' in line])

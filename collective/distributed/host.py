@@ -97,7 +97,6 @@ class HostBackend:
     ) -> None:
         self.solo = SoloBackend(cache_dir)
         self.expected, self.rank, self.report, self.grace_s = expected, rank, report, grace_s
-        self.batches: list[tuple[int, list[list[str]]]] = []  # per batch: the round, its node ids per model
         self._models: dict[tuple[str, str, str], asyncio.Future[NodeModel]] = {}
         self._open: dict[int, _Batch] = {}
         self._running: set[asyncio.Future[None]] = set()
@@ -144,9 +143,12 @@ class HostBackend:
                     future.set_exception(exc)
             return
         for node_id, (_, _, future) in batch.wanted.items():
-            if not future.done():
+            if future.done():
+                continue
+            if node_id in results:
                 future.set_result(results[node_id])
-        self.batches.append((batch.round_index, groups))
+            else:  # never expected: compute_rounds answers every request; fail the node, never hang it
+                future.set_exception(RuntimeError(f"round {batch.round_index}: the batch returned no result for {node_id}"))
         took = time.perf_counter() - began
         self.report(f"round {batch.round_index}: {', '.join(n for g in groups for n in g)} in {len(groups)} batch(es), {took:.2f} s")
 

@@ -100,7 +100,7 @@ class Roster:
     def claim(self, host_id: str, claim: ClaimPayload) -> AssignPayload | RefusePayload:
         """Assign `claim.count` free nodes to the host, or refuse with the reason."""
         if host_id in self.nodes:
-            reason = f"host id {host_id!r} is a node id of this run: a host claims under a login or --host-id of its own"
+            reason = f"host id {host_id!r} is a node id of this run: a host claims under a login of its own"
             return RefusePayload(session=claim.session, reason=reason)
         now = asyncio.get_running_loop().time()
         self._claims = {s: held for s, held in self._claims.items() if held[1] > now and held[0]}

@@ -86,6 +86,9 @@ def enforce_budget(text: str, codec: TextCodec, max_tokens: int, max_bytes: int)
     Returns (text, n_tokens, n_bytes, truncated). Bytes are cut at a character boundary.
     """
     ids = codec.encode(text, add_special_tokens=False)
+    raw = text.encode("utf-8")
+    if len(ids) <= max_tokens and len(raw) <= max_bytes:
+        return text, len(ids), len(raw), False  # fits as it is: nothing cut, nothing to measure again
     truncated = False
     if len(ids) > max_tokens:
         text = _token_prefix(text, ids, codec, max_tokens)
