@@ -12,10 +12,13 @@ peak memory is its own. What a point measures, per round after `--warmup` rounds
 
 - round: the coordinator's wall time of the round (`RoundEvent.wall_seconds`: requests
   built, sent, results collected and checked, pools, the reference, the book);
-- compute: the slowest node's own compute as its host reports it (`compute_seconds` of a
-  result: reading its messages, the batched pass, waiting for the host's batch);
+- compute: the slowest node's `compute_seconds` as its host reports it: reading its
+  messages, the batched pass, and waiting for the host's batch, i.e. for the host's other
+  requests to arrive, so it also holds part of the request fan-out (the broker and the
+  host's envelope parsing); the tiny model's own pass is a few ms;
 - overhead = round - compute: what the coordinator, the broker and the hosts' protocol
-  work (envelopes in and out) add; the target is at most linear growth and < 1 ms per node;
+  work add, understated by the fan-out counted in compute; round / N bounds the cost per
+  node from above (the target is at most linear growth and < 1 ms per node);
   split into bus = collect - compute (collect: the coordinator's requests out to its last
   result in, results checked on arrival: the broker, the coordinator's and the hosts'
   envelopes) and engine = round - collect (the coordinator's own round: requests built,
