@@ -10,9 +10,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from rich.console import Console
 
@@ -20,8 +20,10 @@ from collective.cli.common import EXIT_INTERRUPTED, model_cache_dir, set_threads
 
 if TYPE_CHECKING:
     from collective.distributed.broker import BrokerFiles, BrokerSettings
+    from collective.distributed.host import Host
     from collective.distributed.mqtt import BrokerAddress
     from collective.distributed.preflight import PreflightStep
+    from collective.distributed.volunteer import Volunteer
     from collective.scenario import Scenario
 
 SayLine = Callable[[str], None]  # one line of the node's progress, for the console
@@ -76,20 +78,16 @@ def cmd_node(args: argparse.Namespace, console: Console) -> int:
     _check_ids(args.run, node_ids)
     set_threads(args.threads or None)  # --threads 0: torch's choice, as without it
     address = parse_broker_url(args.broker)
-    who = node_ids[0] if len(node_ids) == 1 and not args.claim else address.username or "host"
+    solo = len(node_ids) == 1 and args.claim is None
+    who = node_ids[0] if solo else address.username or "host"
 
     def report(line: str) -> None:
         console.print(f"[{who}] {line}", highlight=False, soft_wrap=True)
 
-    if len(node_ids) == 1 and not args.claim:
-        if args.preflight_only:
-            _preflight(address, args.run, node_ids[0], report)
-            return 0
-        return _serve(args, address, report)
     if args.preflight_only:
         _preflight(address, args.run, who, report)
         return 0
-    return _serve_host(args, address, node_ids, report)
+    return _serve(args, address, node_ids[0], report) if solo else _serve_host(args, address, node_ids, report)
 
 
 def _node_ids(args: argparse.Namespace) -> list[str]:
@@ -134,33 +132,34 @@ def _preflight(address: BrokerAddress, run_id: str, node_id: str, report: SayLin
     asyncio.run(preflight(address, Topics(run_id).echo(node_id), report=step_line))
 
 
-def _serve(args: argparse.Namespace, address: BrokerAddress, report: SayLine) -> int:
+def _serve(args: argparse.Namespace, address: BrokerAddress, node_id: str, report: SayLine) -> int:
     """The one call into the volunteer: serve the node's rounds until the run ends or Ctrl-C."""
     from collective.distributed.volunteer import Volunteer, VolunteerConfig
 
-    (node_id,) = _node_ids(args)
     config = VolunteerConfig(
         address=address, run_id=args.run, node_id=node_id, device=args.device, model_ref=args.model,
         cache_dir=model_cache_dir(args), scenario_timeout_s=args.scenario_timeout,
     )
     report(f"node {node_id} of run {args.run} via {address.display()}")
     volunteer = Volunteer(config, report)
-    detail = _until_ended(volunteer.run(), lambda: f"{volunteer.rounds_served} rounds; the coordinator was told this node left", report)
-    if detail is None:
-        return EXIT_INTERRUPTED
-    report(f"done: {volunteer.rounds_served} rounds served; run ended ({detail})")
-    if volunteer.rejections.total:
-        report(f"dropped envelopes: {volunteer.rejections.as_dict()}")
-    return 0
+    return _until_ended(volunteer, "rounds", [volunteer], report)
 
 
-def _until_ended(serving: Coroutine[Any, Any, str], served: Callable[[], str], report: SayLine) -> str | None:
-    """Run `serving` to its closing words; on Ctrl-C say what was `served` and return None."""
+def _until_ended(
+    server: Volunteer | Host, unit: str, volunteers: list[Volunteer], report: SayLine, note: Callable[[], str] = str
+) -> int:
+    """Serve until the run ends, then say what was served (and `note()`, read then) and what
+    was dropped; on Ctrl-C say what was served and that the coordinator was told."""
     try:
-        return asyncio.run(serving)
+        detail = asyncio.run(server.run())
     except KeyboardInterrupt:
-        report(f"stopped (Ctrl-C) after {served()}")
-        return None
+        report(f"stopped (Ctrl-C) after {server.rounds_served} {unit}; the coordinator was told it left")
+        return EXIT_INTERRUPTED
+    report(f"done: {server.rounds_served} {unit} served{note()}; run ended ({detail})")
+    dropped = {v.node_id: v.rejections.as_dict() for v in volunteers if v.rejections.total}
+    if dropped:
+        report(f"dropped envelopes: {dropped}")
+    return 0
 
 
 def _serve_host(args: argparse.Namespace, address: BrokerAddress, node_ids: list[str], report: SayLine) -> int:
@@ -174,14 +173,7 @@ def _serve_host(args: argparse.Namespace, address: BrokerAddress, node_ids: list
     asked = f"nodes {', '.join(node_ids)}" if node_ids else f"{args.claim} node(s) to claim"
     report(f"host of {asked} of run {args.run} via {address.display()}")
     host = Host(config, report)
-    detail = _until_ended(host.run(), lambda: f"{host.rounds_served} node rounds; the coordinator was told its nodes left", report)
-    if detail is None:
-        return EXIT_INTERRUPTED
-    report(f"done: {host.rounds_served} node rounds served, {host.backend.copies} model copy(ies); run ended ({detail})")
-    dropped = {v.node_id: v.rejections.as_dict() for v in host.volunteers if v.rejections.total}
-    if dropped:
-        report(f"dropped envelopes: {dropped}")
-    return 0
+    return _until_ended(host, "node rounds", host.volunteers, report, note=lambda: f", {host.backend.copies} model copy(ies)")
 
 
 # ---------------------------------------------------------------------------- broker
