@@ -11,8 +11,8 @@ scored: its view of the text before the round and its reading of the round (a ma
 view's placeholders included), and is scored on the round's true tokens.
 
 GCG lowers the objective on the training rounds. After each step, the same objective on
-the node's last `validation_rounds` rounds of the slice scores the step's lowest-loss
-prompt: the search returns the prompt with the lowest validation loss (the initial one
+the node's last `validation_rounds` rounds of the slice scores the lowest-loss
+prompt found so far (GCG's best, not the step's own best): the search returns the prompt with the lowest validation loss (the initial one
 included, so it never returns a prompt worse on the slice than the one it started from)
 and stops after `patience` steps without a validation improvement (`_Validation`).
 
@@ -263,7 +263,7 @@ def _loss(objective: MeanObjective, ids: list[int]) -> float:
 
 class _Validation:
     """Early stopping and the choice of the returned prompt on the validation slice: called
-    after each GCG step with the step's lowest-loss prompt (`controllers.gcg.OnStep`), it
+    after each GCG step with the lowest-loss prompt found so far (`controllers.gcg.OnStep`), it
     keeps the prompt with the lowest validation loss, the initial one included, and ends
     the search once `patience` steps in a row brought no validation improvement (before its
     last step `steps`: `stopped_at` is None when the search ran every step)."""
