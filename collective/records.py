@@ -17,7 +17,9 @@ from typing import Annotated, Literal, get_args
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
 # events 2: adds NodeRound.message_search (searched messages); version 1 files still read
-EVENT_SCHEMA_VERSION = 2
+# events 3: adds RoundEvent.screened (receivers' firewalls), NodeRound.messages_screened_out and the
+# attack objectives of MessageSearch; version 1 and 2 files still read (the new fields default empty)
+EVENT_SCHEMA_VERSION = 3
 # report 2: adds rejected_envelopes; 3: adds each row's n_rounds, each gain's n_rounds (the rounds its
 # two sides share), partial_members, best_member_rule and block_rule. Older reports still read: the
 # new fields default to None or empty, and `Report.is_partial` works from token counts.
@@ -82,7 +84,10 @@ class MessageSearch(_Record):
     """A searched message's search (message policy `search`): its objective, in nats per span
     token, for the message it started from and the one it sends."""
 
-    objective: Literal["sender", "receiver"]
+    objective: Literal["sender", "receiver", "untargeted", "targeted"] = Field(
+        description="sender/receiver: a searched message (lower is better); untargeted: minus the readers' NLL "
+        "(an attack, lower is worse for them); targeted: the readers' NLL of the attack's target (events 3)"
+    )
     before: float
     after: float
     tokens: int = Field(description="tokens of the message searched")
@@ -109,6 +114,21 @@ class MessageSearchSummary(_Record):
         )
 
 
+class ScreenRecord(_Record):
+    """What a receiver's firewall did with one message before the receiver read it (events 3):
+    recorded in the round the message was read."""
+
+    sender: str
+    receiver: str
+    round_sent: int
+    action: Literal["pass", "drop", "rewrite"]
+    filter: str | None = Field(None, description="the filter that dropped or rewrote it (its kind)")
+    score: float | None = Field(None, description="perplexity filter: the message's nats per token (highest window)")
+    threshold: float | None = Field(None, description="perplexity filter: the threshold it was held to")
+    text: str | None = Field(None, description="rewrite: the text the receiver read instead")
+    seconds: float = Field(0.0, description="the receiver's firewall time for this message (its share of a batched pass)")
+
+
 class NodeRound(_Record):
     """One node's round. NLLs are mean nats/token over the round; None when it missed it
     (or, for isolated and plain, when it was not asked for that row)."""
@@ -126,6 +146,7 @@ class NodeRound(_Record):
     missed: bool = False
     last_message: str | None = None
     message_search: MessageSearch | None = Field(None, description="a searched message's objective before and after (events 2)")
+    messages_screened_out: int = Field(0, description="messages its firewall dropped before it read them (events 3)")
 
 
 class RoundEvent(_Record):
@@ -139,6 +160,7 @@ class RoundEvent(_Record):
     n_tokens: int
     nodes: list[NodeRound]
     messages: list[MessageRecord]
+    screened: list[ScreenRecord] = Field(default_factory=list, description="receivers' firewall decisions this round (events 3)")
     nll_collective: float
     nll_silent: float
     nll_reference: float

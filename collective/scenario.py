@@ -28,10 +28,13 @@ from collective.scenario_errors import (
 from collective.specs import (
     NODE_ID_PATTERN,
     AggregatorSpec,
+    AttackMessage,
     BusSpec,
+    CharsetFilter,
     ControllerSpec,
     CorpusSpec,
     EvaluationSpec,
+    FirewallFilter,
     FixedController,
     Frozen,
     FullView,
@@ -49,7 +52,10 @@ from collective.specs import (
     NodeSpec,
     NodeTemplate,
     NoView,
+    ParaphraseFilter,
+    PerplexityFilter,
     RelayMessage,
+    RetokenizeFilter,
     SearchMessage,
     ShuffleMessage,
     SilentMessage,
@@ -62,10 +68,13 @@ __all__ = [
     "NODE_ID_PATTERN",
     "SCENARIO_SCHEMA_VERSION",
     "AggregatorSpec",
+    "AttackMessage",
     "BusSpec",
+    "CharsetFilter",
     "ControllerSpec",
     "CorpusSpec",
     "EvaluationSpec",
+    "FirewallFilter",
     "FixedController",
     "FullView",
     "GCGController",
@@ -82,7 +91,10 @@ __all__ = [
     "NodeOverride",
     "NodeSpec",
     "NodeTemplate",
+    "ParaphraseFilter",
+    "PerplexityFilter",
     "RelayMessage",
+    "RetokenizeFilter",
     "Scenario",
     "ScenarioError",
     "ScenarioFile",
@@ -216,6 +228,25 @@ def _resolve_nodes(raw: ScenarioFile) -> list[dict[str, Any]]:
     return resolved
 
 
+def _pool_and_attack_checks(scenario: Scenario, node_ids: list[str]) -> None:
+    """`aggregator.exclude` names nodes and leaves the pools someone; a transfer attack's
+    search model is defined."""
+    for index, name in enumerate(scenario.aggregator.exclude):
+        if name not in node_ids:
+            raise FieldError(("aggregator", "exclude", index), f"{name!r} is not a node ({', '.join(node_ids)})")
+    if scenario.aggregator.exclude and set(scenario.aggregator.exclude) >= set(node_ids):
+        raise FieldError(("aggregator", "exclude"), "every node is excluded from the pools; leave at least one in")
+    if scenario.aggregator.kind == "readout" and scenario.aggregator.node in scenario.aggregator.exclude:
+        raise FieldError(("aggregator", "exclude"), f"the readout node {scenario.aggregator.node!r} cannot be excluded")
+    for index, node in enumerate(scenario.nodes):
+        spec = node.message
+        if isinstance(spec, AttackMessage) and spec.search_model is not None and spec.search_model not in scenario.models:
+            raise FieldError(
+                ("nodes", index, "message", "search_model"),
+                f"{spec.search_model!r} is not in `models` (defined: {', '.join(scenario.models)})",
+            )
+
+
 def _cross_checks(scenario: Scenario) -> None:
     node_ids = scenario.node_ids
     for index, node in enumerate(scenario.nodes):
@@ -234,6 +265,7 @@ def _cross_checks(scenario: Scenario) -> None:
         raise FieldError(
             ("aggregator", "node"), f"readout node {scenario.aggregator.node!r} is not a node ({', '.join(node_ids)})"
         )
+    _pool_and_attack_checks(scenario, node_ids)
     for index, link in enumerate(scenario.bus.links):
         for end in ("source", "target"):
             if getattr(link, end) not in node_ids:

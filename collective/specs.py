@@ -12,15 +12,30 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
+
+from collective.message_specs import (
+    AttackMessage,
+    CharsetFilter,
+    FirewallFilter,
+    GenerateMessage,
+    MessageSpec,
+    ParaphraseFilter,
+    PerplexityFilter,
+    RelayMessage,
+    RetokenizeFilter,
+    SearchMessage,
+    ShuffleMessage,
+    SilentMessage,
+)
+from collective.spec_base import Frozen
+
+__all__ = [  # the message and firewall specs live in collective.message_specs; Frozen in spec_base
+    "AttackMessage", "CharsetFilter", "FirewallFilter", "Frozen", "GenerateMessage", "MessageSpec", "ParaphraseFilter",
+    "PerplexityFilter", "RelayMessage", "RetokenizeFilter", "SearchMessage", "ShuffleMessage", "SilentMessage",
+]
 
 NODE_ID_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
-
-
-class Frozen(BaseModel):
-    """The base of every spec: unknown keys are errors, and a validated value never changes."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 # ---------------------------------------------------------------------------- corpus
@@ -158,67 +173,6 @@ class NoView(_View):
 ViewSpec = Annotated[FullView | WindowView | LaggedView | MaskedView | NoView, Field(discriminator="kind")]
 
 
-# ---------------------------------------------------------------------------- messages
-
-
-class GenerateMessage(Frozen):
-    """The node's model writes one message a round, broadcast to its out-neighbours."""
-
-    policy: Literal["generate"] = "generate"
-    speak_prompt: str = Field("\nIn short:", description="appended after the node's context before it writes")
-    sampling: Literal["greedy", "sample"] = "greedy"
-    temperature: float = Field(1.0, gt=0.0)
-    max_tokens: int | None = Field(None, ge=1, description="at most the bus budget; default: the budget")
-
-
-class RelayMessage(Frozen):
-    """The last B tokens of the node's view, verbatim (B = the link's token budget)."""
-
-    policy: Literal["relay"] = "relay"
-
-
-class ShuffleMessage(Frozen):
-    """A priming control: the relay's tokens in an order drawn per node and round from the
-    scenario seed, so the message has the relay's tokens and length but says nothing of
-    their order. A gain the control shows as well is priming, not communication."""
-
-    policy: Literal["shuffle"] = "shuffle"
-
-
-class SilentMessage(Frozen):
-    policy: Literal["silent"] = "silent"
-
-
-class SearchMessage(Frozen):
-    """The node searches its message every round: greedy coordinate gradient over the
-    message's tokens (as many as the out-links' token budget), starting from `init`, to make
-    what the sender just read as predictable as possible to a reader of the message.
-
-    objective `sender`: the NLL of the sender's last `span_tokens` read tokens after
-    [start][the inbox rendering of the message] (what a reader who saw nothing else would
-    learn). `receiver`: the same tokens scored by each out-neighbour's model context as the
-    scenario defines it, [start][its control][the message][its view before those tokens],
-    averaged over out-neighbours; only an embedded run can know the receivers' views (a
-    distributed node cannot, and is refused)."""
-
-    policy: Literal["search"] = "search"
-    objective: Literal["sender", "receiver"] = "sender"
-    span_tokens: int | None = Field(None, ge=1, description="recent read tokens the message should carry; default: the round just read")
-    init: Literal["relay", "generate", "filler"] = Field("relay", description="the message the search starts from")
-    speak_prompt: str = Field("\nIn short:", description="init generate: appended after the node's context before it writes")
-    steps: int = Field(4, ge=1, description="GCG steps per message")
-    search_width: int = Field(32, ge=1, description="candidates scored per step")
-    topk: int = Field(32, ge=1, description="tokens per position to sample replacements from")
-    n_replace: int = Field(1, ge=1)
-    ascii_only: bool = Field(True, description="only ASCII tokens in the message")
-    retokenize_filter: bool = Field(True, description="only messages that read back as the same tokens")
-
-
-MessageSpec = Annotated[
-    GenerateMessage | RelayMessage | ShuffleMessage | SearchMessage | SilentMessage, Field(discriminator="policy")
-]
-
-
 # ---------------------------------------------------------------------------- controllers
 
 
@@ -273,6 +227,10 @@ _MODEL_HELP = "a key of `models`; a node without one takes node_defaults.model (
 _VIEW_HELP = "what the node sees before a round; a node without one takes node_defaults.view, else {kind: full}"
 _MESSAGE_HELP = "what the node sends after a round; a node without one takes node_defaults.message, else {policy: silent}"
 _CONTROLLER_HELP = "the node's control prompt; a node without one takes node_defaults.controller, else {kind: none}"
+_FIREWALL_HELP = (
+    "filters applied in order to each message before the node reads it; a node without one takes "
+    "node_defaults.firewall, else none"
+)
 
 
 class NodeSpec(Frozen):
@@ -283,6 +241,7 @@ class NodeSpec(Frozen):
     view: ViewSpec = DEFAULT_VIEW
     message: MessageSpec = DEFAULT_MESSAGE
     controller: ControllerSpec = DEFAULT_CONTROLLER
+    firewall: tuple[FirewallFilter, ...] = ()
 
 
 class NodeDefaults(Frozen):
@@ -292,6 +251,7 @@ class NodeDefaults(Frozen):
     view: ViewSpec | None = Field(None, description=_VIEW_HELP)
     message: MessageSpec | None = Field(None, description=_MESSAGE_HELP)
     controller: ControllerSpec | None = Field(None, description=_CONTROLLER_HELP)
+    firewall: list[FirewallFilter] | None = Field(None, description=_FIREWALL_HELP)
 
 
 class NodeEntry(Frozen):
@@ -302,6 +262,7 @@ class NodeEntry(Frozen):
     view: ViewSpec | None = Field(None, description=_VIEW_HELP)
     message: MessageSpec | None = Field(None, description=_MESSAGE_HELP)
     controller: ControllerSpec | None = Field(None, description=_CONTROLLER_HELP)
+    firewall: list[FirewallFilter] | None = Field(None, description=_FIREWALL_HELP)
 
 
 class NodeOverride(NodeDefaults):
@@ -398,6 +359,9 @@ class AggregatorSpec(Frozen):
     temperature: float = Field(1.0, gt=0.0, description="weighted/perplexity softmax temperature")
     window_tokens: int = Field(256, ge=1, description="weighted/perplexity trailing window")
     node: str | None = Field(None, description="readout only: the node whose prediction is the answer")
+    exclude: list[str] = Field(
+        default_factory=list, description="nodes whose predictions stay out of the pools (their messages still travel)"
+    )
 
     @model_validator(mode="after")
     def _readout_needs_node(self) -> AggregatorSpec:
