@@ -208,6 +208,25 @@ def test_a_readout_collective_is_its_readout_node_in_the_collective(tiny_lm, tin
         assert event.nll_collective == pytest.approx(d.nll_collective, rel=1e-6)
 
 
+def test_an_excluded_node_talks_but_stays_out_of_both_pools(tiny_lm, tiny_tok, default_run):
+    """`aggregator.exclude`: the pools are those of the other nodes' rows; the excluded node's
+    messages still reach its neighbours (its member rows are the same as without exclusion)."""
+    full, _, _ = default_run
+    kept: list[_Keeping] = []
+    report, events, _ = run(
+        tiny_lm, tiny_tok, scenario(aggregator={"kind": "mean", "exclude": ["c"]}),
+        executor_wrapper=lambda inner: kept.append(_Keeping(inner)) or kept[-1],
+    )
+    for kind in ("member_collective", "member_isolated"):
+        assert rows(report, kind) == rows(full, kind)
+    assert report.row("collective").nll != full.row("collective").nll
+    for event in events:
+        results = kept[0].rounds[event.round_index]
+        members = TokenPredictions.stack([results[n].collective for n in ("a", "b", "d")])
+        pooled = pool_linear(members, torch.ones(3) / 3)
+        assert event.nll_collective == pytest.approx(float(-pooled.target_logprob.mean()), abs=1e-6)
+
+
 def test_the_reference_equals_a_full_view_member_without_messages(tiny_lm, tiny_tok):
     report, _, _ = run(tiny_lm, tiny_tok, scenario(nodes=[{"id": "a", "view": {"kind": "full"}}, {"id": "b", "view": {"kind": "none"}}]))
     assert report.row("reference").nll == pytest.approx(report.row("member_plain", "a").nll, abs=1e-5)

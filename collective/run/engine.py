@@ -305,13 +305,15 @@ class RoundEngine:
         self, results: Results, context: Literal["collective", "isolated"]
     ) -> tuple[TokenPredictions, torch.Tensor]:
         """(N, T) members' rows of one context in node order, and the (N,) mask of the members
-        that have one (an absent member's row is a copy of a present one, masked out)."""
+        that have one and are pooled (an absent member's row is a copy of a present one, masked
+        out; a member in `aggregator.exclude` is masked out too)."""
         rows = {n: getattr(r, context) for n, r in results.items() if r is not None and getattr(r, context) is not None}
         if not rows:
             raise RuntimeError(f"no node has a {context} row this round")
         stand_in = next(iter(rows.values()))
         node_ids = self.scenario.node_ids
-        present = torch.tensor([n in rows for n in node_ids])
+        excluded = self.scenario.aggregator.exclude  # their messages travel; their predictions stay out
+        present = torch.tensor([n in rows and n not in excluded for n in node_ids])
         return TokenPredictions.stack([rows.get(n, stand_in) for n in node_ids]), present
 
     def _event(
