@@ -85,8 +85,9 @@ class MessageSearch(_Record):
     token, for the message it started from and the one it sends."""
 
     objective: Literal["sender", "receiver", "untargeted", "targeted"] = Field(
-        description="sender/receiver: a searched message (lower is better); untargeted: minus the readers' NLL "
-        "(an attack, lower is worse for them); targeted: the readers' NLL of the attack's target (events 3)"
+        description="sender/receiver: a searched message's NLL of the span (lower is better); untargeted: an "
+        "attack's readers' NLL of the span (higher hurts them more); targeted: their NLL of the attack's target "
+        "(lower: the target is likelier) (events 3)"
     )
     before: float
     after: float
