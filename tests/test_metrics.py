@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from collective.evaluate.metrics import (
     RoundStats,
     member_round_stats,
+    members_round_stats,
     pooled_round_stats,
     round_stats,
     summarize,
@@ -30,6 +31,27 @@ def test_member_nll_equals_cross_entropy_on_its_logits():
         assert summary.ppl == pytest.approx(math.exp(expected), rel=1e-6)
         accuracy = (logits[member].argmax(-1) == targets).float().mean().item()
         assert summary.top1_accuracy == pytest.approx(accuracy)
+
+
+@pytest.mark.parametrize("n_positions", [1, 8, 33])
+def test_all_members_at_once_give_each_member_s_own_stats_to_the_bit(n_positions):
+    """The book scores every member row of a round in one go; each must equal the row scored
+    alone (`member_round_stats`), missing rows (None) and missing positions (NaN) included."""
+    g = torch.Generator().manual_seed(n_positions)
+    logits = torch.randn(5, n_positions, 40, generator=g) * 3
+    targets = torch.randint(0, 40, (n_positions,), generator=g)
+    token_bytes = torch.randint(1, 4, (n_positions,), generator=g)
+    rows = [predictions_from_logits(logits[i : i + 1], targets, top_k=4) for i in range(5)]
+    rows[2].target_logprob[0, 0] = float("nan")  # a position with no prediction
+    with_none = [rows[0], None, rows[2], rows[3], None, rows[4]]
+    together = members_round_stats(with_none, targets, token_bytes)
+    nan_row = predictions_from_logits(logits[:1], targets, top_k=4)
+    nan_row.target_logprob[:] = float("nan")
+    for preds, got in zip(with_none, together):
+        alone = member_round_stats(preds if preds is not None else nan_row, 0, targets, token_bytes)
+        for name in ("nll_sum", "n_tokens", "n_correct", "n_bytes", "n_missing"):
+            assert torch.equal(getattr(got, name), getattr(alone, name)), name
+            assert getattr(got, name).dtype == getattr(alone, name).dtype, name
 
 
 def test_bits_per_byte_is_total_nll_in_bits_over_total_bytes():

@@ -21,8 +21,8 @@ import torch
 from collective.evaluate.metrics import (
     RoundStats,
     member_round_stats,
+    members_round_stats,
     pooled_round_stats,
-    round_stats,
 )
 from collective.lm.predictions import TokenPredictions
 from collective.records import MEMBER_ROWS, POOLED_ROWS, MemberRow, RowKind
@@ -79,10 +79,10 @@ class RoundBook:
     ) -> None:
         """Book one eval round. targets, token_bytes: (T,) the round's true tokens and their
         UTF-8 lengths; every row is scored on them."""
-        for node_id in self.node_ids:
-            for kind in MEMBER_ROWS:
-                preds = member_predictions(results.get(node_id), kind)
-                self._add(RowKey(kind, node_id), _member_stats(preds, targets, token_bytes))
+        for kind in MEMBER_ROWS:
+            rows = [member_predictions(results.get(node_id), kind) for node_id in self.node_ids]
+            for node_id, stats in zip(self.node_ids, members_round_stats(rows, targets, token_bytes)):
+                self._add(RowKey(kind, node_id), stats)
         self._add(RowKey("ensemble_silent"), pooled_round_stats(silent, targets, token_bytes))
         self._add(RowKey("collective"), pooled_round_stats(collective, targets, token_bytes))
         self._add(RowKey("reference"), member_round_stats(reference, 0, targets, token_bytes))
@@ -97,9 +97,3 @@ class RoundBook:
     def stats(self) -> dict[RowKey, RoundStats]:
         """Each row's rounds as one RoundStats, in booking order."""
         return {key: RoundStats.concat(parts) for key, parts in self._rounds.items()}
-
-
-def _member_stats(preds: TokenPredictions | None, targets: torch.Tensor, token_bytes: torch.Tensor) -> RoundStats:
-    if preds is None:  # no prediction: every position missing, none scored
-        return round_stats(torch.full((len(targets),), float("nan")), targets, targets, token_bytes)
-    return member_round_stats(preds, 0, targets, token_bytes)
