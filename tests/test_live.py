@@ -21,7 +21,7 @@ from collective.live import (
     topology_view,
 )
 from collective.live.display import LiveDisplay, watch
-from collective.live.topology import topology_grid
+from collective.live.topology import HOSTILE, topology_grid
 from collective.records import (
     MessageRecord,
     NodeInfo,
@@ -30,6 +30,7 @@ from collective.records import (
     RunEnd,
     RunRecord,
     RunStart,
+    ScreenRecord,
 )
 
 
@@ -325,3 +326,45 @@ def test_the_best_member_is_chosen_among_the_members_that_missed_no_round():
     assert chosen.node_id == min(others, key=lambda node: node.nll_isolated.mean or 0.0).node_id
     every_one_missed = replace(state, nodes=tuple(replace(node, rounds_missed=1) for node in state.nodes))
     assert every_one_missed.best_member() == replace(best, rounds_missed=1)
+
+
+def _with_an_attacker(events: list[RunRecord]) -> list[RunRecord]:
+    """Node a is an attacker; in the last round a's message reaches c, and b's firewall drops
+    the one a sent it the round before (the only messages of that round)."""
+    start, *rounds = events
+    assert isinstance(start, RunStart)
+    nodes = [info if info.node_id != "a" else info.model_copy(update={"message_policy": "attack"}) for info in start.nodes]
+    marked: list[RunRecord] = [start.model_copy(update={"nodes": nodes})]
+    for index, event in enumerate(rounds):
+        if isinstance(event, RoundEvent) and index == len(rounds) - 2:
+            a_to_c = MessageRecord(sender="a", receiver="c", round_sent=event.round_index, deliver_round=event.round_index + 1,
+                                   text="zq#x", n_tokens=3, n_bytes=4)
+            screened = [ScreenRecord(sender="a", receiver="b", round_sent=event.round_index - 1, action="drop",
+                                     filter="perplexity", score=9.1, threshold=6.0)]
+            nodes_ = [n.model_copy(update={"messages_screened_out": 1}) if n.node_id == "b" else n for n in event.nodes]
+            event = event.model_copy(update={"messages": [a_to_c], "screened": screened, "nodes": nodes_})
+        marked.append(event)
+    return marked
+
+
+def test_an_attacker_and_its_messages_are_marked_and_firewall_drops_are_shown():
+    events = _with_an_attacker(synthetic_run(n_nodes=3))
+    state = LiveState.fold(events[:-1])
+    assert state.screened_links == {("a", "b")}
+    by_id = {node.node_id: node for node in state.nodes}
+    assert by_id["a"].hostile and by_id["a"].status == "hostile" and not by_id["b"].hostile
+    assert by_id["b"].screened_out == 1 and by_id["c"].screened_out == 0
+    grid = topology_grid(state, 40, 10)
+    cells = [cell for row in grid for cell in row]
+    text = "".join(cell.char for cell in cells)
+    assert "a!" in text and "b!" not in text  # the attacker's label carries the mark
+    assert "×" in text  # the link whose message b's firewall dropped
+    styles = {cell.style for cell in cells if cell.char in "━┃╱╲"}
+    assert HOSTILE in styles  # a's delivered message to c is drawn as an attack
+    table = render(node_table(state))
+    line_a = next(line for line in table.splitlines() if line.startswith("a "))
+    line_b = next(line for line in table.splitlines() if line.startswith("b "))
+    assert "hostile" in line_a and "hostile" not in line_b
+    assert " fw " in table.splitlines()[0] + " "
+    legend = render(topology_view(state, 80, 12))
+    assert "attack (!)" in legend and "firewall drop" in legend

@@ -178,7 +178,7 @@ def collective_view(state: LiveState, width: int) -> Table:
 
 def _node_row(node: NodeState, max_message_bytes: int) -> list[Text]:
     budget = node.budget_use(max_message_bytes)
-    status_style = {"ok": "green", "missed": "bold red", "silent": "dim"}.get(node.status, "")
+    status_style = {"ok": "green", "missed": "bold red", "silent": "dim", "hostile": "bold magenta"}.get(node.status, "")
     message = _printable(node.last_message) if node.last_message else ""
     return [
         Text(node.node_id, style="bold"),
@@ -190,6 +190,7 @@ def _node_row(node: NodeState, max_message_bytes: int) -> list[Text]:
         Text(_bytes(node.bytes_sent)),
         Text("-" if budget is None else f"{budget:.0%}"),
         Text(str(node.messages_dropped), style=BAD if node.messages_dropped else "dim"),
+        Text(str(node.screened_out), style="yellow" if node.screened_out else "dim"),
         Text(node.status if not node.rounds_missed else f"{node.status} ({node.rounds_missed})", style=status_style),
         Text(message, style="italic"),
     ]
@@ -198,7 +199,8 @@ def _node_row(node: NodeState, max_message_bytes: int) -> list[Text]:
 def node_table(state: LiveState, max_rows: int | None = None) -> Table:
     """One row per node (the first `max_rows`): model, view, NLL in the collective so far,
     isolated NLL, gain from messages (isolated minus collective), bytes sent and share of
-    the byte budget used, messages dropped, status, last message."""
+    the byte budget used, messages the links dropped, messages its firewall dropped (fw),
+    status (hostile: an attacker), last message."""
     hidden = 0 if max_rows is None else max(0, len(state.nodes) - max(1, max_rows))
     shown = state.nodes if not hidden else state.nodes[: max(1, max_rows or 1)]
     table = Table(
@@ -220,6 +222,7 @@ def node_table(state: LiveState, max_rows: int | None = None) -> Table:
         ("sent", {"justify": "right", "min_width": 6}),
         ("budget", {"justify": "right", "min_width": 4}),
         ("drop", {"justify": "right", "min_width": 4}),
+        ("fw", {"justify": "right", "min_width": 2}),
         ("status", {"max_width": 11}),
         ("last message", {"ratio": 1, "min_width": 8}),
     ):

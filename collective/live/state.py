@@ -66,10 +66,16 @@ class NodeState:
     rounds_missed: int = 0
     missed_now: bool = False
     last_message: str | None = None
+    screened_out: int = 0  # messages its firewall dropped before it read them (events 3)
 
     @property
     def node_id(self) -> str:
         return self.info.node_id
+
+    @property
+    def hostile(self) -> bool:
+        """An attacker (message policy `attack`): its messages are searched to hurt its readers."""
+        return self.info.message_policy == "attack"
 
     @property
     def gain_from_messages(self) -> float | None:
@@ -88,6 +94,8 @@ class NodeState:
     def status(self) -> str:
         if self.missed_now:
             return "missed"
+        if self.hostile:
+            return "hostile"
         if self.info.message_policy == "silent":
             return "silent"
         return "ok"
@@ -112,6 +120,7 @@ class LiveState:
     elapsed_seconds: float = 0.0
     active_links: frozenset[tuple[str, str]] = field(default_factory=frozenset)
     dropped_links: frozenset[tuple[str, str]] = field(default_factory=frozenset)
+    screened_links: frozenset[tuple[str, str]] = field(default_factory=frozenset)  # the receiver's firewall dropped it
     end: RunEnd | None = None
 
     # ------------------------------------------------------------------ building
@@ -136,7 +145,7 @@ class LiveState:
         if isinstance(event, RunStart):
             return LiveState.started(event)
         if isinstance(event, RunEnd):
-            return replace(self, end=event, active_links=frozenset(), dropped_links=frozenset())
+            return replace(self, end=event, active_links=frozenset(), dropped_links=frozenset(), screened_links=frozenset())
         return self._apply_round(event)
 
     def _apply_round(self, event: RoundEvent) -> LiveState:
@@ -168,6 +177,7 @@ class LiveState:
                     rounds_missed=node.rounds_missed + int(update.missed),
                     missed_now=update.missed,
                     last_message=update.last_message if update.last_message is not None else node.last_message,
+                    screened_out=node.screened_out + update.messages_screened_out,
                 )
             )
         base = replace(self, collective=RunningMean(), silent=RunningMean(), reference=RunningMean()) if fresh else self
@@ -187,6 +197,7 @@ class LiveState:
             elapsed_seconds=event.elapsed_seconds,
             active_links=frozenset((m.sender, m.receiver) for m in event.messages if not m.dropped),
             dropped_links=frozenset((m.sender, m.receiver) for m in event.messages if m.dropped),
+            screened_links=frozenset((s.sender, s.receiver) for s in event.screened if s.action == "drop"),
         )
 
     # ------------------------------------------------------------------ derived numbers

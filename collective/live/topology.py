@@ -26,12 +26,16 @@ from collective.report.plots import node_positions
 IDLE = Style(color="grey50")
 ACTIVE = Style(color="bright_cyan", bold=True)
 DROPPED = Style(color="red", bold=True)
+HOSTILE = Style(color="magenta", bold=True)  # a message from an attacker (message policy `attack`)
+SCREENED = Style(color="yellow", bold=True)  # a message the receiver's firewall dropped
 MISSED = Style(dim=True, strike=True)
 NO_DATA = Style(bold=True)
 MAX_LABEL = 8
+HOSTILE_MARK = "!"  # after an attacker's label: readable without colour
 
-# link priority when two links cross one cell: a message beats a drop beats an idle link
-_PRIORITY = {IDLE: 0, DROPPED: 1, ACTIVE: 2}
+# link priority when two links cross one cell: an attack beats a message the firewall
+# dropped, which beats a message, a drop and an idle link
+_PRIORITY = {IDLE: 0, DROPPED: 1, ACTIVE: 2, SCREENED: 3, HOSTILE: 4}
 
 
 @dataclass(frozen=True)
@@ -50,8 +54,20 @@ def nll_style(value: float | None, low: float, high: float) -> Style:
     return Style(color=Color.from_rgb(red, green, 40), bold=True)
 
 
-def _label(node_id: str) -> str:
-    return node_id if len(node_id) <= MAX_LABEL else node_id[: MAX_LABEL - 1] + "…"
+def _label(node: NodeState) -> str:
+    node_id = node.node_id
+    label = node_id if len(node_id) <= MAX_LABEL else node_id[: MAX_LABEL - 1] + "…"
+    return label + HOSTILE_MARK if node.hostile else label
+
+
+def _link_style(state: LiveState, link: tuple[str, str], hostile: set[str]) -> Style:
+    """A link's style this round: a message the receiver's firewall dropped, an attacker's
+    message, a message, a drop on the link, or idle."""
+    if link in state.screened_links:
+        return SCREENED
+    if link in state.active_links:
+        return HOSTILE if link[0] in hostile else ACTIVE
+    return DROPPED if link in state.dropped_links else IDLE
 
 
 def _place_labels(
@@ -85,10 +101,12 @@ def _place_labels(
 def _link_char(d_row: int, d_col: int, style: Style) -> str:
     angle = math.degrees(math.atan2(abs(d_row) * 2.0, abs(d_col)))  # a cell is about twice as tall as wide
     # heavy for a message, dashed for a drop: readable without colour too
+    if style == SCREENED:
+        return "×"  # stopped at the receiver
     if angle < 25:
-        return "━" if style == ACTIVE else "┄" if style == DROPPED else "─"
+        return "━" if style in (ACTIVE, HOSTILE) else "┄" if style == DROPPED else "─"
     if angle > 65:
-        return "┃" if style == ACTIVE else "┆" if style == DROPPED else "│"
+        return "┃" if style in (ACTIVE, HOSTILE) else "┆" if style == DROPPED else "│"
     return "╲" if (d_row > 0) == (d_col > 0) else "╱"
 
 
@@ -105,7 +123,8 @@ def topology_grid(state: LiveState, width: int, height: int) -> list[list[Cell]]
     if state.start is None or width < 3 or height < 1:
         return grid
     nodes = {node.node_id: node for node in state.nodes}
-    labels = {node_id: _label(node_id) for node_id in nodes}
+    labels = {node_id: _label(node) for node_id, node in nodes.items()}
+    hostile = {node_id for node_id, node in nodes.items() if node.hostile}
     positions = node_positions(list(nodes), state.start.edges)
     spots = _place_labels(labels, positions, width, height)
     centre = {n: (row, col + len(labels[n]) // 2) for n, (row, col) in spots.items()}
@@ -117,7 +136,7 @@ def topology_grid(state: LiveState, width: int, height: int) -> list[list[Cell]]
         if a == b or a not in centre or b not in centre:
             continue
         key = (a, b) if a <= b else (b, a)
-        style = ACTIVE if (a, b) in state.active_links else DROPPED if (a, b) in state.dropped_links else IDLE
+        style = _link_style(state, (a, b), hostile)
         if key not in pairs or _PRIORITY[style] > _PRIORITY[pairs[key]]:
             pairs[key] = style
     label_cells = {(row, c) for n, (row, col) in spots.items() for c in range(col, col + len(labels[n]))}
@@ -179,6 +198,14 @@ def _legend(state: LiveState) -> Text:
     legend.append(" dropped  ")
     legend.append("─", IDLE)
     legend.append(" idle")
+    if any(node.hostile for node in state.nodes):
+        legend.append("  ")
+        legend.append("━", HOSTILE)
+        legend.append(f" attack ({HOSTILE_MARK})")
+    if any(node.screened_out for node in state.nodes) or state.screened_links:
+        legend.append("  ")
+        legend.append("×", SCREENED)
+        legend.append(" firewall drop")
     return legend
 
 
