@@ -24,7 +24,9 @@ EVENT_SCHEMA_VERSION = 3
 # two sides share), partial_members, best_member_rule and block_rule. Older reports still read: the
 # new fields default to None or empty, and `Report.is_partial` works from token counts.
 # 4: adds controller_gains and message_searches (empty in older reports).
-REPORT_SCHEMA_VERSION = 4
+# 5: adds firewalls (per receiver: its filters, thresholds and fits, what it dropped and rewrote, its time);
+# empty in older reports.
+REPORT_SCHEMA_VERSION = 5
 # controls 2: adds each search's validation_loss, initial_validation_loss and stopped_at_step (None in version 1)
 CONTROLS_SCHEMA_VERSION = 2
 
@@ -235,6 +237,41 @@ class Gain(_Record):
     n_rounds: int | None = Field(None, description="eval rounds both sides were scored on (None: before version 3)")
 
 
+class FilterFit(_Record):
+    """How a perplexity filter's threshold was fitted on the train part (report 5)."""
+
+    benign_messages: int = Field(description="benign train-part messages scored (those the filters before it let through)")
+    mean_tokens: float = Field(description="their mean length in tokens")
+    false_drop_rate: float = Field(description="the share of them the threshold was fitted to drop")
+    fit_drop_rate: float = Field(description="the share of them above the threshold (the quantile on a finite sample)")
+
+
+class FilterReport(_Record):
+    """One filter of a receiver's firewall and what it did over the run (warm-up included)."""
+
+    filter: str = Field(description="its kind, numbered when the kind comes twice (as in ScreenRecord.filter)")
+    setting: str = Field("", description="its settings in words")
+    threshold: float | None = Field(None, description="perplexity: nats per token above which it drops")
+    fit: FilterFit | None = Field(None, description="perplexity: how the threshold was fitted (None: given in the scenario)")
+    dropped: int = Field(0, description="messages it dropped")
+    rewritten: int = Field(0, description="messages it rewrote that were read (a later drop counts as the drop)")
+
+
+class FirewallReport(_Record):
+    """A receiver's firewall over the run's rounds (warm-up included)."""
+
+    filters: list[FilterReport]
+    messages_read: int = Field(description="messages that reached the firewall, one per message and round read")
+    messages_dropped: int
+    messages_rewritten: int
+    seconds: float = Field(description="the firewall's time, its share of the batched passes included")
+    round_share: float = Field(description="seconds / the run's round time (every node's rounds, one process)")
+
+    @property
+    def seconds_per_message(self) -> float:
+        return self.seconds / self.messages_read if self.messages_read else 0.0
+
+
 class Report(_Record):
     schema_version: int = REPORT_SCHEMA_VERSION
     run_id: str
@@ -260,6 +297,9 @@ class Report(_Record):
     )
     message_searches: dict[str, MessageSearchSummary] = Field(
         default_factory=dict, description="searched messages (policy search), per node: their objective before and after"
+    )
+    firewalls: dict[str, FirewallReport] = Field(
+        default_factory=dict, description="per receiver with a firewall: what it did and cost (empty before version 5)"
     )
     best_member_rule: str = Field("", description="how the best member was chosen ('' before version 3)")
     partial_members: list[str] = Field(default_factory=list, description="members not scored on every eval round")

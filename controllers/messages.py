@@ -40,12 +40,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from controllers.filters import filter_candidates, model_token_mask
 from controllers.gcg import sample_candidates
-from controllers.objectives import (
-    ControllerError,
-    embed_ids,
-    input_embedding,
-    model_context_length,
-)
+from controllers.objectives import ControllerError, embed_ids, input_embedding, model_context_length
 
 logger = logging.getLogger(__name__)
 
@@ -53,12 +48,14 @@ logger = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class MessagePart:
     """One reader of a message: [prefix_ids][message][rest_ids], scoring `labels` at the last
-    len(labels) positions of rest_ids (labels may differ from the tokens read there)."""
+    len(labels) positions of rest_ids (labels may differ from the tokens read there), each
+    label's NLL counted at most `max_nll` nats: bounds a part with a negative weight."""
 
     prefix_ids: list[int]
     rest_ids: list[int]
     labels: list[int]
     weight: float = 1.0
+    max_nll: float | None = None
 
 
 @dataclass(frozen=True)
@@ -139,6 +136,8 @@ def _check_part(where: str, part: MessagePart, vocab: int) -> None:
         )
     if not math.isfinite(part.weight):
         raise ControllerError(f"{where}.weight: {part.weight}; must be a finite number")
+    if part.max_nll is not None and not 0 < part.max_nll < math.inf:
+        raise ControllerError(f"{where}.max_nll: {part.max_nll}; must be a finite number above 0, or None")
     for name in ("prefix_ids", "rest_ids", "labels"):
         _check_ids(f"{where}.{name}", getattr(part, name), vocab)
 
@@ -169,10 +168,12 @@ def pack_rows(lengths: Sequence[int], batch_tokens: int) -> list[list[int]]:
 
 
 def mean_nll(
-    model: PreTrainedModel, lengths: Sequence[int], labels: Sequence[Sequence[int]], **inputs: Tensor
+    model: PreTrainedModel, lengths: Sequence[int], labels: Sequence[Sequence[int]],
+    caps: Sequence[float | None] | None = None, **inputs: Tensor,
 ) -> Tensor:
     """Mean NLL (B,) of each right-padded row's labels, read at the last len(labels) of its
-    `lengths` real positions; `inputs` is input_ids (B, L) or inputs_embeds (B, L, d).
+    `lengths` real positions, each label's NLL at most caps[b] (None: no cap); `inputs` is
+    input_ids (B, L) or inputs_embeds (B, L, d).
 
     Logits are computed only at the scored positions (a boolean `logits_to_keep`, which
     flattens them row by row) and the log-softmax runs in float32 or the model's float64."""
@@ -194,6 +195,9 @@ def mean_nll(
     log_probs = F.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
     targets = torch.tensor([t for row_labels in labels for t in row_labels], device=device)  # (M,)
     nll = -log_probs.gather(1, targets[:, None]).squeeze(1)  # (M,)
+    if caps is not None and any(cap is not None for cap in caps):  # min(inf, cap) = cap; no gradient above it
+        bound = torch.tensor([math.inf if cap is None else cap for cap in caps], dtype=nll.dtype)  # (B,)
+        nll = torch.minimum(nll, bound.repeat_interleave(torch.tensor(counts)).to(device))  # (M,)
     # into (B, n_max) by plain indexing (unique indices, no atomic adds: deterministic on GPU)
     rows = torch.repeat_interleave(torch.arange(batch), torch.tensor(counts)).to(device)  # (M,)
     cols = torch.cat([torch.arange(count) for count in counts]).to(device)  # (M,)
@@ -217,14 +221,16 @@ def row_losses(
     sequences: Sequence[Sequence[int]],
     labels: Sequence[Sequence[int]],
     batch_tokens: int,
+    caps: Sequence[float | None] | None = None,
 ) -> Tensor:
-    """Mean NLL (R,) of each sequence's labels (scored at its last len(labels) positions),
-    in as few forward passes of at most `batch_tokens` padded tokens as packing allows."""
+    """Mean NLL (R,) of each sequence's labels (scored at its last len(labels) positions, capped
+    at caps[r]), in as few forward passes of at most `batch_tokens` padded tokens as packing allows."""
     lengths = [len(sequence) for sequence in sequences]
     result: list[Tensor | None] = [None] * len(sequences)
     for batch in pack_rows(lengths, batch_tokens):
         ids = _pad_ids([sequences[i] for i in batch], model.device)  # (B, L)
-        nll = mean_nll(model, [lengths[i] for i in batch], [labels[i] for i in batch], input_ids=ids)
+        row_caps = None if caps is None else [caps[i] for i in batch]  # None: the language game's rows, uncapped
+        nll = mean_nll(model, [lengths[i] for i in batch], [labels[i] for i in batch], row_caps, input_ids=ids)
         for position, index in enumerate(batch):
             result[index] = nll[position]
     return torch.stack([value for value in result if value is not None]).cpu()
@@ -243,12 +249,14 @@ def candidate_losses(
     all tasks' rows scored together. A task with no candidates gets an empty tensor."""
     sequences: list[list[int]] = []
     labels: list[list[int]] = []
+    caps: list[float | None] = []
     for task, messages in zip(tasks, candidates, strict=True):
         for message in messages.tolist():
             for part in task.parts:
                 sequences.append(list(part.prefix_ids) + message + list(part.rest_ids))
                 labels.append(list(part.labels))
-    nll = row_losses(model, sequences, labels, batch_tokens) if sequences else torch.zeros(0)
+                caps.append(part.max_nll)
+    nll = row_losses(model, sequences, labels, batch_tokens, caps) if sequences else torch.zeros(0)
     losses: list[Tensor] = []
     start = 0
     for task, messages in zip(tasks, candidates, strict=True):
@@ -293,7 +301,8 @@ def _spliced_loss(
         leaves.append(leaf)
         spliced.append(torch.cat([embeds[position, :start], leaf, embeds[position, end:]]))
     lengths = [len(part.prefix_ids) + message.shape[0] + len(part.rest_ids) for part, message in rows]
-    nll = mean_nll(model, lengths, [part.labels for part, _ in rows], inputs_embeds=torch.stack(spliced))
+    labels, caps = [part.labels for part, _ in rows], [part.max_nll for part, _ in rows]
+    nll = mean_nll(model, lengths, labels, caps, inputs_embeds=torch.stack(spliced))
     weights = torch.tensor([part.weight for part, _ in rows], dtype=nll.dtype, device=nll.device)
     return (nll * weights).sum(), leaves
 
@@ -374,6 +383,7 @@ def _step(
         candidates.append(_filter(tokenizer, sampled, task, config))  # (W', k)
     losses = candidate_losses(model, tasks, candidates, config.batch_tokens)
     for task, state, found, loss in zip(tasks, states, candidates, losses, strict=True):
+        loss = torch.where(loss.isnan(), math.inf, loss)  # a candidate the model scores NaN is never taken
         k = found.shape[1]
         state.scored_tokens += found.shape[0] * sum(len(p.prefix_ids) + k + len(p.rest_ids) for p in task.parts)
         if found.shape[0] == 0:
@@ -431,12 +441,8 @@ def search_messages(
             progress(step + 1, config.steps)
     return [
         MessageSearchResult(
-            ids=[int(i) for i in state.ids.tolist()],
-            text=str(tokenizer.decode(state.ids.tolist())),
-            initial_loss=float(loss[0]),
-            loss=state.loss,
-            losses=state.losses,
-            scored_tokens=state.scored_tokens,
+            ids=[int(i) for i in state.ids.tolist()], text=str(tokenizer.decode(state.ids.tolist())),
+            initial_loss=float(loss[0]), loss=state.loss, losses=state.losses, scored_tokens=state.scored_tokens,
         )
         for state, loss in zip(states, initial, strict=True)
     ]

@@ -5,7 +5,9 @@ the collective and the full-view reference, all on the same eval tokens (a membe
 missed rounds is scored on the others, and its rows say on how many). Every row's CI and
 every gain (collective, communication, and each prompted node's controller gain, plain
 minus isolated) come from one paired block bootstrap over whole rounds (`gains.gains`),
-seeded from the scenario seed. Rows come out in `ROW_ORDER`, then node order.
+seeded from the scenario seed. Rows come out in `ROW_ORDER`, then node order. Each
+receiver's firewall is summed up from its screen records (what each filter dropped and
+rewrote, its time as a share of the run's round time) with the thresholds the run used.
 """
 
 from __future__ import annotations
@@ -22,15 +24,20 @@ from collective.evaluate.metrics import Estimate, RoundStats, summarize
 from collective.records import (
     MEMBER_ROWS,
     ROW_ORDER,
+    FilterFit,
+    FilterReport,
+    FirewallReport,
     Gain,
     Interval,
     MessageSearchSummary,
     Report,
     RowReport,
     Runtime,
+    ScreenRecord,
 )
 from collective.run.engine import EngineResult
-from collective.scenario import Scenario
+from collective.run.firewall import describe_filter, filter_labels
+from collective.scenario import FirewallFilter, PerplexityFilter, Scenario
 from collective.seeding import generator
 
 
@@ -46,6 +53,8 @@ def build_report(
     runtime: Runtime = "embedded",
     control_prompts: dict[str, str] | None = None,
     rejected_envelopes: dict[str, dict[str, int]] | None = None,
+    firewalls: dict[str, tuple[FirewallFilter, ...]] | None = None,
+    firewall_fits: dict[str, dict[int, FilterFit]] | None = None,
 ) -> Report:
     if result.eval_rounds_done == 0:
         raise ValueError("no eval round finished: there is nothing to report")
@@ -87,6 +96,7 @@ def build_report(
             key.node_id or "": _gain(estimate, "plain member (no prompt)") for key, estimate in headline.controller_gains.items()
         },
         message_searches={node_id: MessageSearchSummary.of(found) for node_id, found in result.message_searches.items() if found},
+        firewalls=firewall_reports(result, firewalls or {}, firewall_fits or {}),
         best_member_rule=best_member_rule(headline, missed, result.eval_rounds_done),
         partial_members=[node_id for node_id in scenario.node_ids if missed.get(node_id)],
         block_rule=headline.bootstrap.block_rule,
@@ -106,6 +116,42 @@ def _counts(result: EngineResult) -> dict[str, Any]:
         "wall_seconds": result.wall_seconds,
         "tokens_per_second": result.eval_tokens / result.wall_seconds if result.wall_seconds > 0 else 0.0,
     }
+
+
+def firewall_reports(
+    result: EngineResult, firewalls: dict[str, tuple[FirewallFilter, ...]], fits: dict[str, dict[int, FilterFit]]
+) -> dict[str, FirewallReport]:
+    """Per receiver with a firewall: `firewalls` are the filters the run screened with (every
+    threshold set), `fits` how the fitted thresholds were fitted (both from `Prepared`)."""
+    return {
+        node_id: firewall_report(filters, result.screened.get(node_id, []), fits.get(node_id, {}), result.wall_seconds)
+        for node_id, filters in firewalls.items()
+    }
+
+
+def firewall_report(
+    filters: tuple[FirewallFilter, ...], screened: list[ScreenRecord], fits: dict[int, FilterFit], round_seconds: float
+) -> FirewallReport:
+    """One receiver's firewall: each filter with its threshold (and fit) and what it dropped and
+    rewrote, from the receiver's screen records of every round."""
+    labels = filter_labels(filters)
+    seconds = sum(s.seconds for s in screened)
+    return FirewallReport(
+        filters=[
+            FilterReport(
+                filter=label, setting=describe_filter(spec), threshold=spec.threshold if isinstance(spec, PerplexityFilter) else None,
+                fit=fits.get(index),
+                dropped=sum(s.action == "drop" and s.filter == label for s in screened),
+                rewritten=sum(s.action == "rewrite" and label in (s.filter or "").split("+") for s in screened),
+            )
+            for index, (spec, label) in enumerate(zip(filters, labels))
+        ],
+        messages_read=len(screened),
+        messages_dropped=sum(s.action == "drop" for s in screened),
+        messages_rewritten=sum(s.action == "rewrite" for s in screened),
+        seconds=seconds,
+        round_share=seconds / round_seconds if round_seconds > 0 else 0.0,
+    )
 
 
 def _gain(estimate: Estimate, versus: str) -> Gain:

@@ -1,12 +1,14 @@
 """The round engine: the stream advances one round at a time, in a fixed order.
 
 Each round: (1) every node's request is cut from the stream (its observation, its control
-prompt, its message budget); (2) an executor computes every node's predictions and
-message (the embedded executor batches all nodes sharing a model into one forward pass and
-runs the in-memory bus; the distributed one asks volunteer machines); (3) the engine
+prompt, its message budget, its fitted firewall); (2) an executor computes every node's
+predictions and message (the embedded executor gives each node the messages it reads, which
+its firewall screens, batches all nodes sharing a model into one forward pass and runs the
+in-memory bus; the distributed one asks volunteer machines); (3) the engine
 scores the full-view reference and pools the members into the silent ensemble and the
 collective; (4) an eval round goes into the `RoundBook` the evaluator reads; (5) a
-`RoundEvent` goes to whoever listens (the run folder, the live view).
+`RoundEvent` (with the firewalls' screen records) goes to whoever listens (the run folder,
+the live view).
 
 The first `warmup_rounds` rounds come from the end of the train part, so that inboxes
 and online weights start warm; only eval rounds are booked.
@@ -28,7 +30,7 @@ from collective.lm.codec import start_token
 from collective.lm.models import LoadedModel
 from collective.lm.predictions import TokenPredictions
 from collective.lm.scoring import ScoreItem, score_items
-from collective.records import MessageRecord, MessageSearch, NodeRound, RoundEvent
+from collective.records import MessageRecord, MessageSearch, NodeRound, RoundEvent, ScreenRecord
 from collective.run.aggregate import Aggregator, make_aggregator
 from collective.run.bus import InMemoryBus, message_byte_budgets, message_token_budgets
 from collective.run.messages import ReceiverContext, message_frame
@@ -36,7 +38,7 @@ from collective.run.node import NodeRoundRequest, NodeRoundResult, compute_round
 from collective.run.observation import Observer
 from collective.run.pools import PooledPrediction
 from collective.run.prepared import Prepared
-from collective.scenario import NodeSpec, Scenario, SearchMessage
+from collective.scenario import AttackMessage, FirewallFilter, NodeSpec, Scenario, SearchMessage
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +58,7 @@ class EngineResult:
     eval_tokens: int
     eval_bytes: int
     message_searches: dict[str, list[MessageSearch]] = field(default_factory=dict)  # node -> every round's search
+    screened: dict[str, list[ScreenRecord]] = field(default_factory=dict)  # receiver -> its firewall's records, every round
 
 
 class Executor(Protocol):
@@ -78,8 +81,16 @@ class EmbeddedExecutor:
         return cls(scenario, prepared.models, InMemoryBus(prepared.graph, scenario.bus, prepared.tokenizer, scenario.seed))
 
     def with_inboxes(self, round_index: int, requests: list[NodeRoundRequest]) -> list[NodeRoundRequest]:
-        """The requests with each node's inbox as it reads it this round."""
-        return [replace(r, inbox_text=self.bus.render_inbox(r.node_id, round_index)) for r in requests]
+        """The requests with each node's inbox this round: the messages it reads (which its
+        firewall screens in `compute_rounds`) and, for callers that read it, their rendering
+        before any firewall (what the node reads when it has none)."""
+        return [
+            replace(
+                r, inbox_text=self.bus.render_inbox(r.node_id, round_index),
+                inbox_messages=tuple(self.bus.inboxes[r.node_id].visible(round_index)),
+            )
+            for r in requests
+        ]
 
     def run_round(self, round_index: int, requests: list[NodeRoundRequest]) -> Results:
         by_model: dict[str, list[NodeRoundRequest]] = {}
@@ -89,7 +100,10 @@ class EmbeddedExecutor:
         evaluation = self.scenario.evaluation
         for alias, group in by_model.items():
             lm = self.models[alias]
-            for result in compute_rounds(lm.model, lm.tokenizer, group, top_k=evaluation.top_k, batch_tokens=evaluation.batch_tokens):
+            for result in compute_rounds(
+                lm.model, lm.tokenizer, group, top_k=evaluation.top_k, batch_tokens=evaluation.batch_tokens,
+                search_models=self.models,
+            ):
                 results[result.node_id] = result
         # messages are sent after every node has read its inbox: latency >= 1 round
         for request in requests:
@@ -120,6 +134,7 @@ class _Tally:
     eval_bytes: int = 0
     messages: list[MessageRecord] = field(default_factory=list)
     searches: dict[str, list[MessageSearch]] = field(default_factory=dict)
+    screened: dict[str, list[ScreenRecord]] = field(default_factory=dict)
 
     def add(self, results: Results) -> list[MessageRecord]:
         """Count one round; returns its messages."""
@@ -128,6 +143,8 @@ class _Tally:
         for node_id, result in results.items():
             if result is not None and result.message_search is not None:
                 self.searches.setdefault(node_id, []).append(result.message_search)
+            if result is not None and result.screened:
+                self.screened.setdefault(node_id, []).extend(result.screened)
         self.rounds_done += 1
         return messages
 
@@ -154,8 +171,10 @@ class RoundEngine:
         control_ids: dict[str, list[int]],
         placeholder_ids: dict[str, int],
         run_id: str,
+        firewalls: dict[str, tuple[FirewallFilter, ...]] | None = None,
     ) -> None:
         self.scenario = scenario
+        self.firewalls = firewalls or {}  # node -> its fitted filters (`Prepared.firewalls`)
         self.graph = graph
         self.stream = stream
         self.byte_lengths = byte_lengths
@@ -191,6 +210,7 @@ class RoundEngine:
         return cls(
             scenario, prepared.graph, prepared.stream, prepared.byte_lengths, executor,
             prepared.models[scenario.reference_model], prepared.control_ids, prepared.placeholder_ids, run_id,
+            firewalls=prepared.firewalls,
         )
 
     @property
@@ -225,20 +245,29 @@ class RoundEngine:
                         self.scenario.bus.inbox_template, self.scenario.bus.inbox_header, node.id, round_index
                     ),
                     receivers=self._receivers(node, start, len(seen.seen_ids)),
+                    firewall=self.firewalls.get(node.id, ()),
+                    inbox_template=self.scenario.bus.inbox_template,
+                    inbox_header=self.scenario.bus.inbox_header,
                 )
             )
         return requests
 
     def _receivers(self, node: NodeSpec, start: int, n_seen: int) -> tuple[ReceiverContext, ...]:
-        """A receiver-aware searched message's readers: each out-neighbour's control prompt and
-        its view of the text before the span the message should carry (the last `span_tokens`
-        of the `n_seen` tokens the sender read)."""
+        """The readers of a receiver-aware searched message or a white-box attack: each
+        out-neighbour's control prompt and its view of the text before the span the message is
+        scored on (the last `span_tokens` of the `n_seen` tokens the sender read), or, for a
+        targeted attack, before the span's end, where the coming round and the target follow."""
         spec = node.message
-        if not isinstance(spec, SearchMessage) or spec.objective != "receiver":
+        if isinstance(spec, AttackMessage) and spec.threat == "white-box":
+            to_span_end = spec.objective == "targeted"
+        elif isinstance(spec, SearchMessage) and spec.objective == "receiver":
+            to_span_end = False
+        else:
             return ()
-        span_start = start + self.round_tokens - min(spec.span_tokens or self.round_tokens, n_seen)
+        span_end = start + self.round_tokens
+        at = span_end if to_span_end else span_end - min(spec.span_tokens or self.round_tokens, n_seen)
         return tuple(
-            ReceiverContext(j, self.control_ids.get(j, []), self.observer.observe(j, span_start).prefix_ids)
+            ReceiverContext(j, self.control_ids.get(j, []), self.observer.observe(j, at).prefix_ids)
             for j in self.graph.successors(node.id)
         )
 
@@ -280,6 +309,7 @@ class RoundEngine:
             eval_tokens=tally.eval_tokens,
             eval_bytes=tally.eval_bytes,
             message_searches=tally.searches,
+            screened=tally.screened,
         )
 
     def _nodes_and_reference(self, round_index: int, start: int, targets: torch.Tensor) -> tuple[Results, TokenPredictions]:
@@ -349,6 +379,7 @@ class RoundEngine:
             n_tokens=self.round_tokens,
             nodes=[node_round(node_id, results.get(node_id)) for node_id in self.scenario.node_ids],
             messages=messages,
+            screened=[s for node_id in self.scenario.node_ids if (r := results.get(node_id)) is not None for s in r.screened],
             nll_collective=_nanmean_nll(pools.collective.target_logprob),
             nll_silent=_nanmean_nll(pools.silent.target_logprob),
             nll_reference=float(-pools.reference.target_logprob.mean()),
@@ -368,6 +399,7 @@ def node_round(node_id: str, result: NodeRoundResult | None) -> NodeRound:
         bytes_sent=sum(m.n_bytes for m in own if not m.dropped), messages_sent=len(own),
         messages_dropped=sum(m.dropped for m in own), messages_truncated=sum(m.truncated for m in own),
         last_message=result.message_text, message_search=result.message_search,
+        messages_screened_out=sum(s.action == "drop" for s in result.screened),
     )
 
 

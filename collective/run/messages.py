@@ -1,4 +1,4 @@
-"""Searched messages: what a node with `message.policy: search` says after a round.
+"""Searched messages: what a node with `message.policy: search` or `attack` says after a round.
 
 A searched message is a control input aimed at the node's readers. Its tokens are found by
 the batched greedy coordinate search of `controllers.messages`, one task per node, every
@@ -19,13 +19,29 @@ searching node of a model in one search:
   engine fills the receivers' contexts; only an embedded run can, since a distributed
   node never sees its neighbours' views.
 
-The search's objective before and after (nats per span token) goes into the round's events
-and the report.
+An attack (`policy: attack`) is the same search aimed the other way, one part per reader it
+assumes: each out-neighbour's control and view (threat `white-box`, filled by the engine), or
+one reader standing in for them all, with no control and the attacker's own view
+(`model-only`, and `transfer`, whose search runs on another model of the same tokenizer):
+
+- `untargeted`: the span's NLL after [start][control][the rendered message][the view before
+  the span], weight -1/readers (the search raises the readers' mean NLL of the span, the
+  proxy for the coming round they will read), each token's NLL capped at 2 ln V nats (V the
+  vocabulary) so that the objective is bounded and one token pushed to probability 0
+  cannot carry it;
+- `targeted`: the NLL of the target's tokens teacher-forced after [start][control][the
+  rendered message][the view before the span's end] (where the coming round begins),
+  weight 1/readers.
+
+The search's objective before and after (nats per span or target token; an untargeted
+attack's sign turned back, so that it reads as the readers' NLL) goes into the round's
+events and the report.
 """
 
 from __future__ import annotations
 
 import functools
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -34,18 +50,25 @@ import torch
 
 from collective.lm.codec import TextCodec
 from collective.records import MessageSearch
-from collective.scenario import SearchMessage
+from collective.scenario import AttackMessage, SearchMessage
 from collective.seeding import derive_seed
 from controllers.filters import allowed_token_mask
-from controllers.messages import MessagePart, MessageSearchConfig, MessageTask, search_messages
+from controllers.messages import (
+    MessagePart,
+    MessageSearchConfig,
+    MessageSearchResult,
+    MessageTask,
+    search_messages,
+)
 
 _SLOT = "\x00message\x00"
+NLL_CAP_PER_LOG_VOCAB = 2.0  # an untargeted attack counts a token's NLL up to 2 ln V nats
 
 
 @dataclass(frozen=True)
 class ReceiverContext:
     """What a searching sender assumes of one reader: its control prompt and its view of the
-    text before the span (prefix_ids (P,))."""
+    text before the span (prefix_ids (P,); a targeted attack's: before the span's end)."""
 
     node_id: str
     control_ids: list[int]
@@ -86,12 +109,12 @@ def _allowed(tokenizer: object, vocab_size: int, ascii_only: bool) -> torch.Tens
 
 @dataclass(frozen=True)
 class SearchInput:
-    """One searching node's round: what it read, its start message and its readers."""
+    """One searching (or attacking) node's round: what it read, its start message and its readers."""
 
     node_id: str
     round_index: int
     seed: int
-    spec: SearchMessage
+    spec: SearchMessage | AttackMessage
     seen_ids: torch.Tensor  # (S,) everything the node read by the end of the round
     start_ids: list[int]  # the message the search starts from
     frame: tuple[str, str]
@@ -104,22 +127,67 @@ def _span(item: SearchInput, round_tokens: int) -> list[int]:
     return item.seen_ids[max(0, len(item.seen_ids) - length) :].tolist()
 
 
-def _task(item: SearchInput, tokenizer: TextCodec, start: int, round_tokens: int) -> MessageTask:
+Reader = tuple[list[int], list[int]]
+"""What a message's search assumes of one reader: its control ids and its view (the text
+it reads after the message and before the scored labels)."""
+
+
+def _reader_parts(
+    start: int,
+    frame: tuple[list[int], list[int]],
+    readers: Sequence[Reader],
+    labels: list[int],
+    weight: float,
+    cap: float | None = None,
+) -> list[MessagePart]:
+    """One part per reader: [start][control][frame before] [message] [frame after][view][labels],
+    scoring the labels with the given weight (and per-token NLL cap)."""
+    before, after = frame
+    return [
+        MessagePart(
+            prefix_ids=[start, *control, *before], rest_ids=[*after, *view, *labels],
+            labels=labels, weight=weight, max_nll=cap,
+        )
+        for control, view in readers
+    ]
+
+
+def _known_readers(item: SearchInput, what: str) -> list[Reader]:
+    """The readers' contexts the engine filled (an embedded run's out-neighbours)."""
+    if not item.receivers:
+        raise ValueError(f"node {item.node_id}: {what} needs its receivers' contexts")
+    return [(r.control_ids, r.prefix_ids.tolist()) for r in item.receivers]
+
+
+def _attack_parts(
+    item: SearchInput, tokenizer: TextCodec, start: int, frame: tuple[list[int], list[int]], span: list[int], vocab: int
+) -> list[MessagePart]:
+    """An attack's parts, one per reader it assumes (see the module docstring); `vocab`: the
+    search model's embedding rows, for the untargeted cap."""
+    spec = item.spec
+    assert isinstance(spec, AttackMessage)
+    targeted = spec.objective == "targeted"
+    if spec.threat == "white-box":
+        readers = _known_readers(item, "a white-box attack")
+    else:  # its own view stands in for the readers': all it read (targeted), or what came before the span
+        seen = item.seen_ids.tolist()
+        readers = [([], seen if targeted else seen[: len(seen) - len(span)])]
+    if targeted:
+        target = tokenizer.encode(spec.target or "", add_special_tokens=False)
+        return _reader_parts(start, frame, readers, target, 1.0 / len(readers))
+    return _reader_parts(start, frame, readers, span, -1.0 / len(readers), NLL_CAP_PER_LOG_VOCAB * math.log(vocab))
+
+
+def _task(item: SearchInput, tokenizer: TextCodec, start: int, round_tokens: int, vocab: int) -> MessageTask:
     before, after = (tokenizer.encode(text, add_special_tokens=False) if text else [] for text in item.frame)
     span = _span(item, round_tokens)
-    if item.spec.objective == "sender":
-        parts = [MessagePart(prefix_ids=[start, *before], rest_ids=[*after, *span], labels=span)]
+    if isinstance(item.spec, AttackMessage):
+        parts = _attack_parts(item, tokenizer, start, (before, after), span, vocab)
+    elif item.spec.objective == "sender":  # a reader who knows nothing else: no control, no view
+        parts = _reader_parts(start, (before, after), [([], [])], span, 1.0)
     else:
-        if not item.receivers:
-            raise ValueError(f"node {item.node_id}: a receiver-aware message search needs its receivers' contexts")
-        weight = 1.0 / len(item.receivers)
-        parts = [
-            MessagePart(
-                prefix_ids=[start, *r.control_ids, *before], rest_ids=[*after, *r.prefix_ids.tolist(), *span],
-                labels=span, weight=weight,
-            )
-            for r in item.receivers
-        ]
+        readers = _known_readers(item, "a receiver-aware message search")
+        parts = _reader_parts(start, (before, after), readers, span, 1.0 / len(readers))
     seed = derive_seed(item.seed, "message", item.node_id, item.round_index) % (2**31)
     return MessageTask(parts=parts, init_ids=item.start_ids, seed=seed, max_bytes=item.max_bytes)
 
@@ -144,16 +212,17 @@ def search_round_messages(
         filter_ascii=spec.ascii_only, filter_retokenize=spec.retokenize_filter, batch_tokens=batch_tokens,
     )
     vocab = int(model.get_input_embeddings().weight.shape[0])  # type: ignore[operator, union-attr]
-    tasks = [_task(item, tokenizer, start, round_tokens) for item in items]
+    tasks = [_task(item, tokenizer, start, round_tokens, vocab) for item in items]
     found = search_messages(model, tokenizer, tasks, config, allowed=_allowed(tokenizer, vocab, spec.ascii_only))  # type: ignore[arg-type]
     seconds = (time.perf_counter() - began) / len(items)
-    return [
-        (
-            result.text,
-            MessageSearch(
-                objective=item.spec.objective, before=result.initial_loss, after=result.loss,
-                tokens=len(result.ids), steps=len(result.losses), seconds=seconds,
-            ),
-        )
-        for item, result in zip(items, found)
-    ]
+    return [(result.text, _record(item, result, seconds)) for item, result in zip(items, found)]
+
+
+def _record(item: SearchInput, result: MessageSearchResult, seconds: float) -> MessageSearch:
+    """The search's record, in nats per token: an untargeted attack minimised minus the
+    readers' NLL, so its sign is turned back (higher after than before: it hurts more)."""
+    sign = -1.0 if item.spec.objective == "untargeted" else 1.0
+    return MessageSearch(
+        objective=item.spec.objective, before=sign * result.initial_loss, after=sign * result.loss,
+        tokens=len(result.ids), steps=len(result.losses), seconds=seconds,
+    )

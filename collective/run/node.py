@@ -1,7 +1,9 @@
 """What a node computes in one round, batched over the nodes that share a model.
 
-A `NodeRoundRequest` carries only what the node may see: its control prompt, its
-rendered inbox, its view of the text before the round and its reading of the round.
+A `NodeRoundRequest` carries only what the node may see: its control prompt, its inbox
+(the messages it reads this round, which its firewall screens first, one batched pass per
+model filter for all the nodes: `collective.run.firewall`; or an inbox a caller rendered),
+its view of the text before the round and its reading of the round.
 `compute_rounds` scores the node's three contexts (in collective, isolated, plain) in
 one batched teacher-forced pass, deduplicating identical sequences (without a control
 prompt the isolated and plain contexts are the same), then writes each node's outgoing
@@ -18,14 +20,17 @@ Every context starts with the tokenizer's BOS (or EOS) token, then:
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import torch
 
 from collective.lm.codec import TextCodec, start_token, stop_ids
+from collective.lm.models import LoadedModel
 from collective.lm.predictions import TokenPredictions
 from collective.lm.scoring import ScoreItem, Speak, score_and_speak, score_items
-from collective.records import MessageRecord, MessageSearch
+from collective.records import MessageRecord, MessageSearch, ScreenRecord
+from collective.run.firewall import InboxRead, ReadInbox, read_inboxes
 from collective.run.messages import (
     ReceiverContext,
     SearchInput,
@@ -34,6 +39,9 @@ from collective.run.messages import (
     stable_ids,
 )
 from collective.scenario import (
+    AttackMessage,
+    BusSpec,
+    FirewallFilter,
     GenerateMessage,
     MessageSpec,
     RelayMessage,
@@ -60,6 +68,12 @@ class NodeRoundRequest:
     message_bytes: int = 1 << 30  # the out-links' byte budget (a searched message stays within it)
     message_frame: tuple[str, str] = ("", "\n")  # a reader's inbox text before and after the message
     receivers: tuple[ReceiverContext, ...] = ()  # a receiver-aware searched message's readers
+    # The inbox as messages (the embedded runtime): screened by `firewall`, then rendered with
+    # the bus's template and header. A request without messages reads `inbox_text` as given.
+    inbox_messages: tuple[MessageRecord, ...] = ()
+    firewall: tuple[FirewallFilter, ...] = ()  # fitted: every perplexity filter has its threshold
+    inbox_template: str = BusSpec.model_fields["inbox_template"].default
+    inbox_header: str = ""
 
 
 @dataclass
@@ -73,6 +87,7 @@ class NodeRoundResult:
     inbox_tokens: int
     messages: list[MessageRecord] = field(default_factory=list)
     message_search: MessageSearch | None = None
+    screened: list[ScreenRecord] = field(default_factory=list)  # what its firewall did to each inbox message
 
 
 def _ids(values: list[int]) -> torch.Tensor:
@@ -97,17 +112,15 @@ class _Sequences:
 
 @torch.no_grad()
 def compute_rounds(
-    model: torch.nn.Module,
-    tokenizer: TextCodec,
-    requests: list[NodeRoundRequest],
-    *,
-    top_k: int,
-    batch_tokens: int,
+    model: torch.nn.Module, tokenizer: TextCodec, requests: list[NodeRoundRequest], *,
+    top_k: int, batch_tokens: int, search_models: Mapping[str, LoadedModel] | None = None,
 ) -> list[NodeRoundResult]:
-    """Score and speak for every request (all nodes must share this model)."""
+    """Score and speak for every request (all nodes must share this model; a transfer attack
+    searches on `search_models`, which only the embedded runtime passes: see `_searched`)."""
     bos = _ids([start_token(tokenizer)])
     pad_id = int(getattr(tokenizer, "pad_token_id", None) or bos.item())
-    inboxes = [_ids(tokenizer.encode(r.inbox_text, add_special_tokens=False) if r.inbox_text else []) for r in requests]
+    read = _read_inboxes(model, tokenizer, requests, batch_tokens)
+    inboxes = [_ids(inbox.ids) for inbox in read]
     sequences = _Sequences()
     # The rows that cannot depend on messages (isolated, plain) are scored in their own
     # batches: a batch's shape (padding, size) changes the floating-point results a little,
@@ -140,7 +153,7 @@ def compute_rounds(
         )
         collective_rows |= {i: spoken_preds.select([k]) for k, i in enumerate(speakers)}
         said = dict(zip(speakers, spoken))
-    searched = _searched(model, tokenizer, requests, said, int(bos.item()), batch_tokens)
+    searched = _searched(model, tokenizer, requests, said, int(bos.item()), batch_tokens, search_models)
     return [
         NodeRoundResult(
             node_id=request.node_id,
@@ -151,8 +164,26 @@ def compute_rounds(
             message_text=searched[index][0] if index in searched else _message_text(request, said.get(index), tokenizer),
             inbox_tokens=len(inboxes[index]),
             message_search=searched[index][1] if index in searched else None,
+            screened=read[index].screened,
         )
         for index, (request, (isolated, plain)) in enumerate(zip(requests, without_bus))
+    ]
+
+
+def _read_inboxes(model: torch.nn.Module, tokenizer: TextCodec, requests: list[NodeRoundRequest], batch_tokens: int) -> list[ReadInbox]:
+    """Each node's inbox as it reads it: its messages through its firewall (one batched pass
+    per model filter for all the nodes), rendered; or the `inbox_text` a caller rendered."""
+    for request in requests:
+        if request.firewall and request.inbox_text and not request.inbox_messages:
+            raise ValueError(f"node {request.node_id}: a firewall screens `inbox_messages`, but the request has only inbox text")
+    reads = [
+        InboxRead(r.node_id, r.seed, r.inbox_messages, r.firewall, r.inbox_template, r.inbox_header) for r in requests if r.inbox_messages
+    ]
+    screened = iter(read_inboxes(model, tokenizer, reads, batch_tokens=batch_tokens))
+    return [
+        next(screened) if r.inbox_messages
+        else ReadInbox(list(tokenizer.encode(r.inbox_text, add_special_tokens=False)) if r.inbox_text else [], [])
+        for r in requests
     ]
 
 
@@ -168,27 +199,38 @@ def _searched(
     said: dict[int, list[int]],
     start: int,
     batch_tokens: int,
+    search_models: Mapping[str, LoadedModel] | None = None,
 ) -> dict[int, tuple[str, MessageSearch]]:
-    """Every searching node's message and search record, the nodes with the same search
-    settings searched together."""
-    groups: dict[tuple[object, ...], list[int]] = {}
+    """Every searching or attacking node's message and search record, the nodes with the same
+    search settings and search model searched together: this model, or for a transfer attack
+    `search_models[its search_model]` (of the same tokenizer, checked when the run was prepared)."""
+    groups: dict[tuple[str | None, tuple[object, ...]], list[int]] = {}
     for index, request in enumerate(requests):
         spec = request.message
-        if isinstance(spec, SearchMessage) and request.message_tokens > 0:
-            key = (spec.steps, spec.search_width, spec.topk, spec.n_replace, spec.ascii_only, spec.retokenize_filter)
-            groups.setdefault(key, []).append(index)
+        if isinstance(spec, SearchMessage | AttackMessage) and request.message_tokens > 0:
+            alias = spec.search_model if isinstance(spec, AttackMessage) else None
+            settings = (spec.steps, spec.search_width, spec.topk, spec.n_replace, spec.ascii_only, spec.retokenize_filter)
+            groups.setdefault((alias, settings), []).append(index)
     found: dict[int, tuple[str, MessageSearch]] = {}
-    for members in groups.values():
-        items = [_search_input(requests[i], said.get(i), tokenizer) for i in members]
+    for (alias, _), members in groups.items():
+        searcher, codec = model, tokenizer
+        if alias is not None:
+            if search_models is None or alias not in search_models:
+                raise ValueError(
+                    f"node {requests[members[0]].node_id}: a transfer attack searches on model {alias!r}, which this "
+                    "runtime was not given (only an embedded run passes its models; a distributed run refuses it)"
+                )
+            searcher, codec = search_models[alias].model, search_models[alias].tokenizer
+        items = [_search_input(requests[i], said.get(i), codec) for i in members]
         round_tokens = len(requests[members[0]].round_inputs)
-        done = search_round_messages(model, tokenizer, items, start=start, round_tokens=round_tokens, batch_tokens=batch_tokens)
+        done = search_round_messages(searcher, codec, items, start=start, round_tokens=round_tokens, batch_tokens=batch_tokens)
         found |= dict(zip(members, done))
     return found
 
 
 def _search_input(request: NodeRoundRequest, spoken: list[int] | None, tokenizer: TextCodec) -> SearchInput:
     spec = request.message
-    assert isinstance(spec, SearchMessage)
+    assert isinstance(spec, SearchMessage | AttackMessage)
     budget = request.message_tokens
     if spec.init == "relay":
         start = stable_ids(relayed_ids(request), tokenizer, budget)

@@ -2,7 +2,8 @@
 
 `prepare(scenario, pool)` builds the topology, loads the models (one copy per distinct
 model; every model must share one tokenizer), reads and tokenizes the corpus, resolves
-the masked views' placeholders and the fixed controllers' prompts, so that mistakes
+the masked views' placeholders and the fixed controllers' prompts, and fits the firewalls'
+perplexity thresholds on the train part (`collective.run.firewall_fit`), so that mistakes
 surface in seconds with a clear `RunError`. The `Prepared` it returns feeds the round
 engine (`RoundEngine.from_prepared`), the controllers' search and the distributed
 coordinator.
@@ -18,9 +19,25 @@ import torch
 
 from collective.lm.codec import TextCodec
 from collective.lm.corpus import load_corpus_text, token_byte_lengths, tokenize_stream
-from collective.lm.models import LoadedModel, ModelPool, check_same_tokenizer
+from collective.lm.models import (
+    LoadedModel,
+    ModelPool,
+    TokenizerMismatchError,
+    check_same_tokenizer,
+)
+from collective.records import FilterFit
 from collective.run.bus import link_policies
-from collective.scenario import FixedController, GCGController, MaskedView, Scenario, SearchMessage
+from collective.run.firewall_fit import fit_firewalls
+from collective.scenario import (
+    AttackMessage,
+    FirewallFilter,
+    FixedController,
+    GCGController,
+    MaskedView,
+    NodeSpec,
+    Scenario,
+    SearchMessage,
+)
 from topologies import build_topology
 
 
@@ -37,6 +54,10 @@ class Prepared:
     byte_lengths: torch.Tensor  # (S,)
     placeholder_ids: dict[str, int]
     control_ids: dict[str, list[int]] = field(default_factory=dict)
+    # node -> its firewall with every threshold set (fitted ones filled in), for each node that
+    # has one; a Prepared built without it (the controllers' training runs) screens nothing
+    firewalls: dict[str, tuple[FirewallFilter, ...]] = field(default_factory=dict)
+    firewall_fits: dict[str, dict[int, FilterFit]] = field(default_factory=dict)  # node -> filter index -> fit
 
     @property
     def tokenizer(self) -> TextCodec:
@@ -94,13 +115,13 @@ def check_link_overrides(scenario: Scenario, graph: nx.DiGraph) -> None:
 
 
 def check_searched_messages(scenario: Scenario, graph: nx.DiGraph) -> None:
-    """A searched message needs readers, and room on every out-link for at least one token
-    and one byte: a `RunError` naming the node's field otherwise."""
+    """A searched message or an attack needs readers, and room on every out-link for at least
+    one token and one byte: a `RunError` naming the node's field otherwise."""
     policies = link_policies(scenario.bus, graph.edges())
     for index, node in enumerate(scenario.nodes):
-        if not isinstance(node.message, SearchMessage):
+        if not isinstance(node.message, SearchMessage | AttackMessage):
             continue
-        field = f"nodes[{index}].message (node {node.id!r}, policy search)"
+        field = f"nodes[{index}].message (node {node.id!r}, policy {node.message.policy})"
         receivers = list(graph.successors(node.id))
         if not receivers:
             raise RunError(
@@ -112,7 +133,7 @@ def check_searched_messages(scenario: Scenario, graph: nx.DiGraph) -> None:
             if link.max_message_tokens < 1 or link.max_message_bytes < 1:
                 raise RunError(
                     f"{field}: the link {node.id} -> {receiver} has a budget of {link.max_message_tokens} tokens and "
-                    f"{link.max_message_bytes} bytes; a searched message needs at least 1 of each: raise "
+                    f"{link.max_message_bytes} bytes; a searched or attack message needs at least 1 of each: raise "
                     "bus.max_message_tokens / bus.max_message_bytes (or that link's override in bus.links)"
                 )
 
@@ -139,18 +160,82 @@ def check_speakers(scenario: Scenario, graph: nx.DiGraph) -> None:
 
 def refuse_receiver_search(scenario: Scenario) -> None:
     """A distributed node never sees its neighbours' views, so it cannot search a message for
-    them (`objective: receiver`): a `RunError` naming the node's field."""
+    them (`objective: receiver`, an attack's threat `white-box`; nor does it hold a second
+    model for a `transfer` attack): a `RunError` naming the node's field. Nor does a volunteer
+    screen its inbox yet: a firewall is refused the same way."""
     for index, node in enumerate(scenario.nodes):
+        if node.firewall:
+            raise RunError(
+                f"nodes[{index}].firewall (node {node.id!r}): firewalls run in embedded runs only for now (a "
+                "volunteer does not screen its inbox yet); run it embedded (--bus memory) or remove the firewall"
+            )
         if isinstance(node.message, SearchMessage) and node.message.objective == "receiver":
             raise RunError(
                 f"nodes[{index}].message.objective (node {node.id!r}): `receiver` scores the message on the "
                 "receivers' own views, which a distributed node cannot see; use `objective: sender` in a "
                 "distributed run (or run it embedded, --bus memory)"
             )
+        refuse_distributed_attack(index, node)
+
+
+def refuse_distributed_attack(index: int, node: NodeSpec) -> None:
+    """An attack in a distributed run: threat `white-box` needs the readers' views, which a
+    node cannot see, and `transfer` a second model, which a node does not hold: a `RunError`
+    naming the node's field (model-only works distributed)."""
+    spec = node.message
+    if not isinstance(spec, AttackMessage) or spec.threat == "model-only":
+        return
+    why = (
+        "scores the message on the readers' own views, which a distributed node cannot see"
+        if spec.threat == "white-box"
+        else f"searches on a second model ({spec.search_model!r}), which a distributed node does not hold"
+    )
+    raise RunError(
+        f"nodes[{index}].message.threat (node {node.id!r}): `{spec.threat}` {why}; use `threat: model-only` in a "
+        "distributed run (the attacker's own view stands in for its readers'), or run it embedded (--bus memory)"
+    )
+
+
+def check_attack_targets(scenario: Scenario, tokenizer: TextCodec) -> None:
+    """A targeted attack's `target` must be text the tokenizer encodes to tokens that read
+    back as the same text (the readers are scored on those tokens): a `RunError` otherwise."""
+    for index, node in enumerate(scenario.nodes):
+        spec = node.message
+        if not isinstance(spec, AttackMessage) or spec.target is None:
+            continue
+        ids = tokenizer.encode(spec.target, add_special_tokens=False)
+        back = tokenizer.decode(ids, skip_special_tokens=True) if ids else ""
+        if ids and back == spec.target:
+            continue
+        found = "encodes to no token" if not ids else f"encodes to {len(ids)} token(s) that read back as {back!r}"
+        raise RunError(
+            f"nodes[{index}].message.target (node {node.id!r}): {spec.target!r} {found} with this tokenizer, so the "
+            "readers cannot be scored on it; use plain text that the tokenizer encodes and decodes unchanged "
+            "(no special tokens such as the end-of-text marker, no text the tokenizer normalizes)"
+        )
+
+
+def check_transfer_models(scenario: Scenario, models: dict[str, LoadedModel]) -> None:
+    """A transfer attack's search model must share the tokenizer of the model its readers run
+    (the message is searched as token ids on one and read as the same ids by the other): a
+    `RunError` naming both aliases otherwise. Aliases not loaded here are skipped."""
+    for index, node in enumerate(scenario.nodes):
+        spec = node.message
+        if not isinstance(spec, AttackMessage) or spec.search_model not in models or node.model not in models:
+            continue
+        try:
+            check_same_tokenizer({node.model: models[node.model], spec.search_model: models[spec.search_model]})
+        except TokenizerMismatchError as exc:
+            raise RunError(
+                f"nodes[{index}].message.search_model (node {node.id!r}, threat transfer): the search model "
+                f"{spec.search_model!r} and the readers' model {node.model!r} do not share a tokenizer ({exc}); "
+                f"a transfer attack needs a search model of the same tokenizer family as {node.model!r}"
+            ) from None
 
 
 def load_models(scenario: Scenario, pool: ModelPool, only: set[str] | None = None) -> dict[str, LoadedModel]:
-    used = {node.model for node in scenario.nodes} | {scenario.reference_model}
+    searched_on = {n.message.search_model for n in scenario.nodes if isinstance(n.message, AttackMessage)} - {None}
+    used = {node.model for node in scenario.nodes} | {scenario.reference_model} | searched_on
     if only is not None:
         used &= only
     models = {}
@@ -158,6 +243,7 @@ def load_models(scenario: Scenario, pool: ModelPool, only: set[str] | None = Non
         if alias in used:
             spec = scenario.models[alias]
             models[alias] = pool.get(spec.ref, device=spec.device, dtype=spec.dtype)
+    check_transfer_models(scenario, models)
     check_same_tokenizer(models)
     return models
 
@@ -192,14 +278,19 @@ def prepare(scenario: Scenario, pool: ModelPool, *, base_dir: Path) -> Prepared:
     graph = build_graph(scenario)
     models = load_models(scenario, pool)
     tokenizer: TextCodec = next(iter(models.values())).tokenizer
+    check_attack_targets(scenario, tokenizer)
     corpus = scenario.corpus
     text = load_corpus_text(corpus.source, corpus.path, base_dir=base_dir)
     needed = corpus.offset_tokens + corpus.train_tokens + corpus.eval_tokens
     stream = tokenize_stream(text, tokenizer, needed)[corpus.offset_tokens :]
     byte_lengths = token_byte_lengths(stream, tokenizer)
+    try:
+        fitted = fit_firewalls(scenario, models, graph, stream)
+    except ValueError as exc:
+        raise RunError(str(exc)) from None
     return Prepared(
         scenario, models, graph, stream, byte_lengths, placeholder_ids_for(scenario, tokenizer),
-        control_ids_for(scenario, tokenizer),
+        control_ids_for(scenario, tokenizer), firewalls=fitted.filters, firewall_fits=fitted.fits,
     )
 
 

@@ -185,7 +185,8 @@ def run_prepared(
         return RunResult(run_dir, None, result, "interrupted")
     rejected = executor.rejected_envelopes() if isinstance(executor, RejectionCounter) else None
     report = build_report(
-        scenario, result, run_id=run_id, runtime=runtime, control_prompts=controls.control_text, rejected_envelopes=rejected
+        scenario, result, run_id=run_id, runtime=runtime, control_prompts=controls.control_text, rejected_envelopes=rejected,
+        firewalls=prepared.firewalls, firewall_fits=prepared.firewall_fits,
     )
     _write_report(folder, report, report_hooks or [])
     records.end("complete", result.rounds_done)
