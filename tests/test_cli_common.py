@@ -19,7 +19,7 @@ def test_the_exit_codes_are_one_definition_shared_by_the_package():
     assert common.EXIT_INTERRUPTED == 130
 
 
-@pytest.mark.parametrize("module", ["run", "sweep", "validate", "live", "distributed", "controllers", "common"])
+@pytest.mark.parametrize("module", ["run", "sweep", "hostile", "validate", "live", "distributed", "controllers", "common"])
 def test_no_subcommand_module_imports_another_or_the_package(module):
     tree = ast.parse((CLI / f"{module}.py").read_text(encoding="utf-8"))
     imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module}
@@ -31,7 +31,7 @@ def test_no_subcommand_module_imports_another_or_the_package(module):
 def test_the_parser_lists_the_subcommands_in_the_order_of_the_help():
     parser = build_parser()
     sub = next(action for action in parser._actions if isinstance(action, argparse._SubParsersAction))
-    assert list(sub.choices) == ["run", "sweep", "validate", "schema", "watch", "report", "node", "broker", "reach", "game"]
+    assert list(sub.choices) == ["run", "sweep", "hostile", "validate", "schema", "watch", "report", "node", "broker", "reach", "game"]
 
 
 @pytest.mark.parametrize("text", ["1", "16"])

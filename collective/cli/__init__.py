@@ -2,7 +2,7 @@
 
 This module only builds the parser and runs a command. Each subcommand lives in its own
 module with a `register(subparsers)` and its `cmd_*` functions (run, validate, live,
-distributed, controllers, sweep); what they share is in `common`. Imports point one way:
+distributed, controllers, sweep, hostile); what they share is in `common`. Imports point one way:
 this module -> subcommand modules -> common, and no subcommand imports another.
 
 Every user mistake ends in a one-paragraph message and a non-zero exit (2), never a
@@ -17,7 +17,7 @@ from collections.abc import Sequence
 
 from rich.console import Console
 
-from collective.cli import controllers, distributed, live, run, sweep, validate
+from collective.cli import controllers, distributed, hostile, live, run, sweep, validate
 from collective.cli.common import EXIT_INTERRUPTED, EXIT_USER_ERROR, setup_logging, user_errors
 
 __all__ = ["EXIT_INTERRUPTED", "EXIT_USER_ERROR", "build_parser", "main"]
@@ -32,7 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)")
     parser.add_argument("--cache-dir", help="model cache folder (default $COLLECTIVE_CACHE/models or ~/.cache/collective/models)")
     sub = parser.add_subparsers(dest="command", required=True)
-    for command in (run, sweep, validate, live, distributed, controllers):  # the order of `collective --help`
+    for command in (run, sweep, hostile, validate, live, distributed, controllers):  # the order of `collective --help`
         command.register(sub)
     return parser
 

@@ -1,5 +1,5 @@
-"""What the subcommands share: exit codes, user errors, logging, the thread option, the
-model pool and the progress bar.
+"""What the subcommands share: exit codes, user errors, logging, the thread option, --seeds,
+the model pool and the progress bar.
 
 Each subcommand module (run, validate, live, distributed, controllers) imports from here and
 from the library, never from another subcommand module or from `collective.cli` itself, so
@@ -98,6 +98,21 @@ def set_threads(threads: int | None) -> None:
         import torch
 
         torch.set_num_threads(threads)
+
+
+# ---------------------------------------------------------------------------- seeds
+
+
+def parse_seeds(text: str | None, default: int) -> list[int]:
+    """--seeds 0,1,2 (None: the scenario's own seed)."""
+    from collective.scenario import ScenarioError
+
+    if text is None:
+        return [default]
+    try:
+        return [int(s) for s in text.split(",")]
+    except ValueError:
+        raise ScenarioError(f"--seeds {text!r}: expected comma-separated whole numbers, e.g. 0,1,2") from None
 
 
 # ---------------------------------------------------------------------------- models

@@ -19,7 +19,14 @@ from typing import TYPE_CHECKING
 import yaml
 from rich.console import Console
 
-from collective.cli.common import add_threads_option, minutes, model_pool, progress_bar, set_threads
+from collective.cli.common import (
+    add_threads_option,
+    minutes,
+    model_pool,
+    parse_seeds,
+    progress_bar,
+    set_threads,
+)
 
 if TYPE_CHECKING:
     from collective.evaluate.sweep import Cell, CellSummary
@@ -40,17 +47,6 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     add_threads_option(sweep)
 
 
-def _seeds(text: str | None, default: int) -> list[int]:
-    from collective.scenario import ScenarioError
-
-    if text is None:
-        return [default]
-    try:
-        return [int(s) for s in text.split(",")]
-    except ValueError:
-        raise ScenarioError(f"--seeds {text!r}: expected comma-separated whole numbers, e.g. 0,1,2") from None
-
-
 def cmd_sweep(args: argparse.Namespace, console: Console) -> int:
     from collective.evaluate.sweep import expand_grid, parse_set
     from collective.scenario import ScenarioError, load_scenario
@@ -61,7 +57,7 @@ def cmd_sweep(args: argparse.Namespace, console: Console) -> int:
     if not isinstance(data, dict):  # pragma: no cover - load_scenario already refused it
         raise ScenarioError(f"{args.scenario}: expected a YAML mapping")
     overrides = [parse_set(text) for text in args.sets]
-    cells = expand_grid(data, overrides, _seeds(args.seeds, base.seed), source=args.scenario, base_dir=Path(args.scenario).parent)
+    cells = expand_grid(data, overrides, parse_seeds(args.seeds, base.seed), source=args.scenario, base_dir=Path(args.scenario).parent)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     console.print(f"sweep of {len(cells)} cell(s) into {out}")

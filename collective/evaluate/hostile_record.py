@@ -1,0 +1,172 @@
+"""What `collective hostile` compares and what it writes: the variants, the numbers, and
+hostile.json (`HostileReport`, versioned).
+
+Kept apart from the computation (`collective.evaluate.hostile`, which needs torch) so that
+the command line can say what each number is without loading it, and the views can read a
+hostile.json alone.
+
+- variants (`VARIANT_KINDS`): the hostile nodes' message as written (`attack`), switched
+  off (`silent`) or replaced by their `benign` policy; each with every node's firewall
+  (as written) and without (`-nofw`); and, without firewalls, attack and silent with the
+  hostile nodes added to `aggregator.exclude` (`-unpooled`), so that the damage their
+  messages do shows apart from their own predictions in the pool.
+- numbers (`NUMBERS`), in nats per token: each the difference of two variants' collective
+  NLL on the same eval rounds.
+"""
+
+from __future__ import annotations
+
+import textwrap
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+HOSTILE_SCHEMA_VERSION: Literal[1] = 1
+OVER_SEEDS_RULE = "mean over seeds with a 95% Student t interval (n - 1 degrees of freedom)"
+
+MessageChoice = Literal["attack", "silent", "benign"]
+
+
+@dataclass(frozen=True)
+class VariantKind:
+    """One variant: the hostile nodes' message, whether firewalls stay, whether the hostile
+    nodes' own predictions stay in the pools."""
+
+    name: str
+    message: MessageChoice
+    firewall: bool
+    attacker_pooled: bool
+
+
+VARIANT_KINDS = (
+    VariantKind("attack", "attack", True, True),
+    VariantKind("attack-nofw", "attack", False, True),
+    VariantKind("silent", "silent", True, True),
+    VariantKind("silent-nofw", "silent", False, True),
+    VariantKind("benign", "benign", True, True),
+    VariantKind("benign-nofw", "benign", False, True),
+    VariantKind("attack-unpooled-nofw", "attack", False, False),
+    VariantKind("silent-unpooled-nofw", "silent", False, False),
+)
+KIND_BY_NAME = {kind.name: kind for kind in VARIANT_KINDS}
+
+
+@dataclass(frozen=True)
+class HostileNumber:
+    """A number of the comparison: collective NLL(minuend) - collective NLL(subtrahend)."""
+
+    name: str  # its key in hostile.json
+    title: str
+    minuend: str
+    subtrahend: str
+    meaning: str
+
+    @property
+    def definition(self) -> str:
+        return f"{self.title} = NLL({self.minuend}) - NLL({self.subtrahend}): {self.meaning}"
+
+
+NUMBERS = (
+    HostileNumber(
+        "attack_damage", "attack damage", "attack-nofw", "silent-nofw",
+        "what the attack costs the collective, no firewalls (positive: the attack hurts)",
+    ),
+    HostileNumber(
+        "attack_damage_unpooled", "attack damage, attacker unpooled", "attack-unpooled-nofw", "silent-unpooled-nofw",
+        "the same with the hostile nodes' own predictions kept out of the pools: the damage their messages "
+        "alone do",
+    ),
+    HostileNumber(
+        "residual_damage", "residual damage", "attack", "silent",
+        "the attack's damage with the firewalls on: what the defence does not stop (positive: it still hurts)",
+    ),
+    HostileNumber(
+        "defence_cost", "defence cost", "benign", "benign-nofw",
+        "the communication gain lost to the firewalls when nobody attacks, their false drops (positive: the "
+        "defence costs; the silent ensemble is checked to be the same in both runs)",
+    ),
+)
+
+
+class _Record(BaseModel):
+    # NaN (a CI from one round, an interval over one seed) must survive a JSON round trip
+    model_config = ConfigDict(extra="forbid", frozen=True, ser_json_inf_nan="constants")
+
+
+class ScreenCounts(_Record):
+    """What the receivers' firewalls did in the eval rounds, by sender: hostile or benign."""
+
+    hostile_screened: int = 0
+    hostile_dropped: int = 0
+    benign_screened: int = 0
+    benign_dropped: int = 0
+    rewritten: int = 0
+
+
+class Number(_Record):
+    """A value in nats per token with its 95% interval (NaN: none) and the eval rounds (per
+    seed) or seeds (over seeds) it rests on."""
+
+    value: float
+    low: float
+    high: float
+    n: int | None = None
+
+
+class VariantResult(_Record):
+    name: str
+    run_dir: str = Field(description="the variant's run folder, relative to the hostile folder")
+    message: MessageChoice
+    firewall: bool
+    attacker_pooled: bool
+    collective_nll: Number
+    silent_ensemble_nll: float
+    screens: ScreenCounts
+
+
+class SeedResult(_Record):
+    seed: int
+    n_eval_rounds: int
+    block_rounds: int
+    block_rule: str
+    n_boot: int
+    variants: list[VariantResult]
+    numbers: dict[str, Number] = Field(description="NUMBERS' names -> value with its paired block-bootstrap CI")
+    silent_ensemble_spread: float = Field(
+        description="largest difference of the silent ensemble's NLL between variants that pool the same nodes"
+    )
+
+
+class HostileReport(_Record):
+    """hostile.json: every seed's variants and numbers, and their mean over seeds."""
+
+    schema_version: Literal[1] = HOSTILE_SCHEMA_VERSION
+    scenario: str
+    scenario_file: str
+    hostile_nodes: list[str]
+    firewall: bool = Field(description="some node has a firewall (else the firewall-on variants were skipped)")
+    note: str = ""
+    seeds: list[SeedResult]
+    over_seeds_rule: str = OVER_SEEDS_RULE
+    numbers_over_seeds: dict[str, Number] = Field(
+        default_factory=dict, description="with several seeds: each number's mean and t interval"
+    )
+    nll_over_seeds: dict[str, Number] = Field(
+        default_factory=dict, description="with several seeds: each variant's collective NLL, mean and t interval"
+    )
+
+
+def read_hostile(path: Path) -> HostileReport:
+    return HostileReport.model_validate_json(path.read_text(encoding="utf-8"))
+
+
+def numbers_help() -> str:
+    """What each number is, for `collective hostile --help`."""
+    lines = [
+        textwrap.fill(n.definition, 92, initial_indent="  ", subsequent_indent="      ")
+        for n in NUMBERS
+    ]
+    head = "numbers: differences of the variants' collective NLL in nats/token on the same eval rounds, each with a paired block-bootstrap 95% CI"
+    return textwrap.fill(head, 92) + "\n" + "\n".join(lines)
