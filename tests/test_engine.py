@@ -227,39 +227,6 @@ def test_an_excluded_node_talks_but_stays_out_of_both_pools(tiny_lm, tiny_tok, d
         assert event.nll_collective == pytest.approx(float(-pooled.target_logprob.mean()), abs=1e-6)
 
 
-class _Overlapping(_Keeping):
-    """An executor whose nodes work elsewhere (`begin_round`), logging when each step runs."""
-
-    def __init__(self, inner: EmbeddedExecutor, log: list[str]) -> None:
-        super().__init__(inner)
-        self.log = log
-
-    def begin_round(self, round_index, requests):
-        self.log.append("begin")
-
-        def finish():
-            self.log.append("finish")
-            return self.run_round(round_index, requests)
-
-        return finish
-
-
-def test_a_remote_executor_gets_its_requests_before_the_reference_is_scored(tiny_lm, tiny_tok, default_run, monkeypatch):
-    """The distributed coordinator scores the full-view reference while the nodes compute:
-    requests out first, the reference, then the results; the numbers do not change."""
-    log: list[str] = []
-    scored = RoundEngine._reference
-
-    def reference(self, start, targets):
-        log.append("reference")
-        return scored(self, start, targets)
-
-    monkeypatch.setattr(RoundEngine, "_reference", reference)
-    report, _, _ = run(tiny_lm, tiny_tok, scenario(), executor_wrapper=lambda inner: _Overlapping(inner, log))
-    assert log == ["begin", "reference", "finish"] * (2 + EVAL_ROUNDS)
-    assert numbers(report) == numbers(default_run[0])
-
-
 def test_the_reference_equals_a_full_view_member_without_messages(tiny_lm, tiny_tok):
     report, _, _ = run(tiny_lm, tiny_tok, scenario(nodes=[{"id": "a", "view": {"kind": "full"}}, {"id": "b", "view": {"kind": "none"}}]))
     assert report.row("reference").nll == pytest.approx(report.row("member_plain", "a").nll, abs=1e-5)

@@ -12,7 +12,6 @@ import torch
 
 from collective.evaluate.evaluator import build_report
 from collective.lm.models import LoadedModel
-from collective.lm.predictions import TokenPredictions
 from collective.records import Report, RoundEvent
 from collective.run.bus import InMemoryBus
 from collective.run.engine import EmbeddedExecutor, Results, RoundEngine, RoundPools
@@ -36,13 +35,9 @@ class _Keeping(RoundEngine):
         self.pools: dict[int, RoundPools] = {}
         self.report: Report | None = None
 
-    def _nodes_and_reference(self, round_index: int, start: int, targets: torch.Tensor) -> tuple[Results, TokenPredictions]:
-        self._round_start = start
-        return super()._nodes_and_reference(round_index, start, targets)
-
-    def pool(self, targets: torch.Tensor, results: Results, reference: TokenPredictions) -> RoundPools:
-        pools = super().pool(targets, results, reference)
-        self.results[self._round_start], self.pools[self._round_start] = results, pools
+    def pool(self, start: int, targets: torch.Tensor, results: Results) -> RoundPools:
+        pools = super().pool(start, targets, results)
+        self.results[start], self.pools[start] = results, pools
         return pools
 
 

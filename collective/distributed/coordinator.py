@@ -140,20 +140,6 @@ class MqttExecutor:
     def run_round(self, round_index: int, requests: list[NodeRoundRequest]) -> dict[str, NodeRoundResult | None]:
         return self._thread.call(self._run_round(round_index, requests))
 
-    def begin_round(self, round_index: int, requests: list[NodeRoundRequest]) -> Callable[[], dict[str, NodeRoundResult | None]]:
-        """Send the round's requests and return at once; the returned call waits for the
-        results (the engine scores the full-view reference in between)."""
-        future = self._thread.submit(self._run_round(round_index, requests))
-
-        def finish() -> dict[str, NodeRoundResult | None]:
-            try:
-                return future.result()
-            except BaseException:  # Ctrl-C while waiting: stop collecting
-                future.cancel()
-                raise
-
-        return finish
-
     def publish_event(self, record: RunRecord) -> None:
         """Queue one run record for coord/events/ (never blocks, never raises: watchers are optional)."""
         try:

@@ -286,8 +286,8 @@ class RoundEngine:
             start = self.round_start(round_index)
             targets = self.observer.targets(start)
             token_bytes = self.byte_lengths[start : start + self.round_tokens]
-            results, reference = self._nodes_and_reference(round_index, start, targets)
-            pools = self.pool(targets, results, reference)
+            results = self.executor.run_round(round_index, self.requests(round_index))
+            pools = self.pool(start, targets, results)
             if self.phase(round_index) == "eval":
                 book.add_round(
                     results, silent=pools.silent, collective=pools.collective, reference=pools.reference,
@@ -312,25 +312,12 @@ class RoundEngine:
             screened=tally.screened,
         )
 
-    def _nodes_and_reference(self, round_index: int, start: int, targets: torch.Tensor) -> tuple[Results, TokenPredictions]:
-        """The nodes' results and the full-view reference. An executor whose nodes compute
-        elsewhere (`begin_round`: the distributed one) gets the requests first, and the
-        reference is scored here while the nodes work; the reference depends on no node."""
-        requests = self.requests(round_index)
-        begin = getattr(self.executor, "begin_round", None)
-        if begin is None:
-            results = self.executor.run_round(round_index, requests)
-            return results, self._reference(start, targets)
-        finish = begin(round_index, requests)
-        reference = self._reference(start, targets)
-        return finish(), reference
-
-    def pool(self, targets: torch.Tensor, results: Results, reference: TokenPredictions) -> RoundPools:
+    def pool(self, start: int, targets: torch.Tensor, results: Results) -> RoundPools:
         """The round's pooled rows. A node without a row (it missed the round, or was not
         asked for that row) is left out of that row's pool, as the book leaves it unscored."""
         collective = self.collective_pool.pool(*self._members(results, "collective"), targets=targets)
         silent = self.silent_pool.pool(*self._members(results, "isolated"), targets=targets)
-        return RoundPools(silent=silent, collective=collective, reference=reference)
+        return RoundPools(silent=silent, collective=collective, reference=self._reference(start, targets))
 
     def _reference(self, start: int, targets: torch.Tensor) -> TokenPredictions:
         seen = self.observer.reference(start)
