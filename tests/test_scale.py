@@ -5,15 +5,17 @@ from __future__ import annotations
 
 import asyncio
 import math
+import threading
 from types import SimpleNamespace
 
 import pytest
 import yaml
 
 from bench.scale import host_groups, scaling_exponent, scenario_spec
+from collective.distributed import volunteer
 from collective.distributed.host import HostBackend
 from collective.distributed.protocol import Rejected
-from collective.distributed.volunteer import NodeModel, published_scenario
+from collective.distributed.volunteer import NodeModel, SoloBackend, published_scenario
 from collective.scenario import EvaluationSpec
 
 
@@ -64,6 +66,48 @@ def test_a_host_batch_asks_who_is_expected_once_per_round_and_goes_when_all_aske
     assert batches == [ids] and len(asked) == 1
     asyncio.run(one_round(1))
     assert len(batches) == 2 and len(asked) == 2
+
+
+def test_every_round_of_a_host_and_of_a_volunteer_runs_on_the_one_compute_thread():
+    """`asyncio.to_thread` spread rounds over pool threads, each with its own OpenMP team in
+    torch, and a host's batched pass slowed by 40% (bench/bus.py); every pass now runs on one
+    thread, whichever backend asks."""
+    ids = ["a", "b"]
+    threads: list[int] = []
+    backend = HostBackend(None, lambda: set(ids), rank=ids.index, report=lambda line: None, grace_s=60.0)
+
+    def compute(batch):
+        threads.append(threading.get_ident())
+        return {n: n for n in batch.wanted}, [list(batch.wanted)]
+
+    backend._compute = compute  # type: ignore[method-assign]
+    loaded = NodeModel(model=None, tokenizer=None, name="m", vocab_size=8, device="cpu")
+
+    async def rounds() -> None:
+        for round_index in range(6):
+            request = SimpleNamespace(round_index=round_index)
+            await asyncio.gather(*(backend.compute(n, loaded, request, EvaluationSpec()) for n in ids))  # type: ignore[arg-type]
+            # meanwhile other work keeps the default pool's threads busy
+            await asyncio.gather(*(asyncio.to_thread(threading.get_ident) for _ in range(8)))
+
+    asyncio.run(rounds())
+    assert len(threads) == 6 and len(set(threads)) == 1
+
+    solo: list[int] = []
+
+    def fake_compute_rounds(model, tokenizer, requests, **kwargs):  # noqa: ARG001
+        solo.append(threading.get_ident())
+        return ["result"]
+
+    async def solo_rounds() -> None:
+        for _ in range(4):
+            await SoloBackend().compute("a", loaded, SimpleNamespace(), EvaluationSpec())  # type: ignore[arg-type]
+            await asyncio.gather(*(asyncio.to_thread(threading.get_ident) for _ in range(8)))
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(volunteer, "compute_rounds", fake_compute_rounds)
+        asyncio.run(solo_rounds())
+    assert len(solo) == 4 and set(solo) == set(threads)
 
 
 def test_a_published_scenario_is_parsed_once_per_process_however_many_nodes_receive_it(tmp_path):

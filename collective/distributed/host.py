@@ -27,6 +27,7 @@ from typing import Any
 
 import aiomqtt
 
+from collective.distributed.compute_thread import on_compute_thread
 from collective.distributed.connection import Connection, SubscriptionRefused
 from collective.distributed.mqtt import BrokerAddress, DistributedError, make_client
 from collective.distributed.payloads import (
@@ -136,7 +137,7 @@ class HostBackend:
     async def _run(self, batch: _Batch) -> None:
         began = time.perf_counter()
         try:
-            results, groups = await asyncio.to_thread(self._compute, batch)
+            results, groups = await on_compute_thread(self._compute, batch)
         except Exception as exc:  # each node's round fails with it (and stops the host with the reason)
             for _, _, future in batch.wanted.values():
                 if not future.done():

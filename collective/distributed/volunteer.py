@@ -33,6 +33,7 @@ from typing import Any, Protocol
 
 import aiomqtt
 
+from collective.distributed.compute_thread import on_compute_thread
 from collective.distributed.connection import Connection
 from collective.distributed.mailbox import Mailbox
 from collective.distributed.mqtt import BrokerAddress, DistributedError
@@ -140,10 +141,10 @@ class SoloBackend:
     cache_dir: Path | None = None
 
     async def load(self, ref: str, device: str, dtype: str) -> NodeModel:
-        return await asyncio.to_thread(load_node_model, ref, device, dtype, self.cache_dir)
+        return await on_compute_thread(load_node_model, ref, device, dtype, self.cache_dir)
 
     async def compute(self, node_id: str, loaded: NodeModel, request: NodeRoundRequest, evaluation: EvaluationSpec) -> NodeRoundResult:
-        (result,) = await asyncio.to_thread(
+        (result,) = await on_compute_thread(
             compute_rounds, loaded.model, loaded.tokenizer, [request], top_k=evaluation.top_k, batch_tokens=evaluation.batch_tokens
         )
         return result
