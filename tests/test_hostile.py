@@ -16,6 +16,7 @@ import yaml
 from collective.cli import main
 from collective.evaluate.compare import mean_ci
 from collective.evaluate.hostile import (
+    READOUT_NOTE,
     VariantRun,
     collective_rounds,
     hostile_report,
@@ -135,6 +136,13 @@ def test_without_a_firewall_the_firewall_on_variants_are_skipped():
     data["nodes"][2].pop("firewall")
     names = [v.name for v in hostile_variants(parse_scenario(data, "t.yaml"), source="t.yaml")]
     assert names == ["attack-nofw", "silent-nofw", "benign-nofw", "attack-unpooled-nofw", "silent-unpooled-nofw"]
+
+
+def test_a_readout_of_an_honest_node_skips_the_unpooled_variants_and_says_so():
+    base = parse_scenario(scenario_data(aggregator={"kind": "readout", "node": "a"}), "t.yaml")
+    names = [v.name for v in hostile_variants(base, source="t.yaml")]
+    assert names == ["attack", "attack-nofw", "silent", "silent-nofw", "benign", "benign-nofw"]
+    assert READOUT_NOTE in hostile_report(base, "t.yaml", []).note
 
 
 def test_each_variant_is_validated_again_and_an_invalid_one_is_named():

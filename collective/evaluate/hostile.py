@@ -51,6 +51,10 @@ NO_FIREWALL_NOTE = (
     "no firewall in the scenario: the firewall-on variants (attack, silent, benign) were skipped, "
     "so residual damage and defence cost were not measured"
 )
+READOUT_NOTE = (
+    "readout aggregator: the answer is one honest node's prediction, so the hostile nodes' own predictions "
+    "never enter it; the unpooled variants would repeat the pooled ones and were skipped"
+)
 
 
 # ---------------------------------------------------------------------------- the variants
@@ -104,11 +108,18 @@ def hostile_variants(scenario: Scenario, *, source: str, base_dir: Path | None =
     for kind in VARIANT_KINDS:
         if kind.firewall and not has_firewall(scenario):
             continue
+        if not kind.attacker_pooled and _readout_of_an_honest_node(scenario):
+            continue
         changed = data
         for path, value in variant_settings(scenario, kind):
             changed = apply_override(changed, path, value)
         variants.append(Variant(kind, parse_scenario(changed, f"{source} (variant {kind.name})", base_dir)))
     return variants
+
+
+def _readout_of_an_honest_node(scenario: Scenario) -> bool:
+    spec = scenario.aggregator
+    return spec.kind == "readout" and spec.node not in hostile_nodes(scenario)
 
 
 # ---------------------------------------------------------------------------- a variant's run
@@ -241,12 +252,14 @@ def hostile_report(scenario: Scenario, scenario_file: str, seeds: Sequence[SeedR
     firewall = has_firewall(scenario)
     return HostileReport(
         scenario=scenario.name, scenario_file=scenario_file, hostile_nodes=hostile_nodes(scenario), firewall=firewall,
-        note="" if firewall else NO_FIREWALL_NOTE, seeds=list(seeds), numbers_over_seeds=numbers, nll_over_seeds=nlls,
+        note=" ".join(n for n, on in ((NO_FIREWALL_NOTE, not firewall), (READOUT_NOTE, _readout_of_an_honest_node(scenario))) if on),
+        seeds=list(seeds), numbers_over_seeds=numbers, nll_over_seeds=nlls,
     )
 
 
 __all__ = [
     "NO_FIREWALL_NOTE",
+    "READOUT_NOTE",
     "SILENT_TOLERANCE",
     "Variant",
     "VariantRun",
