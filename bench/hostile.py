@@ -1,0 +1,179 @@
+"""The hostile-volunteer experiment (issue 13): what one attacker costs a collective, what the
+receivers' firewalls stop, and what they cost when nobody attacks.
+
+For every shape (scenarios/hostile/*.yaml), threat model and replicate, one `collective
+hostile` run into `--out/<shape>-<threat>-r<replicate>`: the scenario as written (the
+attack, firewalls on), with the attacker silent, with its benign policy, each with and
+without the firewalls, and with the attacker's own predictions out of the pool. A
+replicate changes both the seed and the stretch of text (corpus.offset_tokens = replicate x
+--offset-step), so that every number gets independent measurements. The variants that do
+not involve the attack (silent, benign) are the same scenario for every threat model: they
+are copied from the first threat model's folder, and `collective hostile` reuses a finished
+run of the same variant. Finished replicates are skipped, so rerunning completes a stopped
+experiment.
+
+`summarize` reads every hostile.json and writes, per shape and threat model, each number's
+mean over replicates with a 95% t interval (3 replicates: 2 degrees of freedom), how many
+replicates' own paired bootstrap CIs lie above 0, the firewalls' drops, and the attacker's
+search objective, to --out/results.md and results.json.
+
+    python bench/hostile.py run --out sweeps/hostile --threads 1
+    python bench/hostile.py summarize --out sweeps/hostile
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from collective.evaluate.compare import mean_ci  # noqa: E402
+from collective.records import Report  # noqa: E402
+
+SHAPES = {"ring": ROOT / "scenarios/hostile/ring.yaml", "star": ROOT / "scenarios/hostile/star.yaml"}
+ATTACKER_INDEX = {"ring": 3, "star": 4}  # the attacker's place in the file's `nodes:` list
+THREATS = ("white-box", "model-only")
+SHARED_VARIANTS = ("silent", "silent-nofw", "benign", "benign-nofw", "silent-unpooled-nofw")
+NUMBERS = ("attack_damage", "attack_damage_unpooled", "residual_damage", "defence_cost")
+
+
+def run(args: argparse.Namespace) -> None:
+    out = Path(args.out)
+    for shape in args.shapes.split(","):
+        for replicate in range(args.replicates):
+            first: Path | None = None
+            for threat in args.threats.split(","):
+                folder = out / f"{shape}-{threat}-r{replicate}"
+                if (folder / "hostile.json").exists():
+                    first = first or folder
+                    continue
+                if first is not None:
+                    _reuse_shared(first, folder)
+                _call([
+                    sys.executable, "-m", "collective", "hostile", str(SHAPES[shape]), "--out", str(folder),
+                    "--set", f"seed={replicate}", "--set", f"corpus.offset_tokens={replicate * args.offset_step}",
+                    "--set", f"nodes.{ATTACKER_INDEX[shape]}.message.threat={threat}", "--threads", str(args.threads),
+                ])
+                first = first or folder
+
+
+def _reuse_shared(source: Path, folder: Path) -> None:
+    """The attack-free variants of `source` (the same scenario under every threat model)."""
+    for name in SHARED_VARIANTS:
+        if (source / name / "report.json").exists() and not (folder / name).exists():
+            shutil.copytree(source / name, folder / name)
+
+
+def _call(command: list[str]) -> None:
+    print("$", " ".join(command), flush=True)
+    subprocess.run(command, check=True, cwd=ROOT)
+
+
+# ---------------------------------------------------------------------------- summary
+
+
+def _search(folder: Path) -> tuple[float, float] | None:
+    """The attacker's mean search objective (before -> after) in the attack variant's report."""
+    path = folder / "attack" / "report.json"
+    if not path.exists():
+        return None
+    report = Report.model_validate_json(path.read_text())
+    summaries = list(report.message_searches.values())
+    if not summaries:
+        return None
+    return statistics.fmean(s.mean_before for s in summaries), statistics.fmean(s.mean_after for s in summaries)
+
+
+def read_cells(out: Path) -> dict[tuple[str, str], list[dict[str, Any]]]:
+    """(shape, threat) -> each replicate's hostile.json (seed 0 of it) and attacker search."""
+    cells: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for path in sorted(out.glob("*-r*/hostile.json")):
+        shape, rest = path.parent.name.split("-", 1)
+        threat = rest.rsplit("-r", 1)[0]
+        data = json.loads(path.read_text())
+        (seed,) = data["seeds"]
+        drops = {v["name"]: v["screens"] for v in seed["variants"]}
+        cells.setdefault((shape, threat), []).append(
+            {"folder": str(path.parent), "numbers": seed["numbers"], "drops": drops, "search": _search(path.parent)}
+        )
+    return cells
+
+
+def _row(replicates: list[dict[str, Any]], name: str) -> dict[str, Any]:
+    values = [r["numbers"][name]["value"] for r in replicates if name in r["numbers"]]
+    if not values:
+        return {"n": 0}
+    spread = mean_ci(values)
+    above = sum(r["numbers"][name]["low"] > 0 for r in replicates if name in r["numbers"])
+    below = sum(r["numbers"][name]["high"] < 0 for r in replicates if name in r["numbers"])
+    return {"mean": spread.mean, "low": spread.low, "high": spread.high, "n": len(values), "above": above, "below": below, "values": values}
+
+
+def _drops(replicates: list[dict[str, Any]], variant: str, key: str) -> str:
+    pairs = [r["drops"].get(variant) for r in replicates]
+    found = [p for p in pairs if p]
+    if not found:
+        return "-"
+    return f"{sum(p[key] for p in found)}/{sum(p[key.replace('dropped', 'screened')] for p in found)}"
+
+
+def summarize(args: argparse.Namespace) -> None:
+    out = Path(args.out)
+    cells = read_cells(out)
+    lines = [
+        "| shape | threat | number | mean over replicates | 95% t interval | replicates > 0 / < 0 (own CI) | per replicate |",
+        "| --- | --- | --- | ---: | --- | --- | --- |",
+    ]
+    summary: dict[str, Any] = {}
+    for (shape, threat), replicates in sorted(cells.items()):
+        for name in NUMBERS:
+            row = _row(replicates, name)
+            summary[f"{shape}/{threat}/{name}"] = row
+            if not row["n"]:
+                continue
+            values = ", ".join(f"{v:+.3f}" for v in row["values"])
+            lines.append(
+                f"| {shape} | {threat} | {name.replace('_', ' ')} | {row['mean']:+.3f} | {row['low']:+.3f} .. {row['high']:+.3f} "
+                f"| {row['above']} / {row['below']} of {row['n']} | {values} |"
+            )
+    lines += ["", "| shape | threat | attacker's messages dropped (attack) | benign messages dropped (benign) | search objective before -> after |",
+              "| --- | --- | ---: | ---: | --- |"]
+    for (shape, threat), replicates in sorted(cells.items()):
+        searches = [r["search"] for r in replicates if r["search"]]
+        search = (f"{statistics.fmean(s[0] for s in searches):.2f} -> {statistics.fmean(s[1] for s in searches):.2f}"
+                  if searches else "-")
+        lines.append(
+            f"| {shape} | {threat} | {_drops(replicates, 'attack', 'hostile_dropped')} "
+            f"| {_drops(replicates, 'benign', 'benign_dropped')} | {search} |"
+        )
+    (out / "results.md").write_text("\n".join(lines) + "\n")
+    (out / "results.json").write_text(json.dumps({"cells": {f"{s}/{t}": r for (s, t), r in cells.items()}, "summary": summary}, indent=1))
+    print("\n".join(lines))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    runner = sub.add_parser("run")
+    runner.add_argument("--out", default="sweeps/hostile")
+    runner.add_argument("--shapes", default="ring,star")
+    runner.add_argument("--threats", default=",".join(THREATS))
+    runner.add_argument("--replicates", type=int, default=3)
+    runner.add_argument("--offset-step", type=int, default=4096)
+    runner.add_argument("--threads", type=int, default=1)
+    summary = sub.add_parser("summarize")
+    summary.add_argument("--out", default="sweeps/hostile")
+    args = parser.parse_args()
+    run(args) if args.command == "run" else summarize(args)
+
+
+if __name__ == "__main__":
+    main()
