@@ -28,7 +28,8 @@ from collective.run.firewall import (
 )
 from collective.run.firewall_fit import benign_messages, fit_firewalls
 from collective.run.node import NodeRoundRequest, compute_rounds
-from collective.run.prepared import RunError, build_graph, refuse_receiver_search
+from collective.run.observation import Observer
+from collective.run.prepared import build_graph, placeholder_ids_for, refuse_receiver_search
 from collective.run.runner import prepare, run_prepared
 from collective.scenario import (
     CharsetFilter,
@@ -38,6 +39,7 @@ from collective.scenario import (
     RetokenizeFilter,
     Scenario,
     ScenarioError,
+    SilentMessage,
     load_scenario,
     parse_scenario,
 )
@@ -143,7 +145,8 @@ def test_the_perplexity_filter_drops_searched_gibberish_and_passes_fluent_text_a
     fit = fitted.fits["b"][0]
     assert fit.benign_messages == 256 and fit.false_drop_rate == 0.1 and 0.08 <= fit.fit_drop_rate <= 0.1
 
-    used = {m.text for m in benign_messages(sc, graph, stream, fluent.tokenizer, "b", 0)}
+    train = Observer(stream[:TRAIN], sc.nodes, seed=sc.seed, round_tokens=8, context_tokens=32, placeholder_ids={})
+    used = {m.text for m in benign_messages(sc, graph, train, fluent.tokenizer, "b", 0)}
     windows = [fluent.tokenizer.decode(stream[at : at + BUDGET].tolist()) for at in range(0, TRAIN - BUDGET, BUDGET)]
     fluent_texts = [text for text in windows if text not in used]  # train-part windows the fit did not use
     assert len(fluent_texts) > 500
@@ -392,7 +395,27 @@ def test_an_older_report_still_reads_without_firewalls():
     assert "firewall of" not in report_markdown(report)
 
 
-def test_a_distributed_run_refuses_a_firewall_naming_the_node():
-    with pytest.raises(RunError, match=r"nodes\[0\]\.firewall \(node 'a'\).*embedded"):
-        refuse_receiver_search(fw_scenario([{"kind": "charset"}]))
+def test_a_distributed_run_takes_a_firewall_since_the_receiving_node_runs_it():
+    refuse_receiver_search(fw_scenario([{"kind": "charset"}, {"kind": "perplexity"}]))  # no RunError
 
+
+
+def test_the_fit_reads_what_the_in_neighbours_relay_through_their_own_views(tiny_lm, tiny_tok, stream):
+    """A masked sender's relays carry its placeholders, so the benign messages a receiver's
+    threshold is fitted on must too (fitted on clean text, a star of masked spokes dropped
+    23 of 24 honest relays); a silent sender sends none."""
+    data = fw_scenario([{"kind": "perplexity", "fit_messages": 64}]).model_dump(mode="json")
+    hidden = "~" if len(tiny_tok.encode("~", add_special_tokens=False)) == 1 else "_"
+    data["nodes"][0]["view"] = {"kind": "masked", "tokens": 16, "keep": 0.5, "placeholder": hidden}
+    sc = parse_scenario(data, source="firewall.yaml")
+    graph = build_graph(sc)  # a directed ring: a -> b -> c -> a
+    placeholders = placeholder_ids_for(sc, tiny_tok)
+    train = Observer(stream[:TRAIN], sc.nodes, seed=sc.seed, round_tokens=8, context_tokens=32, placeholder_ids=placeholders)
+    from_a = benign_messages(sc, graph, train, tiny_tok, "b", 0)
+    assert all(m.sender == "a" for m in from_a)
+    clean = tiny_tok.decode(stream[:TRAIN].tolist()).count(hidden) / TRAIN
+    carrying = sum(hidden in m.text for m in from_a) / len(from_a)
+    assert carrying > 0.9 > 5 * clean  # about half of each relay's 8 tokens are hidden
+    silent = sc.model_copy(update={"nodes": [sc.nodes[0].model_copy(update={"message": SilentMessage()}), *sc.nodes[1:]]})
+    with pytest.raises(ValueError, match=r"nodes\.b\.firewall\[0\] \(perplexity\): no in-neighbour sends a benign message"):
+        benign_messages(silent, graph, train, tiny_tok, "b", 0)

@@ -161,14 +161,10 @@ def check_speakers(scenario: Scenario, graph: nx.DiGraph) -> None:
 def refuse_receiver_search(scenario: Scenario) -> None:
     """A distributed node never sees its neighbours' views, so it cannot search a message for
     them (`objective: receiver`, an attack's threat `white-box`; nor does it hold a second
-    model for a `transfer` attack): a `RunError` naming the node's field. Nor does a volunteer
-    screen its inbox yet: a firewall is refused the same way."""
+    model for a `transfer` attack): a `RunError` naming the node's field. A firewall runs
+    distributed: the receiving node screens its inbox with the filters the coordinator fitted
+    (`collective.distributed`)."""
     for index, node in enumerate(scenario.nodes):
-        if node.firewall:
-            raise RunError(
-                f"nodes[{index}].firewall (node {node.id!r}): firewalls run in embedded runs only for now (a "
-                "volunteer does not screen its inbox yet); run it embedded (--bus memory) or remove the firewall"
-            )
         if isinstance(node.message, SearchMessage) and node.message.objective == "receiver":
             raise RunError(
                 f"nodes[{index}].message.objective (node {node.id!r}): `receiver` scores the message on the "
@@ -284,12 +280,13 @@ def prepare(scenario: Scenario, pool: ModelPool, *, base_dir: Path) -> Prepared:
     needed = corpus.offset_tokens + corpus.train_tokens + corpus.eval_tokens
     stream = tokenize_stream(text, tokenizer, needed)[corpus.offset_tokens :]
     byte_lengths = token_byte_lengths(stream, tokenizer)
+    placeholders = placeholder_ids_for(scenario, tokenizer)
     try:
-        fitted = fit_firewalls(scenario, models, graph, stream)
+        fitted = fit_firewalls(scenario, models, graph, stream, placeholders)
     except ValueError as exc:
         raise RunError(str(exc)) from None
     return Prepared(
-        scenario, models, graph, stream, byte_lengths, placeholder_ids_for(scenario, tokenizer),
+        scenario, models, graph, stream, byte_lengths, placeholders,
         control_ids_for(scenario, tokenizer), firewalls=fitted.filters, firewall_fits=fitted.fits,
     )
 
