@@ -296,7 +296,7 @@ def test_a_distributed_node_searches_a_model_only_attack_with_what_it_holds(tiny
     searches the attack on its own model and view."""
     request = _request(tiny_tok, message=AttackMessage(threat="model-only", **SEARCH), budget=4)
     wire = RequestPayload.from_request(request, [], deadline_s=5.0)
-    back = RequestPayload.model_validate_json(wire.model_dump_json()).to_request(request.round_index, "")
+    back = RequestPayload.model_validate_json(wire.model_dump_json()).to_request(request.round_index)
     assert back.message == request.message and back.receivers == ()
     (result,) = _run(tiny_lm, tiny_tok, [back])  # compute_rounds without search_models, as a volunteer calls it
     search = result.message_search

@@ -27,17 +27,29 @@ from collective.distributed.protocol import (
     decode_envelope,
     encode,
     envelope,
+    firewall_bytes_bound,
     message_bytes_bound,
     open_envelope,
+    request_bytes_bound,
     result_bytes_bound,
     round_event_bytes_bound,
+    screened_bytes_bound,
     text_digest,
     tokenizer_digest,
 )
 from collective.lm.predictions import TokenPredictions
-from collective.records import MessageRecord
+from collective.records import MessageRecord, ScreenRecord
 from collective.run.node import NodeRoundRequest, NodeRoundResult
-from collective.scenario import GenerateMessage, RelayMessage
+from collective.scenario import (
+    BusSpec,
+    CharsetFilter,
+    GenerateMessage,
+    ParaphraseFilter,
+    PerplexityFilter,
+    RelayMessage,
+    Scenario,
+    parse_scenario,
+)
 
 
 def _predictions(n_positions: int = 5, top_k: int = 4, vocab_size: int = 50, seed: int = 0) -> TokenPredictions:
@@ -111,16 +123,21 @@ def test_a_request_carries_exactly_the_node_view_and_comes_back_as_the_same_requ
         message_tokens=12,
         seed=11,
         want_plain=False,
+        firewall=(PerplexityFilter(threshold=5.25, window=4), CharsetFilter(action="strip")),
     )
     keys = [MessageKey(sender="a", round_sent=6, digest=text_digest("hi"))]
     payload = RequestPayload.from_request(request, keys, deadline_s=30.0)
     env = decode_envelope(encode(envelope("run-1", COORDINATOR, payload, 7)), 1 << 20)
     assert isinstance(env.payload, RequestPayload) and env.round_index == 7
-    back = env.payload.to_request(7, inbox_text="a: hi\n")
+    inbox = [_record("hi", round_sent=6)]
+    back = env.payload.to_request(7, inbox, BusSpec(inbox_template="[{sender}] {text}|", inbox_header="news: "))
     assert back.prefix_ids.tolist() == [1, 2, 3] and back.round_inputs.tolist() == [4, 0, 9]
     assert back.targets.tolist() == [4, 8, 9] and back.control_ids == [5, 6]
     assert back.message == request.message and back.message_tokens == 12 and back.seed == 11
-    assert back.want_plain is False and back.want_isolated is True and back.inbox_text == "a: hi\n"
+    assert back.want_plain is False and back.want_isolated is True and back.inbox_text == "news: [a] hi|"
+    # the node screens what it reads with the fitted firewall and renders it as the scenario's bus does
+    assert back.inbox_messages == tuple(inbox) and back.firewall == request.firewall
+    assert (back.inbox_template, back.inbox_header) == ("[{sender}] {text}|", "news: ")
     assert env.payload.inbox == keys
     assert not env.payload.ids_out_of_range(10) and env.payload.ids_out_of_range(9)
 
@@ -141,6 +158,22 @@ def test_a_result_comes_back_with_identical_predictions_and_messages():
     assert env.payload.rejected == {"malformed": 2} and env.payload.missing_messages == 1
 
 
+def test_a_result_carries_the_screen_records_of_the_nodes_firewall():
+    screened = [
+        ScreenRecord(sender="c", receiver="a", round_sent=1, action="drop", filter="perplexity", score=7.125, threshold=5.5, seconds=0.01),
+        ScreenRecord(sender="c", receiver="a", round_sent=0, action="rewrite", filter="charset", text="plain", seconds=0.0),
+    ]
+    result = NodeRoundResult("a", 2, _predictions(), None, None, None, 0, [], screened=screened)
+    env = decode_envelope(encode(envelope("run-1", "a", ResultPayload.from_result(result, "s1", 0.5, {}, 0), 2)), 1 << 20)
+    assert isinstance(env.payload, ResultPayload) and env.payload.to_result("a", 2).screened == screened
+
+
+def test_another_protocol_version_is_refused_naming_both_versions_and_what_to_do():
+    with pytest.raises(Rejected, match="protocol schema 2, this side speaks 3 .*firewall.*same collective version") as caught:
+        decode_envelope(b'{"schema_version": 2, "run_id": "r", "kind": "request"}', 1000)
+    assert caught.value.reason == "wrong_schema"
+
+
 @pytest.mark.parametrize(
     ("raw", "reason"),
     [
@@ -149,6 +182,7 @@ def test_a_result_comes_back_with_identical_predictions_and_messages():
         (b"[1, 2, 3]", "malformed"),
         (b'{"run_id": "r", "sender": "a"}', "malformed"),
         (b'{"schema_version": 1, "run_id": "r"}', "wrong_schema"),  # protocol 1: before searched messages
+        (b'{"schema_version": 2, "run_id": "r"}', "wrong_schema"),  # protocol 2: before receiver firewalls
         (b"x" * 2000, "oversized"),
     ],
 )
@@ -201,6 +235,31 @@ def test_size_bounds_hold_a_real_result_and_a_budget_sized_message():
     result = NodeRoundResult("a", 0, preds, preds, preds, text, 10, records)
     size = len(encode(envelope("r", "a", ResultPayload.from_result(result, "s", 0.0, {}, 0), 0)))
     assert size <= result_bytes_bound(32, 64, 160, 2)
+    # a firewall's screen records: one per message read (bus.retain per in-link), a paraphrase's
+    # rewrite as long as the message's tokens allow (24 of them, each of escaped bytes)
+    scenario = _firewall_scenario([{"kind": "paraphrase", "prompt": "\x01" * 300}], retain=2)
+    worst = ScreenRecord(sender="node-00", receiver="a", round_sent=10**6, action="rewrite", filter="paraphrase",
+                         score=-1.5e300, threshold=1.5e300, text="\x01" * 64 * 24, seconds=1e-300)
+    result.screened = [worst] * (2 * 5)
+    size = len(encode(envelope("r", "a", ResultPayload.from_result(result, "s", 0.0, {}, 0), 0)))
+    assert size > result_bytes_bound(32, 64, 160, 2) and size <= result_bytes_bound(32, 64, 160, 2, screened_bytes_bound(scenario, 5))
+    assert screened_bytes_bound(_firewall_scenario([]), 5) == 0
+    # a request carries the node's firewall, its thresholds fitted
+    fitted = (PerplexityFilter(threshold=1.5e300, window=10**6, fit_messages=10**6), ParaphraseFilter(prompt="\x01" * 300))
+    request = RequestPayload(node_id="a", control_ids=[], prefix_ids=[], round_inputs=[], targets=[], message=RelayMessage(),
+                             message_tokens=0, seed=0, firewall=fitted, deadline_s=1.0)
+    scenario = _firewall_scenario([{"kind": "perplexity", "window": 10**6, "fit_messages": 10**6}, {"kind": "paraphrase", "prompt": "\x01" * 300}])
+    assert len(encode(envelope("r", COORDINATOR, request, 0))) <= request_bytes_bound(0, 0, 0, 0, firewall_bytes_bound(scenario))
+
+
+def _firewall_scenario(firewall: list[dict[str, object]], retain: int = 1) -> Scenario:
+    return parse_scenario(
+        {
+            "name": "bounds", "models": {"m": "x"}, "corpus": {"train_tokens": 512, "eval_tokens": 64},
+            "node_defaults": {"model": "m", "firewall": firewall}, "nodes": [{"id": "a"}, {"id": "b"}],
+            "bus": {"round_tokens": 32, "max_message_tokens": 24, "max_message_bytes": 160, "retain": retain},
+        }
+    )
     message = encode(envelope("r", "a", MessagePayload(record=_record("\x00" * 160)), 0))
     assert len(message) <= message_bytes_bound(160)
 

@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from bench.scale import host_groups, scaling_exponent, scenario_spec
-from collective.distributed import volunteer
+from collective.distributed import backend as node_backend
 from collective.distributed.host import HostBackend
 from collective.distributed.protocol import Rejected
 from collective.distributed.volunteer import NodeModel, SoloBackend, published_scenario
@@ -105,7 +105,7 @@ def test_every_round_of_a_host_and_of_a_volunteer_runs_on_the_one_compute_thread
             await asyncio.gather(*(asyncio.to_thread(threading.get_ident) for _ in range(8)))
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(volunteer, "compute_rounds", fake_compute_rounds)
+        patch.setattr(node_backend, "compute_rounds", fake_compute_rounds)
         asyncio.run(solo_rounds())
     assert len(solo) == 4 and set(solo) == set(threads)
 

@@ -157,7 +157,7 @@ def test_a_distributed_request_carries_what_the_search_needs(tiny_tok):
     request = _request(tiny_tok, message=SearchMessage(steps=1), budget=6)
     request = type(request)(**{**request.__dict__, "message_bytes": 17, "message_frame": ("x: ", "|\n")})
     wire = RequestPayload.from_request(request, [], deadline_s=5.0)
-    back = RequestPayload.model_validate_json(wire.model_dump_json()).to_request(request.round_index, "")
+    back = RequestPayload.model_validate_json(wire.model_dump_json()).to_request(request.round_index)
     assert isinstance(back.message, SearchMessage)
     assert back.message_bytes == 17 and back.message_frame == ("x: ", "|\n")
 

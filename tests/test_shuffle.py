@@ -61,7 +61,7 @@ def test_the_node_sends_the_shuffled_tokens_as_its_message(tiny_lm, tiny_tok):
 def test_a_distributed_request_carries_the_shuffle_policy(tiny_tok):
     request = _request(tiny_tok, message=ShuffleMessage(), budget=10)
     wire = RequestPayload.from_request(request, [], deadline_s=5.0)
-    back = RequestPayload.model_validate_json(wire.model_dump_json()).to_request(request.round_index, "")
+    back = RequestPayload.model_validate_json(wire.model_dump_json()).to_request(request.round_index)
     assert isinstance(back.message, ShuffleMessage)
     assert relayed_ids(back) == relayed_ids(request)
 

@@ -6,11 +6,12 @@ envelopes carry). The connection: `mqtt` (broker URLs, TLS, TCP_NODELAY), `conne
 synchronous code drives), `preflight` (step-by-step connection checks). The coordinator:
 `coordinator` (the `Executor` the round engine drives, and `connect_executor`), `roster`
 (who serves which node), `rounds` (a round's requests and results), `validation` (what a
-result must be), `event_feed` (run records for watchers). The node: `volunteer` and its
-`mailbox`. `watcher` is the read-only view of a run (`subscribe_events`, behind
-`collective watch --broker`) and `broker` the Mosquitto configuration. Nothing here is
-imported unless a distributed run is asked for (`subscribe_events` too is imported on
-first use).
+result must be, its firewall's screen records too), `event_feed` (run records for
+watchers). The node: `volunteer`, its `mailbox` and its `backend` (where its model and its
+rounds run; `host` serves several nodes). `watcher` is the read-only view of a run
+(`subscribe_events`, behind `collective watch --broker`) and `broker` the Mosquitto
+configuration. Nothing here is imported unless a distributed run is asked for
+(`subscribe_events` too is imported on first use).
 """
 
 from __future__ import annotations

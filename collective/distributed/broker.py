@@ -38,10 +38,12 @@ from pathlib import Path
 from collective.distributed.protocol import (
     COORDINATOR,
     WATCHER,
+    firewall_bytes_bound,
     message_bytes_bound,
     request_bytes_bound,
     result_bytes_bound,
     round_event_bytes_bound,
+    screened_bytes_bound,
     start_event_bytes_bound,
 )
 from collective.scenario import Scenario
@@ -107,10 +109,11 @@ def max_packet_size_for(scenario: Scenario) -> int:
     max_tokens = max([bus.max_message_tokens] + [link.max_message_tokens or 0 for link in bus.links])
     n_nodes, n_links = len(scenario.nodes), link_count(scenario)
     yaml_bytes = len(scenario.resolved_yaml().encode("utf-8"))
-    result = result_bytes_bound(bus.round_tokens, scenario.evaluation.top_k, max_bytes, n_nodes)
-    request = request_bytes_bound(scenario.max_reach, bus.round_tokens, 4_096, 4 * n_nodes)
+    result = result_bytes_bound(bus.round_tokens, scenario.evaluation.top_k, max_bytes, n_nodes, screened_bytes_bound(scenario, n_nodes))
+    request = request_bytes_bound(scenario.max_reach, bus.round_tokens, 4_096, 4 * n_nodes, firewall_bytes_bound(scenario))
     scenario_bytes = 64 * 1024 + 2 * yaml_bytes
-    events = max(round_event_bytes_bound(n_nodes, n_links, max_tokens, max_bytes), start_event_bytes_bound(n_nodes, n_links, yaml_bytes))
+    round_event = round_event_bytes_bound(n_nodes, n_links, max_tokens, max_bytes, screened_bytes_bound(scenario, n_links))
+    events = max(round_event, start_event_bytes_bound(n_nodes, n_links, yaml_bytes))
     return max(MIN_MAX_PACKET_BYTES, 2 * max(result, request, scenario_bytes, events, message_bytes_bound(max_bytes)))
 
 

@@ -12,7 +12,8 @@ Every record the run writes to events.jsonl also goes to `coord/events/` for rea
 watchers (`publish_event`, called by the runner; `EventFeed`). A broker restart is
 survived by reconnecting; on reconnect the coordinator republishes its retained state and
 the requests still unanswered. Every envelope that reaches it is validated (run, round,
-sender, predictions, message budgets) and dropped and counted when it fails.
+sender, predictions, message budgets, screen records) and dropped and counted when it fails.
+Each node's fitted firewall goes out in its requests: the receiving node screens its inbox.
 `connect_executor` is the one entry point: it reports progress lines through `on_status`.
 """
 
@@ -54,6 +55,7 @@ from collective.distributed.protocol import (
     envelope,
     open_envelope,
     result_bytes_bound,
+    screened_bytes_bound,
     tokenizer_digest,
 )
 from collective.distributed.roster import WILLS_BEFORE_OUTAGE_S, NodeSnapshot, Roster
@@ -99,7 +101,10 @@ class MqttExecutor:
         vocab_sizes = {alias: model.vocab_size for alias, model in prepared.models.items()}
         max_links = max([len(v) for v in self.out_neighbours.values()] + [1])
         max_bytes = max([p.max_message_bytes for p in policies.values()] + [scenario.bus.max_message_bytes])
-        self.result_limit = 2 * result_bytes_bound(scenario.bus.round_tokens, scenario.evaluation.top_k, max_bytes, max_links)
+        max_in_links = max([len(v) for v in self.in_neighbours.values()] + [1])
+        self.result_limit = 2 * result_bytes_bound(
+            scenario.bus.round_tokens, scenario.evaluation.top_k, max_bytes, max_links, screened_bytes_bound(scenario, max_in_links)
+        )
         self.rejections = Rejections(COORDINATOR)
         self.closing = False
         self.roster = Roster(scenario, digests, vocab_sizes)
@@ -110,6 +115,9 @@ class MqttExecutor:
             out_neighbours=self.out_neighbours,
             policies=policies,
             codec=prepared.tokenizer,
+            in_neighbours=self.in_neighbours,
+            firewalls=prepared.firewalls,
+            retain=scenario.bus.retain,
         )
         self.rounds = RoundCollector(
             self.roster, check, self._send_request, round_deadline_s=round_deadline_s, first_round_deadline_s=first_round_deadline_s

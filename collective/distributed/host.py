@@ -27,6 +27,7 @@ from typing import Any
 
 import aiomqtt
 
+from collective.distributed.backend import NodeModel, SoloBackend
 from collective.distributed.compute_thread import on_compute_thread
 from collective.distributed.connection import Connection, SubscriptionRefused
 from collective.distributed.mqtt import BrokerAddress, DistributedError, make_client
@@ -38,7 +39,7 @@ from collective.distributed.payloads import (
 )
 from collective.distributed.preflight import preflight
 from collective.distributed.protocol import Rejections, Topics, encode, envelope, open_envelope
-from collective.distributed.volunteer import NodeModel, SoloBackend, Volunteer, VolunteerConfig
+from collective.distributed.volunteer import Volunteer, VolunteerConfig
 from collective.run.node import NodeRoundRequest, NodeRoundResult, compute_rounds
 from collective.scenario import EvaluationSpec
 

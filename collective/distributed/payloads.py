@@ -1,10 +1,10 @@
 """The payloads an envelope carries (see `protocol` for the envelope and the topics).
 
 Each payload names its `kind`, the discriminator the envelope is parsed by. What a node
-needs of a round (`RequestPayload`: its own view and the keys of the messages it may read)
-goes out; what the evaluator needs of it (`ResultPayload`: predictions and messages) comes
-back. Predictions travel as base64 of little-endian float32/int32 arrays (`TensorBlob`):
-exact round trips.
+needs of a round (`RequestPayload`: its own view, the keys of the messages it may read and
+its fitted firewall) goes out; what the evaluator needs of it (`ResultPayload`: predictions,
+messages, and what its firewall did to each message it read) comes back. Predictions
+travel as base64 of little-endian float32/int32 arrays (`TensorBlob`): exact round trips.
 """
 
 from __future__ import annotations
@@ -12,15 +12,17 @@ from __future__ import annotations
 import base64
 import math
 import sys
+from collections.abc import Sequence
 from typing import Annotated, Any, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from collective.lm.predictions import TokenPredictions
-from collective.records import Event, MessageRecord, MessageSearch
+from collective.records import Event, MessageRecord, MessageSearch, ScreenRecord
+from collective.run.bus import render_messages
 from collective.run.node import NodeRoundRequest, NodeRoundResult
-from collective.scenario import MessageSpec
+from collective.scenario import BusSpec, FirewallFilter, MessageSpec, PerplexityFilter
 
 
 class WireModel(BaseModel):
@@ -231,6 +233,9 @@ class RequestPayload(WireModel):
     want_plain: bool = True
     want_isolated: bool = True
     inbox: list[MessageKey] = Field(default_factory=list, description="messages that become readable this round")
+    firewall: tuple[FirewallFilter, ...] = Field(
+        (), description="the node's firewall, every perplexity threshold set (fitted by the coordinator) (protocol 3)"
+    )
     deadline_s: float = Field(gt=0)
 
     @staticmethod
@@ -239,16 +244,36 @@ class RequestPayload(WireModel):
         ids = {name: getattr(request, name).tolist() for name in _ID_FIELDS}
         return RequestPayload(
             **same, **ids, control_ids=list(request.control_ids), message_frame=request.message_frame, inbox=inbox,
-            deadline_s=deadline_s,
+            firewall=request.firewall, deadline_s=deadline_s,
         )
 
-    def to_request(self, round_index: int, inbox_text: str) -> NodeRoundRequest:
+    def to_request(self, round_index: int, inbox: Sequence[MessageRecord] = (), bus: BusSpec | None = None) -> NodeRoundRequest:
+        """The node's round: `inbox` is what it reads this round (`Inbox.visible`, as the embedded
+        bus gives it), which `compute_rounds` screens with the firewall and renders as the
+        scenario's `bus` does (default: a bus with the default template and header)."""
+        bus = bus or BusSpec()
         same: dict[str, Any] = {name: getattr(self, name) for name in _SAME_FIELDS}
         ids: dict[str, Any] = {name: torch.tensor(getattr(self, name), dtype=torch.long) for name in _ID_FIELDS}
         return NodeRoundRequest(
-            **same, **ids, round_index=round_index, control_ids=list(self.control_ids), inbox_text=inbox_text,
-            message_frame=self.message_frame,
+            **same, **ids, round_index=round_index, control_ids=list(self.control_ids),
+            inbox_text=render_messages(inbox, bus.inbox_template, bus.inbox_header), message_frame=self.message_frame,
+            inbox_messages=tuple(inbox), firewall=self.firewall, inbox_template=bus.inbox_template, inbox_header=bus.inbox_header,
         )
+
+    def firewall_problem(self, scenario_filters: Sequence[FirewallFilter]) -> str | None:
+        """Why the firewall is not the scenario's for this node with its thresholds fitted
+        (a perplexity filter without a threshold in the scenario gets one, nothing else
+        changes), or None when it is."""
+        if len(self.firewall) != len(scenario_filters):
+            return f"a firewall of {len(self.firewall)} filter(s), the scenario gives node {self.node_id} {len(scenario_filters)}"
+        for index, (sent, spec) in enumerate(zip(self.firewall, scenario_filters)):
+            if isinstance(sent, PerplexityFilter) and isinstance(spec, PerplexityFilter) and spec.threshold is None:
+                if sent.threshold is None:
+                    return f"firewall[{index}] (perplexity) has no fitted threshold"
+                spec = spec.model_copy(update={"threshold": sent.threshold})
+            if sent != spec:
+                return f"firewall[{index}] is {sent!r}, the scenario's is {spec!r}"
+        return None
 
     def ids_out_of_range(self, vocab_size: int) -> bool:
         every = (*self.control_ids, *self.prefix_ids, *self.round_inputs, *self.targets)
@@ -278,6 +303,9 @@ class ResultPayload(WireModel):
     rejected: dict[str, int] = Field(default_factory=dict, description="envelopes this node dropped so far, by reason")
     missing_messages: int = Field(0, description="booked messages that never reached this node, so far")
     message_search: MessageSearch | None = Field(None, description="a searched message's objective (protocol 2)")
+    screened: list[ScreenRecord] = Field(
+        default_factory=list, description="what the node's firewall did to each message it read this round (protocol 3)"
+    )
 
     @staticmethod
     def from_result(
@@ -295,6 +323,7 @@ class ResultPayload(WireModel):
             rejected=rejected,
             missing_messages=missing_messages,
             message_search=result.message_search,
+            screened=list(result.screened),
         )
 
     def to_result(self, node_id: str, round_index: int) -> NodeRoundResult:
@@ -308,6 +337,7 @@ class ResultPayload(WireModel):
             inbox_tokens=self.inbox_tokens,
             messages=list(self.messages),
             message_search=self.message_search,
+            screened=list(self.screened),
         )
 
 

@@ -40,11 +40,14 @@ from pydantic import ConfigDict, Field, ValidationError, model_validator
 from collective.distributed.payloads import Kind, Payload, WireModel
 from collective.lm.codec import TextCodec
 from collective.records import RunRecord
+from collective.scenario import Scenario
 
 log = logging.getLogger(__name__)
 
 # protocol 2: requests carry message_bytes and message_frame, results a message_search (searched messages)
-PROTOCOL_SCHEMA_VERSION = 2
+# protocol 3: requests carry the node's fitted firewall, results its screen records (receiver firewalls)
+PROTOCOL_SCHEMA_VERSION = 3
+PROTOCOL_CHANGES = "3 carries receiver firewalls: a request's fitted firewall, a result's screen records"
 COORDINATOR = "coordinator"
 WATCHER = "watcher"  # the read-only login of `collective watch --broker` (see broker.acl_text)
 TOPIC_ROOT = "collective"
@@ -70,7 +73,7 @@ class Envelope(WireModel):
     # a round record's NaN (a round every node missed) must survive, as it does in events.jsonl
     model_config = ConfigDict(extra="forbid", frozen=True, ser_json_inf_nan="constants")
 
-    schema_version: Literal[2] = 2
+    schema_version: Literal[3] = 3
     run_id: str = Field(pattern=RUN_ID_PATTERN)
     round_index: int = Field(-1, ge=-1, description="-1 for envelopes that belong to no round")
     sender: str = Field(max_length=64)
@@ -115,7 +118,11 @@ def decode_envelope(raw: bytes | bytearray, max_bytes: int) -> Envelope:
     if not isinstance(data, dict):
         raise Rejected("malformed", f"a JSON {type(data).__name__}, not an envelope object")
     if "schema_version" in data and data["schema_version"] != PROTOCOL_SCHEMA_VERSION:
-        raise Rejected("wrong_schema", f"schema {data['schema_version']!r}, this node speaks {PROTOCOL_SCHEMA_VERSION}")
+        raise Rejected(
+            "wrong_schema",
+            f"protocol schema {data['schema_version']!r}, this side speaks {PROTOCOL_SCHEMA_VERSION} ({PROTOCOL_CHANGES}); "
+            "run the same collective version on the coordinator, every node and every watcher",
+        )
     try:
         return Envelope.model_validate(data)
     except ValidationError as exc:
@@ -269,17 +276,41 @@ def tokenizer_digest(tokenizer: Vocabulary) -> str:
     return hashlib.blake2b(blob, digest_size=12).hexdigest()
 
 
-def result_bytes_bound(round_tokens: int, top_k: int, max_message_bytes: int, n_links: int) -> int:
+def result_bytes_bound(round_tokens: int, top_k: int, max_message_bytes: int, n_links: int, screened_bytes: int = 0) -> int:
     """An upper bound on a result envelope's size: 3 rows of (T) + 2 x (T, K) 4-byte values in
-    base64, the message text and its per-link records (JSON may escape a byte as 6)."""
+    base64, the message text and its per-link records (JSON may escape a byte as 6), and the
+    firewall's screen records (`screened_bytes_bound`)."""
     arrays = 3 * (round_tokens * 4 + 2 * round_tokens * top_k * 4) * 4 // 3
     text = 6 * max(max_message_bytes, 1) * (n_links + 2)
-    return 16_384 + arrays + text + 512 * n_links
+    return 16_384 + arrays + text + 512 * n_links + screened_bytes
 
 
-def request_bytes_bound(prefix_tokens: int, round_tokens: int, control_tokens: int, n_inbox: int) -> int:
-    """An upper bound on a request envelope: token ids are at most 11 characters in JSON."""
-    return 16_384 + 12 * (prefix_tokens + 2 * round_tokens + control_tokens) + 200 * n_inbox
+def request_bytes_bound(prefix_tokens: int, round_tokens: int, control_tokens: int, n_inbox: int, firewall_bytes: int = 0) -> int:
+    """An upper bound on a request envelope: token ids are at most 11 characters in JSON, and
+    the node's firewall (`firewall_bytes_bound`)."""
+    return 16_384 + 12 * (prefix_tokens + 2 * round_tokens + control_tokens) + 200 * n_inbox + firewall_bytes
+
+
+def firewall_bytes_bound(scenario: Scenario) -> int:
+    """The largest firewall a request carries: a node's filters as JSON (ASCII-escaped, so at
+    least as long as the envelope's), each with room for its fitted threshold."""
+    return max(
+        (len(json.dumps([f.model_dump(mode="json") for f in node.firewall])) + 64 * len(node.firewall) for node in scenario.nodes),
+        default=0,
+    )
+
+
+def screened_bytes_bound(scenario: Scenario, n_in_links: int) -> int:
+    """A round's screen records at a receiver with `n_in_links` in-links (none without a
+    firewall in the scenario): one per message it reads (at most `bus.retain` per in-link),
+    each its fields and a rewrite's text (a paraphrase writes as many tokens as the message
+    had, counted at BYTES_PER_TOKEN_BOUND bytes a token; JSON may escape a byte as 6)."""
+    if not any(node.firewall for node in scenario.nodes):
+        return 0
+    bus = scenario.bus
+    max_tokens = max([bus.max_message_tokens] + [link.max_message_tokens or 0 for link in bus.links])
+    max_bytes = max([bus.max_message_bytes] + [link.max_message_bytes or 0 for link in bus.links])
+    return n_in_links * bus.retain * (512 + 6 * max(BYTES_PER_TOKEN_BOUND * max_tokens, max_bytes))
 
 
 def message_bytes_bound(max_message_bytes: int) -> int:
@@ -290,12 +321,15 @@ def message_bytes_bound(max_message_bytes: int) -> int:
 BYTES_PER_TOKEN_BOUND = 64  # a node's message text is counted at this many UTF-8 bytes per token
 
 
-def round_event_bytes_bound(n_nodes: int, n_links: int, max_message_tokens: int, max_message_bytes: int) -> int:
+def round_event_bytes_bound(
+    n_nodes: int, n_links: int, max_message_tokens: int, max_message_bytes: int, screened_bytes: int = 0
+) -> int:
     """An upper bound on a round record's event envelope: per node its numbers and its message
     text before the link budgets cut it (at most max_message_tokens tokens), per link one
-    message record (at most max_message_bytes); JSON may escape a byte as 6 characters."""
+    message record (at most max_message_bytes; JSON may escape a byte as 6 characters), and
+    every receiver's screen records (`screened_bytes`)."""
     node_text = 6 * max(BYTES_PER_TOKEN_BOUND * max_message_tokens, max_message_bytes)
-    return 16_384 + n_nodes * (768 + node_text) + n_links * (640 + 6 * max_message_bytes)
+    return 16_384 + n_nodes * (768 + node_text) + n_links * (640 + 6 * max_message_bytes) + screened_bytes
 
 
 def start_event_bytes_bound(n_nodes: int, n_links: int, scenario_yaml_bytes: int) -> int:

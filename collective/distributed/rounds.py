@@ -1,9 +1,10 @@
 """A round on volunteer machines, from the coordinator's side.
 
-    send each present node only its own request (its view, and the keys of the messages it
-    must read this round) -> collect results until every asked node answered or left, or
-    the round's deadline passed -> each result checked (`validation`) before it counts ->
-    book the messages the accepted results carry (receivers read exactly those next rounds)
+    send each present node only its own request (its view, the keys of the messages it
+    must read this round, its fitted firewall) -> collect results until every asked node
+    answered or left, or the round's deadline passed -> each result checked (`validation`,
+    its screen records too) before it counts -> book the messages the accepted results
+    carry (receivers read exactly those next rounds)
 
 A node that does not answer in time is None in the round's results: the evaluation counts
 it as missed and the run goes on. A node that (re)joins is asked from the next round on; when
@@ -145,6 +146,7 @@ class RoundCollector:
         decoded = result.to_result(node_id, round_index)
         self.check.rows(node_id, decoded, self._requests[node_id])
         decoded.messages = self.check.messages(node_id, round_index, result)
+        decoded.screened = self.check.screened(node_id, round_index, result.screened)
         self._results[node_id] = decoded
         self._compute_s[node_id] = result.compute_seconds
         state.rejected, state.missing_messages = dict(result.rejected), result.missing_messages

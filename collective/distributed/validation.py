@@ -4,20 +4,27 @@ Its prediction rows must fit the run (one member, the round's positions, the mod
 vocabulary, the kept candidates, log-probabilities that are log-probabilities), and its
 message records must be exactly what the link policies make of its message text: the
 coordinator recomputes them, so a node cannot claim a budget, a drop or a delivery round
-the topology does not give it. A failed check raises `Rejected`.
+the topology does not give it. Its screen records (what its firewall did to the messages it
+read) must be about its own inbox: messages from its in-neighbours, sent before the round,
+at most `bus.retain` per in-link, each action one its firewall can take (a drop by one of
+its filters, a rewrite by its rewriting filters, a perplexity score held to the threshold
+the coordinator sent). A failed check raises `Rejected`.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from collective.distributed.payloads import RequestPayload, ResultPayload, check_predictions
 from collective.distributed.protocol import Rejected
 from collective.lm.codec import TextCodec
-from collective.records import MessageRecord
+from collective.records import MessageRecord, ScreenRecord
 from collective.run.bus import LinkPolicy, outgoing_messages
+from collective.run.firewall import filter_labels
 from collective.run.node import NodeRoundResult
+from collective.scenario import CharsetFilter, FirewallFilter, PerplexityFilter
 
 
 class EncodeOnce:
@@ -48,6 +55,9 @@ class ResultCheck:
     out_neighbours: dict[str, list[str]]  # sender -> receivers, in send order
     policies: dict[tuple[str, str], LinkPolicy]
     codec: TextCodec
+    in_neighbours: dict[str, list[str]] = field(default_factory=dict)  # receiver -> senders
+    firewalls: dict[str, tuple[FirewallFilter, ...]] = field(default_factory=dict)  # node -> the filters it was sent
+    retain: int = 1  # messages a receiver reads per in-link (bus.retain)
 
     def rows(self, node_id: str, decoded: NodeRoundResult, request: RequestPayload) -> None:
         """Every row the request asked for is there and fits the run."""
@@ -86,3 +96,62 @@ class ResultCheck:
                     raise Rejected("over_budget", f"{node_id} -> {record.receiver}: {record.n_tokens} tokens, {record.n_bytes} bytes")
             raise Rejected("malformed", f"{node_id}'s message records are not what the link policies make of its text")
         return expected
+
+    def screened(self, node_id: str, round_index: int, records: Sequence[ScreenRecord]) -> list[ScreenRecord]:
+        """The node's screen records of this round, which must be what its firewall can have
+        done to the messages it read (see the module docstring)."""
+        filters = self.firewalls.get(node_id, ())
+        if records and not filters:
+            raise Rejected("malformed", f"{node_id} has no firewall but reported {len(records)} screen record(s)")
+        senders = self.in_neighbours.get(node_id, [])
+        labels = dict(zip(filter_labels(filters), filters))
+        seen: set[tuple[str, int]] = set()
+        for record in records:
+            if record.receiver != node_id:
+                raise Rejected("spoofed", f"{node_id} reported a screen record of {record.receiver}'s inbox")
+            if record.sender not in senders:
+                raise Rejected("not_neighbour", f"{node_id} screened a message from {record.sender}: {record.sender} -> {node_id} is not a link")
+            if not 0 <= record.round_sent < round_index or (record.sender, record.round_sent) in seen:
+                raise Rejected("malformed", f"{node_id} screened {record.sender}'s message of round {record.round_sent} (twice, or not sent before)")
+            seen.add((record.sender, record.round_sent))
+            problem = screen_problem(record, labels)
+            if problem is not None:
+                raise Rejected("malformed", f"{node_id}'s screen record of {record.sender}@{record.round_sent}: {problem}")
+        if any(sum(s == sender for s, _ in seen) > self.retain for sender in senders):
+            raise Rejected("malformed", f"{node_id} screened more than {self.retain} message(s) of one in-neighbour (bus.retain)")
+        return list(records)
+
+
+def _drops(spec: FirewallFilter) -> bool:
+    return isinstance(spec, PerplexityFilter) or (isinstance(spec, CharsetFilter) and spec.action == "drop")
+
+
+def screen_problem(record: ScreenRecord, labels: dict[str, FirewallFilter]) -> str | None:
+    """Why `record` is not an action the firewall (its filters by label, `filter_labels`) can
+    take, or None: a pass names no filter, a drop one dropping filter, a rewrite rewriting
+    filters and the text read instead; a perplexity score comes with the threshold of one of
+    the node's perplexity filters, above it exactly when a perplexity filter dropped it."""
+    named = [] if record.filter is None else record.filter.split("+")
+    if any(name not in labels for name in named):
+        return f"filter {record.filter!r}, the node's filters are {', '.join(labels)}"
+    specs = [labels[name] for name in named]
+    shapes = {
+        "pass": not specs and record.text is None,
+        "drop": len(specs) == 1 and _drops(specs[0]) and record.text is None,
+        "rewrite": bool(specs) and not any(_drops(spec) for spec in specs) and record.text is not None,
+    }
+    if not shapes[record.action]:
+        return f"a {record.action} by {record.filter!r}{' with' if record.text is not None else ' without'} a rewritten text"
+    if not (math.isfinite(record.seconds) and record.seconds >= 0):
+        return f"{record.seconds} seconds of firewall time"
+    by_perplexity = record.action == "drop" and isinstance(specs[0], PerplexityFilter)
+    if record.score is None or record.threshold is None:
+        if by_perplexity or record.score != record.threshold:  # a drop without them, or one without the other
+            return f"score {record.score} and threshold {record.threshold}: a perplexity filter records both"
+        return None
+    thresholds = [spec.threshold for spec in (specs if by_perplexity else labels.values()) if isinstance(spec, PerplexityFilter)]
+    if record.threshold not in thresholds or not math.isfinite(record.score):
+        return f"score {record.score} held to threshold {record.threshold}; the node was sent {thresholds or 'no perplexity filter'}"
+    if (record.score > record.threshold) != by_perplexity:
+        return f"score {record.score} against threshold {record.threshold} does not give a {record.action}"
+    return None

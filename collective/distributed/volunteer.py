@@ -2,9 +2,11 @@
 
     preflight (DNS, TCP, TLS, login, echo) -> connect with a last will (leave)
     -> read the run's retained scenario -> load the node's model -> join
-    -> for each request: read the booked messages into the inbox (`Mailbox`), render it,
-       score and speak with `compute_rounds` (the function the embedded runtime calls),
-       publish the messages to the out-neighbours' topics and the result to the coordinator
+    -> for each request: read the booked messages into the inbox (`Mailbox`); screen the
+       messages it reads this round with the node's firewall (fitted by the coordinator,
+       sent in the request), render what passes, score and speak: all in `compute_rounds`,
+       the function the embedded runtime calls; publish the messages to the out-neighbours'
+       topics and the result (with the firewall's screen records) to the coordinator
     -> until `control: ended`
 
 A process that joins a run under way (a restarted node) is asked from the coordinator's
@@ -12,16 +14,15 @@ next round on; what was sent to its node before that is not read (see `Mailbox`)
 The connection is a `Connection` (it reconnects, and says leave before a clean
 disconnect). The model runs in a worker thread, so the connection keeps answering the
 broker while a round is computed. What a person should see goes to `report`, one line
-an event. Where the model comes from and where a round is computed is its `NodeBackend`:
-`SoloBackend` (its own copy, its one request) here, a host's shared models and batched
-rounds in `host` (one process serving several nodes).
+an event. Where the model comes from and where a round is computed is its `NodeBackend`
+(`backend`): `SoloBackend` (its own copy, its one request), or a host's shared models and
+batched rounds in `host` (one process serving several nodes).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import logging
 import platform
 import time
@@ -29,11 +30,11 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import aiomqtt
 
-from collective.distributed.compute_thread import on_compute_thread
+from collective.distributed.backend import NodeBackend, NodeModel, SoloBackend, published_scenario
 from collective.distributed.connection import Connection
 from collective.distributed.mailbox import Mailbox
 from collective.distributed.mqtt import BrokerAddress, DistributedError
@@ -59,12 +60,9 @@ from collective.distributed.protocol import (
     envelope,
     message_bytes_bound,
     open_envelope,
-    request_bytes_bound,
-    tokenizer_digest,
 )
 from collective.run.bus import link_policies, outgoing_messages
-from collective.run.node import NodeRoundRequest, NodeRoundResult, compute_rounds
-from collective.scenario import EvaluationSpec, Scenario, ScenarioError, parse_scenario
+from collective.scenario import Scenario
 
 log = logging.getLogger(__name__)
 
@@ -84,70 +82,6 @@ class VolunteerConfig:
     preflight_timeout_s: float = 10.0
     preflight: bool = True  # False: a host checks the broker once for all its nodes
     report_rounds: bool = True  # False: a host reports each round once for all its nodes
-
-
-@dataclass
-class NodeModel:
-    """A loaded model as a volunteer uses it (a host shares one among its nodes)."""
-
-    model: Any
-    tokenizer: Any
-    name: str
-    vocab_size: int
-    device: str
-
-    @functools.cached_property
-    def digest(self) -> str:
-        """`tokenizer_digest` of its tokenizer, once per model (a host's nodes share it)."""
-        return tokenizer_digest(self.tokenizer)
-
-
-def load_node_model(ref: str, device: str, dtype: str, cache_dir: Path | None) -> NodeModel:
-    from collective.lm.models import load_model
-
-    loaded = load_model(ref, device=device, dtype=dtype, cache_dir=cache_dir)
-    return NodeModel(loaded.model, loaded.tokenizer, loaded.name, loaded.vocab_size, str(loaded.device))
-
-
-@functools.lru_cache(maxsize=4)
-def published_scenario(scenario_yaml: str, run_id: str) -> tuple[Scenario, int]:
-    """The run's published scenario, parsed and validated once per process however many of
-    a host's nodes receive it, and the largest request envelope a node of it takes. Raises
-    `Rejected` when it does not validate."""
-    import yaml
-
-    try:
-        scenario = parse_scenario(yaml.safe_load(scenario_yaml), source=f"run {run_id}")
-    except (ScenarioError, ValueError) as exc:
-        raise Rejected("malformed", f"the published scenario does not validate: {exc}") from None
-    limit = request_bytes_bound(scenario.max_reach, scenario.bus.round_tokens, 4_096, 4 * len(scenario.nodes))
-    return scenario, limit
-
-
-class NodeBackend(Protocol):
-    """Where a volunteer's model comes from and where its rounds are computed."""
-
-    async def load(self, ref: str, device: str, dtype: str) -> NodeModel: ...
-
-    async def compute(
-        self, node_id: str, loaded: NodeModel, request: NodeRoundRequest, evaluation: EvaluationSpec
-    ) -> NodeRoundResult: ...
-
-
-@dataclass(frozen=True)
-class SoloBackend:
-    """One node in its own process: its own copy of the model, its one request per round."""
-
-    cache_dir: Path | None = None
-
-    async def load(self, ref: str, device: str, dtype: str) -> NodeModel:
-        return await on_compute_thread(load_node_model, ref, device, dtype, self.cache_dir)
-
-    async def compute(self, node_id: str, loaded: NodeModel, request: NodeRoundRequest, evaluation: EvaluationSpec) -> NodeRoundResult:
-        (result,) = await on_compute_thread(
-            compute_rounds, loaded.model, loaded.tokenizer, [request], top_k=evaluation.top_k, batch_tokens=evaluation.batch_tokens
-        )
-        return result
 
 
 class Volunteer:
@@ -277,7 +211,12 @@ class Volunteer:
         if info is None or info.channel == "echo":
             return
         with self.rejections.dropping(topic):
-            env = open_envelope(raw, self._limit(info.channel), run_id=self.run_id, sender=info.owner)
+            try:
+                env = open_envelope(raw, self._limit(info.channel), run_id=self.run_id, sender=info.owner)
+            except Rejected as rejected:
+                if rejected.reason == "wrong_schema" and info.channel in ("scenario", "control"):
+                    self._fail(DistributedError(f"run {self.run_id}'s coordinator speaks another protocol: {rejected.detail}"))
+                raise
             if info.channel == "msg":
                 self._on_message(info.owner, env)
             elif info.channel == "scenario" and isinstance(env.payload, ScenarioPayload):
@@ -378,6 +317,9 @@ class Volunteer:
             raise Rejected("malformed", f"a round of {len(request.round_inputs)} tokens, the run's rounds have {round_tokens}")
         if request.ids_out_of_range(loaded.vocab_size):
             raise Rejected("malformed", "token ids outside the model's vocabulary")
+        firewall_problem = request.firewall_problem(scenario.node(self.node_id).firewall)
+        if firewall_problem is not None:
+            raise Rejected("malformed", f"a request whose firewall is not the run's: {firewall_problem}")
         self._latest_round = max(self._latest_round, round_index)
         mailbox.due.extend(request.inbox)
         self._request = (round_index, request)
@@ -413,8 +355,8 @@ class Volunteer:
         began = time.perf_counter()
         self._computing = round_index
         await mailbox.read_booked(round_index, grace_s=min(2.0, payload.deadline_s / 4))
-        inbox_text = mailbox.inbox.render(round_index, scenario.bus.inbox_template, scenario.bus.inbox_header)
-        request = payload.to_request(round_index, inbox_text)
+        # what the node reads this round, screened by its firewall inside compute_rounds
+        request = payload.to_request(round_index, mailbox.inbox.visible(round_index), scenario.bus)
         result = await self.backend.compute(self.node_id, loaded, request, scenario.evaluation)
         if result.message_text is not None:
             result.messages = outgoing_messages(
