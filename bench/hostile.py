@@ -48,7 +48,7 @@ NUMBERS = ("attack_damage", "attack_damage_unpooled", "residual_damage", "defenc
 def run(args: argparse.Namespace) -> None:
     out = Path(args.out)
     for shape in args.shapes.split(","):
-        for replicate in range(args.replicates):
+        for replicate in range(args.first_replicate, args.replicates):
             first: Path | None = None
             for threat in args.threats.split(","):
                 folder = out / f"{shape}-{threat}-r{replicate}"
@@ -167,6 +167,7 @@ def main() -> None:
     runner.add_argument("--shapes", default="ring,star")
     runner.add_argument("--threats", default=",".join(THREATS))
     runner.add_argument("--replicates", type=int, default=3)
+    runner.add_argument("--first-replicate", type=int, default=0, help="start at this replicate (a second worker)")
     runner.add_argument("--offset-step", type=int, default=4096)
     runner.add_argument("--threads", type=int, default=1)
     summary = sub.add_parser("summarize")
