@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import statistics
 import subprocess
@@ -42,6 +43,7 @@ SHAPES = {"ring": ROOT / "scenarios/hostile/ring.yaml", "star": ROOT / "scenario
 ATTACKER_INDEX = {"ring": 3, "star": 4}  # the attacker's place in the file's `nodes:` list
 THREATS = ("white-box", "model-only")
 SHARED_VARIANTS = ("silent", "silent-nofw", "benign", "benign-nofw", "silent-unpooled-nofw")
+LOCK = ".worker.lock"  # a replicate's folder is run by one worker at a time
 NUMBERS = ("attack_damage", "attack_damage_unpooled", "residual_damage", "defence_cost")
 
 
@@ -55,6 +57,9 @@ def run(args: argparse.Namespace) -> None:
                 if (folder / "hostile.json").exists():
                     first = first or folder
                     continue
+                if not _claim(folder):
+                    print(f"skipping {folder}: another worker runs it ({folder / LOCK})", flush=True)
+                    continue
                 if first is not None:
                     _reuse_shared(first, folder)
                 _call([
@@ -62,7 +67,19 @@ def run(args: argparse.Namespace) -> None:
                     "--set", f"seed={replicate}", "--set", f"corpus.offset_tokens={replicate * args.offset_step}",
                     "--set", f"nodes.{ATTACKER_INDEX[shape]}.message.threat={threat}", "--threads", str(args.threads),
                 ])
+                (folder / LOCK).unlink()
                 first = first or folder
+
+
+def _claim(folder: Path) -> bool:
+    """Whether this worker may run `folder` (no other worker holds its lock; a lock left by a
+    worker that was killed must be removed by hand)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        os.close(os.open(folder / LOCK, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    except FileExistsError:
+        return False
+    return True
 
 
 def _reuse_shared(source: Path, folder: Path) -> None:
