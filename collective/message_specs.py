@@ -41,7 +41,23 @@ class SilentMessage(Frozen):
     policy: Literal["silent"] = "silent"
 
 
-class SearchMessage(Frozen):
+class MessageSearchSettings(Frozen):
+    """The settings of a message's greedy coordinate search, shared by `search` and `attack`:
+    nodes with the same settings (and search model) are searched together."""
+
+    steps: int = Field(4, ge=1, description="GCG steps per message")
+    search_width: int = Field(32, ge=1, description="candidates scored per step")
+    topk: int = Field(32, ge=1, description="tokens per position to sample replacements from")
+    n_replace: int = Field(1, ge=1)
+    ascii_only: bool = Field(True, description="only ASCII tokens in the message")
+    retokenize_filter: bool = Field(True, description="only messages that read back as the same tokens")
+
+    @property
+    def search_settings(self) -> tuple[int, int, int, int, bool, bool]:
+        return (self.steps, self.search_width, self.topk, self.n_replace, self.ascii_only, self.retokenize_filter)
+
+
+class SearchMessage(MessageSearchSettings):
     """The node searches its message every round: greedy coordinate gradient over the
     message's tokens (as many as the out-links' token budget), starting from `init`, to make
     what the sender just read as predictable as possible to a reader of the message.
@@ -58,15 +74,9 @@ class SearchMessage(Frozen):
     span_tokens: int | None = Field(None, ge=1, description="recent read tokens the message should carry; default: the round just read")
     init: Literal["relay", "generate", "filler"] = Field("relay", description="the message the search starts from")
     speak_prompt: str = Field("\nIn short:", description="init generate: appended after the node's context before it writes")
-    steps: int = Field(4, ge=1, description="GCG steps per message")
-    search_width: int = Field(32, ge=1, description="candidates scored per step")
-    topk: int = Field(32, ge=1, description="tokens per position to sample replacements from")
-    n_replace: int = Field(1, ge=1)
-    ascii_only: bool = Field(True, description="only ASCII tokens in the message")
-    retokenize_filter: bool = Field(True, description="only messages that read back as the same tokens")
 
 
-class AttackMessage(Frozen):
+class AttackMessage(MessageSearchSettings):
     """A hostile node: its message is searched every round (the batched search of `search`,
     with the readers' parts weighted negatively) to hurt the nodes that read it.
 
@@ -94,12 +104,6 @@ class AttackMessage(Frozen):
     )
     span_tokens: int | None = Field(None, ge=1, description="recent read tokens the readers are scored on; default: the round just read")
     init: Literal["relay", "filler"] = Field("relay", description="the message the search starts from")
-    steps: int = Field(4, ge=1, description="GCG steps per message")
-    search_width: int = Field(32, ge=1, description="candidates scored per step")
-    topk: int = Field(32, ge=1, description="tokens per position to sample replacements from")
-    n_replace: int = Field(1, ge=1)
-    ascii_only: bool = Field(True, description="only ASCII tokens in the message")
-    retokenize_filter: bool = Field(True, description="only messages that read back as the same tokens")
 
     @model_validator(mode="after")
     def _fields_of_the_objective(self) -> AttackMessage:

@@ -209,8 +209,7 @@ def _searched(
         spec = request.message
         if isinstance(spec, SearchMessage | AttackMessage) and request.message_tokens > 0:
             alias = spec.search_model if isinstance(spec, AttackMessage) else None
-            settings = (spec.steps, spec.search_width, spec.topk, spec.n_replace, spec.ascii_only, spec.retokenize_filter)
-            groups.setdefault((alias, settings), []).append(index)
+            groups.setdefault((alias, spec.search_settings), []).append(index)
     found: dict[int, tuple[str, MessageSearch]] = {}
     for (alias, _), members in groups.items():
         searcher, codec = model, tokenizer
