@@ -195,11 +195,11 @@ def mean_nll(
     log_probs = F.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
     targets = torch.tensor([t for row_labels in labels for t in row_labels], device=device)  # (M,)
     nll = -log_probs.gather(1, targets[:, None]).squeeze(1)  # (M,)
+    rows = torch.repeat_interleave(torch.arange(batch), torch.tensor(counts)).to(device)  # (M,) each label's row
     if caps is not None and any(cap is not None for cap in caps):  # min(inf, cap) = cap; no gradient above it
-        bound = torch.tensor([math.inf if cap is None else cap for cap in caps], dtype=nll.dtype)  # (B,)
-        nll = torch.minimum(nll, bound.repeat_interleave(torch.tensor(counts)).to(device))  # (M,)
+        bound = torch.tensor([math.inf if cap is None else cap for cap in caps], dtype=nll.dtype, device=device)  # (B,)
+        nll = torch.minimum(nll, bound[rows])  # (M,)
     # into (B, n_max) by plain indexing (unique indices, no atomic adds: deterministic on GPU)
-    rows = torch.repeat_interleave(torch.arange(batch), torch.tensor(counts)).to(device)  # (M,)
     cols = torch.cat([torch.arange(count) for count in counts]).to(device)  # (M,)
     per_row = torch.zeros(batch, max(counts), dtype=nll.dtype, device=device)
     per_row = per_row.index_put((rows, cols), nll)  # (B, n_max)
@@ -263,7 +263,8 @@ def candidate_losses(
         n_parts, n_candidates = len(task.parts), messages.shape[0]
         block = nll[start : start + n_candidates * n_parts].view(n_candidates, n_parts)  # (C, P)
         weights = torch.tensor([part.weight for part in task.parts], dtype=block.dtype)  # (P,)
-        losses.append((block * weights).sum(dim=1))  # (C,)
+        loss = (block * weights).sum(dim=1)  # (C,)
+        losses.append(torch.where(loss.isnan(), math.inf, loss))  # a message the model scores NaN is never taken
         start += n_candidates * n_parts
     return losses
 
@@ -383,7 +384,6 @@ def _step(
         candidates.append(_filter(tokenizer, sampled, task, config))  # (W', k)
     losses = candidate_losses(model, tasks, candidates, config.batch_tokens)
     for task, state, found, loss in zip(tasks, states, candidates, losses, strict=True):
-        loss = torch.where(loss.isnan(), math.inf, loss)  # a candidate the model scores NaN is never taken
         k = found.shape[1]
         state.scored_tokens += found.shape[0] * sum(len(p.prefix_ids) + k + len(p.rest_ids) for p in task.parts)
         if found.shape[0] == 0:

@@ -76,17 +76,21 @@ def test_an_untargeted_objective_counts_each_tokens_nll_at_most_the_cap(tiny_lm,
     assert not bool(grad.any())  # every token beyond the cap: nothing left to push
 
 
-def test_a_candidate_the_model_scores_nan_is_never_taken(tiny_lm, tiny_tok, monkeypatch):
-    real, calls = controller_messages.candidate_losses, []
+@pytest.mark.parametrize("start_is_nan", [False, True])
+def test_a_message_the_model_scores_nan_is_never_taken(tiny_lm, tiny_tok, monkeypatch, start_is_nan):
+    """NaN scores become +inf where every message is scored (`candidate_losses`): the start
+    (then any finite candidate beats it) and each step's best candidate (then the next best
+    is taken)."""
+    real, calls = controller_messages.row_losses, []
 
-    def best_is_nan(model, tasks, candidates, batch_tokens):
-        losses = real(model, tasks, candidates, batch_tokens)
+    def best_is_nan(*args, **kwargs):
+        nll = real(*args, **kwargs)
         calls.append(len(calls))
-        for loss in losses[: 1 if len(calls) > 1 else 0]:  # the steps' candidates, not the start
-            loss[loss.argmin()] = float("nan")
-        return losses
+        if len(calls) > 1 or start_is_nan:
+            nll[nll.argmin()] = float("nan")
+        return nll
 
-    monkeypatch.setattr(controller_messages, "candidate_losses", best_is_nan)
+    monkeypatch.setattr(controller_messages, "row_losses", best_is_nan)
     task = MessageTask([_reader_part(tiny_tok, weight=1.0)], tiny_tok.encode(" x y z", add_special_tokens=False), 0)
     (result,) = search_messages(tiny_lm, tiny_tok, [task], MessageSearchConfig(steps=3, search_width=16, topk=16))
     assert all(loss == loss for loss in result.losses)  # no NaN kept
@@ -295,9 +299,10 @@ def test_a_distributed_node_searches_a_model_only_attack_with_what_it_holds(tiny
     """A volunteer gets the request over the wire (no readers' views, no second model) and
     searches the attack on its own model and view."""
     request = _request(tiny_tok, message=AttackMessage(threat="model-only", **SEARCH), budget=4)
-    wire = RequestPayload.from_request(request, [], deadline_s=5.0)
+    readers = (ReceiverContext("b", [1, 2], request.prefix_ids),)  # what only an embedded engine could fill in
+    wire = RequestPayload.from_request(replace(request, receivers=readers), [], deadline_s=5.0)
     back = RequestPayload.model_validate_json(wire.model_dump_json()).to_request(request.round_index)
-    assert back.message == request.message and back.receivers == ()
+    assert back.message == request.message and back.receivers == ()  # the readers' views never travel
     (result,) = _run(tiny_lm, tiny_tok, [back])  # compute_rounds without search_models, as a volunteer calls it
     search = result.message_search
     assert search is not None and search.objective == "untargeted" and 0 < search.before < search.after
