@@ -29,7 +29,7 @@ from collective.run.firewall import (
 from collective.run.firewall_fit import benign_messages, fit_firewalls
 from collective.run.node import NodeRoundRequest, compute_rounds
 from collective.run.observation import Observer
-from collective.run.prepared import build_graph, placeholder_ids_for, refuse_receiver_search
+from collective.run.prepared import build_graph, placeholder_ids_for
 from collective.run.runner import prepare, run_prepared
 from collective.scenario import (
     CharsetFilter,
@@ -393,10 +393,6 @@ def test_an_older_report_still_reads_without_firewalls():
     report = Report.model_validate(data)
     assert report.schema_version == 2 and report.firewalls == {}
     assert "firewall of" not in report_markdown(report)
-
-
-def test_a_distributed_run_takes_a_firewall_since_the_receiving_node_runs_it():
-    refuse_receiver_search(fw_scenario([{"kind": "charset"}, {"kind": "perplexity"}]))  # no RunError
 
 
 

@@ -39,6 +39,7 @@ from collective.distributed.protocol import (
 )
 from collective.lm.predictions import TokenPredictions
 from collective.records import MessageRecord, ScreenRecord
+from collective.run.bus import render_messages
 from collective.run.node import NodeRoundRequest, NodeRoundResult
 from collective.scenario import (
     BusSpec,
@@ -134,7 +135,7 @@ def test_a_request_carries_exactly_the_node_view_and_comes_back_as_the_same_requ
     assert back.prefix_ids.tolist() == [1, 2, 3] and back.round_inputs.tolist() == [4, 0, 9]
     assert back.targets.tolist() == [4, 8, 9] and back.control_ids == [5, 6]
     assert back.message == request.message and back.message_tokens == 12 and back.seed == 11
-    assert back.want_plain is False and back.want_isolated is True and back.inbox_text == "news: [a] hi|"
+    assert back.want_plain is False and back.want_isolated is True and render_messages(back.inbox_messages, back.inbox_template, back.inbox_header) == "news: [a] hi|"
     # the node screens what it reads with the fitted firewall and renders it as the scenario's bus does
     assert back.inbox_messages == tuple(inbox) and back.firewall == request.firewall
     assert (back.inbox_template, back.inbox_header) == ("[{sender}] {text}|", "news: ")

@@ -20,7 +20,6 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from collective.lm.predictions import TokenPredictions
 from collective.records import Event, MessageRecord, MessageSearch, ScreenRecord
-from collective.run.bus import render_messages
 from collective.run.node import NodeRoundRequest, NodeRoundResult
 from collective.scenario import BusSpec, FirewallFilter, MessageSpec, PerplexityFilter
 
@@ -256,7 +255,7 @@ class RequestPayload(WireModel):
         ids: dict[str, Any] = {name: torch.tensor(getattr(self, name), dtype=torch.long) for name in _ID_FIELDS}
         return NodeRoundRequest(
             **same, **ids, round_index=round_index, control_ids=list(self.control_ids),
-            inbox_text=render_messages(inbox, bus.inbox_template, bus.inbox_header), message_frame=self.message_frame,
+            message_frame=self.message_frame,
             inbox_messages=tuple(inbox), firewall=self.firewall, inbox_template=bus.inbox_template, inbox_header=bus.inbox_header,
         )
 

@@ -32,7 +32,12 @@ from collective.lm.predictions import TokenPredictions
 from collective.lm.scoring import ScoreItem, score_items
 from collective.records import MessageRecord, MessageSearch, NodeRound, RoundEvent, ScreenRecord
 from collective.run.aggregate import Aggregator, make_aggregator
-from collective.run.bus import InMemoryBus, message_byte_budgets, message_token_budgets
+from collective.run.bus import (
+    InMemoryBus,
+    message_byte_budgets,
+    message_token_budgets,
+    render_messages,
+)
 from collective.run.messages import ReceiverContext, message_frame
 from collective.run.node import NodeRoundRequest, NodeRoundResult, compute_rounds
 from collective.run.observation import Observer
@@ -84,11 +89,10 @@ class EmbeddedExecutor:
         """The requests with each node's inbox this round: the messages it reads (which its
         firewall screens in `compute_rounds`) and, for callers that read it, their rendering
         before any firewall (what the node reads when it has none)."""
+        visible = {r.node_id: self.bus.inboxes[r.node_id].visible(round_index) for r in requests}
+        template, header = self.bus.spec.inbox_template, self.bus.spec.inbox_header
         return [
-            replace(
-                r, inbox_text=self.bus.render_inbox(r.node_id, round_index),
-                inbox_messages=tuple(self.bus.inboxes[r.node_id].visible(round_index)),
-            )
+            replace(r, inbox_text=render_messages(visible[r.node_id], template, header), inbox_messages=tuple(visible[r.node_id]))
             for r in requests
         ]
 
