@@ -60,20 +60,23 @@ def run(args: argparse.Namespace) -> None:
                 if not _claim(folder):
                     print(f"skipping {folder}: another worker runs it ({folder / LOCK})", flush=True)
                     continue
-                if first is not None:
-                    _reuse_shared(first, folder)
-                _call([
-                    sys.executable, "-m", "collective", "hostile", str(SHAPES[shape]), "--out", str(folder),
-                    "--set", f"seed={replicate}", "--set", f"corpus.offset_tokens={replicate * args.offset_step}",
-                    "--set", f"nodes.{ATTACKER_INDEX[shape]}.message.threat={threat}", "--threads", str(args.threads),
-                ])
-                (folder / LOCK).unlink()
+                try:
+                    if first is not None:
+                        _reuse_shared(first, folder)
+                    _call([
+                        sys.executable, "-m", "collective", "hostile", str(SHAPES[shape]), "--out", str(folder),
+                        "--set", f"seed={replicate}", "--set", f"corpus.offset_tokens={replicate * args.offset_step}",
+                        "--set", f"nodes.{ATTACKER_INDEX[shape]}.message.threat={threat}", "--threads", str(args.threads),
+                    ])
+                finally:
+                    (folder / LOCK).unlink(missing_ok=True)
                 first = first or folder
 
 
 def _claim(folder: Path) -> bool:
-    """Whether this worker may run `folder` (no other worker holds its lock; a lock left by a
-    worker that was killed must be removed by hand)."""
+    """Whether this worker may run `folder` (no other worker holds its lock; the lock goes when
+    the worker's run ends, failed or not; one left by a worker that was killed must be removed
+    by hand)."""
     folder.mkdir(parents=True, exist_ok=True)
     try:
         os.close(os.open(folder / LOCK, os.O_CREAT | os.O_EXCL | os.O_WRONLY))

@@ -95,7 +95,7 @@ def variant_settings(scenario: Scenario, kind: VariantKind) -> list[tuple[str, A
     return settings
 
 
-def hostile_variants(scenario: Scenario, *, source: str, base_dir: Path | None = None) -> list[Variant]:
+def hostile_variants(scenario: Scenario, *, source: str) -> list[Variant]:
     """Every variant of a scenario with a hostile node, each re-validated (an error names
     `source` and the variant); without a firewall, the firewall-on variants are left out."""
     if not hostile_nodes(scenario):
@@ -113,7 +113,8 @@ def hostile_variants(scenario: Scenario, *, source: str, base_dir: Path | None =
         changed = data
         for path, value in variant_settings(scenario, kind):
             changed = apply_override(changed, path, value)
-        variants.append(Variant(kind, parse_scenario(changed, f"{source} (variant {kind.name})", base_dir)))
+        # the resolved scenario's paths are already joined to its folder: parsed with no base_dir
+        variants.append(Variant(kind, parse_scenario(changed, f"{source} (variant {kind.name})")))
     return variants
 
 
