@@ -37,6 +37,11 @@ def start_token(tokenizer: TextCodec) -> int:
     raise ValueError("the tokenizer has no BOS, EOS or PAD token to start a context with")
 
 
+
+def pad_id(tokenizer: TextCodec) -> int:
+    """What right-padded batches are filled with (masked out): the pad token, else the start token."""
+    return int(getattr(tokenizer, "pad_token_id", None) or start_token(tokenizer))
+
 def stop_ids(tokenizer: TextCodec) -> list[int]:
     """A message ends at the end of a turn or document (EOS, BOS, the start token)."""
     names = ("eos_token_id", "bos_token_id")

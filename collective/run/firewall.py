@@ -29,7 +29,7 @@ from typing import Literal
 
 import torch
 
-from collective.lm.codec import TextCodec, start_token, stop_ids
+from collective.lm.codec import TextCodec, pad_id, start_token, stop_ids
 from collective.lm.scoring import ScoreItem, generate, score_items
 from collective.records import MessageRecord, ScreenRecord
 from collective.run.bus import render_messages
@@ -150,10 +150,6 @@ def message_score(nll: torch.Tensor, window: int | None) -> float:
     return float(nll.unfold(0, window, 1).mean(-1).max())  # (n - window + 1, window) -> max of means
 
 
-def _pad_id(tokenizer: TextCodec) -> int:
-    return int(getattr(tokenizer, "pad_token_id", None) or start_token(tokenizer))
-
-
 @torch.no_grad()
 def message_nll(model: torch.nn.Module, tokenizer: TextCodec, messages: Sequence[list[int]], *, batch_tokens: int) -> list[torch.Tensor]:
     """Each message's per-token NLL (n_i,) in nats, scored from [start][message], all of them
@@ -170,7 +166,7 @@ def message_nll(model: torch.nn.Module, tokenizer: TextCodec, messages: Sequence
     for ids in distinct:
         row = torch.tensor([*ids, *[start] * (longest - len(ids))], dtype=torch.long)  # (R,)
         items.append(ScoreItem(start_ids, row, row))
-    scored = score_items(model, items, pad_id=_pad_id(tokenizer), top_k=1, batch_tokens=batch_tokens)
+    scored = score_items(model, items, pad_id=pad_id(tokenizer), top_k=1, batch_tokens=batch_tokens)
     row_of = {ids: i for i, ids in enumerate(distinct)}
     return [-scored.target_logprob[row_of[tuple(ids)], : len(ids)] for ids in messages]  # (n_i,) each
 
@@ -193,7 +189,7 @@ def paraphrases(
         group = range(first, min(first + step, len(rows)))
         new = generate(
             model, [rows[i] for i in group], max_new_tokens=max(len(messages[i]) for i in group),
-            pad_id=_pad_id(tokenizer), stop_ids=stop_ids(tokenizer), generators=[None] * len(group),
+            pad_id=pad_id(tokenizer), stop_ids=stop_ids(tokenizer), generators=[None] * len(group),
             temperatures=[1.0] * len(group),
         )
         out += [tokenizer.decode(ids[: len(messages[i])], skip_special_tokens=True) for ids, i in zip(new, group)]

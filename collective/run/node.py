@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from collective.lm.codec import TextCodec, start_token, stop_ids
+from collective.lm.codec import TextCodec, pad_id, start_token, stop_ids
 from collective.lm.models import LoadedModel
 from collective.lm.predictions import TokenPredictions
 from collective.lm.scoring import ScoreItem, Speak, score_and_speak, score_items
@@ -118,7 +118,7 @@ def compute_rounds(
     """Score and speak for every request (all nodes must share this model; a transfer attack
     searches on `search_models`, which only the embedded runtime passes: see `_searched`)."""
     bos = _ids([start_token(tokenizer)])
-    pad_id = int(getattr(tokenizer, "pad_token_id", None) or bos.item())
+    pad = pad_id(tokenizer)
     read = _read_inboxes(model, tokenizer, requests, batch_tokens)
     inboxes = [_ids(inbox.ids) for inbox in read]
     sequences = _Sequences()
@@ -140,7 +140,7 @@ def compute_rounds(
     listeners = {i: sequences.add(collective_contexts[i], r) for i, r in enumerate(requests) if i not in speakers}
     parts = (sequences.items[:n_without_bus], sequences.items[n_without_bus:])
     scored = TokenPredictions.stack(
-        [score_items(model, part, pad_id=pad_id, top_k=top_k, batch_tokens=batch_tokens) for part in parts if part]
+        [score_items(model, part, pad_id=pad, top_k=top_k, batch_tokens=batch_tokens) for part in parts if part]
     )
     collective_rows = {i: scored.select([slot]) for i, slot in listeners.items()}
     said: dict[int, list[int]] = {}
@@ -149,7 +149,7 @@ def compute_rounds(
             model,
             [ScoreItem(collective_contexts[i], requests[i].round_inputs, requests[i].targets) for i in speakers],
             [_speak(requests[i], tokenizer) for i in speakers],
-            pad_id=pad_id, top_k=top_k, stop_ids=stop_ids(tokenizer), batch_tokens=batch_tokens,
+            pad_id=pad, top_k=top_k, stop_ids=stop_ids(tokenizer), batch_tokens=batch_tokens,
         )
         collective_rows |= {i: spoken_preds.select([k]) for k, i in enumerate(speakers)}
         said = dict(zip(speakers, spoken))

@@ -54,7 +54,7 @@ from typing import Protocol
 
 import torch
 
-from collective.lm.codec import TextCodec, start_token, stop_ids
+from collective.lm.codec import TextCodec, pad_id, start_token, stop_ids
 from collective.lm.scoring import ScoreItem, score_and_speak, score_items
 from collective.records import ControlSearch, MessageRecord
 from collective.run.bus import LinkPolicy, enforce_budget, link_policies, render_messages
@@ -94,10 +94,6 @@ def _ids(values: list[int]) -> torch.Tensor:
 
 def _encode(tokenizer: TextCodec, text: str) -> list[int]:
     return list(tokenizer.encode(text, add_special_tokens=False)) if text else []
-
-
-def _pad_id(tokenizer: TextCodec) -> int:
-    return int(getattr(tokenizer, "pad_token_id", None) or start_token(tokenizer))
 
 
 @dataclass(frozen=True)
@@ -149,7 +145,7 @@ class SpeakObjective:
                 items.append(ScoreItem(torch.cat([_ids([bos, *ids, *inbox]), q.prefix_ids]), q.round_inputs, q.targets))
                 speaks.append(_speak(q, tokenizer))
         _, spoken = score_and_speak(
-            self.loaded.model, items, speaks, pad_id=_pad_id(tokenizer), top_k=1, stop_ids=stop_ids(tokenizer),
+            self.loaded.model, items, speaks, pad_id=pad_id(tokenizer), top_k=1, stop_ids=stop_ids(tokenizer),
             batch_tokens=self.prepared.scenario.evaluation.batch_tokens,
         )
         texts = [tokenizer.decode(s, skip_special_tokens=True) for s in spoken]
@@ -194,7 +190,7 @@ class SpeakObjective:
                 context = _ids([start_token(tokenizer), *q.control_ids, *_encode(tokenizer, key[2])])
                 items.append(ScoreItem(torch.cat([context, q.prefix_ids]), q.round_inputs, q.targets))
             scored = score_items(
-                loaded.model, items, pad_id=_pad_id(tokenizer), top_k=1,
+                loaded.model, items, pad_id=pad_id(tokenizer), top_k=1,
                 batch_tokens=self.prepared.scenario.evaluation.batch_tokens,
             )
             nll = -scored.target_logprob.mean(-1)  # (n,)
