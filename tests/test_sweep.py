@@ -156,3 +156,10 @@ def test_a_cell_that_cannot_be_prepared_names_the_file_and_the_cell(tmp_path, ti
     message = err.err + err.out
     assert code != 0
     assert f"{scenario} (bus.max_message_tokens=4, seed 2): nodes[0].view.placeholder" in " ".join(message.split())
+
+
+def test_a_set_value_is_yaml_one_value_or_a_comma_list_and_bad_yaml_names_the_option():
+    assert parse_set("aggregator.exclude=[a, b]", single=True).values == (["a", "b"],)
+    assert parse_set("bus.max_message_tokens=4,8").values == (4, 8)
+    with pytest.raises(ScenarioError, match=r"--set 'x=\[a': the value is not valid YAML"):
+        parse_set("x=[a", single=True)

@@ -16,7 +16,7 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import yaml
 from rich.console import Console
@@ -82,7 +82,6 @@ class SeedPlan:
 
 def cmd_hostile(args: argparse.Namespace, console: Console) -> int:
     from collective.evaluate.hostile import hostile_report
-    from collective.evaluate.hostile_record import read_hostile
     from collective.report.hostile_view import hostile_markdown, hostile_table
     from collective.run.rundir import default_run_dir, write_atomic
     from collective.scenario import load_scenario
@@ -98,7 +97,7 @@ def cmd_hostile(args: argparse.Namespace, console: Console) -> int:
     report = hostile_report(plans[0].scenario, args.scenario, results)
     write_atomic(out / "hostile.md", hostile_markdown(report))
     write_atomic(out / "hostile.json", report.model_dump_json(indent=2) + "\n")  # last: it says the comparison is whole
-    console.print(hostile_table(read_hostile(out / "hostile.json")))
+    console.print(hostile_table(report))
     console.print(f"wrote {out}/hostile.json and hostile.md")
     return 0
 
@@ -106,13 +105,13 @@ def cmd_hostile(args: argparse.Namespace, console: Console) -> int:
 def _plans(args: argparse.Namespace, default_seed: int, out: Path) -> list[SeedPlan]:
     """Every seed's variants, all validated before anything runs."""
     from collective.evaluate.hostile import hostile_variants
-    from collective.evaluate.sweep import Override, apply_override, expand_grid
+    from collective.evaluate.sweep import apply_override, expand_grid, parse_set
     from collective.scenario import ScenarioError
 
     data = yaml.safe_load(Path(args.scenario).read_text(encoding="utf-8"))
     if not isinstance(data, dict):  # pragma: no cover - load_scenario already refused it
         raise ScenarioError(f"{args.scenario}: expected a YAML mapping")
-    overrides = [Override(path, (value,)) for path, value in (_one_set(text) for text in args.sets)]
+    overrides = [parse_set(text, single=True) for text in args.sets]
     changed = data
     for override in overrides:  # the default seed is the scenario's after --set (which may set it)
         changed = apply_override(changed, override.path, override.values[0])
@@ -125,19 +124,6 @@ def _plans(args: argparse.Namespace, default_seed: int, out: Path) -> list[SeedP
         )
         for cell in cells
     ]
-
-
-def _one_set(text: str) -> tuple[str, Any]:
-    """`KEY=VALUE` -> (key, the value read as YAML)."""
-    from collective.scenario import ScenarioError
-
-    path, sep, value = text.partition("=")
-    if not sep or not path.strip() or not value.strip():
-        raise ScenarioError(f"--set {text!r}: expected KEY=VALUE (e.g. bus.max_message_tokens=8)")
-    try:
-        return path.strip(), yaml.safe_load(value.strip())
-    except yaml.YAMLError as exc:
-        raise ScenarioError(f"--set {text!r}: the value is not valid YAML ({exc})") from None
 
 
 def _run_seed(plan: SeedPlan, out: Path, pool: ModelPool, args: argparse.Namespace, console: Console) -> SeedResult:

@@ -65,12 +65,17 @@ class Cell:
         return f"{name[: MAX_FOLDER_NAME - len(digest) - 1]}-{digest}"
 
 
-def parse_set(text: str) -> Override:
-    """`PATH=v1,v2` -> Override; each value is read as YAML (4 -> int, relay -> str)."""
+def parse_set(text: str, *, single: bool = False) -> Override:
+    """`PATH=v1,v2` -> Override; each value is read as YAML (4 -> int, relay -> str). With
+    `single`, the whole right side is one YAML value (so `exclude=[a, b]` stays one list)."""
     path, sep, values = text.partition("=")
     if not sep or not path.strip() or not values.strip():
-        raise ScenarioError(f"--set {text!r}: expected PATH=v1,v2 (e.g. bus.max_message_tokens=4,8)")
-    return Override(path.strip(), tuple(yaml.safe_load(v.strip()) for v in values.split(",")))
+        example = "bus.max_message_tokens=8" if single else "bus.max_message_tokens=4,8"
+        raise ScenarioError(f"--set {text!r}: expected {'KEY=VALUE' if single else 'PATH=v1,v2'} (e.g. {example})")
+    try:
+        return Override(path.strip(), tuple(yaml.safe_load(v.strip()) for v in ([values] if single else values.split(","))))
+    except yaml.YAMLError as exc:
+        raise ScenarioError(f"--set {text!r}: the value is not valid YAML ({exc})") from None
 
 
 def apply_override(data: dict[str, Any], path: str, value: Any) -> dict[str, Any]:
