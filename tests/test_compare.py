@@ -15,7 +15,6 @@ from collective.evaluate.compare import (
     comparison_markdown,
     comparison_table,
     mean_ci,
-    t_quantile_975,
 )
 from collective.records import Gain, Interval, Report, RowReport
 
@@ -42,7 +41,7 @@ def make_report(seed: int, collective_nll: float, scenario: str = "sweep", nodes
 
 def test_mean_ci_matches_a_hand_computed_t_interval():
     spread = mean_ci([1.0, 2.0, 3.0])
-    half = 4.303 * 1.0 / math.sqrt(3)
+    half = 4.302652729749464 * 1.0 / math.sqrt(3)  # scipy.stats.t.ppf(0.975, 2)
     assert spread.mean == pytest.approx(2.0)
     assert (spread.low, spread.high) == pytest.approx((2.0 - half, 2.0 + half))
 
@@ -52,8 +51,15 @@ def test_one_value_has_a_mean_but_no_interval():
     assert spread.mean == 1.5 and math.isnan(spread.low)
 
 
-def test_t_quantiles_shrink_towards_1_96():
-    assert t_quantile_975(1) > t_quantile_975(5) > t_quantile_975(30) > t_quantile_975(5000) == 1.96
+def test_the_interval_uses_the_exact_t_quantile_between_table_entries():
+    """The old table used the next lower df's quantile between entries: at 11 runs (df 10)
+    it was exact, at 12 runs (df 11) 2.228 instead of 2.201."""
+    values = [float(v % 5) for v in range(12)]
+    spread = mean_ci(values)
+    mean = sum(values) / 12
+    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / 11)
+    half = 2.200985160091639 * sd / math.sqrt(12)  # scipy.stats.t.ppf(0.975, 11)
+    assert (spread.low, spread.high) == pytest.approx((mean - half, mean + half), abs=1e-9)
 
 
 def test_rows_are_matched_by_kind_and_node_across_runs():

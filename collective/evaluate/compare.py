@@ -17,24 +17,13 @@ from rich.console import Group
 from rich.table import Table
 from rich.text import Text
 
+from collective.evaluate.tdist import t_critical
 from collective.records import ROW_TITLES, Report
 from collective.report.report_view import PARTIAL_MARK
 
-# Two-sided 95% Student t quantiles by degrees of freedom; between entries the next lower
-# df is used (a slightly wider, conservative interval).
-_T975 = {
-    1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262,
-    10: 2.228, 12: 2.179, 15: 2.131, 20: 2.086, 25: 2.060, 30: 2.042, 40: 2.021, 60: 2.000, 120: 1.980,
-}
 MAX_RUN_COLUMNS = 6
 
 LineKey = tuple[str, str | None]  # a line of the comparison: a report row (kind, node id) or a gain (name, None)
-
-
-def t_quantile_975(df: int) -> float:
-    if df < 1:
-        return math.nan
-    return _T975[max(k for k in _T975 if k <= df)] if df < 1000 else 1.960
 
 
 @dataclass(frozen=True)
@@ -59,7 +48,7 @@ def mean_ci(values: Sequence[float]) -> Spread:
     if len(finite) < 2:
         return Spread(finite, mean, math.nan, math.nan)
     sd = math.sqrt(sum((v - mean) ** 2 for v in finite) / (len(finite) - 1))
-    half = t_quantile_975(len(finite) - 1) * sd / math.sqrt(len(finite))
+    half = t_critical(len(finite) - 1) * sd / math.sqrt(len(finite))
     return Spread(finite, mean, mean - half, mean + half)
 
 
