@@ -199,3 +199,78 @@ def test_a_signal_to_collective_broker_stops_its_mosquitto_and_frees_the_port(tm
         if broker.poll() is None:
             broker.kill()
             broker.wait()
+
+
+# ---------------------------------------------------------------------------- host logins on a real broker
+
+
+def _broker_from_hostfile(tmp_path: Path, hosts_yaml: str, port: int) -> tuple[int, str, Path]:
+    """`collective broker --hosts FILE` with no --scenario (logins from --user): its exit code,
+    what it said, and the config folder."""
+    from collective.cli import main
+
+    hostfile = tmp_path / "hosts.yaml"
+    hostfile.write_text(hosts_yaml, encoding="utf-8")
+    conf = tmp_path / "conf"
+    args = ["broker", "--config-dir", str(conf), "--hosts", str(hostfile), "--user", "coordinator:coord-pass",
+            "--user", "box:box-pass", "--port", str(port), "--bind", "127.0.0.1", "--no-start"]
+    return main(args), hostfile.read_text(encoding="utf-8"), conf
+
+
+async def _what_arrives(port: int, topics) -> tuple[list[str], list[str]]:
+    """The box login publishes as its node a and as b, c (not its own), and listens to a's and
+    b's requests; the coordinator listens to every node topic and sends a request to a and b."""
+    import asyncio
+    import contextlib
+
+    import aiomqtt
+
+    heard_box: list[str] = []
+    heard_coordinator: list[str] = []
+    async with aiomqtt.Client("127.0.0.1", port, username="box", password="box-pass") as box, aiomqtt.Client(
+        "127.0.0.1", port, username="coordinator", password="coord-pass"
+    ) as coordinator:
+        await coordinator.subscribe(f"{topics.root}/nodes/#", qos=1)
+        for node in ("a", "b"):
+            await box.subscribe(topics.to_node(node), qos=1)
+            await coordinator.publish(topics.to_node(node), b"{}", qos=1)
+        for topic in (topics.result("b"), topics.status("c"), topics.message("b", "a"), topics.result("a")):
+            await box.publish(topic, b"{}", qos=1)
+        for client, heard in ((box, heard_box), (coordinator, heard_coordinator)):
+            with contextlib.suppress(asyncio.TimeoutError):
+                async with asyncio.timeout(1.0):
+                    async for message in client.messages:
+                        heard.append(str(message.topic))
+    return heard_box, heard_coordinator
+
+
+@pytest.mark.mqtt
+@pytest.mark.parametrize("hosts_yaml", ["box: [a]\n", 'box: [a, "+"]\n', 'box: [a, "#"]\n'])
+def test_a_host_login_of_a_broker_without_a_scenario_cannot_publish_as_or_read_for_a_node_it_does_not_hold(
+    tmp_path: Path, capsys, hosts_yaml: str
+):
+    import asyncio
+
+    from collective.distributed.broker import mosquitto_binary
+    from collective.distributed.protocol import Topics
+    from tests.mosquitto import _spawn, free_port
+
+    if mosquitto_binary() is None:
+        pytest.skip("mosquitto is not installed")
+    port = free_port()
+    code, _, conf = _broker_from_hostfile(tmp_path, hosts_yaml, port)
+    captured = capsys.readouterr()
+    if code == 2:  # refused: then no configuration exists that a broker could run
+        assert '"' in hosts_yaml and "is not a node id" in captured.out + captured.err
+        assert not (conf / "acl").exists()
+        return
+    assert code == 0, captured.out + captured.err
+    process = _spawn(conf / "mosquitto.conf", port)
+    try:
+        topics = Topics("r1")
+        heard_box, heard_coordinator = asyncio.run(_what_arrives(port, topics))
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+    assert heard_coordinator == [topics.result("a")], "the broker let box publish as a node it does not hold"
+    assert heard_box == [topics.to_node("a")], "the broker let box read a node's requests it does not hold"

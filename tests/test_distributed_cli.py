@@ -112,3 +112,69 @@ def test_the_broker_command_names_the_bad_entry_of_a_host_file(tmp_path, capsys,
 def test_the_node_command_checks_which_nodes_a_host_asks_for_before_connecting(args, complaint, capsys):
     assert main(["node", "--broker", "mqtt://127.0.0.1:1", "--run", "x", *args]) == 2
     assert complaint in " ".join(capsys.readouterr().out.split())
+
+
+def _said(capsys) -> str:
+    """What a command printed, stdout and stderr together (errors may go to either)."""
+    captured = capsys.readouterr()
+    return " ".join((captured.out + captured.err).split())
+
+
+@pytest.mark.parametrize("bad", ["+", "#", "a/b", "", "box/+", "coordinator"])
+@pytest.mark.parametrize("with_scenario", [False, True])
+def test_a_host_file_node_id_that_is_a_wildcard_or_no_node_id_is_refused_with_or_without_a_scenario(
+    tmp_path, capsys, bad, with_scenario
+):
+    hostfile = tmp_path / "hosts.yaml"
+    hostfile.write_text(f'gpu-box: [a, "{bad}"]\n', encoding="utf-8")
+    scenario = ["--scenario", str(REPO / "scenarios" / "quickstart.yaml")] if with_scenario else []
+    args = ["broker", "--config-dir", str(tmp_path / "conf"), *scenario, "--hosts", str(hostfile), "--no-start"]
+    assert main(args) == 2
+    out = _said(capsys)
+    assert str(hostfile) in out and "host 'gpu-box'" in out and f"{bad!r} is not a node id" in out, out
+    assert "letters, digits, '-' or '_'" in out or "no node may take" in out, out
+    assert not (tmp_path / "conf" / "acl").exists()
+
+
+def test_an_acl_never_holds_a_wildcard_login_or_node_id():
+    from collective.distributed.broker import acl_text
+
+    with pytest.raises(ValueError, match=r"'\+'"):
+        acl_text(["coordinator", "box"], {"box": ["+"]})
+    with pytest.raises(ValueError, match="'x#'"):
+        acl_text(["coordinator", "x#"])
+
+
+def test_the_broker_command_refuses_a_user_login_that_is_no_login_name(tmp_path, capsys):
+    assert main(["broker", "--config-dir", str(tmp_path), "--user", "+:secret", "--no-start"]) == 2
+    assert "--user '+': a login is 1-64 letters" in _said(capsys)
+
+
+@pytest.mark.parametrize("under", [False, True])
+def test_a_config_dir_that_is_a_file_or_under_a_file_is_an_error_not_a_traceback(tmp_path, capsys, under):
+    afile = tmp_path / "taken"
+    afile.write_text("x", encoding="utf-8")
+    folder = afile / "conf" if under else afile
+    assert main(["broker", "--config-dir", str(folder), "--no-start"]) == 2
+    out = _said(capsys)
+    assert f"--config-dir {folder}" in out and ("is a file" if not under else f"is under {afile}, which is a file") in out, out
+    assert "Traceback" not in out and afile.read_text(encoding="utf-8") == "x"
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "complaint"),
+    [
+        ("--threads", "-3", "expected a whole number >= 1, got '-3'"),
+        ("--threads", "0", "expected a whole number >= 1, got '0'"),
+        ("--scenario-timeout", "-5", "expected a number of seconds > 0, got '-5'"),
+        ("--scenario-timeout", "0", "expected a number of seconds > 0, got '0'"),
+        ("--scenario-timeout", "nan", "expected a number of seconds > 0, got 'nan'"),
+        ("--scenario-timeout", "soon", "expected a number of seconds > 0, got 'soon'"),
+    ],
+)
+def test_the_node_command_refuses_a_bad_thread_count_or_timeout_in_the_parser(capsys, option, value, complaint):
+    with pytest.raises(SystemExit) as exited:
+        main(["node", "--broker", "mqtt://127.0.0.1:1", "--run", "x", "--node", "a", option, value])
+    assert exited.value.code == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert f"argument {option}: {complaint}" in err, err

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 from rich.console import Console
 
-from collective.cli.common import EXIT_INTERRUPTED, model_cache_dir, set_threads
+from collective.cli.common import EXIT_INTERRUPTED, add_threads_option, model_cache_dir, set_threads
 
 if TYPE_CHECKING:
     from collective.distributed.broker import BrokerFiles, BrokerSettings
@@ -41,8 +41,11 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     node.add_argument("--claim", type=int, metavar="N", help="serve N nodes that no live process serves yet (the coordinator assigns them)")
     node.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: the scenario's device for the model)")
     node.add_argument("--model", metavar="REF", help="load this model reference instead of the scenario's (a local copy)")
-    node.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
-    node.add_argument("--scenario-timeout", type=float, default=600.0, help="seconds to wait for the coordinator to publish the run")
+    add_threads_option(node)
+    node.add_argument(
+        "--scenario-timeout", type=seconds_arg, default=600.0, metavar="SECONDS",
+        help="seconds to wait for the coordinator to publish the run (> 0)",
+    )
     node.add_argument("--preflight-only", action="store_true", help="check the connection step by step, then exit")
     node.set_defaults(func=cmd_node)
 
@@ -67,6 +70,19 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     broker.set_defaults(func=cmd_broker)
 
 
+def seconds_arg(text: str) -> float:
+    """argparse type of --scenario-timeout: a finite number of seconds > 0."""
+    import math
+
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"expected a number of seconds > 0, got {text!r}")
+    return value
+
+
 def cmd_node(args: argparse.Namespace, console: Console) -> int:
     """Join a distributed run through an MQTT broker and serve one node's rounds until the run
     ends. The coordinator (`collective run SCENARIO --bus URL --out runs/RUN_ID`) publishes the
@@ -76,7 +92,7 @@ def cmd_node(args: argparse.Namespace, console: Console) -> int:
 
     node_ids = _node_ids(args)
     _check_ids(args.run, node_ids)
-    set_threads(args.threads or None)  # --threads 0: torch's choice, as without it
+    set_threads(args.threads)
     address = parse_broker_url(args.broker)
     solo = len(node_ids) == 1 and args.claim is None
     who = node_ids[0] if solo else address.username or "host"
@@ -187,28 +203,48 @@ def cmd_broker(args: argparse.Namespace, console: Console) -> int:
     collective watch --broker). --hosts FILE adds a login per host (`collective node --nodes`)
     that may act for the node ids its entry lists, and only those."""
     from collective.distributed.broker import fresh_passwords, write_broker_config
+    from collective.distributed.mqtt import DistributedError
     from collective.scenario import load_scenario
 
+    _check_config_dir(args.config_dir)
     given = _given_logins(args.user)
     scenario = load_scenario(args.scenario) if args.scenario else None
     hosts = _hosts(args, scenario)
     users = {**_logins(args, scenario, given), **fresh_passwords(list(hosts), given)}
-    files = write_broker_config(_broker_settings(args, scenario, users, hosts))
+    try:
+        files = write_broker_config(_broker_settings(args, scenario, users, hosts))
+    except OSError as exc:  # e.g. a folder this user may not write
+        raise DistributedError(f"--config-dir {args.config_dir}: cannot write the configuration ({exc})") from None
     _say_written(files, users, args.port, console)
     if args.no_start:
         return 0
     return _start(files, console)
 
 
+def _check_config_dir(folder: Path) -> None:
+    """--config-dir is a folder, or can become one: neither it nor a folder above it is a file."""
+    from collective.distributed.mqtt import DistributedError
+
+    for path in (folder, *folder.parents):
+        if path.exists():
+            if not path.is_dir():
+                what = "is a file" if path == folder else f"is under {path}, which is a file"
+                raise DistributedError(f"--config-dir {folder}: {what}; give a folder (it is created when missing)")
+            return
+
+
 def _given_logins(items: list[str]) -> dict[str, str]:
     """Each --user NAME:PASSWORD, by name."""
     from collective.distributed.mqtt import DistributedError
+    from collective.scenario import check_node_id
 
     given: dict[str, str] = {}
     for item in items:
         name, sep, password = item.partition(":")
         if not sep or not name or not password:
             raise DistributedError(f"--user {item!r}: expected NAME:PASSWORD")
+        if not check_node_id(name):  # every login is a node id, a host, the coordinator or the watcher
+            raise DistributedError(f"--user {name!r}: a login is 1-64 letters, digits, '-' or '_' (no MQTT wildcard '+' or '#', no '/')")
         given[name] = password
     return given
 

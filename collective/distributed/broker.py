@@ -154,11 +154,28 @@ def read_hostfile(path: Path, node_ids: list[str] | None = None) -> dict[str, li
             raise ValueError(f"{where}: a host login may not be a node id of the scenario (that node's login); rename the host")
         if not isinstance(nodes, list) or not nodes or not all(isinstance(n, str) for n in nodes):
             raise ValueError(f"{where}: expected a non-empty list of node ids, e.g. [a, b]")
+        _check_host_nodes(where, nodes)
         unknown = [n for n in nodes if node_ids is not None and n not in node_ids]
         if unknown:
             raise ValueError(f"{where}: {', '.join(map(repr, unknown))} is not a node of the scenario (its nodes: {', '.join(node_ids or [])})")
         hosts[login] = list(dict.fromkeys(nodes))
     return hosts
+
+
+def _check_host_nodes(where: str, nodes: list[str]) -> None:
+    """Each node id of a host's list passes the scenario's own node id check, with or without a
+    scenario: an id goes into the ACL's topics, where `+` or `#` would be a wildcard (`gpu-box:
+    ["+"]` would let that login write as every node and read every node's mail)."""
+    from collective.scenario import check_node_id
+
+    for node in nodes:
+        if not check_node_id(node):
+            raise ValueError(
+                f"{where}: {node!r} is not a node id: a node id is 1-64 letters, digits, '-' or '_' "
+                "(no MQTT wildcard '+' or '#', no '/', not empty)"
+            )
+        if node in (COORDINATOR, WATCHER):
+            raise ValueError(f"{where}: {node!r} is not a node id: that is the {node} login, which no node may take")
 
 
 def password_hash(password: str, salt: bytes | None = None, iterations: int = 101) -> str:
@@ -188,6 +205,11 @@ def acl_text(users: list[str], hosts: dict[str, list[str]] | None = None) -> str
     do so for each node id of its list, and no other. (The patterns apply to the watcher and
     the hosts too: under nodes/<login>/ a host publishes its claims and its preflight echo;
     the watcher could publish there, which every party drops: no node has that id.)"""
+    from collective.scenario import check_node_id
+
+    unsafe = [name for name in [*users, *(n for nodes in (hosts or {}).values() for n in nodes)] if not check_node_id(name)]
+    if unsafe:  # a wildcard, '/', space or newline would widen or forge ACL lines
+        raise ValueError(f"ACL: {', '.join(map(repr, unsafe))} is not a login or node id (1-64 letters, digits, '-' or '_')")
     lines = [
         "# written by `collective broker` (topics: collective/distributed/protocol.py)",
         "pattern write collective/+/nodes/%u/#",
