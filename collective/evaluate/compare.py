@@ -28,7 +28,7 @@ LineKey = tuple[str, str | None]  # a line of the comparison: a report row (kind
 
 @dataclass(frozen=True)
 class Spread:
-    """Mean of one number across runs and its 95% t-interval (NaN bounds with one run)."""
+    """Mean of one number across runs and its t interval (95% unless asked; NaN bounds with one run)."""
 
     values: tuple[float, ...]
     mean: float
@@ -40,7 +40,8 @@ class Spread:
         return len(self.values)
 
 
-def mean_ci(values: Sequence[float]) -> Spread:
+def mean_ci(values: Sequence[float], confidence: float = 0.95) -> Spread:
+    """The mean of the finite values and its t interval (n - 1 degrees of freedom)."""
     finite = tuple(v for v in values if math.isfinite(v))
     if not finite:
         return Spread((), math.nan, math.nan, math.nan)
@@ -48,7 +49,7 @@ def mean_ci(values: Sequence[float]) -> Spread:
     if len(finite) < 2:
         return Spread(finite, mean, math.nan, math.nan)
     sd = math.sqrt(sum((v - mean) ** 2 for v in finite) / (len(finite) - 1))
-    half = t_critical(len(finite) - 1) * sd / math.sqrt(len(finite))
+    half = t_critical(len(finite) - 1, confidence) * sd / math.sqrt(len(finite))
     return Spread(finite, mean, mean - half, mean + half)
 
 
