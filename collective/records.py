@@ -243,7 +243,13 @@ class FilterFit(_Record):
     benign_messages: int = Field(description="benign train-part messages scored (those the filters before it let through)")
     mean_tokens: float = Field(description="their mean length in tokens")
     false_drop_rate: float = Field(description="the share of them the threshold was fitted to drop")
-    fit_drop_rate: float = Field(description="the share of them above the threshold (the quantile on a finite sample)")
+    fit_drop_rate: float = Field(description="the share of them above the threshold (in-sample: the quantile on a finite sample)")
+    requested_messages: int | None = Field(None, description="fit_messages: windows asked for the fit (and as many held out)")
+    windows_available: int | None = Field(
+        None, description="distinct, full-length, non-overlapping relay windows in the train part (fit and held out drawn from them)"
+    )
+    held_out_messages: int | None = Field(None, description="benign train-part messages held out of the fit that reached the filter")
+    held_out_drop_rate: float | None = Field(None, description="the share of the held-out ones above the threshold (None: none)")
 
 
 class FilterReport(_Record):

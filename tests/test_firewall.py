@@ -6,6 +6,7 @@ events and the report, in one batched pass per model filter."""
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,7 @@ import torch
 import collective.run.firewall as firewall_module
 from collective.lm.codec import start_token
 from collective.lm.models import LoadedModel, ModelPool
-from collective.records import MessageRecord, Report, RoundEvent
+from collective.records import REPORT_SCHEMA_VERSION, MessageRecord, Report, RoundEvent
 from collective.report.report_view import report_markdown
 from collective.run.firewall import (
     InboxRead,
@@ -26,13 +27,14 @@ from collective.run.firewall import (
     retokenized_ids,
     screen,
 )
-from collective.run.firewall_fit import benign_messages, fit_firewalls
+from collective.run.firewall_fit import benign_messages, distinct_starts, fit_firewalls
 from collective.run.node import NodeRoundRequest, compute_rounds
 from collective.run.observation import Observer
 from collective.run.prepared import build_graph, placeholder_ids_for
 from collective.run.runner import prepare, run_prepared
 from collective.scenario import (
     CharsetFilter,
+    LaggedView,
     ParaphraseFilter,
     PerplexityFilter,
     RelayMessage,
@@ -40,6 +42,7 @@ from collective.scenario import (
     Scenario,
     ScenarioError,
     SilentMessage,
+    WindowView,
     load_scenario,
     parse_scenario,
 )
@@ -135,28 +138,81 @@ def _searched_gibberish(lm: LoadedModel, stream: torch.Tensor, count: int = 4) -
     return [found.text for found in search_messages(lm.model, tok, tasks, config)]
 
 
-def test_the_perplexity_filter_drops_searched_gibberish_and_passes_fluent_text_at_its_fitted_rate(fluent, stream):
-    # 256 benign messages: with the default 64 the quantile's own sampling error is about +-0.04
+def _scores(lm: LoadedModel, messages: list[MessageRecord]) -> list[float]:
+    """Each message's whole-message score, recomputed here one by one."""
+    ids = [lm.tokenizer.encode(m.text, add_special_tokens=False) for m in messages]
+    return [message_score(values, None) for values in message_nll(lm.model, lm.tokenizer, ids, batch_tokens=4096)]
+
+
+def test_the_threshold_is_the_fit_halfs_quantile_and_its_drop_rate_is_measured_on_the_held_out_half(fluent, stream):
+    # 256 fitted and 256 held out: with the default 64 the held-out rate's own sampling error is about +-0.04
     sc = fw_scenario([{"kind": "perplexity", "false_drop_rate": 0.1, "fit_messages": 256}])
     graph = build_graph(sc)
     fitted = fit_firewalls(sc, {"tiny": fluent}, graph, stream)
     (spec,) = fitted.filters["b"]
     assert isinstance(spec, PerplexityFilter) and spec.threshold is not None
     fit = fitted.fits["b"][0]
-    assert fit.benign_messages == 256 and fit.false_drop_rate == 0.1 and 0.08 <= fit.fit_drop_rate <= 0.1
-
     train = Observer(stream[:TRAIN], sc.nodes, seed=sc.seed, round_tokens=8, context_tokens=32, placeholder_ids={})
-    used = {m.text for m in benign_messages(sc, graph, train, fluent.tokenizer, "b", 0)}
-    windows = [fluent.tokenizer.decode(stream[at : at + BUDGET].tolist()) for at in range(0, TRAIN - BUDGET, BUDGET)]
-    fluent_texts = [text for text in windows if text not in used]  # train-part windows the fit did not use
-    assert len(fluent_texts) > 500
+    sample = benign_messages(sc, graph, train, fluent.tokenizer, "b", 0)
+    assert (fit.benign_messages, fit.held_out_messages, fit.requested_messages) == (256, 256, 256)
+    assert fit.windows_available == sample.windows_available > 512
+    fit_scores, held_scores = sorted(_scores(fluent, sample.fit)), _scores(fluent, sample.held_out)
+    assert spec.threshold == pytest.approx(fit_scores[math.ceil(0.9 * 256) - 1], abs=1e-4)  # by hand: the 231st of 256
+    held_rate = sum(score > spec.threshold for score in held_scores) / 256
+    assert fit.held_out_drop_rate == pytest.approx(held_rate, abs=1.5 / 256)  # one tie at the threshold either way
+    assert 0.03 <= fit.held_out_drop_rate <= 0.25  # near the fitted 10% on text the fit did not see (17% here)
+
+    used = {m.text for m in [*sample.fit, *sample.held_out]}
+    windows = [fluent.tokenizer.decode(stream[at : at + BUDGET].tolist()) for at in range(4, TRAIN - BUDGET, BUDGET)]
+    fluent_texts = [text for text in windows if text not in used]  # train-part windows neither half used
+    assert len(fluent_texts) > 100
     passed = screened(fluent.model, fluent.tokenizer, [spec], *fluent_texts)
     dropped = sum(s.dropped_by == "perplexity" for s in passed) / len(passed)
-    assert 0.06 <= dropped <= 0.15  # about the fitted 10%
+    assert 0.03 <= dropped <= 0.2  # about the fitted 10%
 
     gibberish = screened(fluent.model, fluent.tokenizer, [spec], *_searched_gibberish(fluent, stream))
     assert [s.dropped_by for s in gibberish] == ["perplexity"] * 4
     assert all(s.score is not None and s.score > spec.threshold and s.threshold == spec.threshold for s in gibberish)
+
+
+def _relay_positions(view: Any, at: int, tokens: int, round_tokens: int = 8, context_tokens: int = 64) -> list[int]:
+    """By hand: the last `tokens` positions of [the view's span][the round]."""
+    lo, hi = view.span(at, context_tokens)
+    return [*range(lo, hi), *range(at, at + round_tokens)][-tokens:]
+
+
+def test_the_fit_rounds_relay_distinct_full_length_non_overlapping_windows_of_the_train_part():
+    window, lagged, short = WindowView(tokens=16), LaggedView(tokens=32, lag=16), WindowView(tokens=4)
+    links = [(window, 12), (lagged, 32)]
+    starts = distinct_starts(links, 400, 8, 64)
+    # the lagged relay reads [at-40, at-16) and [at, at+8): full from at = 40, then every 48 tokens
+    assert starts == list(range(40, 393, 48))
+    # each round is one message, over one of the links: what any link would relay at one round
+    # reads no position another round's could
+    reads = [set().union(*(_relay_positions(view, at, tokens) for view, tokens in links)) for at in starts]
+    assert all(len(_relay_positions(view, at, tokens)) == tokens for at in starts for view, tokens in links)
+    assert all(0 <= p < 400 for read in reads for p in read)
+    assert sum(map(len, reads)) == len(set().union(*reads))  # no position read by two rounds
+    # a view shorter than the budget: full length is what it ever relays (4 + the round's 8)
+    assert distinct_starts([(short, 32)], 100, 8, 64) == list(range(4, 93, 12))
+    assert distinct_starts([(window, 12)], 7, 8, 64) == []  # not one round in the train part
+
+
+def test_the_fit_uses_each_window_once_and_holds_out_half_of_what_there_is(tiny_tok, stream, caplog):
+    sc = fw_scenario([{"kind": "perplexity", "fit_messages": 32}])
+    graph = build_graph(sc)
+    train = Observer(stream[:TRAIN], sc.nodes, seed=sc.seed, round_tokens=8, context_tokens=32, placeholder_ids={})
+    sample = benign_messages(sc, graph, train, tiny_tok, "b", 0)
+    assert len(sample.fit) == len(sample.held_out) == 32
+    rounds = [m.round_sent for m in [*sample.fit, *sample.held_out]]
+    assert sorted(rounds, reverse=True) == list(range(-1, -65, -1))  # one round each, none shared
+    assert len({m.text for m in [*sample.fit, *sample.held_out]}) == 64  # distinct windows, distinct text
+    short = fw_scenario([{"kind": "perplexity", "fit_messages": 32}], train=100)
+    small = Observer(stream[:100], short.nodes, seed=short.seed, round_tokens=8, context_tokens=32, placeholder_ids={})
+    with caplog.at_level("WARNING"):
+        few = benign_messages(short, build_graph(short), small, tiny_tok, "b", 0)
+    assert few.windows_available == len(distinct_starts([(short.node("a").view, BUDGET)], 100, 8, 32)) == 8
+    assert (len(few.fit), len(few.held_out)) == (4, 4) and "fewer than the 64 asked for" in caplog.text
 
 
 def test_a_message_score_is_its_mean_nll_or_its_worst_window():
@@ -366,17 +422,20 @@ def test_a_run_with_a_firewall_records_each_screen_in_events_and_the_report(tiny
             assert node.messages_screened_out == sum(s.action == "drop" for s in mine)
             assert all(s.round_sent < event.round_index for s in mine)
     assert any(s.action == "drop" for s in records) and any(s.action == "pass" for s in records)
-    assert report is not None and report.schema_version == 5
+    assert report is not None and report.schema_version == REPORT_SCHEMA_VERSION
     for node_id, found in report.firewalls.items():
         mine = [s for s in records if s.receiver == node_id]
         assert found.messages_read == len(mine) and found.messages_dropped == sum(s.action == "drop" for s in mine)
         assert [f.filter for f in found.filters] == ["charset", "perplexity"]
         assert found.filters[1].threshold == prepared.firewalls[node_id][1].threshold  # type: ignore[union-attr]
-        assert found.filters[1].fit is not None and found.filters[1].fit.benign_messages == 16
+        fit = found.filters[1].fit  # the tiny scenario's train part holds 11 windows: half and half of them
+        assert fit is not None and (fit.benign_messages, fit.held_out_messages, fit.windows_available) == (6, 5, 11)
+        assert fit.held_out_drop_rate is not None and fit.requested_messages == 16
         assert found.filters[1].dropped == found.messages_dropped
         assert 0 < found.seconds == pytest.approx(sum(s.seconds for s in mine)) and 0 < found.round_share < 1
     assert set(report.firewalls) == {"a", "b", "c"}
-    assert "firewall of a" in report_markdown(report) and "fitted on 16 benign train messages" in report_markdown(report)
+    assert "firewall of a" in report_markdown(report) and "fitted on 6 benign train messages" in report_markdown(report)
+    assert "of 5 above it (11 distinct train windows, 16 asked for each half)" in report_markdown(report)
 
 
 def test_a_firewall_that_drops_everything_leaves_each_node_its_isolated_context(tiny_model_dir, tmp_path):
@@ -407,7 +466,8 @@ def test_the_fit_reads_what_the_in_neighbours_relay_through_their_own_views(tiny
     graph = build_graph(sc)  # a directed ring: a -> b -> c -> a
     placeholders = placeholder_ids_for(sc, tiny_tok)
     train = Observer(stream[:TRAIN], sc.nodes, seed=sc.seed, round_tokens=8, context_tokens=32, placeholder_ids=placeholders)
-    from_a = benign_messages(sc, graph, train, tiny_tok, "b", 0)
+    sample = benign_messages(sc, graph, train, tiny_tok, "b", 0)
+    from_a = [*sample.fit, *sample.held_out]
     assert all(m.sender == "a" for m in from_a)
     clean = tiny_tok.decode(stream[:TRAIN].tolist()).count(hidden) / TRAIN
     carrying = sum(hidden in m.text for m in from_a) / len(from_a)

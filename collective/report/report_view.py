@@ -24,7 +24,7 @@ from rich.text import Text
 
 from collective.evaluate.gains import controller_effect
 from collective.evaluate.metrics import Estimate
-from collective.records import ROW_TITLES, FilterReport, Gain, Report, RowReport
+from collective.records import ROW_TITLES, FilterFit, FilterReport, Gain, Report, RowReport
 
 SHORT_TITLES: dict[str, str] = {
     "member_plain": "plain",
@@ -89,6 +89,18 @@ def message_search_lines(report: Report) -> list[tuple[str, str]]:
     ]
 
 
+def held_out_text(fit: FilterFit) -> str:
+    """`; held out: 3.1% of 64 above it (128 distinct train windows, 64 asked for each half)`,
+    empty for a fit recorded before held-out messages were."""
+    if fit.held_out_messages is None:
+        return ""
+    rate = "-" if fit.held_out_drop_rate is None else f"{fit.held_out_drop_rate:.1%}"
+    return (
+        f"; held out: {rate} of {fit.held_out_messages} above it ({fit.windows_available} distinct train windows, "
+        f"{fit.requested_messages} asked for each half)"
+    )
+
+
 def _filter_text(found: FilterReport) -> str:
     """`perplexity (whole message; threshold 5.210, fitted on 64 benign train messages at 5%
     false drops, 4.7% above it): dropped 3, rewrote 0`."""
@@ -97,7 +109,7 @@ def _filter_text(found: FilterReport) -> str:
         fit = found.fit
         how = (
             f"fitted on {fit.benign_messages} benign train messages of {fit.mean_tokens:.1f} tokens at "
-            f"{fit.false_drop_rate:.0%} false drops, {fit.fit_drop_rate:.1%} above it"
+            f"{fit.false_drop_rate:.0%} false drops, {fit.fit_drop_rate:.1%} above it{held_out_text(fit)}"
             if fit is not None else "given"
         )
         details.append(f"threshold {found.threshold:.3f} nats/token, {how}")
