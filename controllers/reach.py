@@ -6,10 +6,11 @@ Reachability, as a library for `collective reach`:
    true next token, one of the model's top 75 next tokens, or a uniform random non-special
    token; every draw comes from one seeded `torch.Generator`.
 2. `run_reach` runs the back-off ladder on each pair (`reach_pair`: prompt u placed before
-   x0; reached when y is the argmax next token after [u][x0]) and appends one CSV row per
-   pair as it finishes, so that an interrupted run keeps its rows and `resume=True` skips them.
-3. `summarize` turns rows into the fraction reached at each k, beside the paper's numbers;
-   `format_summary` renders it as a markdown table.
+   x0; reached when y is the argmax next token after [u][x0]) within a budget per pair, and
+   appends one CSV row per pair as it finishes (an interrupted run keeps its rows; `resume`
+   skips them). A pair whose budget ran out is "not reached within the budget", not "not reached".
+3. `summarize` turns rows into the fraction reached at each k and the pairs the budget cut
+   short at or below k, beside the paper's numbers; `format_summary` renders it in markdown.
 
 `play_game` finds the shortest prompt u such that the greedy continuation of [u][text]
 starts with a target string.
@@ -46,6 +47,7 @@ logger = logging.getLogger(__name__)
 
 TargetKind = Literal["true", "top75", "random"]
 TOP_N = 75
+DEFAULT_PAIR_BUDGET_S = 120.0  # one hard pair took 19 minutes at k = 10 on 2 CPU cores without one
 
 
 @dataclass(frozen=True)
@@ -75,9 +77,10 @@ PUBLISHED: tuple[PublishedPoint, ...] = (
 
 class ReachConfig(BackoffConfig):
     """Settings of a reachability run: the back-off ladder run on each pair (its GCG without
-    the re-tokenization filter), and the x0 window lengths."""
+    the re-tokenization filter) with a budget per pair, and the x0 window lengths."""
 
     gcg: GCGConfig = GCGConfig(num_steps=100, search_width=64, topk=64, filter_retokenize=False)
+    budget_s: float | None = Field(default=DEFAULT_PAIR_BUDGET_S, ge=0, description="wall seconds per pair; None: no limit")
     min_x0_tokens: int = Field(default=8, ge=1)
     max_x0_tokens: int = Field(default=32, ge=1)
 
@@ -113,26 +116,23 @@ class ReachRow:
     prompt_ids: str  # space-separated ids
     prompt_text: str
     wall_time_s: float
+    out_of_budget_k: int | None = None  # not reached: the length being searched when the budget ran out
+
+    @property
+    def outcome(self) -> str:
+        """'reached', 'not reached within the budget' or 'not reached'."""
+        if self.reached:
+            return "reached"
+        return "not reached" if self.out_of_budget_k is None else "not reached within the budget"
 
     @classmethod
     def from_csv(cls, record: dict[str, str]) -> ReachRow:
-        return cls(
-            pair=int(record["pair"]),
-            targets=record["targets"],
-            x0_text=record["x0_text"],
-            x0_ids=record["x0_ids"],
-            y_id=int(record["y_id"]),
-            y_text=record["y_text"],
-            base_rank=int(record["base_rank"]),
-            base_loss=float(record["base_loss"]),
-            method=record["method"],
-            k=int(record["k"]),
-            reached=record["reached"] == "True",
-            loss=float(record["loss"]),
-            prompt_ids=record["prompt_ids"],
-            prompt_text=record["prompt_text"],
-            wall_time_s=float(record["wall_time_s"]),
-        )
+        values: dict[str, object] = dict(record)
+        values.update({name: int(record[name]) for name in ("pair", "y_id", "base_rank", "k")})
+        values.update({name: float(record[name]) for name in ("base_loss", "loss", "wall_time_s")})
+        values["reached"] = record["reached"] == "True"
+        values["out_of_budget_k"] = int(record["out_of_budget_k"]) if record["out_of_budget_k"] else None
+        return cls(**values)  # type: ignore[arg-type]
 
 
 CSV_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(ReachRow))
@@ -140,7 +140,8 @@ CSV_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(ReachRow))
 
 @dataclass(frozen=True)
 class ReachSummary:
-    """The fraction of pairs reached with at most k prompt tokens, for each k."""
+    """The fraction of pairs reached with at most k prompt tokens, for each k, and the pairs
+    not reached with at most k tokens because the budget ran out at or below k."""
 
     targets: str
     n_pairs: int
@@ -148,6 +149,7 @@ class ReachSummary:
     reached: dict[int, int]
     fraction: dict[int, float]
     published: tuple[PublishedPoint, ...]
+    out_of_budget: dict[int, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -233,7 +235,13 @@ def pair_objective(
 
 def _read_rows(path: Path) -> list[ReachRow]:
     with path.open(newline="", encoding="utf-8") as handle:
-        return [ReachRow.from_csv(record) for record in csv.DictReader(handle)]
+        reader = csv.DictReader(handle)
+        if tuple(reader.fieldnames or ()) != CSV_FIELDS:  # appending to other columns would garble the file
+            raise ControllerError(
+                f"resume: {path} has the columns of another version of reach.csv "
+                f"({', '.join(reader.fieldnames or ())}); measure into a fresh --out"
+            )
+        return [ReachRow.from_csv(record) for record in reader]
 
 
 def _rows_done(csv_path: Path, pairs: Sequence[ReachPair], resume: bool) -> dict[int, ReachRow]:
@@ -263,7 +271,7 @@ def reach_pair(
     config: ReachConfig,
     allowed: torch.Tensor,
 ) -> ReachRow:
-    """The back-off search on one pair, as its CSV row."""
+    """The back-off search on one pair within the config's budget, as its CSV row."""
     started = time.perf_counter()
     found = config.search(
         model, tokenizer, pair_objective(model, pair, prefix_ids), allowed=allowed
@@ -284,6 +292,7 @@ def reach_pair(
         prompt_ids=_ids_text(found.ids),
         prompt_text=found.text,
         wall_time_s=time.perf_counter() - started,
+        out_of_budget_k=found.out_of_budget_k,
     )
 
 
@@ -319,6 +328,8 @@ def run_reach(
         for count, pair in enumerate(pairs, start=1):
             if pair.index not in done:
                 row = reach_pair(model, tokenizer, pair, prefix, config, allowed)
+                if row.out_of_budget_k is not None:
+                    logger.info("pair %d: not reached within the budget (at k = %d)", pair.index, row.out_of_budget_k)
                 writer.writerow(asdict(row))
                 handle.flush()  # an interrupted run keeps every finished pair
                 done[pair.index] = row
@@ -330,13 +341,17 @@ def run_reach(
 
 
 def summarize(rows: Sequence[ReachRow], ks: Sequence[int], targets: str) -> ReachSummary:
-    """Fraction of rows reached with a prompt of at most k tokens, for each k in ks."""
+    """Fraction of rows reached with a prompt of at most k tokens, for each k in ks, and the
+    rows the budget cut short at a length of at most k (not reached, and not searched to the
+    end at that k)."""
     ks = tuple(sorted(set(ks)))
     reached = {k: sum(1 for row in rows if row.reached and row.k <= k) for k in ks}
+    cut = [row.out_of_budget_k for row in rows if not row.reached and row.out_of_budget_k is not None]
+    out_of_budget = {k: sum(1 for at in cut if at <= k) for k in ks}
     n = len(rows)
     fraction = {k: (reached[k] / n if n else 0.0) for k in ks}
     published = tuple(point for point in PUBLISHED if point.targets == targets)
-    return ReachSummary(targets, n, ks, reached, fraction, published)
+    return ReachSummary(targets, n, ks, reached, fraction, published, out_of_budget)
 
 
 def format_summary(summary: ReachSummary, model_name: str = "this model") -> str:
@@ -344,12 +359,13 @@ def format_summary(summary: ReachSummary, model_name: str = "this model") -> str
     lines = [
         f"Reachability of {model_name}: {summary.n_pairs} pairs, targets = {summary.targets}",
         "",
-        "| k | reached | fraction |",
-        "| ---: | ---: | ---: |",
+        "| k | reached | fraction | not reached within the budget |",
+        "| ---: | ---: | ---: | ---: |",
     ]
     for k in summary.ks:
+        cut = summary.out_of_budget.get(k, 0)
         lines.append(
-            f"| {k} | {summary.reached[k]}/{summary.n_pairs} | {100 * summary.fraction[k]:.1f}% |"
+            f"| {k} | {summary.reached[k]}/{summary.n_pairs} | {100 * summary.fraction[k]:.1f}% | {cut}/{summary.n_pairs} |"
         )
     if summary.published:
         points = ", ".join(point.render() for point in summary.published)

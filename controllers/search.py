@@ -8,15 +8,18 @@ promising one-hot gradient, a cheaper approximation), and practical for k <= 3.
 
 `backoff_search` runs the measurement's ladder over prompt lengths ks: the empty prompt,
 greedy back-generation for k <= `greedy_max_k`, then GCG for each longer k (warm-started from
-the greedy prompt), stopping at the first success. `BackoffConfig` holds those settings.
+the greedy prompt), stopping at the first success. `BackoffConfig` holds those settings,
+among them an optional budget per search (wall seconds and/or GCG steps over all rungs): a
+`SearchClock` that the greedy scans and GCG's `on_step` consult, so that one hard pair cannot
+run for many minutes; a search it cut short says at which length (`out_of_budget_k`).
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 import torch
@@ -31,6 +34,33 @@ from controllers.objectives import ControllerError, Objective, score_batched
 logger = logging.getLogger(__name__)
 
 Method = Literal["none", "base", "greedy", "gcg"]
+Stop = Callable[[], bool]
+"""Asked between units of work; True: stop now and return the best found so far."""
+
+
+@dataclass
+class SearchClock:
+    """The budget of one back-off search: wall seconds and/or GCG steps over all its rungs
+    (None: no limit), counted from the clock's creation; `cut_k` is the prompt length whose
+    search the budget cut short (None while nothing was cut)."""
+
+    seconds: float | None = None
+    gcg_steps: int | None = None
+    started: float = field(default_factory=time.perf_counter)
+    steps_taken: int = 0
+    cut_k: int | None = None
+
+    def spent(self) -> bool:
+        over_time = self.seconds is not None and time.perf_counter() - self.started >= self.seconds
+        return over_time or (self.gcg_steps is not None and self.steps_taken >= self.gcg_steps)
+
+    def gcg_step(self, k: int, step: int, num_steps: int) -> bool:
+        """GCG's on_step at length k: count the step; True (stop) once the budget is spent."""
+        self.steps_taken += 1
+        if step < num_steps and self.spent():
+            self.cut_k = k
+            return True
+        return False
 
 
 class GreedyConfig(BaseModel):
@@ -60,6 +90,7 @@ class GreedyResult:
     losses: list[float] = field(default_factory=list)
     candidates_scored: int = 0
     wall_time_s: float = 0.0
+    stopped_k: int | None = None  # the length whose scan `stop` cut short (None: ran to its end)
 
 
 def _token_pool(
@@ -101,11 +132,13 @@ class _Scan:
     success: bool
     scored: int
     batch_size: int | None
+    stopped: bool = False
 
 
-def _scan(objective: Objective, candidates: Tensor, batch_size: int | None) -> _Scan:
+def _scan(objective: Objective, candidates: Tensor, batch_size: int | None, stop: Stop | None = None) -> _Scan:
     """Score candidates (A, j+1) batch by batch: the first successful one ends the scan (the
-    lowest-loss success of its batch), else the lowest loss wins."""
+    lowest-loss success of its batch), else the lowest loss wins; `stop` is asked after
+    each batch but the last."""
     found = _Scan(float("inf"), candidates[0], False, 0, batch_size)
     start = 0
     while start < candidates.shape[0]:
@@ -122,6 +155,9 @@ def _scan(objective: Objective, candidates: Tensor, batch_size: int | None) -> _
         index = int(scores.loss.argmin())
         if float(scores.loss[index]) < found.loss:
             found.loss, found.ids = float(scores.loss[index]), chunk[index]
+        if stop is not None and start < candidates.shape[0] and stop():
+            found.stopped = True
+            break
     return found
 
 
@@ -135,11 +171,14 @@ def greedy_backgenerate(
     init_ids: Sequence[int] = (),
     allowed: Tensor | None = None,
     progress: Progress | None = None,
+    stop: Stop | None = None,
 ) -> GreedyResult:
     """Prepend up to max_k - len(init_ids) tokens, one at a time, each the best of its batch scan.
 
     Stops at the first prompt meeting the objective (its loss may not be the lowest of its
-    scan: any success will do). `progress` is called with (lengths done, lengths total).
+    scan: any success will do). `progress` is called with (lengths done, lengths total);
+    `stop` is asked before each length and between batches (True: return what was found,
+    with `stopped_k` the length it cut short).
     """
     config = config or GreedyConfig()
     if max_k < len(init_ids):
@@ -154,7 +193,11 @@ def greedy_backgenerate(
     losses: list[float] = []
     batch_size: int | None = config.batch_size
     lengths = max_k - len(init_ids)
+    stopped_k: int | None = None
     for done in range(lengths):
+        if stop is not None and stop():
+            stopped_k = current.shape[0] + 1
+            break
         pool = _token_pool(model, objective, current, allowed, config.candidates)
         candidates = _prepend_candidates(
             pool.to(model.device), current, tokenizer, config.filter_retokenize
@@ -162,13 +205,16 @@ def greedy_backgenerate(
         if candidates.shape[0] == 0:
             logger.info("length %d: no candidate survives the filters", current.shape[0] + 1)
             break
-        scan = _scan(objective, candidates, batch_size)
+        scan = _scan(objective, candidates, batch_size, stop)
         current, best_loss, success = scan.ids, scan.loss, scan.success
         scored, batch_size = scored + scan.scored, scan.batch_size
         losses.append(best_loss)
         if progress is not None:
             progress(done + 1, lengths)
         if success:
+            break
+        if scan.stopped:
+            stopped_k = current.shape[0]
             break
     ids = [int(i) for i in current.tolist()]
     return GreedyResult(
@@ -179,6 +225,7 @@ def greedy_backgenerate(
         losses=losses,
         candidates_scored=scored,
         wall_time_s=time.perf_counter() - started,
+        stopped_k=None if success else stopped_k,
     )
 
 
@@ -208,13 +255,15 @@ class BackoffResult:
     text: str
     loss: float
     attempts: list[Attempt] = field(default_factory=list)
+    out_of_budget_k: int | None = None  # not reached: the length whose search the budget cut short
 
 
 DEFAULT_KS: tuple[int, ...] = (0, 1, 2, 3, 4, 6, 8, 10)
 
 
 class BackoffConfig(BaseModel):
-    """The back-off ladder: the prompt lengths to try and the searches behind them."""
+    """The back-off ladder: the prompt lengths to try, the searches behind them, and the
+    budget of one search (None: no limit)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -222,6 +271,8 @@ class BackoffConfig(BaseModel):
     greedy_max_k: int = Field(default=3, ge=0)
     greedy: GreedyConfig = GreedyConfig()
     gcg: GCGConfig = GCGConfig()
+    budget_s: float | None = Field(default=None, ge=0, description="wall seconds per search, all rungs")
+    budget_gcg_steps: int | None = Field(default=None, ge=0, description="GCG steps per search, all rungs")
 
     def search(
         self,
@@ -241,6 +292,7 @@ class BackoffConfig(BaseModel):
             gcg=self.gcg,
             greedy_max_k=self.greedy_max_k,
             allowed=allowed,
+            clock=SearchClock(self.budget_s, self.budget_gcg_steps),
         )
 
 
@@ -272,10 +324,13 @@ class _Ladder:
             attempts=self.attempts,
         )
 
-    def give_up(self, max_k: int) -> BackoffResult:
+    def give_up(self, max_k: int, out_of_budget_k: int | None = None) -> BackoffResult:
         loss, ids, method = self.best
-        logger.info("no prompt up to k=%d met the objective; best loss %.4f", max_k, loss)
-        return self.result(False, ids, loss, method)
+        if out_of_budget_k is None:
+            logger.info("no prompt up to k=%d met the objective; best loss %.4f", max_k, loss)
+        else:
+            logger.info("the budget ran out at k=%d before a prompt met the objective; best loss %.4f", out_of_budget_k, loss)
+        return replace(self.result(False, ids, loss, method), out_of_budget_k=out_of_budget_k)
 
 
 def _empty_prompt(model: PreTrainedModel, objective: Objective) -> Attempt:
@@ -295,6 +350,7 @@ def _gcg_rung(
     gcg: GCGConfig,
     greedy_ids: list[int],
     allowed: Tensor,
+    clock: SearchClock,
 ) -> tuple[Attempt, list[int]]:
     """GCG at length k from the last k greedy tokens, padded at the front with random
     allowed tokens; the search and the padding share the seed gcg.seed * 1_000_003 + k."""
@@ -304,7 +360,10 @@ def _gcg_rung(
     keep = greedy_ids[-k:] if greedy_ids else []
     pad = pool[torch.randint(0, len(pool), (k - len(keep),), generator=generator)].tolist()
     config = gcg.model_copy(update={"seed": seed})
-    result = run_gcg(model, tokenizer, objective, config, init_ids=pad + keep, allowed=allowed)
+    result = run_gcg(
+        model, tokenizer, objective, config, init_ids=pad + keep, allowed=allowed,
+        on_step=lambda step, _ids: clock.gcg_step(k, step, config.num_steps),
+    )
     attempt = Attempt(k, "gcg", result.best_loss, result.success, result.wall_time_s)
     return attempt, result.best_ids
 
@@ -319,12 +378,15 @@ def backoff_search(
     gcg: GCGConfig | None = None,
     greedy_max_k: int = 3,
     allowed: Tensor | None = None,
+    clock: SearchClock | None = None,
 ) -> BackoffResult:
     """Try prompt lengths in increasing order and stop at the first that meets the objective.
 
     k = 0 scores the empty prompt; 1 <= k <= greedy_max_k uses one run of greedy
     back-generation up to the largest such k; each larger k runs GCG from the greedy prompt
-    padded at the front with random allowed tokens (seeded by gcg.seed and k).
+    padded at the front with random allowed tokens (seeded by gcg.seed and k). Once `clock`
+    is spent (the empty prompt is always scored) the search stops where it is and, when
+    nothing was reached, says at which length (`out_of_budget_k`).
     """
     ks = sorted(set(ks))
     if not ks or ks[0] < 0:
@@ -334,6 +396,7 @@ def backoff_search(
     gcg = gcg or GCGConfig()
     if allowed is None:
         allowed = model_token_mask(model, tokenizer, gcg)
+    clock = clock or SearchClock()
     ladder = _Ladder(tokenizer)
     if ks[0] == 0:
         base = _empty_prompt(model, objective)
@@ -345,8 +408,9 @@ def backoff_search(
     greedy_ids: list[int] = []
     if greedy_ks:
         found = greedy_backgenerate(
-            model, tokenizer, objective, greedy_ks[-1], greedy, allowed=allowed
+            model, tokenizer, objective, greedy_ks[-1], greedy, allowed=allowed, stop=clock.spent
         )
+        clock.cut_k = found.stopped_k
         greedy_ids = found.best_ids
         attempt = Attempt(
             len(found.best_ids), "greedy", found.best_loss, found.success, found.wall_time_s
@@ -354,7 +418,11 @@ def backoff_search(
         if (reached := ladder.record(attempt, found.best_ids)) is not None:
             return reached
     for k in (k for k in ks if k > greedy_max_k):
-        attempt, ids = _gcg_rung(model, tokenizer, objective, k, gcg, greedy_ids, allowed)
+        if clock.cut_k is None and clock.spent():
+            clock.cut_k = k  # spent before this rung began
+        if clock.cut_k is not None:
+            break
+        attempt, ids = _gcg_rung(model, tokenizer, objective, k, gcg, greedy_ids, allowed, clock)
         if (reached := ladder.record(attempt, ids)) is not None:
             return reached
-    return ladder.give_up(ks[-1])
+    return ladder.give_up(ks[-1], clock.cut_k)

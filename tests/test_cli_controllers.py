@@ -31,17 +31,19 @@ def test_anything_else_is_a_text_file(corpus):
     assert (spec.source, spec.path) == ("file", Path(corpus))
 
 
-def test_summary_json_keeps_the_keys_and_bytes_it_always_had():
-    summary = summarize([row(0, 0, True), row(1, 2, True), row(2, 0, False)], (0, 1, 2), "true")
+def test_summary_json_is_version_2_with_the_pairs_out_of_budget_per_k():
+    cut = ReachRow(3, "true", "x", "1", 2, "y", 3, 1.0, "base", 0, False, 0.5, "", "", 1.0, out_of_budget_k=1)
+    summary = summarize([row(0, 0, True), row(1, 2, True), row(2, 0, False), cut], (0, 1, 2), "true")
     record = ReachSummaryRecord.of(summary, "tiny", "collective reach --model tiny")
-    before = {  # what cmd_reach wrote as a dict before summary.json had a record type
-        "schema_version": 1,
+    expected = {  # version 1's keys in their order, then out_of_budget before the command
+        "schema_version": 2,
         "model": "tiny",
         "targets": summary.targets,
         "n_pairs": summary.n_pairs,
         "fraction": {str(k): v for k, v in summary.fraction.items()},
+        "out_of_budget": {"0": 0, "1": 1, "2": 1},
         "command": "collective reach --model tiny",
     }
-    assert record.to_json() == json.dumps(before, indent=2) + "\n"
+    assert record.to_json() == json.dumps(expected, indent=2) + "\n"
     assert ReachSummaryRecord.model_validate_json(record.to_json()) == record
-    assert record.fraction == {"0": pytest.approx(1 / 3), "1": pytest.approx(1 / 3), "2": pytest.approx(2 / 3)}
+    assert record.fraction == {"0": pytest.approx(1 / 4), "1": pytest.approx(1 / 4), "2": pytest.approx(2 / 4)}

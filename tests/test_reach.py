@@ -261,6 +261,78 @@ def test_the_summary_cites_the_paper_for_top75_and_random_targets():
     assert "Falcon-7B 46.0%" in format_summary(summarize([row(0, 0, True)], (0,), "random"))
 
 
+# -- the budget per pair ------------------------------------------------------------------------
+
+
+def test_a_zero_second_budget_reports_every_pair_the_empty_prompt_misses_as_not_reached_within_the_budget(
+    tiny_lm, tiny_tok, stream, tmp_path
+):
+    pairs = draw_pairs(tiny_lm, tiny_tok, stream, 6, "random", torch.Generator().manual_seed(6))
+    config = QUICK.model_copy(update={"budget_s": 0.0})
+    result = run_reach(tiny_lm, tiny_tok, pairs, tmp_path / "reach.csv", config)
+    for pair, written in zip(pairs, result.rows, strict=True):
+        if pair.base_rank == 0:  # the empty prompt is always scored
+            assert written.outcome == "reached" and written.k == 0
+        else:  # greedy's first length was never scanned
+            assert written.outcome == "not reached within the budget" and written.out_of_budget_k == 1
+            assert written.method == "base" and written.k == 0
+    cut = sum(pair.base_rank > 0 for pair in pairs)
+    assert cut > 0 and result.summary.out_of_budget == {0: 0, 1: cut, 4: cut}
+    read_back = [ReachRow.from_csv(record) for record in read_csv(tmp_path / "reach.csv")]
+    assert [r.out_of_budget_k for r in read_back] == [r.out_of_budget_k for r in result.rows]
+
+
+def test_a_one_step_budget_stops_gcg_after_its_first_step_and_says_at_which_length(tiny_lm, tiny_tok, stream):
+    pairs = draw_pairs(tiny_lm, tiny_tok, stream, 4, "random", torch.Generator().manual_seed(7))
+    prefix = default_prefix_ids(tiny_tok)
+    gcg = GCGConfig(num_steps=3, search_width=4, topk=4, filter_retokenize=False)
+    for pair in pairs:
+        objective = SequenceObjective(tiny_lm, prefix, [*pair.x0_ids, pair.y_id], 1)
+        clock = search.SearchClock(gcg_steps=1)
+        found = backoff_search(tiny_lm, tiny_tok, objective, (0, 4, 6), gcg=gcg, greedy_max_k=3, clock=clock)
+        assert clock.steps_taken == 1  # one step of k = 4, none of k = 6
+        assert found.reached or found.out_of_budget_k == 4
+        unbounded = backoff_search(tiny_lm, tiny_tok, objective, (0, 4), gcg=gcg, greedy_max_k=3)
+        assert unbounded.out_of_budget_k is None  # without a budget "not reached" is plain
+
+
+def test_a_budget_spent_on_the_last_step_of_the_last_length_cuts_nothing_short(tiny_lm, tiny_tok, stream):
+    pair = draw_pairs(tiny_lm, tiny_tok, stream, 1, "random", torch.Generator().manual_seed(8))[0]
+    objective = SequenceObjective(tiny_lm, default_prefix_ids(tiny_tok), [*pair.x0_ids, pair.y_id], 1)
+    gcg = GCGConfig(num_steps=2, search_width=4, topk=4, filter_retokenize=False, early_stop=False)
+    clock = search.SearchClock(gcg_steps=2)
+    found = backoff_search(tiny_lm, tiny_tok, objective, (0, 4), gcg=gcg, greedy_max_k=3, clock=clock)
+    assert clock.steps_taken == 2 and found.out_of_budget_k is None
+
+
+def test_a_greedy_scan_asked_to_stop_returns_after_one_batch_naming_the_length(tiny_lm, tiny_tok):
+    x0, y = one_token_game(tiny_lm, tiny_tok)
+    objective = SequenceObjective(tiny_lm, [], [*x0, y], 1)
+    config = GreedyConfig(filter_special=False, filter_ascii=False, batch_size=16)
+    asked = []
+    result = greedy_backgenerate(tiny_lm, tiny_tok, objective, 3, config, stop=lambda: asked.append(1) or len(asked) > 1)
+    assert result.candidates_scored == 16 and result.stopped_k == 1 and len(result.losses) == 1
+
+
+def test_the_summary_counts_a_pair_out_of_budget_from_the_length_it_was_searching():
+    rows = [row(0, 0, True), dataclasses.replace(row(1, 0, False), out_of_budget_k=4), row(2, 3, False)]
+    summary = summarize(rows, (0, 1, 4, 10), "true")
+    assert summary.out_of_budget == {0: 0, 1: 0, 4: 1, 10: 1}
+    assert [r.outcome for r in rows] == ["reached", "not reached within the budget", "not reached"]
+    assert "| 4 | 1/3 | 33.3% | 1/3 |" in format_summary(summary, "tiny")
+
+
+def test_resuming_a_csv_of_other_columns_is_an_error_not_a_garbled_file(tiny_lm, tiny_tok, stream, tmp_path):
+    pairs = draw_pairs(tiny_lm, tiny_tok, stream, 1, "true", torch.Generator().manual_seed(4))
+    path = tmp_path / "reach.csv"
+    run_reach(tiny_lm, tiny_tok, pairs, path, QUICK)
+    old = [line.rsplit(",", 1)[0] for line in path.read_text(encoding="utf-8").splitlines()]  # without the last column
+    path.write_text("\n".join(old) + "\n", encoding="utf-8")
+    with pytest.raises(ControllerError, match="another version of reach.csv"):
+        run_reach(tiny_lm, tiny_tok, pairs, path, QUICK, resume=True)
+    assert path.read_text(encoding="utf-8") == "\n".join(old) + "\n"
+
+
 # -- the control game -------------------------------------------------------------------------
 
 
@@ -322,19 +394,26 @@ def test_the_federer_game_is_solved_on_smollm2():
 # -- the command line ---------------------------------------------------------------------------
 
 
-def test_the_reach_command_writes_csv_summary_and_plot_and_prints_plain_progress_off_a_terminal(
-    tmp_path, capsys, monkeypatch
-):
-    from collective.cli import main
+def _tiny_model_and_corpus(tmp_path):
+    """A tiny model saved as a folder, and a text file: what `collective reach` loads."""
     from tests.tiny import tiny_llama, tiny_tokenizer
 
-    monkeypatch.setenv("COLUMNS", "1000")
     folder = tmp_path / "tiny"
     tokenizer = tiny_tokenizer()
     tiny_llama(len(tokenizer)).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     corpus = tmp_path / "text.txt"
     corpus.write_text(pydoc_text()[:8000], encoding="utf-8")
+    return folder, corpus
+
+
+def test_the_reach_command_writes_csv_summary_and_plot_and_prints_plain_progress_off_a_terminal(
+    tmp_path, capsys, monkeypatch
+):
+    from collective.cli import main
+
+    monkeypatch.setenv("COLUMNS", "1000")
+    folder, corpus = _tiny_model_and_corpus(tmp_path)
     out = tmp_path / "reach"
     argv = [
         "reach", "--model", str(folder), "--corpus", str(corpus), "--pairs", "3", "--targets", "random",
@@ -352,6 +431,41 @@ def test_the_reach_command_writes_csv_summary_and_plot_and_prints_plain_progress
     assert main(argv) == 2  # the CSV is there: without --resume that is an error
     assert "resume" in capsys.readouterr().out
     assert main([*argv, "--resume"]) == 0  # nothing left to do
+
+
+def test_the_reach_command_reports_pairs_that_ran_out_of_their_budget_in_the_summary(tmp_path, capsys, monkeypatch):
+    import json
+
+    from collective.cli import main
+
+    monkeypatch.setenv("COLUMNS", "1000")
+    folder, corpus = _tiny_model_and_corpus(tmp_path)
+    out = tmp_path / "reach"
+    argv = [
+        "reach", "--model", str(folder), "--corpus", str(corpus), "--pairs", "4", "--targets", "random",
+        "--k", "0", "1", "4", "--gcg-steps", "2", "--search-width", "4", "--topk", "4", "--greedy-candidates", "4",
+        "--pair-budget-s", "0", "--out", str(out),
+    ]
+    assert main(argv) == 0
+    with (out / "reach.csv").open(encoding="utf-8") as handle:
+        rows = [ReachRow.from_csv(record) for record in csv.DictReader(handle)]
+    cut = sum(r.outcome == "not reached within the budget" for r in rows)
+    assert cut == sum(not r.reached for r in rows) > 0  # with 0 s nothing past the empty prompt runs
+    record = json.loads((out / "summary.json").read_text(encoding="utf-8"))
+    assert record["schema_version"] == 2 and record["out_of_budget"] == {"0": 0, "1": cut, "4": cut}
+    assert "--pair-budget-s 0 " in record["command"]
+    summary = (out / "summary.md").read_text(encoding="utf-8")
+    assert "not reached within the budget" in summary and f"| 4 | {4 - cut}/4 |" in summary
+    assert f"| {cut}/4 |" in " ".join(capsys.readouterr().out.split())
+
+
+@pytest.mark.parametrize(("option", "value"), [("--pair-budget-s", "-1"), ("--pair-budget-s", "nan"), ("--pair-budget-steps", "-2")])
+def test_the_reach_command_refuses_a_negative_budget_in_the_parser(tmp_path, capsys, option, value):
+    from collective.cli import main
+
+    with pytest.raises(SystemExit) as exited:
+        main(["reach", "--model", "x", "--out", str(tmp_path), option, value])
+    assert exited.value.code == 2 and f"argument {option}: expected" in capsys.readouterr().err
 
 
 class ClaimsEverySuccess(SequenceObjective):

@@ -35,12 +35,13 @@ if TYPE_CHECKING:
     from collective.lm.models import LoadedModel
     from controllers import GreedyConfig, ReachConfig, ReachResult, ReachSummary
 
-REACH_SUMMARY_SCHEMA_VERSION = 1
+REACH_SUMMARY_SCHEMA_VERSION = 2  # 2: out_of_budget (the per-pair budget of issue 22)
 
 
 class ReachSummaryRecord(BaseModel):
-    """summary.json of `collective reach`: the model, the targets and the fraction of pairs
-    reached with at most k prompt tokens, keyed by k as text (JSON object keys are strings)."""
+    """summary.json of `collective reach`: the model, the targets, the fraction of pairs
+    reached with at most k prompt tokens and the number of pairs not reached within the
+    budget at or below k, keyed by k as text (JSON object keys are strings)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -49,12 +50,17 @@ class ReachSummaryRecord(BaseModel):
     targets: str
     n_pairs: int
     fraction: dict[str, float]
-    command: str  # the command line that measured it, to run it again
+    out_of_budget: dict[str, int]
+    command: str  # the command line that measured it (its budget too), to run it again
 
     @classmethod
     def of(cls, summary: ReachSummary, model: str, command: str) -> ReachSummaryRecord:
         fraction = {str(k): value for k, value in summary.fraction.items()}
-        return cls(model=model, targets=summary.targets, n_pairs=summary.n_pairs, fraction=fraction, command=command)
+        out_of_budget = {str(k): summary.out_of_budget.get(k, 0) for k in summary.ks}
+        return cls(
+            model=model, targets=summary.targets, n_pairs=summary.n_pairs, fraction=fraction,
+            out_of_budget=out_of_budget, command=command,
+        )
 
     def to_json(self) -> str:
         # json.dumps, not model_dump_json: the bytes stay those summary.json always had
@@ -80,6 +86,14 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         "--greedy-candidates", type=int, default=256,
         help="greedy back-generation tries the N tokens with the best one-hot gradient (0: every token, as in the paper; slow on a CPU)",
     )
+    reach.add_argument(
+        "--pair-budget-s", type=budget_seconds, default=120.0, metavar="SECONDS",
+        help="wall seconds per pair (default 120; inf: no limit); a pair that runs out is 'not reached within the budget'",
+    )
+    reach.add_argument(
+        "--pair-budget-steps", type=budget_steps, metavar="N",
+        help="GCG steps per pair over all its prompt lengths (default: no limit beyond --gcg-steps per length)",
+    )
     reach.add_argument("--out", required=True, help="output folder")
     reach.add_argument("--resume", action="store_true", help="continue the CSV in --out, skipping finished pairs")
     reach.set_defaults(func=cmd_reach)
@@ -94,6 +108,24 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     game.add_argument("--greedy-candidates", type=int, default=0, help="0: every token (default)")
     game.add_argument("--json", action="store_true", help="print the result as JSON")
     game.set_defaults(func=cmd_game)
+
+
+def budget_seconds(text: str) -> float:
+    """argparse type of --pair-budget-s: seconds >= 0, or inf for no limit."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value >= 0:  # nan too
+        raise argparse.ArgumentTypeError(f"expected seconds >= 0 or inf, got {text!r}")
+    return value
+
+
+def budget_steps(text: str) -> int:
+    """argparse type of --pair-budget-steps: a whole number >= 0."""
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"expected a whole number of GCG steps >= 0, got {text!r}")
+    return int(text)
 
 
 def _add_model_options(parser: argparse.ArgumentParser, *, model_help: str | None) -> None:
@@ -181,6 +213,8 @@ def _reach_config(args: argparse.Namespace) -> ReachConfig:
         ks=tuple(args.k),
         greedy=_greedy(args.greedy_candidates),
         gcg=GCGConfig(num_steps=args.gcg_steps, search_width=args.search_width, topk=args.topk, filter_retokenize=False),
+        budget_s=None if args.pair_budget_s == float("inf") else args.pair_budget_s,
+        budget_gcg_steps=args.pair_budget_steps,
     )
 
 
@@ -229,7 +263,9 @@ def _reach_command(args: argparse.Namespace) -> str:
         f"collective reach --model {args.model} --corpus {args.corpus} --pairs {args.pairs} --targets {args.targets} "
         f"--k {' '.join(map(str, args.k))} --seed {args.seed} --gcg-steps {args.gcg_steps} "
         f"--search-width {args.search_width} --topk {args.topk} --greedy-candidates {args.greedy_candidates} "
-        f"--dtype {args.dtype} --out {args.out}"
+        f"--pair-budget-s {args.pair_budget_s:g}"
+        + (f" --pair-budget-steps {args.pair_budget_steps}" if args.pair_budget_steps is not None else "")
+        + f" --dtype {args.dtype} --out {args.out}"
     )
 
 
