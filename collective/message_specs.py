@@ -21,6 +21,9 @@ class GenerateMessage(Frozen):
     sampling: Literal["greedy", "sample"] = "greedy"
     temperature: float = Field(1.0, gt=0.0)
     max_tokens: int | None = Field(None, ge=1, description="at most the bus budget; default: the budget")
+    shuffle: bool = Field(
+        False, description="the priming control of a written message: its tokens in a seeded order, as `shuffle` orders a relay"
+    )
 
 
 class RelayMessage(Frozen):
@@ -32,7 +35,10 @@ class RelayMessage(Frozen):
 class ShuffleMessage(Frozen):
     """A priming control: the relay's tokens in an order drawn per node and round from the
     scenario seed, so the message has the relay's tokens and length but says nothing of
-    their order. A gain the control shows as well is priming, not communication."""
+    their order. The order is drawn so that a receiver, which encodes its rendered inbox as
+    one string, reads the same tokens, as many, as it reads of the relay (matched for at
+    least 99% of messages: `collective.run.shuffle`). A gain the control shows as well is
+    priming, not communication. (A written message's control: `generate` with `shuffle: true`.)"""
 
     policy: Literal["shuffle"] = "shuffle"
 

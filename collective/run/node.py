@@ -30,6 +30,7 @@ from collective.lm.models import LoadedModel
 from collective.lm.predictions import TokenPredictions
 from collective.lm.scoring import ScoreItem, Speak, score_and_speak, score_items
 from collective.records import MessageRecord, MessageSearch, ScreenRecord
+from collective.run.bus import enforce_budget
 from collective.run.firewall import InboxRead, ReadInbox, read_inboxes
 from collective.run.messages import (
     ReceiverContext,
@@ -38,6 +39,7 @@ from collective.run.messages import (
     search_round_messages,
     stable_ids,
 )
+from collective.run.shuffle import ShuffledMessage, shuffle_message
 from collective.scenario import (
     AttackMessage,
     BusSpec,
@@ -88,6 +90,9 @@ class NodeRoundResult:
     messages: list[MessageRecord] = field(default_factory=list)
     message_search: MessageSearch | None = None
     screened: list[ScreenRecord] = field(default_factory=list)  # what its firewall did to each inbox message
+    # a shuffled message (`shuffle`, `generate` with `shuffle: true`): whether its receivers read
+    # the unshuffled message's tokens, as many (`collective.run.shuffle`); None: not shuffled
+    shuffle_matched: bool | None = None
 
 
 def _ids(values: list[int]) -> torch.Tensor:
@@ -154,6 +159,7 @@ def compute_rounds(
         collective_rows |= {i: spoken_preds.select([k]) for k, i in enumerate(speakers)}
         said = dict(zip(speakers, spoken))
     searched = _searched(model, tokenizer, requests, said, int(bos.item()), batch_tokens, search_models)
+    texts = {i: _message_text(r, said.get(i), tokenizer) for i, r in enumerate(requests) if i not in searched}
     return [
         NodeRoundResult(
             node_id=request.node_id,
@@ -161,13 +167,18 @@ def compute_rounds(
             collective=collective_rows[index],
             isolated=None if isolated is None else scored.select([isolated]),
             plain=None if plain is None else scored.select([plain]),
-            message_text=searched[index][0] if index in searched else _message_text(request, said.get(index), tokenizer),
+            message_text=searched[index][0] if index in searched else _text(texts[index]),
             inbox_tokens=len(inboxes[index]),
             message_search=searched[index][1] if index in searched else None,
             screened=read[index].screened,
+            shuffle_matched=texts[index].matched if isinstance(texts.get(index), ShuffledMessage) else None,  # type: ignore[union-attr]
         )
         for index, (request, (isolated, plain)) in enumerate(zip(requests, without_bus))
     ]
+
+
+def _text(message: str | ShuffledMessage | None) -> str | None:
+    return message.text if isinstance(message, ShuffledMessage) else message
 
 
 def _read_inboxes(model: torch.nn.Module, tokenizer: TextCodec, requests: list[NodeRoundRequest], batch_tokens: int) -> list[ReadInbox]:
@@ -244,27 +255,38 @@ def _search_input(request: NodeRoundRequest, spoken: list[int] | None, tokenizer
     )
 
 
-def _message_text(request: NodeRoundRequest, spoken: list[int] | None, tokenizer: TextCodec) -> str | None:
-    """What the node says this round: the text it wrote, the tail of what it saw (in order or
-    shuffled), or nothing."""
+def _message_text(request: NodeRoundRequest, spoken: list[int] | None, tokenizer: TextCodec) -> str | ShuffledMessage | None:
+    """What the node says this round: the text it wrote, the tail of what it saw, either
+    shuffled as its receivers read it (the priming controls), or nothing."""
+    spec = request.message
     if spoken is not None:
-        return tokenizer.decode(spoken, skip_special_tokens=True)
-    if isinstance(request.message, RelayMessage | ShuffleMessage):
+        text = tokenizer.decode(spoken, skip_special_tokens=True)
+        return shuffled(request, text, tokenizer) if isinstance(spec, GenerateMessage) and spec.shuffle else text
+    if isinstance(spec, RelayMessage):
         return tokenizer.decode(relayed_ids(request), skip_special_tokens=True)
+    if isinstance(spec, ShuffleMessage):
+        return shuffled(request, relay_text(request, tokenizer), tokenizer)
     return None
 
 
 def relayed_ids(request: NodeRoundRequest) -> list[int]:
-    """The token ids a relay (the last B tokens the node read) or its shuffled control sends.
-
-    The shuffle's order comes from a generator seeded by (seed, node, round), never the
-    global RNG, so a run is repeatable and each node and round draws its own order."""
+    """The token ids a relay sends: the last B tokens the node read (B its token budget)."""
     seen = torch.cat([request.prefix_ids, request.round_inputs])
-    tail = seen[len(seen) - min(len(seen), request.message_tokens) :]
-    if isinstance(request.message, ShuffleMessage):
-        order = torch.randperm(len(tail), generator=generator(request.seed, "shuffle", request.node_id, request.round_index))
-        tail = tail[order]
-    return tail.tolist()
+    return seen[len(seen) - min(len(seen), request.message_tokens) :].tolist()
+
+
+def relay_text(request: NodeRoundRequest, tokenizer: TextCodec) -> str:
+    """The relay's text as its tightest out-link delivers it (cut to the token and byte budgets)."""
+    text = tokenizer.decode(relayed_ids(request), skip_special_tokens=True)
+    return enforce_budget(text, tokenizer, request.message_tokens, request.message_bytes)[0]
+
+
+def shuffled(request: NodeRoundRequest, text: str, tokenizer: TextCodec) -> ShuffledMessage:
+    """`text` shuffled as a receiver reads it (`collective.run.shuffle`), in an order drawn from
+    a generator seeded by (seed, node, round), never the global RNG: a run is repeatable, each
+    node and round draws its own order, and a volunteer draws the same as the embedded run."""
+    draw = generator(request.seed, "shuffle", request.node_id, request.round_index)
+    return shuffle_message(text, tokenizer, request.message_frame, request.message_tokens, draw)
 
 
 def _speak(request: NodeRoundRequest, tokenizer: TextCodec) -> Speak:
