@@ -88,7 +88,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     )
     reach.add_argument(
         "--pair-budget-s", type=budget_seconds, default=120.0, metavar="SECONDS",
-        help="wall seconds per pair (default 120; inf: no limit); a pair that runs out is 'not reached within the budget'",
+        help="wall seconds per pair (default 120; inf: no limit), checked between greedy batches and GCG steps; "
+        "a pair that runs out is 'not reached within the budget'",
     )
     reach.add_argument(
         "--pair-budget-steps", type=budget_steps, metavar="N",
@@ -156,8 +157,9 @@ def _greedy(candidates: int) -> GreedyConfig:
 def cmd_reach(args: argparse.Namespace, console: Console) -> int:
     """Draw (x0, y) pairs from a corpus and find the shortest control prompt u (|u| <= k, placed
     before x0) that makes y the argmax next token: greedy back-generation for k <= 3, GCG above,
-    stopping at the first success. Writes reach.csv (one row per pair, appended as pairs finish)
-    and summary.md/summary.json with the paper's numbers beside ours."""
+    stopping at the first success or when the pair's budget runs out ("not reached within the
+    budget", counted per k apart from "not reached"). Writes reach.csv (one row per pair,
+    appended as pairs finish) and summary.md/summary.json with the paper's numbers beside ours."""
     from controllers import format_summary
     from controllers.objectives import ControllerError
 
