@@ -4,6 +4,7 @@ summary, and resuming (finished cells skipped, an INCOMPLETE one rerun)."""
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -57,6 +58,13 @@ def test_a_bad_set_is_an_error_on_the_command_line(tmp_path, tiny_model_dir, cap
     assert "did you mean 'bus'" in capsys.readouterr().out
 
 
+def _token_weighted(run_dir: Path, field: str) -> float:
+    """A pooled row's NLL over the eval rounds of a run folder, from its round records."""
+    rounds = [json.loads(line) for line in (run_dir / "events.jsonl").read_text(encoding="utf-8").splitlines()]
+    rounds = [r for r in rounds if r.get("kind") == "round" and r["phase"] == "eval"]
+    return sum(r[field] * r["n_tokens"] for r in rounds) / sum(r["n_tokens"] for r in rounds)
+
+
 def _sweep(scenario: Path, out: Path) -> int:
     return main(["sweep", str(scenario), "--set", "bus.max_message_tokens=2,6", "--seeds", "3", "--out", str(out), "--threads", "1"])
 
@@ -64,7 +72,8 @@ def _sweep(scenario: Path, out: Path) -> int:
 def test_ctrl_c_keeps_finished_cells_and_a_rerun_resumes(tmp_path, tiny_model_dir, capsys, monkeypatch):
     from collective.run.engine import RoundEngine
 
-    scenario, out = write_tiny_scenario(tmp_path, tiny_model_dir), tmp_path / "sweep"
+    five_rounds = {"source": "builtin:pydoc", "train_tokens": 48, "eval_tokens": 8 * 5}  # enough rounds for an interval
+    scenario, out = write_tiny_scenario(tmp_path, tiny_model_dir, corpus=five_rounds), tmp_path / "sweep"
     names = ["bus.max_message_tokens=2,seed=3", "bus.max_message_tokens=6,seed=3"]
     real_run = RoundEngine.run
 
@@ -92,9 +101,16 @@ def test_ctrl_c_keeps_finished_cells_and_a_rerun_resumes(tmp_path, tiny_model_di
     assert [c["seed"] for c in summary["cells"]] == [3, 3] and len(summary["means"]) == 2
     small, large = (c["bytes_per_link_round"] for c in summary["cells"])
     assert 0 < small < large  # a larger token budget sends more bytes
-    for cell in summary["cells"]:
-        low, high = cell["communication_gain"]["ci"]
-        assert low <= cell["communication_gain"]["value"] <= high
+    for cell, name in zip(summary["cells"], names):
+        # the gain is the cell's silent ensemble minus its collective, recomputed from its rounds,
+        # and its interval the one its own report gives (not another row's, not a seed mean's)
+        collective, silent = _token_weighted(out / name, "nll_collective"), _token_weighted(out / name, "nll_silent")
+        assert cell["communication_gain"]["value"] == pytest.approx(silent - collective, abs=1e-5)
+        report = json.loads((out / name / "report.json").read_text(encoding="utf-8"))
+        gain = report["communication_gain"]
+        assert math.isfinite(gain["ci"]["low"]) and gain["ci"]["low"] != report["collective_gain"]["ci"]["low"]
+        assert cell["communication_gain"]["ci"] == pytest.approx([gain["ci"]["low"], gain["ci"]["high"]])
+        assert cell["collective_gain"]["value"] == pytest.approx(report["collective_gain"]["value"], abs=1e-12)
     rows = (out / "summary.csv").read_text(encoding="utf-8").splitlines()
     assert len(rows) == 1 + 2 + 2 and rows[0].startswith("combination,bus.max_message_tokens,seed,communication_gain")
     assert rows[1].startswith("bus.max_message_tokens=2,2,3,")
@@ -163,3 +179,41 @@ def test_a_set_value_is_yaml_one_value_or_a_comma_list_and_bad_yaml_names_the_op
     assert parse_set("bus.max_message_tokens=4,8").values == (4, 8)
     with pytest.raises(ScenarioError, match=r"--set 'x=\[a': the value is not valid YAML"):
         parse_set("x=[a", single=True)
+
+
+def test_report_paired_gives_each_seeds_difference_and_the_t_interval_over_seeds_and_refuses_unpaired_runs(
+    tmp_path, tiny_model_dir, capsys
+):
+    from tests.test_rundir import WARMUP
+
+    eval_rounds = 6
+    scenario = write_tiny_scenario(
+        tmp_path, tiny_model_dir, corpus={"source": "builtin:pydoc", "train_tokens": 48, "eval_tokens": 8 * eval_rounds},
+        evaluation={"context_tokens": 24, "warmup_rounds": WARMUP, "n_boot": 200, "top_k": 8},
+    )
+    out = tmp_path / "sweep"
+    assert main(["sweep", str(scenario), "--set", "node_defaults.message.policy=relay,shuffle", "--seeds", "3,4",
+                 "--out", str(out), "--threads", "1"]) == 0
+    capsys.readouterr()
+    relay, shuffle = "node_defaults.message.policy=relay", "node_defaults.message.policy=shuffle"
+    assert main(["report", str(out), "--paired", relay, shuffle, "--markdown"]) == 0
+    printed = capsys.readouterr().out
+    differences = []
+    for seed in (3, 4):
+        a = _token_weighted(out / f"{relay},seed={seed}", "nll_collective")
+        b = _token_weighted(out / f"{shuffle},seed={seed}", "nll_collective")
+        differences.append(a - b)
+        assert f"| seed {seed} | {eval_rounds} | {a:.3f} | {b:.3f} | {a - b:+.3f} |" in printed
+    mean = sum(differences) / 2
+    half = 12.706204736174696 * abs(differences[0] - differences[1]) / 2  # t(0.975, 1) * sd / sqrt(2)
+    assert f"| mean over 2 |  |  |  | {mean:+.3f} | {mean - half:+.3f} .. {mean + half:+.3f} (t, 1 df) |" in printed
+    assert differences[0] != differences[1]  # the two seeds are not one run twice
+
+    # two run folders of different seeds do not share their eval tokens: refused, both named
+    first, second = out / f"{relay},seed=3", out / f"{shuffle},seed=4"
+    assert main(["report", str(first), str(second), "--paired"]) == 2
+    message = " ".join(capsys.readouterr().out.split())
+    assert "seed 3 vs 4" in message and first.name in message and second.name in message
+    # a cell that names no combination of the sweep
+    assert main(["report", str(out), "--paired", "node_defaults.message.policy=search", shuffle]) == 2
+    assert "matches no combination" in " ".join(capsys.readouterr().out.split())

@@ -59,6 +59,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     report.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
     report.add_argument("--markdown", action="store_true", help="print Markdown instead of a table")
+    report.add_argument(
+        "--paired", nargs="*", metavar="CELL",
+        help="compare two runs on their shared eval rounds (A - B of the collective NLL, per seed and over seeds): "
+        "with a sweep folder, name two cells as PATH=VALUE[,PATH=VALUE] (e.g. --paired "
+        "node_defaults.message.policy=relay node_defaults.message.policy=shuffle), paired by seed; with run "
+        "folders, give them as A B [A B ...] (each two one pair) and --paired alone",
+    )
     report.set_defaults(func=cmd_report)
 
 
@@ -160,6 +167,31 @@ def _sweep_report(folder: Path, markdown: bool, console: Console) -> int:
     return 0
 
 
+def _paired_report(args: argparse.Namespace, console: Console) -> int:
+    """`--paired`: two cells of a sweep folder, or run folders two by two; A - B per pair and over pairs.
+    Runs that do not share their eval tokens and seed are refused (a PairingError, exit 2)."""
+    from collective.evaluate.paired import compare_cells, read_cell_run, sweep_pairs
+    from collective.report.sweep_view import paired_markdown, paired_table
+
+    folders = [Path(path) for path in args.run_dirs]
+    if len(folders) == 1 and _is_sweep(folders[0]):
+        if len(args.paired) != 2:
+            raise WatchError(f"report {folders[0]} --paired needs two cells (PATH=VALUE[,PATH=VALUE]), got {len(args.paired)}")
+        label_a, label_b = args.paired
+        pairs = sweep_pairs(folders[0], label_a, label_b)
+    else:
+        if args.paired or len(folders) % 2:
+            raise WatchError("report RUN_A RUN_B [RUN_A RUN_B ...] --paired takes run folders two by two (and --paired alone)")
+        pairs = [(read_cell_run(a), read_cell_run(b)) for a, b in zip(folders[::2], folders[1::2])]
+        label_a, label_b = folders[0].name, folders[1].name
+    comparison = compare_cells(pairs, label_a=label_a, label_b=label_b)
+    if args.markdown:
+        console.out(paired_markdown(comparison), highlight=False)
+    else:
+        console.print(paired_table(comparison))
+    return 0
+
+
 def _load_report(run_dir: Path) -> Report:
     """The report.json of a run folder; a missing or unreadable one is a WatchError that says why."""
     from pydantic import ValidationError
@@ -187,6 +219,12 @@ def cmd_report(args: argparse.Namespace, console: Console) -> int:
     from collective.evaluate.compare import compare_reports, comparison_markdown, comparison_table
     from collective.report.report_view import report_markdown, report_table
 
+    if args.paired is not None:
+        try:
+            return _paired_report(args, console)
+        except WatchError as exc:
+            console.print(f"[red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            return EXIT_USER_ERROR
     if len(args.run_dirs) == 1 and _is_sweep(Path(args.run_dirs[0])):
         return _sweep_report(Path(args.run_dirs[0]), args.markdown, console)
     try:
