@@ -182,9 +182,7 @@ def greedy_backgenerate(
     """
     config = config or GreedyConfig()
     if max_k < len(init_ids):
-        raise ControllerError(
-            f"max_k: {max_k} is shorter than the initial prompt ({len(init_ids)})"
-        )
+        raise ControllerError(f"max_k: {max_k} is shorter than the initial prompt ({len(init_ids)})")
     objective.check_control_length(max_k)
     allowed = (model_token_mask(model, tokenizer, config) if allowed is None else allowed).cpu()
     started = time.perf_counter()
@@ -199,9 +197,7 @@ def greedy_backgenerate(
             stopped_k = current.shape[0] + 1
             break
         pool = _token_pool(model, objective, current, allowed, config.candidates)
-        candidates = _prepend_candidates(
-            pool.to(model.device), current, tokenizer, config.filter_retokenize
-        )
+        candidates = _prepend_candidates(pool.to(model.device), current, tokenizer, config.filter_retokenize)
         if candidates.shape[0] == 0:
             logger.info("length %d: no candidate survives the filters", current.shape[0] + 1)
             break
@@ -211,22 +207,12 @@ def greedy_backgenerate(
         losses.append(best_loss)
         if progress is not None:
             progress(done + 1, lengths)
-        if success:
-            break
-        if scan.stopped:
-            stopped_k = current.shape[0]
+        if success or scan.stopped:
+            stopped_k = None if success else current.shape[0]
             break
     ids = [int(i) for i in current.tolist()]
-    return GreedyResult(
-        best_ids=ids,
-        best_text=str(tokenizer.decode(ids)),
-        best_loss=best_loss,
-        success=success,
-        losses=losses,
-        candidates_scored=scored,
-        wall_time_s=time.perf_counter() - started,
-        stopped_k=None if success else stopped_k,
-    )
+    wall_time_s = time.perf_counter() - started
+    return GreedyResult(ids, str(tokenizer.decode(ids)), best_loss, success, losses, scored, wall_time_s, stopped_k)
 
 
 @dataclass(frozen=True)
