@@ -36,10 +36,15 @@ peak memory is its own. What a point measures, per round after `--warmup` rounds
   its growth over the same process before it connected;
 - host MiB: the largest host process's peak resident memory (VmHWM) at the last round.
 
-The scaling exponent is the least-squares slope of log(overhead per round) against log(N)
-over the node counts (1 = linear), per configuration.
+Each point runs `--repeats` times (default 3, each a fresh process); the table gives the
+median of the repeats and, for each fitted measure, the spread (min..max over the repeats).
+How a measure grows, per configuration: a least-squares fit of value = a + b*N over every
+repeat of every node count (a: the fixed cost per round, b: ms per node), and the slope of
+log(value) on log(N) segment by segment, the top segment (the two largest node counts) the
+one that says how it grows at scale (1: linear), with its range over the repeats' pairs.
+A single exponent through all points mixes the fixed cost into the slope and is not given.
 
-    python bench/scale.py --nodes 16,64 --rounds 3                 # a smoke run: ~2 min
+    python bench/scale.py --nodes 16,64 --rounds 3 --repeats 1     # a smoke run: ~2 min
     python bench/scale.py --nodes 16,64,256 --rounds 8 --out bench-out/scale
     python bench/scale.py --nodes 1024 --allow-1024 --rounds 4     # memory and time permitting
     python bench/scale.py --nodes 64,256 --profile bench-out/prof  # cProfile of the coordinator and a host
@@ -70,6 +75,8 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench.scale_fit import growth  # noqa: E402
+
 CONFIGS = ("one host", "per host")
 COLUMNS = (
     "round_ms", "compute_ms", "overhead_ms", "bus_ms", "engine_ms", "coord_cpu_ms", "mqtt_cpu_ms", "broker_cpu_ms", "bytes_in", "bytes_out",
@@ -80,19 +87,6 @@ TICKS = os.sysconf("SC_CLK_TCK")
 
 
 # ---------------------------------------------------------------------------- pure pieces
-
-
-def scaling_exponent(nodes: list[int], values: list[float]) -> float:
-    """The least-squares slope of log(value) against log(nodes) (nan with fewer than two points)."""
-    points = [(math.log(n), math.log(v)) for n, v in zip(nodes, values) if n > 0 and v > 0]
-    if len(points) < 2:
-        return math.nan
-    mean_x = statistics.fmean(x for x, _ in points)
-    mean_y = statistics.fmean(y for _, y in points)
-    spread = sum((x - mean_x) ** 2 for x, _ in points)
-    if spread == 0:
-        return math.nan
-    return sum((x - mean_x) * (y - mean_y) for x, y in points) / spread
 
 
 def host_groups(node_ids: list[str], per_host: int | None) -> list[list[str]]:
@@ -283,7 +277,24 @@ def run_point(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _point(args: argparse.Namespace, n_nodes: int, per_host: int | None, folder: Path) -> dict[str, Any]:
-    out = folder / f"point-{n_nodes}-{per_host or 'all'}.json"
+    """The point measured `--repeats` times: each column the median of the repeats, and
+    `repeats` (each repeat's numbers) for the spread and the fits."""
+    runs = [_one_run(args, n_nodes, per_host, folder, repeat) for repeat in range(args.repeats)]
+    point = {key: value for key, value in runs[0].items() if key != "per_round"}
+    for key in (*SAMPLED, "ms_per_node", "coord_mib", "coord_growth_mib", "host_mib", "join_s"):
+        point[key] = statistics.median(run[key] for run in runs)
+    point["repeats"] = [{key: run[key] for key in (*SAMPLED, "ms_per_node")} for run in runs]
+    return point
+
+
+def spread(point: dict[str, Any], name: str) -> tuple[float, float]:
+    """min and max of a measure over the point's repeats."""
+    values = [r[name] for r in point["repeats"]]
+    return min(values), max(values)
+
+
+def _one_run(args: argparse.Namespace, n_nodes: int, per_host: int | None, folder: Path, repeat: int) -> dict[str, Any]:
+    out = folder / f"point-{n_nodes}-{per_host or 'all'}-r{repeat}.json"
     command = [sys.executable, str(Path(__file__).resolve()), "--point", str(n_nodes), "--json", str(out),
                "--rounds", str(args.rounds), "--warmup", str(args.warmup), "--round-tokens", str(args.round_tokens),
                "--top-k", str(args.top_k)]
@@ -309,13 +320,24 @@ def _print_table(points: list[dict[str, Any]]) -> None:
               f"{p['coord_mib']:.0f} (+{p['coord_growth_mib']:.0f}) | {p['host_mib']:.0f} | {p['join_s']:.1f} |")
 
 
-def _exponents(points: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
-    fits: dict[str, dict[str, float]] = {}
-    for config in CONFIGS:
-        mine = [p for p in points if p["config"] == config]
-        nodes = [p["nodes"] for p in mine]
-        fits[config] = {name: scaling_exponent(nodes, [p[name] for p in mine]) for name in FITTED}
-    return fits
+def _print_growth(fits: dict[str, dict[str, dict[str, Any]]]) -> None:
+    for config, measures in fits.items():
+        for name, fit in measures.items():
+            if not fit["segments"]:
+                continue
+            segments = ", ".join(f"{n0}->{n1} {e:.2f}" for n0, n1, e in fit["segments"])
+            n0, n1, top = fit["segments"][-1]
+            low, high = fit["top_range"]
+            print(f"{config}, {name}: a + b*N fit a = {fit['a']:.2f}, b = {fit['b']:.4f} per node; "
+                  f"log-log slope by segment {segments}; top segment {n0}->{n1}: {top:.2f} "
+                  f"(over the repeats {low:.2f}..{high:.2f})")
+
+
+def _print_spread(points: list[dict[str, Any]]) -> None:
+    print("\nspread over the repeats (min..max):")
+    for p in points:
+        ranges = ", ".join(f"{name} {spread(p, name)[0]:.1f}..{spread(p, name)[1]:.1f}" for name in ("round_ms", *FITTED))
+        print(f"  {p['nodes']} nodes, {p['config']} ({len(p['repeats'])} runs): {ranges}")
 
 
 def _plot(points: list[dict[str, Any]], path: Path) -> None:
@@ -343,6 +365,9 @@ def _plot(points: list[dict[str, Any]], path: Path) -> None:
 
 def run_sweep(args: argparse.Namespace) -> int:
     counts = [int(n) for n in args.nodes.split(",")]
+    if args.repeats < 1:
+        sys.stderr.write("--repeats must be at least 1\n")
+        return 2
     if any(n > 512 for n in counts) and not args.allow_1024:
         sys.stderr.write("more than 512 nodes needs --allow-1024 (memory: each host node holds a connection)\n")
         return 2
@@ -368,18 +393,19 @@ def run_sweep(args: argparse.Namespace) -> int:
             if per_host is not None and per_host >= n_nodes:
                 continue  # one host per 16 of 16 nodes is the one-host configuration
             points.append(_point(args, n_nodes, per_host, folder))
-            print(f"  {n_nodes} nodes, {points[-1]['config']}: overhead {points[-1]['overhead_ms']:.1f} ms/round", flush=True)
+            low, high = spread(points[-1], "overhead_ms")
+            print(f"  {n_nodes} nodes, {points[-1]['config']}: overhead {points[-1]['overhead_ms']:.1f} ms/round "
+                  f"(median of {args.repeats}; {low:.1f}..{high:.1f})", flush=True)
     _print_table(points)
-    fits = _exponents(points)
-    for config, fit in fits.items():
-        print(f"scaling exponent ({config}), slope of log(ms per round) on log(nodes): "
-              + ", ".join(f"{name} {value:.2f}" for name, value in fit.items()))
+    _print_spread(points)
+    fits = growth(points, CONFIGS, FITTED)
+    _print_growth(fits)
     print("definitions: overhead = the coordinator's round wall time - the slowest node's compute = bus + engine; "
           "bus = requests out to the last result in, less that compute (broker, envelopes, checks); engine = the "
           "coordinator's own round (requests, pools, reference, book); broker % = broker cpu / overhead; bytes = "
           "the broker's socket reads (in) and writes (out) in the round")
     print(f"load average at the end: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
-    (folder / "scale.json").write_text(json.dumps({"points": points, "exponents": fits}, indent=1))
+    (folder / "scale.json").write_text(json.dumps({"points": points, "growth": fits}, indent=1))
     with (folder / "scale.csv").open("w") as csv:
         csv.write("nodes,config,hosts," + ",".join(SAMPLED) + ",ms_per_node,coord_mib,host_mib\n")
         for p in points:
@@ -396,6 +422,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--nodes", default="16,64,256", help="node counts, comma-separated")
     parser.add_argument("--rounds", type=int, default=8, help="measured rounds per point (after the warm-up)")
     parser.add_argument("--warmup", type=int, default=2, help="rounds not measured (joins, first passes)")
+    parser.add_argument("--repeats", type=int, default=3, help="runs of each point (each a fresh process); the median and the spread are shown")
     parser.add_argument("--per-host", type=int, default=16, help="nodes per host process in the second configuration")
     parser.add_argument("--round-tokens", type=int, default=8)
     parser.add_argument("--top-k", type=int, default=64, help="candidates kept per position (the scenario default: 64)")

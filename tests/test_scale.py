@@ -11,7 +11,8 @@ from types import SimpleNamespace
 import pytest
 import yaml
 
-from bench.scale import host_groups, scaling_exponent, scenario_spec
+from bench.scale import host_groups, scenario_spec
+from bench.scale_fit import growth, linear_fit, segment_exponents, top_segment_range
 from collective.distributed import backend as node_backend
 from collective.distributed.host import HostBackend
 from collective.distributed.protocol import Rejected
@@ -19,12 +20,41 @@ from collective.distributed.volunteer import NodeModel, SoloBackend, published_s
 from collective.scenario import EvaluationSpec
 
 
-def test_the_scaling_exponent_is_the_slope_on_log_log_axes():
+def test_a_fixed_cost_plus_a_cost_per_node_is_fitted_as_a_plus_b_n():
     nodes = [16, 64, 256]
-    assert scaling_exponent(nodes, [0.5 * n for n in nodes]) == pytest.approx(1.0)
-    assert scaling_exponent(nodes, [0.01 * n * n for n in nodes]) == pytest.approx(2.0)
-    assert scaling_exponent(nodes, [3.0, 3.0, 3.0]) == pytest.approx(0.0)
-    assert math.isnan(scaling_exponent([16], [1.0]))
+    fit = linear_fit(nodes, [40.0 + 0.5 * n for n in nodes])
+    assert (fit.intercept, fit.slope) == pytest.approx((40.0, 0.5))
+    # repeats: several values per node count, fitted together (least squares by hand: x 16, 16, 64, 64)
+    fit = linear_fit([16, 16, 64, 64], [10.0, 12.0, 34.0, 36.0])
+    assert (fit.intercept, fit.slope) == pytest.approx((3.0, 0.5))
+    assert math.isnan(linear_fit([16, 16], [1.0, 2.0]).slope)
+
+
+def test_the_exponent_is_read_segment_by_segment_and_a_fixed_cost_does_not_bend_the_top_one_below_linear():
+    """40 ms fixed + 0.5 ms per node: one exponent through the three points (0.61) would say
+    sublinear; the segments say 0.36 then 0.75, approaching 1 as the fixed cost fades."""
+    nodes = [16, 64, 256]
+    values = [40.0 + 0.5 * n for n in nodes]  # 48, 72, 168
+    segments = segment_exponents(nodes, values)
+    assert [(a, b) for a, b, _ in segments] == [(16, 64), (64, 256)]
+    assert segments[0][2] == pytest.approx(math.log(72 / 48) / math.log(4))
+    assert segments[1][2] == pytest.approx(math.log(168 / 72) / math.log(4))
+    # the numbers of issue 19: one-host overhead growing 0.70 then 1.03
+    grown = [100.0, 100.0 * 4**0.70, 100.0 * 4**0.70 * 4**1.03]
+    assert [round(e, 2) for _, _, e in segment_exponents([16, 64, 256], grown)] == [0.70, 1.03]
+    assert top_segment_range((64, [10.0, 20.0]), (256, [40.0, 80.0])) == pytest.approx((0.5, 1.5))
+
+
+def test_growth_fits_every_repeat_and_gives_the_top_segment_with_its_range():
+    def point(nodes, values):
+        return {"config": "one host", "nodes": nodes, "overhead_ms": sorted(values)[1],
+                "repeats": [{"overhead_ms": v} for v in values]}
+
+    points = [point(16, [47.0, 48.0, 49.0]), point(64, [71.0, 72.0, 73.0]), point(256, [167.0, 168.0, 169.0])]
+    fit = growth(points, ["one host"], ["overhead_ms"])["one host"]["overhead_ms"]
+    assert (fit["a"], fit["b"]) == pytest.approx((40.0, 0.5))
+    assert fit["segments"][-1][2] == pytest.approx(math.log(168 / 72) / math.log(4))
+    assert fit["top_range"] == pytest.approx((math.log(167 / 73) / math.log(4), math.log(169 / 71) / math.log(4)))
 
 
 def test_host_groups_hold_every_node_once_in_order():
