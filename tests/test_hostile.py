@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 import yaml
 
 from collective.cli import main
@@ -21,6 +20,7 @@ from collective.evaluate.hostile import (
     collective_rounds,
     hostile_report,
     hostile_variants,
+    pin_thresholds,
     screen_counts,
     seed_result,
     silent_ensemble_spread,
@@ -32,6 +32,7 @@ from collective.evaluate.hostile_record import (
     ScreenCounts,
     read_hostile,
 )
+from collective.evaluate.intervals import difference
 from collective.records import Report, RoundEvent, RunEnd, ScreenRecord
 from collective.run.prepared import RunError
 from collective.scenario import (
@@ -145,6 +146,27 @@ def test_a_readout_of_an_honest_node_skips_the_unpooled_variants_and_says_so():
     assert READOUT_NOTE in hostile_report(base, "t.yaml", []).note
 
 
+def test_the_thresholds_fitted_once_are_written_into_every_firewall_on_variant_and_nothing_else():
+    data = scenario_data()
+    data["node_defaults"]["firewall"] = [{"kind": "perplexity", "false_drop_rate": 0.1}]  # to be fitted
+    base = parse_scenario(data, "t.yaml")
+    variants = hostile_variants(base, source="t.yaml")
+    fitted = {
+        node.id: tuple(f.model_copy(update={"threshold": 4.0 + i}) if f.kind == "perplexity" else f for f in node.firewall)
+        for i, node in enumerate(base.nodes) if node.firewall
+    }
+    pinned = pin_thresholds(variants, fitted, source="t.yaml")
+    assert [v.name for v in pinned] == [v.name for v in variants]
+    for before, after in zip(variants, pinned):
+        if before.kind.firewall:
+            assert {n.id: n.firewall for n in after.scenario.nodes if n.firewall} == fitted, after.name
+            assert changed_prefixes(before.scenario, after.scenario) == {"nodes.0.firewall", "nodes.3.firewall"}
+        else:
+            assert after.scenario == before.scenario, after.name
+    firewalls = {v.name: [n.firewall for n in v.scenario.nodes] for v in pinned if v.kind.firewall}
+    assert len({repr(f) for f in firewalls.values()}) == 1  # attack, silent, benign: the same filters
+
+
 def test_each_variant_is_validated_again_and_an_invalid_one_is_named():
     data = scenario_data(aggregator={"kind": "readout", "node": "b"})  # the hostile node cannot leave a readout
     with pytest.raises(ScenarioError, match=r"hostile-test\.yaml \(variant attack-unpooled-nofw\).*aggregator\.exclude"):
@@ -165,16 +187,16 @@ def test_a_scenario_without_an_attacker_is_an_error_naming_the_file(tmp_path, ca
 # ---------------------------------------------------------------------------- the numbers
 
 
-def round_event(eval_round: int, nll: float, screened: list[ScreenRecord] | None = None) -> RoundEvent:
+def round_event(eval_round: int, nll: float, screened: list[ScreenRecord] | None = None, n_tokens: int = ROUND_TOKENS) -> RoundEvent:
     return RoundEvent(
         run_id="r", round_index=2 + eval_round, phase="eval", eval_round=eval_round, start_token=1000 + ROUND_TOKENS * eval_round,
-        n_tokens=ROUND_TOKENS, nodes=[], messages=[], screened=screened or [], nll_collective=nll, nll_silent=3.5,
+        n_tokens=n_tokens, nodes=[], messages=[], screened=screened or [], nll_collective=nll, nll_silent=3.5,
         nll_reference=3.0, wall_seconds=0.1, elapsed_seconds=0.1,
     )
 
 
-def variant_run(per_round: list[float], silent_nll: float = 3.5) -> VariantRun:
-    rounds = [round_event(r, nll) for r, nll in enumerate(per_round)]
+def variant_run(per_round: list[float], silent_nll: float = 3.5, tokens: list[int] | None = None) -> VariantRun:
+    rounds = [round_event(r, nll, n_tokens=(tokens or [ROUND_TOKENS] * len(per_round))[r]) for r, nll in enumerate(per_round)]
     return VariantRun(collective_rounds(rounds), tuple(e.start_token for e in rounds), silent_nll, ScreenCounts())
 
 
@@ -183,7 +205,10 @@ SHIFTS = {  # per variant: a constant per-round shift of the collective NLL
     "attack": 0.10, "attack-nofw": 0.30, "silent": 0.0, "silent-nofw": 0.0, "benign": -0.15, "benign-nofw": -0.20,
     "attack-unpooled-nofw": 0.30, "silent-unpooled-nofw": 0.05,
 }
-EXPECTED = {"attack_damage": 0.30, "attack_damage_unpooled": 0.25, "residual_damage": 0.10, "defence_cost": 0.05}
+EXPECTED = {  # by hand from SHIFTS: minuend's shift - subtrahend's
+    "adversarial_damage": 0.30 - -0.20, "adversarial_damage_firewalled": 0.10 - -0.15, "damage_vs_silent": 0.30,
+    "damage_vs_silent_firewalled": 0.10, "damage_vs_silent_unpooled": 0.30 - 0.05, "defence_cost": -0.15 - -0.20,
+}
 
 
 def shifted_runs() -> dict[str, VariantRun]:
@@ -202,22 +227,32 @@ def test_a_constant_per_round_shift_gives_a_zero_width_ci_at_that_shift():
     assert attack.value == pytest.approx(sum(BASE) / EVAL_ROUNDS + 0.10)
 
 
-def test_each_number_is_the_difference_of_the_two_runs_per_round_nlls():
-    noise = [0.05 * math.cos(5.0 * r) for r in range(EVAL_ROUNDS)]  # the attack hurts some rounds more
-    runs = shifted_runs()
-    runs["attack-nofw"] = variant_run([x + 0.3 + e for x, e in zip(BASE, noise)])
+UNEQUAL = [8, 2, 8, 16, 3, 8, 12, 5]  # tokens per round: a token-weighted mean differs from the rounds' mean
+
+
+def test_each_number_is_the_token_weighted_difference_of_the_two_runs_with_the_paired_interval_of_that_pair():
+    noise = [0.4 * math.cos(5.0 * r) for r in range(EVAL_ROUNDS)]  # the attack hurts some rounds far more
+    runs = {name: variant_run([x + shift for x in BASE], 3.6 if "unpooled" in name else 3.5, UNEQUAL) for name, shift in SHIFTS.items()}
+    runs["attack-nofw"] = variant_run([x + 0.3 + e for x, e in zip(BASE, noise)], tokens=UNEQUAL)
     result = seed_result(1, runs, {n: n for n in runs}, block_rounds=2, n_boot=300)
-    damage = result.numbers["attack_damage"]
-    assert damage.value == pytest.approx(0.3 + sum(noise) / EVAL_ROUNDS, abs=1e-9)
-    assert damage.low < damage.value < damage.high
-    assert damage.high - damage.low < 0.2  # paired: far narrower than either NLL's own interval
-    assert min(noise) + 0.3 - 1e-9 <= damage.low and damage.high <= max(noise) + 0.3 + 1e-9
+    weighted = sum(t * (0.3 + e) for t, e in zip(UNEQUAL, noise)) / sum(UNEQUAL)
+    assert abs(weighted - (0.3 + sum(noise) / EVAL_ROUNDS)) > 0.03  # the weighting matters here (0.041)
+    for name, baseline in (("adversarial_damage", -0.20), ("damage_vs_silent", 0.0)):
+        number = result.numbers[name]
+        assert number.value == pytest.approx(weighted - baseline, abs=1e-9), name
+        # the interval is the project's paired interval of exactly this pair, in this order
+        minuend, subtrahend = next((n.minuend, n.subtrahend) for n in NUMBERS if n.name == name)
+        expected = difference(runs[minuend].collective, runs[subtrahend].collective)
+        assert (number.low, number.high) == pytest.approx((expected.low, expected.high), abs=1e-9), name
+        assert number.high - number.low > 0.05  # the per-round noise leaves a real interval
+    attack = next(v for v in result.variants if v.name == "attack-nofw").collective_nll
+    assert attack.value == pytest.approx(sum(t * (x + 0.3 + e) for t, x, e in zip(UNEQUAL, BASE, noise)) / sum(UNEQUAL))
 
 
 def test_a_round_without_a_collective_prediction_is_left_out_of_both_sides():
     runs = shifted_runs()
     runs["attack-nofw"] = variant_run([math.nan, *[x + 0.3 for x in BASE[1:]]])
-    damage = seed_result(1, runs, {n: n for n in runs}, block_rounds=2, n_boot=300).numbers["attack_damage"]
+    damage = seed_result(1, runs, {n: n for n in runs}, block_rounds=2, n_boot=300).numbers["damage_vs_silent"]
     assert damage.value == pytest.approx(0.3, abs=1e-9) and damage.n == EVAL_ROUNDS - 1
 
 
@@ -247,9 +282,9 @@ def test_hostile_json_round_trips_with_the_mean_over_seeds():
     runs["attack-nofw"] = variant_run([x + 0.5 for x in BASE])
     seeds.append(seed_result(3, runs, {n: n for n in runs}, block_rounds=2, n_boot=300))
     report = hostile_report(base, "hostile-test.yaml", seeds)
-    assert report.schema_version == 1 and report.hostile_nodes == ["b"] and report.firewall
-    spread = mean_ci([0.3, 0.3, 0.5])
-    damage = report.numbers_over_seeds["attack_damage"]
+    assert report.schema_version == 2 and report.hostile_nodes == ["b"] and report.firewall
+    spread = mean_ci([0.5, 0.5, 0.7])  # adversarial damage: attack-nofw (0.3, 0.3, 0.5) - benign-nofw (-0.2)
+    damage = report.numbers_over_seeds["adversarial_damage"]
     assert (damage.value, damage.low, damage.high, damage.n) == pytest.approx((spread.mean, spread.low, spread.high, 3))
     assert report.nll_over_seeds["attack-nofw"].value == pytest.approx(sum(BASE) / EVAL_ROUNDS + (0.3 + 0.3 + 0.5) / 3)
     text = report.model_dump_json()
@@ -264,7 +299,7 @@ def test_an_interval_that_does_not_exist_stays_nan_in_hostile_json():
         parse_scenario(scenario_data(), "t.yaml"), "t.yaml", [seed_result(1, one_round, {n: n for n in SHIFTS}, block_rounds=None, n_boot=100)]
     )
     back = HostileReport.model_validate_json(report.model_dump_json())
-    damage = back.seeds[0].numbers["attack_damage"]
+    damage = back.seeds[0].numbers["damage_vs_silent"]
     assert damage.value == 0.0 and math.isnan(damage.low) and math.isnan(damage.high)
 
 
@@ -294,7 +329,8 @@ class FakeRuns:
         self.fail, self.error = fail, error
 
     def prepare(self, scenario: Scenario, pool: Any, *, base_dir: Path) -> Any:
-        return type("P", (), {"scenario": scenario, "control_ids": {}})()
+        firewalls = {node.id: node.firewall for node in scenario.nodes if node.firewall}  # the test's thresholds are given
+        return type("P", (), {"scenario": scenario, "control_ids": {}, "firewalls": firewalls, "firewall_fits": {}})()
 
     def run_prepared(self, prepared: Any, folder: Path, **kwargs: Any) -> None:
         scenario = prepared.scenario
@@ -348,10 +384,14 @@ def test_the_command_runs_every_variant_and_writes_the_comparison(tmp_path, fake
     assert {v.run_dir for v in report.seeds[0].variants} == set(fake.ran)
     assert yaml.safe_load((out / "attack" / "scenario.yaml").read_text())["bus"]["max_message_tokens"] == 6
     printed = capsys.readouterr().out
-    assert "attack damage, attacker unpooled" in printed and "+0.250 [+0.250, +0.250]" in printed
+    assert "damage vs silent, attacker unpooled" in printed and "+0.250 [+0.250, +0.250]" in printed
+    assert "adversarial damage, no firewalls" in printed and "+0.500 [+0.500, +0.500]" in printed
     assert printed.count("variant ") >= len(VARIANT_KINDS)  # a progress line per variant
     markdown = (out / "hostile.md").read_text()
-    assert "| defence cost | +0.050 [+0.050, +0.050] |" in markdown and "defence cost = NLL(benign) - NLL(benign-nofw)" in markdown
+    assert "| adversarial damage, firewalls on (attack - benign) | +0.250 [+0.250, +0.250] |" in markdown
+    assert "| damage vs silent, firewalls on (attack - silent) | +0.100 [+0.100, +0.100] |" in markdown
+    assert "| defence cost (benign - benign-nofw) | +0.050 [+0.050, +0.050] |" in markdown
+    assert "headline: adversarial damage = NLL(attack) - NLL(benign)" in markdown
 
 
 def test_seeds_repeat_the_comparison_and_give_the_mean_with_a_t_interval(tmp_path, fake_runs):
@@ -361,7 +401,7 @@ def test_seeds_repeat_the_comparison_and_give_the_mean_with_a_t_interval(tmp_pat
     assert len(fake.ran) == 2 * len(VARIANT_KINDS) and (out / "seed-5" / "silent-unpooled-nofw" / "report.json").exists()
     report = read_hostile(out / "hostile.json")
     assert [s.seed for s in report.seeds] == [4, 5]
-    assert report.numbers_over_seeds["residual_damage"].value == pytest.approx(0.10)
+    assert report.numbers_over_seeds["damage_vs_silent_firewalled"].value == pytest.approx(0.10)
     assert report.seeds[1].variants[0].run_dir == "seed-5/attack"
 
 
@@ -403,11 +443,14 @@ def test_hostile_json_and_md_are_written_whole_or_not_at_all(tmp_path, fake_runs
     assert not (out / crash_on).exists() and not (out / "hostile.json").exists()
 
 
-def test_the_per_round_nll_in_the_records_adds_up_to_the_runs_mean():
-    rounds = [round_event(r, nll) for r, nll in enumerate(BASE)]
+def test_the_per_round_nll_in_the_records_adds_up_to_the_runs_token_weighted_mean():
+    per_round = [1.0, 5.0, 1.0, 1.0, 5.0, 1.0, 1.0, 5.0]  # the short rounds are the hard ones
+    rounds = [round_event(r, nll, n_tokens=t) for r, (nll, t) in enumerate(zip(per_round, UNEQUAL))]
     stats = collective_rounds(rounds)
-    assert float(stats.nll_sum.sum() / stats.n_tokens.sum()) == pytest.approx(sum(BASE) / len(BASE))
-    assert torch.equal(stats.n_tokens, torch.full((EVAL_ROUNDS,), ROUND_TOKENS))
+    weighted = sum(x * t for x, t in zip(per_round, UNEQUAL)) / sum(UNEQUAL)
+    assert weighted == pytest.approx(102 / 62) and sum(per_round) / len(per_round) == 2.5  # weighting matters
+    assert float(stats.nll_sum.sum() / stats.n_tokens.sum()) == pytest.approx(weighted)
+    assert stats.n_tokens.tolist() == UNEQUAL
 
 
 def test_the_help_says_what_each_number_is(capsys):
@@ -429,7 +472,8 @@ def test_collective_hostile_on_a_tiny_ring_with_an_attacker_and_a_fitted_firewal
     from tests.test_rundir import write_tiny_scenario
 
     path = write_tiny_scenario(
-        tmp_path, tiny_model_dir, name="tiny-hostile",
+        tmp_path, tiny_model_dir, name="tiny-hostile", corpus={"source": "builtin:pydoc", "train_tokens": 400, "eval_tokens": 64},
+        bus={"round_tokens": 8, "max_message_tokens": 12},  # relays longer than a round: each sender's view shows in them
         node_defaults={
             "model": "tiny", "message": {"policy": "relay"},
             "firewall": [{"kind": "perplexity", "fit_messages": 8, "false_drop_rate": 0.25}],
@@ -455,7 +499,15 @@ def test_collective_hostile_on_a_tiny_ring_with_an_attacker_and_a_fitted_firewal
     result = read_hostile(out / "hostile.json").seeds[0]
     for number in NUMBERS:
         assert result.numbers[number.name].value == pytest.approx(nll[number.minuend] - nll[number.subtrahend], abs=1e-5)
-    assert result.numbers["attack_damage"].low <= result.numbers["attack_damage"].value <= result.numbers["attack_damage"].high
+    # fitted once, on the scenario as written: every firewall-on variant reads with the same thresholds (fitted
+    # per variant, the silent one would leave m's in-link to a and c out of the fit and get others)
+    thresholds = {
+        name: {node: [f.threshold for f in found.filters] for node, found in reports[name].firewalls.items()}
+        for name in ("attack", "silent", "benign")
+    }
+    assert thresholds["attack"] == thresholds["silent"] == thresholds["benign"] and set(thresholds["attack"]) == {"a", "b", "c"}
+    assert {(f.node, f.threshold) for f in result.firewall_fits} == {(n, t[0]) for n, t in thresholds["attack"].items()}
+    assert all(f.fit is not None and f.fit.held_out_messages is not None for f in result.firewall_fits)
     screens = {v.name: v.screens for v in result.variants}
     assert screens["attack"].hostile_screened > 0 and screens["attack-nofw"] == ScreenCounts()
     events = [parse_event(line) for line in (out / "attack-nofw" / "events.jsonl").read_text().splitlines()]

@@ -1,9 +1,12 @@
 """`collective hostile`: run a scenario with a hostile node as its variants (attack, silent,
 benign; firewalls on and off; the attacker in and out of the pools) and compare them on
-the same eval tokens: attack damage, residual damage, defence cost, each with a paired CI.
+the same eval tokens: adversarial damage (attack - benign) with and without firewalls, the
+attack against silence as a second line, defence cost, each with a paired CI.
 
 Thin: parse, build the variants (`collective.evaluate.hostile`, each re-validated before
-anything runs), run each as `collective run` does into DIR/<variant>/ (DIR/seed-S/<variant>/
+anything runs), fit the firewalls' thresholds once per seed on the scenario as written and
+write them into every firewall-on variant (`pin_thresholds`), run each as `collective run`
+does into DIR/<variant>/ (DIR/seed-S/<variant>/
 with --seeds) with one model pool, read the runs back, write hostile.json and hostile.md
 (atomically, only when every variant finished) and print the table. A variant folder that
 holds a finished run of the same variant is reused, so a stopped comparison resumes.
@@ -33,7 +36,7 @@ from collective.evaluate.hostile_record import numbers_help
 
 if TYPE_CHECKING:
     from collective.evaluate.hostile import Variant, VariantRun
-    from collective.evaluate.hostile_record import SeedResult
+    from collective.evaluate.hostile_record import FirewallFit, SeedResult
     from collective.lm.models import ModelPool
     from collective.records import ControlSearch
     from collective.scenario import Scenario
@@ -47,13 +50,16 @@ normal run in DIR/<variant>/: attack (as written), silent (the hostile nodes' me
 to {policy: silent}), benign (set to {policy: <their `benign`>}), each with the firewalls
 and without them (-nofw), and attack-unpooled-nofw / silent-unpooled-nofw (the hostile
 nodes added to aggregator.exclude: their messages travel, their predictions stay out of
-the pools). Without a firewall in the scenario the firewall-on variants are skipped.
-Control prompts (gcg) are searched once, on the first variant, and used by every variant."""
+the pools). Without a firewall in the scenario the firewall-on variants are skipped. The
+firewalls' perplexity thresholds are fitted once, on the scenario as written, and the same
+thresholds are written into every firewall-on variant. Control prompts (gcg) are searched
+once, on the first variant, and used by every variant. The headline is adversarial damage:
+the attack against the hostile node's honest (benign) message."""
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     hostile = sub.add_parser(
-        "hostile", help="measure a hostile node: attack damage, residual damage and defence cost, with CIs",
+        "hostile", help="measure a hostile node: adversarial damage with and without firewalls, and defence cost, with CIs",
         description=DESCRIPTION, epilog=numbers_help() + "\n\nWrites DIR/hostile.json, DIR/hostile.md and one run folder per variant.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -135,7 +141,8 @@ def _run_seed(plan: SeedPlan, out: Path, pool: ModelPool, args: argparse.Namespa
     runs: dict[str, VariantRun] = {}
     controls = _Controls()
     started = time.monotonic()
-    for index, variant in enumerate(plan.variants):
+    variants, fits = _fit_once(plan, pool, args)
+    for index, variant in enumerate(variants):
         folder = plan.folder / variant.name
         with console.status(f"variant {variant.name} (seed {plan.seed}) ...", spinner="dots"):
             reused = _run_variant(variant, folder, pool, controls, args)
@@ -144,9 +151,27 @@ def _run_seed(plan: SeedPlan, out: Path, pool: ModelPool, args: argparse.Namespa
     block = first.evaluation.block_rounds
     run_dirs = {name: str((plan.folder / name).relative_to(out)) for name in runs}
     try:
-        return seed_result(plan.seed, runs, run_dirs, block_rounds=None if block == "auto" else block, n_boot=first.evaluation.n_boot)
+        return seed_result(
+            plan.seed, runs, run_dirs, block_rounds=None if block == "auto" else block, n_boot=first.evaluation.n_boot, fits=fits,
+        )
     except Exception as exc:  # the checks name the variants; say which seed and file
         raise _failure(args, f"comparing the variants of seed {plan.seed}", exc) from exc
+
+
+def _fit_once(plan: SeedPlan, pool: ModelPool, args: argparse.Namespace) -> tuple[list[Variant], list[FirewallFit]]:
+    """The seed's variants with the firewalls' thresholds fitted once, on the scenario as
+    written (the attack variant's), and written into every firewall-on variant."""
+    from collective.evaluate.hostile import firewall_fits, has_firewall, pin_thresholds
+    from collective.run.runner import prepare
+
+    if not has_firewall(plan.scenario):
+        return plan.variants, []
+    try:
+        prepared = prepare(plan.scenario, pool, base_dir=Path(args.scenario).parent)
+        variants = pin_thresholds(plan.variants, prepared.firewalls, source=args.scenario)
+    except Exception as exc:
+        raise _failure(args, f"fitting the firewalls (seed {plan.seed})", exc) from exc
+    return variants, firewall_fits(prepared.firewalls, prepared.firewall_fits)
 
 
 class _Controls:

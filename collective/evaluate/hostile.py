@@ -2,13 +2,15 @@
 
 One scenario with a hostile node (message policy `attack`) runs as several variants on the
 same eval tokens, each a normal run in its own folder, and the variants' collective NLLs
-are compared round by round. The variants and the numbers (attack damage, attack damage with the attacker unpooled,
-residual damage with the firewalls on, defence cost) are defined, and hostile.json's record
-is, in `collective.evaluate.hostile_record`.
+are compared round by round. The variants and the numbers (adversarial damage: attack against
+benign, with and without firewalls; the attack against silence as a second line; defence
+cost) are defined, and hostile.json's record is, in `collective.evaluate.hostile_record`.
 
 Data flow: `hostile_variants(scenario)` makes each variant with the sweep's
 `apply_override` on the resolved scenario (the hostile nodes' `message`, every node's
-`firewall`, `aggregator.exclude`; nothing else) and re-validates it; the CLI runs them
+`firewall`, `aggregator.exclude`; nothing else) and re-validates it; the CLI fits the
+firewalls' thresholds once, on the scenario as written, and `pin_thresholds` writes them
+into every firewall-on variant (so that each compares the same filters); it runs them
 (`collective run`'s path); `read_variant` reads a finished run folder (per-round
 collective NLL and tokens from events.jsonl, the silent ensemble from report.json, the
 firewalls' screened records); `seed_result` bootstraps every number from one set of
@@ -26,12 +28,12 @@ from typing import Any
 
 import torch
 
-from collective.evaluate.bootstrap import block_bootstrap
 from collective.evaluate.compare import mean_ci
 from collective.evaluate.hostile_record import (
     KIND_BY_NAME,
     NUMBERS,
     VARIANT_KINDS,
+    FirewallFit,
     HostileReport,
     Number,
     ScreenCounts,
@@ -39,12 +41,19 @@ from collective.evaluate.hostile_record import (
     VariantKind,
     VariantResult,
 )
+from collective.evaluate.intervals import paired_intervals
 from collective.evaluate.metrics import Estimate, RoundStats
 from collective.evaluate.sweep import apply_override
-from collective.records import Report, RoundEvent, RunRecord, parse_event
+from collective.records import FilterFit, Report, RoundEvent, RunRecord, parse_event
 from collective.run.prepared import RunError
-from collective.scenario import AttackMessage, Scenario, ScenarioError, parse_scenario
-from collective.seeding import generator
+from collective.scenario import (
+    AttackMessage,
+    FirewallFilter,
+    PerplexityFilter,
+    Scenario,
+    ScenarioError,
+    parse_scenario,
+)
 
 SILENT_TOLERANCE = 1e-4  # nats/token: how far two variants' silent ensembles may differ (float rounding)
 NO_FIREWALL_NOTE = (
@@ -116,6 +125,34 @@ def hostile_variants(scenario: Scenario, *, source: str) -> list[Variant]:
         # the resolved scenario's paths are already joined to its folder: parsed with no base_dir
         variants.append(Variant(kind, parse_scenario(changed, f"{source} (variant {kind.name})")))
     return variants
+
+
+def pin_thresholds(variants: Sequence[Variant], firewalls: Mapping[str, tuple[FirewallFilter, ...]], *, source: str) -> list[Variant]:
+    """Each variant with every firewall-on node's filters replaced by `firewalls[node]` (its
+    filters with the thresholds fitted once, on the scenario as written), re-validated; a
+    variant without firewalls is left as it is. Fitted per variant, a silent attacker's
+    in-link would leave the fit and the variants would compare different filters."""
+    pinned = []
+    for variant in variants:
+        if not variant.kind.firewall:
+            pinned.append(variant)
+            continue
+        data = variant.scenario.model_dump(mode="json")
+        for index, node in enumerate(variant.scenario.nodes):
+            if node.firewall:
+                data = apply_override(data, f"nodes.{index}.firewall", [f.model_dump(mode="json") for f in firewalls[node.id]])
+        pinned.append(Variant(variant.kind, parse_scenario(data, f"{source} (variant {variant.name})")))
+    return pinned
+
+
+def firewall_fits(firewalls: Mapping[str, tuple[FirewallFilter, ...]], fits: Mapping[str, Mapping[int, FilterFit]]) -> list[FirewallFit]:
+    """Every perplexity filter's threshold, with how it was fitted (None: given), for hostile.json."""
+    return [
+        FirewallFit(node=node, filter_index=index, threshold=spec.threshold, fit=fits.get(node, {}).get(index))
+        for node, filters in firewalls.items()
+        for index, spec in enumerate(filters)
+        if isinstance(spec, PerplexityFilter) and spec.threshold is not None
+    ]
 
 
 def _readout_of_an_honest_node(scenario: Scenario) -> bool:
@@ -209,17 +246,15 @@ def _check_paired(runs: Mapping[str, VariantRun]) -> None:
 
 
 def seed_result(
-    seed: int, runs: Mapping[str, VariantRun], run_dirs: Mapping[str, str], *, block_rounds: int | None, n_boot: int
+    seed: int, runs: Mapping[str, VariantRun], run_dirs: Mapping[str, str], *, block_rounds: int | None, n_boot: int,
+    fits: Sequence[FirewallFit] = (),
 ) -> SeedResult:
     """Every variant's collective NLL and every number of NUMBERS whose two variants ran,
     from one paired block bootstrap over eval rounds (seeded from `seed`)."""
     _check_paired(runs)
     spread = silent_ensemble_spread(runs)
     wanted = [(n.minuend, n.subtrahend) for n in NUMBERS if n.minuend in runs and n.subtrahend in runs]
-    boot = block_bootstrap(
-        {name: run.collective for name, run in runs.items()}, generator=generator(seed, "hostile"),
-        differences=wanted, block_rounds=block_rounds, n_boot=n_boot,
-    )
+    boot = paired_intervals({name: run.collective for name, run in runs.items()}, differences=wanted)
     variants = [
         VariantResult(
             name=name, run_dir=run_dirs[name], message=KIND_BY_NAME[name].message, firewall=KIND_BY_NAME[name].firewall,
@@ -230,8 +265,9 @@ def seed_result(
     ]
     numbers = {n.name: _number(boot.differences[(n.minuend, n.subtrahend)]) for n in NUMBERS if (n.minuend, n.subtrahend) in boot.differences}
     return SeedResult(
-        seed=seed, n_eval_rounds=next(iter(runs.values())).collective.n_rounds, block_rounds=boot.block_rounds,
-        block_rule=boot.block_rule, n_boot=n_boot, variants=variants, numbers=numbers, silent_ensemble_spread=spread,
+        seed=seed, n_eval_rounds=next(iter(runs.values())).collective.n_rounds, block_rounds=0,
+        block_rule=boot.method, n_boot=0, variants=variants, numbers=numbers, silent_ensemble_spread=spread,
+        firewall_fits=list(fits),
     )
 
 
@@ -265,10 +301,12 @@ __all__ = [
     "Variant",
     "VariantRun",
     "collective_rounds",
+    "firewall_fits",
     "has_firewall",
     "hostile_nodes",
     "hostile_report",
     "hostile_variants",
+    "pin_thresholds",
     "read_variant",
     "screen_counts",
     "seed_result",

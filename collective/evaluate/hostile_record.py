@@ -6,12 +6,19 @@ the command line can say what each number is without loading it, and the views c
 hostile.json alone.
 
 - variants (`VARIANT_KINDS`): the hostile nodes' message as written (`attack`), switched
-  off (`silent`) or replaced by their `benign` policy; each with every node's firewall
-  (as written) and without (`-nofw`); and, without firewalls, attack and silent with the
-  hostile nodes added to `aggregator.exclude` (`-unpooled`), so that the damage their
-  messages do shows apart from their own predictions in the pool.
+  off (`silent`) or replaced by their `benign` policy (their honest message); each with
+  every node's firewall and without (`-nofw`); and, without firewalls, attack and silent
+  with the hostile nodes added to `aggregator.exclude` (`-unpooled`), so that the damage
+  their messages do shows apart from their own predictions in the pool. The firewalls'
+  thresholds are fitted once, on the scenario as written, and the same thresholds are
+  written into every firewall-on variant (`SeedResult.firewall_fits`).
 - numbers (`NUMBERS`), in nats per token: each the difference of two variants' collective
-  NLL on the same eval rounds.
+  NLL on the same eval rounds. The headline is adversarial damage, the attack against the
+  hostile node's honest message, with and without the firewalls; the attack against its
+  silence is a second line (it adds what any message from that node does).
+
+Version 2: the numbers are renamed and the adversarial damage (attack - benign) added;
+`firewall_fits` added. Version 1 (attack damage = attack - silent) is not read.
 """
 
 from __future__ import annotations
@@ -23,7 +30,9 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-HOSTILE_SCHEMA_VERSION: Literal[1] = 1
+from collective.records import FilterFit
+
+HOSTILE_SCHEMA_VERSION: Literal[2] = 2
 OVER_SEEDS_RULE = "mean over seeds with a 95% Student t interval (n - 1 degrees of freedom)"
 
 MessageChoice = Literal["attack", "silent", "benign"]
@@ -55,13 +64,15 @@ KIND_BY_NAME = {kind.name: kind for kind in VARIANT_KINDS}
 
 @dataclass(frozen=True)
 class HostileNumber:
-    """A number of the comparison: collective NLL(minuend) - collective NLL(subtrahend)."""
+    """A number of the comparison: collective NLL(minuend) - collective NLL(subtrahend);
+    `headline`: against the hostile node's honest message (benign), else a second line."""
 
     name: str  # its key in hostile.json
     title: str
     minuend: str
     subtrahend: str
     meaning: str
+    headline: bool = False
 
     @property
     def definition(self) -> str:
@@ -70,23 +81,38 @@ class HostileNumber:
 
 NUMBERS = (
     HostileNumber(
-        "attack_damage", "attack damage", "attack-nofw", "silent-nofw",
-        "what the attack costs the collective, no firewalls (positive: the attack hurts)",
+        "adversarial_damage", "adversarial damage, no firewalls", "attack-nofw", "benign-nofw",
+        "headline: what the attack costs the collective over the hostile node's honest message (its benign "
+        "policy), so that what any message from it does cancels (positive: the attack hurts)", headline=True,
     ),
     HostileNumber(
-        "attack_damage_unpooled", "attack damage, attacker unpooled", "attack-unpooled-nofw", "silent-unpooled-nofw",
-        "the same with the hostile nodes' own predictions kept out of the pools: the damage their messages "
-        "alone do",
+        "adversarial_damage_firewalled", "adversarial damage, firewalls on", "attack", "benign",
+        "headline: the same with the firewalls on (the same fitted thresholds in both): what the defence does "
+        "not stop", headline=True,
     ),
     HostileNumber(
-        "residual_damage", "residual damage", "attack", "silent",
-        "the attack's damage with the firewalls on: what the defence does not stop (positive: it still hurts)",
+        "damage_vs_silent", "damage vs silent, no firewalls", "attack-nofw", "silent-nofw",
+        "second line: the attack against the hostile node saying nothing; adds what its honest message "
+        "would do (on a ring relays hurt the mean pool, in a star they help the hub)",
+    ),
+    HostileNumber(
+        "damage_vs_silent_firewalled", "damage vs silent, firewalls on", "attack", "silent",
+        "second line: the same with the firewalls on (the same fitted thresholds in both)",
+    ),
+    HostileNumber(
+        "damage_vs_silent_unpooled", "damage vs silent, attacker unpooled", "attack-unpooled-nofw", "silent-unpooled-nofw",
+        "second line, no firewalls: with the hostile nodes' own predictions kept out of the pools, the damage "
+        "their messages alone do against their silence",
     ),
     HostileNumber(
         "defence_cost", "defence cost", "benign", "benign-nofw",
         "the communication gain lost to the firewalls when nobody attacks, their false drops (positive: the "
         "defence costs; the silent ensemble is checked to be the same in both runs)",
     ),
+)
+HEADLINE_RULE = (
+    "headline: adversarial damage = NLL(attack) - NLL(benign), the hostile node's search against its honest "
+    "message; 'vs silent' compares the attack with the node sending nothing (a second line)"
 )
 
 
@@ -126,6 +152,16 @@ class VariantResult(_Record):
     screens: ScreenCounts
 
 
+class FirewallFit(_Record):
+    """One perplexity filter's threshold as every firewall-on variant used it: fitted once on
+    the scenario as written (`fit`; None: given in the scenario)."""
+
+    node: str
+    filter_index: int
+    threshold: float
+    fit: FilterFit | None = None
+
+
 class SeedResult(_Record):
     seed: int
     n_eval_rounds: int
@@ -133,16 +169,20 @@ class SeedResult(_Record):
     block_rule: str
     n_boot: int
     variants: list[VariantResult]
-    numbers: dict[str, Number] = Field(description="NUMBERS' names -> value with its paired block-bootstrap CI")
+    numbers: dict[str, Number] = Field(description="NUMBERS' names -> value with its paired 95% CI")
     silent_ensemble_spread: float = Field(
         description="largest difference of the silent ensemble's NLL between variants that pool the same nodes"
+    )
+    firewall_fits: list[FirewallFit] = Field(
+        default_factory=list,
+        description="the perplexity thresholds, fitted once on the scenario as written and written into every firewall-on variant",
     )
 
 
 class HostileReport(_Record):
     """hostile.json: every seed's variants and numbers, and their mean over seeds."""
 
-    schema_version: Literal[1] = HOSTILE_SCHEMA_VERSION
+    schema_version: Literal[2] = HOSTILE_SCHEMA_VERSION
     scenario: str
     scenario_file: str
     hostile_nodes: list[str]
@@ -165,8 +205,8 @@ def read_hostile(path: Path) -> HostileReport:
 def numbers_help() -> str:
     """What each number is, for `collective hostile --help`."""
     lines = [
-        textwrap.fill(n.definition, 92, initial_indent="  ", subsequent_indent="      ")
+        textwrap.fill(n.definition, 92, initial_indent="  ", subsequent_indent="      ", break_on_hyphens=False)
         for n in NUMBERS
     ]
-    head = "numbers: differences of the variants' collective NLL in nats/token on the same eval rounds, each with a paired block-bootstrap 95% CI"
-    return textwrap.fill(head, 92) + "\n" + "\n".join(lines)
+    head = "numbers: differences of the variants' collective NLL in nats/token on the same eval rounds, each with a paired 95% CI"
+    return textwrap.fill(head, 92) + "\n" + "\n".join(lines) + "\n" + textwrap.fill(HEADLINE_RULE, 92)

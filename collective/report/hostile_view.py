@@ -1,8 +1,9 @@
 """`collective hostile`'s record as people read it: a rich table for the terminal, Markdown
 for hostile.md. Both are pure functions of a `HostileReport` and share their cells: one table
-of the numbers (each seed's value with its paired block-bootstrap CI, and with several
-seeds the mean with its t interval), one of the variants (collective NLL, the firewalls'
-drops, the run folder), then notes (what each number is, the blocks, what was skipped).
+of the numbers (the headline, adversarial damage = attack - benign, first; each seed's value
+with its paired CI, and with several seeds the mean with its t interval), one of the
+variants (collective NLL, the firewalls' drops, the run folder), then notes (which number
+is the headline, what each is, the intervals, the thresholds fitted once, what was skipped).
 """
 
 from __future__ import annotations
@@ -13,7 +14,14 @@ from rich.console import Group
 from rich.table import Table
 from rich.text import Text
 
-from collective.evaluate.hostile_record import NUMBERS, HostileReport, Number, ScreenCounts
+from collective.evaluate.hostile_record import (
+    HEADLINE_RULE,
+    NUMBERS,
+    FirewallFit,
+    HostileReport,
+    Number,
+    ScreenCounts,
+)
 
 Cells = tuple[list[str], list[list[str]]]  # headers, rows
 
@@ -41,7 +49,8 @@ def number_cells(report: HostileReport) -> Cells:
         headers.append("mean over seeds (t interval)")
     rows = []
     for number in NUMBERS:
-        row = [number.title, *(_value(seed.numbers.get(number.name)) for seed in report.seeds)]
+        label = f"{number.title} ({number.minuend} - {number.subtrahend})"
+        row = [label, *(_value(seed.numbers.get(number.name)) for seed in report.seeds)]
         if _over_seeds(report):
             row.append(_value(report.numbers_over_seeds.get(number.name)))
         rows.append(row)
@@ -76,15 +85,39 @@ def variant_cells(report: HostileReport, *, wide: bool = True) -> Cells:
     return headers, rows
 
 
+def fit_line(found: FirewallFit) -> str:
+    """`firewall of a, filter 0: threshold 5.210 nats/token, fitted on 64 benign train messages
+    (held out: 4.7% of 64 above it; 120 distinct train windows, 64 asked for each half)`."""
+    head = f"firewall of {found.node}, filter {found.filter_index}: threshold {found.threshold:.3f} nats/token"
+    fit = found.fit
+    if fit is None:
+        return f"{head}, given in the scenario"
+    held = "-" if fit.held_out_drop_rate is None else f"{fit.held_out_drop_rate:.1%}"
+    return (
+        f"{head}, fitted on {fit.benign_messages} benign train messages at {fit.false_drop_rate:.0%} false drops "
+        f"(held out: {held} of {fit.held_out_messages} above it; {fit.windows_available} distinct train windows, "
+        f"{fit.requested_messages} asked for each half)"
+    )
+
+
 def notes(report: HostileReport) -> list[str]:
     seed = report.seeds[0]
-    lines = [n.definition for n in NUMBERS]
+    lines = [HEADLINE_RULE, *(n.definition for n in NUMBERS)]
     if report.note:
         lines.insert(0, report.note)
-    lines.append(
-        f"CIs: paired block bootstrap over {seed.n_eval_rounds} eval rounds, blocks of {seed.block_rounds} "
-        f"({seed.block_rule}), {seed.n_boot} resamples; one set of resamples per seed for every number"
-    )
+    if seed.n_boot:
+        lines.append(
+            f"CIs: paired block bootstrap over {seed.n_eval_rounds} eval rounds, blocks of {seed.block_rounds} "
+            f"({seed.block_rule}), {seed.n_boot} resamples; one set of resamples per seed for every number"
+        )
+    else:
+        lines.append(f"CIs: paired over {seed.n_eval_rounds} eval rounds: {seed.block_rule}")
+    if seed.firewall_fits:
+        lines.append(
+            "firewall thresholds: fitted once per seed on the scenario as written (the attack variant) and the same "
+            f"in every firewall-on variant; seed {seed.seed}:"
+        )
+        lines += [f"  {fit_line(found)}" for found in seed.firewall_fits]
     lines.append(f"silent ensemble: the same in every variant within {max(s.silent_ensemble_spread for s in report.seeds):.1e} nats/token")
     if _over_seeds(report):
         lines.append(f"over seeds: {report.over_seeds_rule}")
