@@ -44,11 +44,30 @@ def test_the_validation_slice_is_the_train_parts_last_rounds_and_each_nodes_trai
     assert max(training.starts) + ROUND == end
 
 
+class _Recording(_Validation):
+    """The validation callback, recording every prompt the search offered it (its candidates)."""
+
+    offered: list[list[list[int]]] = []  # per instance, in the order the nodes are searched
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.mine: list[list[int]] = []
+        _Recording.offered.append(self.mine)
+
+    def __call__(self, step: int, ids: torch.Tensor) -> bool:
+        self.mine.append([int(i) for i in ids.tolist()])
+        return super().__call__(step, ids)
+
+
 def test_the_search_returns_the_prompt_lowest_on_the_validation_slice_and_reads_neither_the_eval_part_nor_the_slice_to_train(
-    tiny_model_dir, tmp_path
+    tiny_model_dir, tmp_path, monkeypatch
 ):
     prepared = _prepared(tmp_path, tiny_model_dir, VALIDATED)
+    monkeypatch.setattr(_Recording, "offered", [])
+    monkeypatch.setattr(control, "_Validation", _Recording)
     found = {s.node_id: s for s in search_controls(prepared)}
+    offered = dict(zip(found, _Recording.offered))
+    monkeypatch.undo()
     without = _prepared(tmp_path / "without", tiny_model_dir, {**VALIDATED, "validation_rounds": 0})
     # the same search with no slice: the training rounds are the last ones, so move them onto
     # the same rounds by cutting the slice off the train part
@@ -61,7 +80,18 @@ def test_the_search_returns_the_prompt_lowest_on_the_validation_slice_and_reads_
         assert search.steps == 4 and search.stopped_at_step is None  # patience 10: never stopped
         assert train_best[node_id].initial_loss == pytest.approx(search.initial_loss, abs=1e-6)  # the same training rounds
         assert search.validation_loss is not None and search.initial_validation_loss is not None
-        assert search.validation_loss <= search.initial_validation_loss
+        # the prompt returned is the lowest on the slice among the initial prompt and every
+        # candidate the search offered, each scored again by a run of its own
+        candidates = [init, *offered[node_id]]
+        assert len({tuple(c) for c in candidates}) > 1  # the search offered something new
+        rescored = {
+            tuple(c): _training_nll(replace(prepared, control_ids=dict.fromkeys(prepared.scenario.node_ids, c)), node_id, 2,
+                                    "isolated", validation=True)
+            for c in candidates
+        }
+        best = min(rescored.values())
+        assert search.validation_loss == pytest.approx(best, abs=1e-4)
+        assert rescored[tuple(search.control_ids)] == pytest.approx(best, abs=1e-4)
         # the numbers are the isolated NLL a run gives on the slice and on the training rounds
         assert search.validation_loss == pytest.approx(_training_nll(prepared, node_id, 2, "isolated", validation=True), abs=1e-4)
         assert search.loss == pytest.approx(_training_nll(prepared, node_id, 2, "isolated"), abs=1e-4)
