@@ -9,15 +9,24 @@ x --offset-step), so that a deterministic policy (relay) also gets three indepen
 measurements. Finished cells are skipped (the sweeps resume), so rerunning completes a
 stopped experiment.
 
+`--eval-rounds N` runs every cell at N eval rounds (corpus.eval_tokens = N x the shape's
+round_tokens; the shapes ship 8), for intervals that hold their level.
+
 Then `summarize` reads every cell's report and prints, per shape, source, policy and budget:
 the mean communication gain over replicates, the pooled 95% CI (normal approximation:
-each replicate's standard error taken as its bootstrap CI's width / 3.92; the replicates
-are independent runs) and how many replicates' own CIs exclude 0; for each policy the
-smallest budget at which the pooled CI lies above 0; and whether searched or speaker-
-controlled messages reach the relay's gain at half the relay's bytes. It writes
-results.md, results.json and gain_vs_bandwidth.png in --out.
+each replicate's standard error taken as its CI's width / (2 z), z the normal 97.5%
+quantile; the replicates are independent runs), the t interval over the replicates' gains
+and how many replicates' own CIs exclude 0; for each policy the smallest budget at which
+the pooled CI lies above 0; and whether searched or speaker-controlled messages reach the
+relay's gain at half the relay's bytes. Then the paired comparisons the verdicts rest on
+(`collective.evaluate.paired`): two cells of one replicate share their eval tokens and
+seed, so their collective NLLs are compared round by round (relay - shuffle: more than
+priming; search - relay: searched messages worse; speak - generate: the speaker's prompt;
+each policy at its largest budget - at its smallest), each replicate with its own interval
+and over the replicates with a t interval (`collective.evaluate.tdist`, replicates - 1
+degrees of freedom). It writes results.md, results.json and gain_vs_bandwidth.png in --out.
 
-    python bench/language_game.py run --out sweeps/lg --threads 2
+    python bench/language_game.py run --out sweeps/lg --threads 2 --eval-rounds 16
     python bench/language_game.py summarize --out sweeps/lg
 """
 
@@ -34,6 +43,13 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from collective.evaluate.compare import mean_ci  # noqa: E402
+from collective.evaluate.paired import PairedComparison, PairingError, compare_cells, read_cell_run  # noqa: E402
+from collective.evaluate.sweep import Cell  # noqa: E402
+from collective.evaluate.tdist import t_critical  # noqa: E402
+
 SHAPES = {"ring": ROOT / "scenarios/language-game/ring-delayed.yaml", "star": ROOT / "scenarios/language-game/star-masked.yaml"}
 WIKITEXT = ROOT.parent / "shared/data/wikitext-2-raw/wiki.test.raw"
 
@@ -57,6 +73,8 @@ def run(args: argparse.Namespace) -> None:
                     "--set", f"corpus.offset_tokens={replicate * args.offset_step}",
                     "--set", f"bus.max_message_tokens={budgets}", "--seeds", str(replicate), "--threads", str(args.threads),
                 ]
+                if args.eval_rounds is not None:
+                    base += ["--set", f"corpus.eval_tokens={args.eval_rounds * _round_tokens(SHAPES[shape])}"]
                 folder = Path(args.out) / f"{shape}-{source}-r{replicate}"
                 policies = ",".join(p for p in args.policies.split(",") if p != "speak")
                 if policies:
@@ -68,6 +86,12 @@ def run(args: argparse.Namespace) -> None:
                         *(item for key, value in args.speak_settings for item in ("--set", f"node_defaults.controller.{key}={value}")),
                     ]
                     _call([*base, *speak, "--out", str(folder / "speak")])
+
+
+def _round_tokens(scenario: Path) -> int:
+    import yaml
+
+    return int(yaml.safe_load(scenario.read_text(encoding="utf-8"))["bus"]["round_tokens"])
 
 
 def _call(command: list[str]) -> None:
@@ -90,6 +114,7 @@ class Point:
     high: float
     collective: float
     bytes_per_link_round: float
+    folder: Path  # the cell's run folder
 
 
 def _policy(overrides: dict[str, Any]) -> str:
@@ -109,6 +134,7 @@ def read_points(out: Path) -> list[Point]:
                 Point(
                     shape, source, int(replicate[1:]), _policy(overrides), int(overrides["bus.max_message_tokens"]),
                     gain["value"], gain["ci"][0], gain["ci"][1], cell["collective_gain"]["value"], cell["bytes_per_link_round"],
+                    summary.parent / Cell(tuple(overrides.items()), cell["seed"], None).folder_name,  # type: ignore[arg-type]
                 )
             )
     return points
@@ -127,27 +153,99 @@ class Pooled:
     t_high: float
 
 
-T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571}  # Student's t, 97.5% quantile, by degrees of freedom
-
-
 def pool(points: list[Point]) -> Pooled:
     """The mean gain over replicates with two intervals: `low..high` combines the replicates'
-    bootstrap CIs (normal approximation; the uncertainty within each stretch of text only),
+    own CIs (normal approximation; the uncertainty within each stretch of text only),
     `t_low..t_high` is the t interval of the replicates' gains (their spread from one stretch
     of text and seed to another; NaN for one replicate)."""
     n = len(points)
+    z = t_critical(math.inf)  # the normal's 97.5% quantile
     gain = sum(p.gain for p in points) / n
-    se = math.sqrt(sum(((p.high - p.low) / 3.92) ** 2 for p in points)) / n
-    if n > 1:
-        sd = math.sqrt(sum((p.gain - gain) ** 2 for p in points) / (n - 1))
-        half = T_975.get(n - 1, 1.96) * sd / math.sqrt(n)
-    else:
-        half = math.nan
+    se = math.sqrt(sum(((p.high - p.low) / (2 * z)) ** 2 for p in points)) / n
+    spread = mean_ci([p.gain for p in points])
     return Pooled(
-        n, gain, gain - 1.96 * se, gain + 1.96 * se, sum(p.low > 0 for p in points),
+        n, gain, gain - z * se, gain + z * se, sum(p.low > 0 for p in points),
         sum(p.collective for p in points) / n, sum(p.bytes_per_link_round for p in points) / n,
-        gain - half, gain + half,
+        spread.low, spread.high,
     )
+
+
+# ---------------------------------------------------------------------------- paired contrasts
+
+CONTRASTS = (  # (A, B, what A - B < 0 would say), each at every budget both ran
+    ("relay", "shuffle", "relay better than its priming control"),
+    ("search", "relay", "searched better than the relay"),
+    ("speak", "generate", "speaker-controlled better than plain generated"),
+    ("generate", "relay", "generated better than the relay"),
+)
+
+
+@dataclass(frozen=True)
+class Contrast:
+    shape: str
+    source: str
+    label_a: str
+    label_b: str
+    meaning: str
+    comparison: PairedComparison
+
+
+def contrast_pairs(points: list[Point]) -> dict[tuple[str, str, str, str], list[tuple[Point, Point]]]:
+    """Per (shape, source, A label, B label): the replicates' (A cell, B cell), matched by
+    replicate. A label is 'policy@budget'."""
+    cells = {(p.shape, p.source, p.policy, p.budget, p.replicate): p for p in points}
+    out: dict[tuple[str, str, str, str], list[tuple[Point, Point]]] = defaultdict(list)
+    budgets = sorted({p.budget for p in points})
+    for (shape, source, policy, budget, replicate), point in sorted(cells.items()):
+        for a, b, _ in CONTRASTS:
+            if policy == a and (other := cells.get((shape, source, b, budget, replicate))):
+                out[(shape, source, f"{a}@{budget}", f"{b}@{budget}")].append((point, other))
+        ran = [x for x in budgets if (shape, source, policy, x, replicate) in cells]
+        if len(ran) > 1 and budget == ran[-1]:  # this policy at its largest budget - at its smallest
+            out[(shape, source, f"{policy}@{budget}", f"{policy}@{ran[0]}")].append(
+                (point, cells[(shape, source, policy, ran[0], replicate)])
+            )
+    return out
+
+
+def contrasts(points: list[Point]) -> list[Contrast]:
+    """Every paired contrast the points allow; a pair that does not share its eval tokens
+    is an error that names both cells."""
+    meanings = {(a, b): meaning for a, b, meaning in CONTRASTS}
+    found = []
+    for (shape, source, label_a, label_b), pairs in sorted(contrast_pairs(points).items()):
+        runs = [(read_cell_run(a.folder), read_cell_run(b.folder)) for a, b in pairs]
+        policy_a, policy_b = label_a.split("@")[0], label_b.split("@")[0]
+        meaning = meanings.get((policy_a, policy_b), f"{policy_a} better with more bytes")
+        found.append(Contrast(shape, source, label_a, label_b, meaning, compare_cells(runs, label_a=label_a, label_b=label_b)))
+    return found
+
+
+def contrast_line(contrast: Contrast) -> str:
+    """One line: the mean of A - B over replicates with its t interval, each replicate's
+    difference with its own interval, and what the t interval establishes."""
+    spread = contrast.comparison.over_seeds
+    if not math.isfinite(spread.low):
+        verdict = "not established (one replicate)"
+    elif spread.high < 0:
+        verdict = f"established: {contrast.meaning}"
+    elif spread.low > 0:
+        verdict = f"established: the opposite ({contrast.label_b} better)"
+    else:
+        verdict = "not established (the t interval covers 0)"
+    per = ", ".join(
+        f"{p.difference.value:+.3f} [{p.difference.low:+.3f}, {p.difference.high:+.3f}]" for p in contrast.comparison.pairs
+    )
+    return (
+        f"| {contrast.shape} | {contrast.source} | {contrast.label_a} - {contrast.label_b} | {spread.mean:+.3f} | "
+        f"{spread.low:+.3f} .. {spread.high:+.3f} | {spread.n} | {per} | {verdict} |"
+    )
+
+
+CONTRAST_HEAD = [
+    "| shape | source | A - B (collective NLL) | mean over replicates | 95% t interval | replicates | per replicate (own 95% CI) | verdict |",
+    "|---|---|---|---:|---|---:|---|---|",
+]
 
 
 def summarize(args: argparse.Namespace) -> None:
@@ -168,13 +266,39 @@ def summarize(args: argparse.Namespace) -> None:
             f"{p.low:+.3f} .. {p.high:+.3f} | {p.t_low:+.3f} .. {p.t_high:+.3f} | {p.excluding}/{p.n} | {p.collective:+.3f} |"
         )
     lines += ["", *verdicts(pooled)]
+    try:
+        found = contrasts([p for group in groups.values() for p in group])
+    except PairingError as exc:
+        sys.exit(f"paired contrasts: {exc}")
+    if found:
+        lines += [
+            "", "Paired contrasts: A - B of the collective NLL on the rounds both cells scored (< 0: A predicts better); "
+            f"{len(found)} contrasts tested, each at 95%, with no correction for their number.", "", *CONTRAST_HEAD,
+            *(contrast_line(c) for c in found),
+        ]
     (out / "results.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
     (out / "results.json").write_text(
-        json.dumps([{"shape": k[0], "source": k[1], "policy": k[2], "tokens": k[3], **vars(v)} for k, v in pooled.items()], indent=1),
+        json.dumps({
+            "cells": [{"shape": k[0], "source": k[1], "policy": k[2], "tokens": k[3], **vars(v)} for k, v in pooled.items()],
+            "contrasts": [_contrast_json(c) for c in found],
+        }, indent=1),
         encoding="utf-8",
     )
     plot(pooled, out / "gain_vs_bandwidth.png")
     print("\n".join(lines))
+
+
+def _contrast_json(contrast: Contrast) -> dict[str, Any]:
+    spread = contrast.comparison.over_seeds
+    return {
+        "shape": contrast.shape, "source": contrast.source, "a": contrast.label_a, "b": contrast.label_b,
+        "mean": spread.mean, "t_low": spread.low, "t_high": spread.high, "replicates": spread.n,
+        "per_replicate": [
+            {"seed": p.seed, "difference": p.difference.value, "low": p.difference.low, "high": p.difference.high,
+             "n_rounds": p.difference.n_rounds, "a": p.folder_a, "b": p.folder_b}
+            for p in contrast.comparison.pairs
+        ],
+    }
 
 
 def verdicts(pooled: dict[tuple[str, str, str, int], Pooled]) -> list[str]:
@@ -256,6 +380,9 @@ def main() -> None:
                     metavar=("KEY", "VALUE"), help="a controller setting for the speak cells, e.g. steps 3")
     go.add_argument("--wikitext", default=str(WIKITEXT))
     go.add_argument("--threads", type=int, default=2)
+    go.add_argument("--eval-rounds", type=int, default=None,
+                    help="eval rounds per cell (corpus.eval_tokens = this x the shape's round_tokens; the shapes ship 8); "
+                    "16 or more for intervals that hold their level")
     summary = sub.add_parser("summarize")
     summary.add_argument("--out", default="sweeps/lg")
     summary.add_argument("--budgets", default=None, help="only these bus.max_message_tokens values (default: every one run)")

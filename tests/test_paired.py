@@ -116,3 +116,35 @@ def test_a_folder_that_is_not_a_finished_run_is_named(tmp_path):
     (folder / "report.json").unlink()
     with pytest.raises(PairingError, match=r"cut: not a finished run folder \(no report.json\)"):
         read_cell_run(folder)
+
+
+def test_the_language_game_summary_pairs_relay_with_shuffle_replicate_by_replicate(tmp_path):
+    """bench/language_game.py: each replicate's relay and shuffle cells (same seed, same
+    stretch of text) give one paired difference; over replicates a t interval."""
+    import json
+
+    from bench.language_game import contrasts, read_points
+    from collective.evaluate.sweep import Cell
+
+    nlls = {("relay", 0): [3.0, 3.0, 3.0, 3.0], ("shuffle", 0): [3.2, 3.2, 3.2, 3.2],
+            ("relay", 1): [2.0, 2.5, 2.0, 2.5], ("shuffle", 1): [2.25, 2.5, 2.25, 2.5]}
+    for replicate in (0, 1):
+        sweep = tmp_path / f"ring-pydoc-r{replicate}" / "policies"
+        cells = []
+        for policy in ("relay", "shuffle"):
+            overrides = {"corpus.offset_tokens": 4096 * replicate, "bus.max_message_tokens": 8,
+                         "node_defaults.message.policy": policy}
+            folder = sweep / Cell(tuple(overrides.items()), replicate, None).folder_name  # type: ignore[arg-type]
+            corpus = {**SCENARIO["corpus"], "offset_tokens": 4096 * replicate}
+            write_run(folder, nlls[(policy, replicate)], [8, 8, 8, 8], seed=replicate, corpus=corpus)
+            gain = {"value": 0.1, "ci": [0.0, 0.2]}
+            cells.append({"combination": ",".join(f"{k}={v}" for k, v in overrides.items()), "overrides": overrides,
+                          "seed": replicate, "communication_gain": gain, "collective_gain": gain, "bytes_per_link_round": 10.0})
+        (sweep / "summary.json").write_text(json.dumps({"schema_version": 1, "cells": cells, "means": []}), encoding="utf-8")
+    [found] = contrasts(read_points(tmp_path))
+    assert (found.shape, found.source, found.label_a, found.label_b) == ("ring", "pydoc", "relay@8", "shuffle@8")
+    # replicate 0: 3.0 - 3.2 = -0.2; replicate 1: 2.25 - 2.375 = -0.125
+    assert [p.difference.value for p in found.comparison.pairs] == pytest.approx([-0.2, -0.125], abs=1e-12)
+    spread = found.comparison.over_seeds
+    half = 12.706204736174696 * (0.075 / math.sqrt(2)) / math.sqrt(2)  # t(0.975, 1) * sd / sqrt(2)
+    assert (spread.mean, spread.low, spread.high) == pytest.approx((-0.1625, -0.1625 - half, -0.1625 + half), abs=1e-9)
