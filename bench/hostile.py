@@ -12,12 +12,19 @@ are copied from the first threat model's folder, and `collective hostile` reuses
 run of the same variant. Finished replicates are skipped, so rerunning completes a stopped
 experiment.
 
+The firewalls' thresholds are fitted once per replicate on the scenario as written (on
+distinct train windows, with a held-out drop rate) and are the same in every firewall-on
+variant (`collective hostile`), so the shared variants stay the same across threat models.
+`--eval-rounds N` sets corpus.eval_tokens to N rounds of the scenario's round_tokens.
+
 `summarize` reads every hostile.json and writes, per shape and threat model, each number's
 mean over replicates with a 95% t interval (3 replicates: 2 degrees of freedom), how many
-replicates' own paired bootstrap CIs lie above 0, the firewalls' drops, and the attacker's
-search objective, to --out/results.md and results.json.
+replicates' own paired CIs lie above 0, the firewalls' drops and held-out false-drop rates,
+and the attacker's search objective, to --out/results.md and results.json. The headline
+numbers come first: adversarial damage = NLL(attack) - NLL(benign) without and with the
+firewalls; then the attack against silence (a second line) and the defence cost.
 
-    python bench/hostile.py run --out sweeps/hostile --threads 1
+    python bench/hostile.py run --out sweeps/hostile --eval-rounds 16 --threads 1
     python bench/hostile.py summarize --out sweeps/hostile
 """
 
@@ -44,7 +51,11 @@ ATTACKER_INDEX = {"ring": 3, "star": 4}  # the attacker's place in the file's `n
 THREATS = ("white-box", "model-only")
 SHARED_VARIANTS = ("silent", "silent-nofw", "benign", "benign-nofw", "silent-unpooled-nofw")
 LOCK = ".worker.lock"  # a replicate's folder is run by one worker at a time
-NUMBERS = ("attack_damage", "attack_damage_unpooled", "residual_damage", "defence_cost")
+NUMBERS = (  # hostile.json's names (collective.evaluate.hostile_record.NUMBERS), the headline first
+    "adversarial_damage", "adversarial_damage_firewalled", "damage_vs_silent", "damage_vs_silent_firewalled",
+    "damage_vs_silent_unpooled", "defence_cost",
+)
+ROUND_TOKENS = 16  # the hostile scenarios' bus.round_tokens (--eval-rounds counts rounds of it)
 
 
 def run(args: argparse.Namespace) -> None:
@@ -67,6 +78,7 @@ def run(args: argparse.Namespace) -> None:
                         sys.executable, "-m", "collective", "hostile", str(SHAPES[shape]), "--out", str(folder),
                         "--set", f"seed={replicate}", "--set", f"corpus.offset_tokens={replicate * args.offset_step}",
                         "--set", f"nodes.{ATTACKER_INDEX[shape]}.message.threat={threat}", "--threads", str(args.threads),
+                        *(["--set", f"corpus.eval_tokens={args.eval_rounds * ROUND_TOKENS}"] if args.eval_rounds else []),
                     ])
                 finally:
                     (folder / LOCK).unlink(missing_ok=True)
@@ -121,8 +133,10 @@ def read_cells(out: Path) -> dict[tuple[str, str], list[dict[str, Any]]]:
         data = json.loads(path.read_text())
         (seed,) = data["seeds"]
         drops = {v["name"]: v["screens"] for v in seed["variants"]}
+        held_out = [f["fit"]["held_out_drop_rate"] for f in seed.get("firewall_fits", []) if f.get("fit")]
         cells.setdefault((shape, threat), []).append(
-            {"folder": str(path.parent), "numbers": seed["numbers"], "drops": drops, "search": _search(path.parent)}
+            {"folder": str(path.parent), "numbers": seed["numbers"], "drops": drops, "search": _search(path.parent),
+             "held_out": [r for r in held_out if r is not None], "eval_rounds": seed["n_eval_rounds"]}
         )
     return cells
 
@@ -164,15 +178,19 @@ def summarize(args: argparse.Namespace) -> None:
                 f"| {shape} | {threat} | {name.replace('_', ' ')} | {row['mean']:+.3f} | {row['low']:+.3f} .. {row['high']:+.3f} "
                 f"| {row['above']} / {row['below']} of {row['n']} | {values} |"
             )
-    lines += ["", "| shape | threat | attacker's messages dropped (attack) | benign messages dropped (benign) | search objective before -> after |",
-              "| --- | --- | ---: | ---: | --- |"]
+    lines += ["", "| shape | threat | eval rounds | attacker's messages dropped (attack) | benign messages dropped (benign) "
+              "| held-out false drops at fit (mean over receivers, replicates) | search objective before -> after |",
+              "| --- | --- | ---: | ---: | ---: | ---: | --- |"]
     for (shape, threat), replicates in sorted(cells.items()):
         searches = [r["search"] for r in replicates if r["search"]]
         search = (f"{statistics.fmean(s[0] for s in searches):.2f} -> {statistics.fmean(s[1] for s in searches):.2f}"
                   if searches else "-")
+        rates = [r for rep in replicates for r in rep["held_out"]]
+        held = f"{statistics.fmean(rates):.1%}" if rates else "-"
+        rounds = ",".join(sorted({str(r["eval_rounds"]) for r in replicates}))
         lines.append(
-            f"| {shape} | {threat} | {_drops(replicates, 'attack', 'hostile_dropped')} "
-            f"| {_drops(replicates, 'benign', 'benign_dropped')} | {search} |"
+            f"| {shape} | {threat} | {rounds} | {_drops(replicates, 'attack', 'hostile_dropped')} "
+            f"| {_drops(replicates, 'benign', 'benign_dropped')} | {held} | {search} |"
         )
     (out / "results.md").write_text("\n".join(lines) + "\n")
     (out / "results.json").write_text(json.dumps({"cells": {f"{s}/{t}": r for (s, t), r in cells.items()}, "summary": summary}, indent=1))
@@ -188,7 +206,8 @@ def main() -> None:
     runner.add_argument("--threats", default=",".join(THREATS))
     runner.add_argument("--replicates", type=int, default=3)
     runner.add_argument("--first-replicate", type=int, default=0, help="start at this replicate (a second worker)")
-    runner.add_argument("--offset-step", type=int, default=4096)
+    runner.add_argument("--offset-step", type=int, default=8192, help="tokens between replicates' texts (above train + eval)")
+    runner.add_argument("--eval-rounds", type=int, default=None, help="eval rounds per run (default: the scenario's)")
     runner.add_argument("--threads", type=int, default=1)
     summary = sub.add_parser("summarize")
     summary.add_argument("--out", default="sweeps/hostile")
