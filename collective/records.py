@@ -26,7 +26,9 @@ EVENT_SCHEMA_VERSION = 3
 # 4: adds controller_gains and message_searches (empty in older reports).
 # 5: adds firewalls (per receiver: its filters, thresholds and fits, what it dropped and rewrote, its time);
 # empty in older reports.
-REPORT_SCHEMA_VERSION = 5
+# 6: the intervals are no longer a block bootstrap: adds interval_method (the method in words); block_rounds,
+# n_boot and block_rule are the bootstrap's of older reports (None / '' from version 6).
+REPORT_SCHEMA_VERSION = 6
 # controls 2: adds each search's validation_loss, initial_validation_loss and stopped_at_step (None in version 1)
 CONTROLS_SCHEMA_VERSION = 2
 
@@ -289,8 +291,9 @@ class Report(_Record):
     n_eval_rounds: int
     round_tokens: int
     eval_bytes: int
-    block_rounds: int
-    n_boot: int
+    block_rounds: int | None = Field(None, description="bootstrap block length of reports before version 6 (None after)")
+    n_boot: int | None = Field(None, description="bootstrap resamples of reports before version 6 (None after)")
+    interval_method: str = Field("", description="how every CI was computed, in words ('' before version 6)")
     rows: list[RowReport]
     best_member: str
     collective_gain: Gain

@@ -377,7 +377,9 @@ class EvaluationSpec(Frozen):
     warmup_rounds: int = Field(2, ge=0, description="unscored rounds (from the train part) so inboxes fill")
     reference_model: str | None = Field(None, description="model alias for the full-view reference (default: the first)")
     block_rounds: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(
-        "auto", description="bootstrap block length in whole rounds; auto: ceil(R^(1/3)) for R eval rounds"
+        "auto",
+        description="unused since report version 6 (the CIs are no longer a block bootstrap: collective/evaluate/intervals.py); "
+        "accepted so that older scenarios load",
     )
     n_boot: int = Field(2000, ge=100)
     top_k: int = Field(64, ge=1, description="candidates kept per position for pooling")

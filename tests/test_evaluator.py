@@ -8,13 +8,13 @@ import pytest
 import torch
 
 from collective.evaluate.book import RoundBook
-from collective.evaluate.bootstrap import resample_counts
 from collective.evaluate.evaluator import build_report, describe_aggregator
+from collective.evaluate.intervals import METHOD
 from collective.evaluate.metrics import RoundStats
 from collective.records import MEMBER_ROWS, Report
 from collective.run.engine import EngineResult
 from collective.scenario import parse_scenario
-from collective.seeding import generator
+from tests.test_intervals import loop_interval
 from tests.test_scenario import _base
 
 ROUND = 4
@@ -85,15 +85,9 @@ def _ratio(values: list[float], counts: list[float] | None = None) -> float:
     return sum(c * v * t for c, v, t in zip(counts, values, TOKENS)) / sum(c * t for c, t in zip(counts, TOKENS))
 
 
-def _interval(samples: list[float]) -> tuple[float, float]:
-    ordered = sorted(samples)
-
-    def at(q: float) -> float:
-        position = q * (len(ordered) - 1)
-        low = int(position)
-        return ordered[low] + (ordered[min(low + 1, len(ordered) - 1)] - ordered[low]) * (position - low)
-
-    return at(0.025), at(0.975)
+def _sums(values: list[float]) -> tuple[list[float], list[float]]:
+    """A row's per-round summed NLL and tokens, by hand."""
+    return [v * t for v, t in zip(values, TOKENS)], [float(t) for t in TOKENS]
 
 
 def test_each_row_is_the_token_weighted_mean_of_its_rounds():
@@ -108,19 +102,18 @@ def test_each_row_is_the_token_weighted_mean_of_its_rounds():
     assert row.n_tokens == sum(TOKENS) and row.n_rounds == len(TOKENS)
 
 
-def test_row_cis_and_gains_are_one_paired_block_bootstrap_recomputed_by_hand():
+def test_row_cis_and_gains_are_the_paired_intervals_recomputed_by_hand():
     rows = _rows()
     report = build_report(_scenario(), _result(rows), run_id="r")
-    assert report.best_member == "b" and report.block_rounds == 2  # ceil(8^(1/3))
-    assert report.block_rule == "ceil(R^(1/3)) for R = 8 eval rounds"
-    counts = resample_counts(len(TOKENS), 2, 500, generator(1, "bootstrap")).tolist()
+    assert report.best_member == "b" and report.interval_method == METHOD
+    assert report.block_rounds is None and report.n_boot is None and report.schema_version == 6
     for key in (("member_isolated", "b"), ("ensemble_silent", None), ("collective", None)):
-        low, high = _interval([_ratio(rows[key], c) for c in counts])
+        _, low, high = loop_interval(*_sums(rows[key]))
         assert (report.row(*key).nll_ci.low, report.row(*key).nll_ci.high) == pytest.approx((low, high), rel=1e-9)
     for gain, side in ((report.collective_gain, ("member_isolated", "b")), (report.communication_gain, ("ensemble_silent", None))):
         assert gain.value == pytest.approx(_ratio(rows[side]) - _ratio(rows[("collective", None)]))
-        samples = [_ratio(rows[side], c) - _ratio(rows[("collective", None)], c) for c in counts]
-        assert (gain.ci.low, gain.ci.high) == pytest.approx(_interval(samples), rel=1e-9)
+        expected = loop_interval(*_sums(rows[side]), _sums(rows[("collective", None)]))
+        assert (gain.value, gain.ci.low, gain.ci.high) == pytest.approx(expected, rel=1e-9)
         assert gain.n_rounds == len(TOKENS)
     # paired: the shared difficulty cancels, so a gain's CI is far narrower than a row's
     collective_ci = report.row("collective").nll_ci
@@ -131,7 +124,7 @@ def test_gains_are_differences_against_the_best_isolated_member_and_the_silent_e
     report = build_report(_scenario(), _result(_rows()), run_id="r")
     assert report.collective_gain.value == pytest.approx(0.5, abs=0.05)
     assert report.communication_gain.value == pytest.approx(0.2, abs=0.05)
-    assert report.collective_gain.ci.low > 0.3 and report.communication_gain.ci.low > 0.05
+    assert report.collective_gain.ci.low > 0.3 and report.communication_gain.ci.low > 0.02  # wider since report 6
     assert report.verdict.startswith("The collective beats its best member (b) by 0.")
     assert "communication mattered" in report.verdict and "Missed" not in report.verdict
     assert report.collective_gain.versus == "best isolated member (b)"
@@ -154,18 +147,11 @@ def test_unpaired_noise_widens_the_interval():
     assert ci.high - ci.low > 0.1
 
 
-def test_the_bootstrap_is_seeded_by_the_scenario_seed():
+def test_the_intervals_do_not_depend_on_the_seed_or_the_old_bootstrap_settings():
     rows = _rows()
     first = build_report(_scenario(), _result(rows), run_id="r")
-    again = build_report(_scenario(), _result(rows), run_id="r")
-    other = build_report(_scenario(seed=2), _result(rows), run_id="r")
-    assert first.communication_gain == again.communication_gain
-    assert first.communication_gain.ci != other.communication_gain.ci
-
-
-def test_a_scenario_block_length_is_used_and_said_so():
-    report = build_report(_scenario(evaluation={"context_tokens": 8, "n_boot": 500, "block_rounds": 1}), _result(_rows()), run_id="r")
-    assert (report.block_rounds, report.block_rule) == (1, "evaluation.block_rounds")
+    other = build_report(_scenario(seed=2, evaluation={"context_tokens": 8, "n_boot": 100, "block_rounds": 1}), _result(rows), run_id="r")
+    assert first.communication_gain == other.communication_gain and first.rows == other.rows
 
 
 def test_a_member_that_missed_rounds_is_marked_left_out_of_the_best_member_and_named_in_the_verdict():
@@ -201,16 +187,19 @@ def test_the_report_carries_counts_timing_and_only_nonzero_misses():
     assert (report.messages_sent, report.messages_dropped, report.messages_truncated) == (10, 2, 3)
     assert report.tokens_per_second == pytest.approx(sum(TOKENS) / 4.0)
     assert report.control_prompts == {"a": "be brief"}
-    assert (report.n_eval_rounds, report.round_tokens, report.n_boot) == (len(TOKENS), ROUND, 500)
+    assert (report.n_eval_rounds, report.round_tokens) == (len(TOKENS), ROUND)
     assert Report.model_validate_json(report.model_dump_json()) == report
 
 
-def test_a_one_round_report_without_intervals_survives_json():
-    rows = {key: values[:1] for key, values in _rows().items()}
-    report = build_report(_scenario(), _result(rows), run_id="r")
-    assert math.isnan(report.collective_gain.ci.low)
-    assert "too few rounds" in report.verdict
-    assert Report.model_validate_json(report.model_dump_json()).n_eval_rounds == 1
+def test_a_report_of_fewer_than_4_rounds_gives_no_interval_and_says_why_and_survives_json():
+    for n_rounds in (1, 3):
+        rows = {key: values[:n_rounds] for key, values in _rows().items()}
+        report = build_report(_scenario(), _result(rows), run_id="r")
+        assert math.isnan(report.collective_gain.ci.low) and math.isnan(report.row("collective").nll_ci.high)
+        assert "no 95% CI: too few eval rounds for an interval that holds its level" in report.verdict
+        assert Report.model_validate_json(report.model_dump_json()).n_eval_rounds == n_rounds
+    rows = {key: values[:4] for key, values in _rows().items()}
+    assert not math.isnan(build_report(_scenario(), _result(rows), run_id="r").collective_gain.ci.low)
 
 
 def test_aggregators_are_described_in_a_few_words():
@@ -219,7 +208,7 @@ def test_aggregators_are_described_in_a_few_words():
     assert describe_aggregator(_scenario(aggregator={"kind": "weighted", "method": "perplexity"})) == "weighted (perplexity)"
 
 
-def test_each_prompted_node_gets_a_controller_gain_plain_minus_isolated_from_the_one_bootstrap():
+def test_each_prompted_node_gets_a_controller_gain_plain_minus_isolated_paired():
     rows = _rows()
     rows[("member_isolated", "a")] = [v - 0.3 for v in rows[("member_isolated", "a")]]  # a's prompt helps it
     plain, isolated = rows[("member_plain", "a")], rows[("member_isolated", "a")]
@@ -227,9 +216,8 @@ def test_each_prompted_node_gets_a_controller_gain_plain_minus_isolated_from_the
     assert list(report.controller_gains) == ["a"]  # b has no prompt: no controller gain
     gain = report.controller_gains["a"]
     assert gain.value == pytest.approx(_ratio(plain) - _ratio(isolated))
-    counts = resample_counts(len(TOKENS), 2, 500, generator(1, "bootstrap")).tolist()
-    samples = [_ratio(plain, c) - _ratio(isolated, c) for c in counts]
-    assert (gain.ci.low, gain.ci.high) == pytest.approx(_interval(samples), rel=1e-9)
+    _, low, high = loop_interval(*_sums(plain), _sums(isolated))
+    assert (gain.ci.low, gain.ci.high) == pytest.approx((low, high), rel=1e-9)
     assert gain.ci.low > 0 and gain.n_rounds == len(TOKENS) and gain.versus == "plain member (no prompt)"
     # the other numbers are those of the same report without prompts
     unprompted = build_report(_scenario(), _result(rows), run_id="r")

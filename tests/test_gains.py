@@ -1,5 +1,6 @@
 """The headline gains and the verdict: the best member among members scored on every round,
-ties within float tolerance, missed rounds in words, one resampling for everything."""
+ties within float tolerance, missed rounds in words, every interval the paired one of
+`intervals.py` (recomputed with plain loops), none below MIN_ROUNDS."""
 
 from __future__ import annotations
 
@@ -8,7 +9,6 @@ import math
 import pytest
 import torch
 
-from collective.evaluate.bootstrap import resample_counts
 from collective.evaluate.gains import (
     RULE_ANY,
     RULE_COMPLETE,
@@ -22,7 +22,7 @@ from collective.evaluate.gains import (
 from collective.evaluate.metrics import Estimate, RoundStats, member_round_stats, pooled_round_stats
 from collective.lm.predictions import predictions_from_logits
 from collective.run.aggregate import make_aggregator
-from tests.test_bootstrap import loop_interval, loop_ratio, scored, stats
+from tests.test_intervals import loop_interval, stats
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -30,9 +30,12 @@ ROUNDS = 6
 FULL = [10] * ROUNDS
 
 
-def _gains(rows: dict[str, RoundStats], isolated: list[str], seed: int = 0):
-    return gains(rows, isolated=isolated, silent="silent", collective="collective",
-                 generator=torch.Generator().manual_seed(seed), n_boot=300)
+def _gains(rows: dict[str, RoundStats], isolated: list[str]):
+    return gains(rows, isolated=isolated, silent="silent", collective="collective")
+
+
+def _sums(row: RoundStats) -> tuple[list[float], list[float]]:
+    return row.nll_sum.tolist(), row.n_tokens.double().tolist()
 
 
 def _pooled() -> dict[str, RoundStats]:
@@ -73,10 +76,10 @@ def test_a_partial_best_member_is_compared_with_the_collective_on_shared_rounds_
     assert result.collective_gain.n_rounds == 3 and result.communication_gain.n_rounds == ROUNDS
 
 
-# ---------------------------------------------------------------------------- one resampling
+# ---------------------------------------------------------------------------- the intervals
 
 
-def test_every_row_and_both_gains_come_from_one_set_of_resamples():
+def test_every_row_and_both_gains_are_the_paired_intervals_recomputed_by_loops():
     g = torch.Generator().manual_seed(2)
     noise = torch.randn(ROUNDS, generator=g, dtype=torch.float64)
     tokens = torch.randint(5, 30, (ROUNDS,), generator=g).tolist()
@@ -86,16 +89,24 @@ def test_every_row_and_both_gains_come_from_one_set_of_resamples():
         "silent": stats((2.5 + noise).tolist(), tokens),
         "collective": stats((2.3 + noise.flip(0)).tolist(), tokens),
     }
-    result = _gains(rows, ["m0", "m1"], seed=4)
-    counts = resample_counts(ROUNDS, result.bootstrap.block_rounds, 300, torch.Generator().manual_seed(4)).tolist()
-    assert result.bootstrap.block_rounds == 2  # ceil(6^(1/3))
+    result = _gains(rows, ["m0", "m1"])
     for name, row in rows.items():
-        low, high = loop_interval([loop_ratio(row, c, scored(row)) for c in counts])
-        assert (result.bootstrap.nll[name].low, result.bootstrap.nll[name].high) == pytest.approx((low, high), rel=1e-12)
+        found = result.intervals.nll[name]
+        assert (found.value, found.low, found.high) == pytest.approx(loop_interval(*_sums(row)), rel=1e-10)
     for gain, side in ((result.collective_gain, rows[str(result.best_member)]), (result.communication_gain, rows["silent"])):
-        every = [True] * ROUNDS
-        samples = [loop_ratio(side, c, every) - loop_ratio(rows["collective"], c, every) for c in counts]
-        assert (gain.low, gain.high) == pytest.approx(loop_interval(samples), rel=1e-12)
+        expected = loop_interval(*_sums(side), _sums(rows["collective"]))
+        assert (gain.value, gain.low, gain.high) == pytest.approx(expected, rel=1e-10)
+        assert gain.n_rounds == ROUNDS
+
+
+def test_below_min_rounds_the_gains_have_no_interval_and_the_verdict_says_why():
+    rows = {"m0": stats([3.0, 2.9, 3.1], [10] * 3), "silent": stats([2.5, 2.4, 2.6], [10] * 3),
+            "collective": stats([2.0, 2.1, 1.9], [10] * 3)}
+    result = _gains(rows, ["m0"])
+    assert result.collective_gain.value == pytest.approx(1.0) and not result.collective_gain.has_interval
+    line = verdict(result.collective_gain, result.communication_gain, "m0")
+    assert line.startswith("The collective is not distinguishable from its best member (m0) (gain +1.000 nats/token, "
+                           "no 95% CI: too few eval rounds for an interval that holds its level (3 rounds; it needs 4))")
 
 
 # ---------------------------------------------------------------------------- the verdict
@@ -150,7 +161,7 @@ def test_verdict_says_not_distinguishable_when_the_ci_straddles_zero_or_is_missi
     line = verdict(Estimate(0.01, -0.05, 0.07), Estimate(0.0, math.nan, math.nan))
     assert line.startswith("The collective is not distinguishable from its best member (gain +0.010 nats/token")
     assert "communication made no measurable difference" in line
-    assert "no 95% CI: too few rounds" in line
+    assert "no 95% CI: too few eval rounds for an interval that holds its level" in line
 
 
 def test_the_verdict_names_missed_rounds_and_the_rounds_each_gain_pairs():
@@ -170,7 +181,7 @@ def test_the_verdict_names_missed_rounds_and_the_rounds_each_gain_pairs():
 # ---------------------------------------------------------------------------- controller gains
 
 
-def test_a_controller_gain_is_plain_minus_isolated_from_the_same_resamples_and_changes_no_other_number():
+def test_a_controller_gain_is_plain_minus_isolated_paired_and_changes_no_other_number():
     g = torch.Generator().manual_seed(3)
     noise = torch.randn(ROUNDS, generator=g, dtype=torch.float64)
     tokens = torch.randint(5, 30, (ROUNDS,), generator=g).tolist()
@@ -181,19 +192,14 @@ def test_a_controller_gain_is_plain_minus_isolated_from_the_same_resamples_and_c
         "silent": stats((2.5 + noise).tolist(), tokens),
         "collective": stats((2.3 + noise.flip(0)).tolist(), tokens),
     }
-    result = gains(rows, isolated=["m0", "m1"], silent="silent", collective="collective",
-                   generator=torch.Generator().manual_seed(4), n_boot=300, controlled=[("p0", "m0")])
+    result = gains(rows, isolated=["m0", "m1"], silent="silent", collective="collective", controlled=[("p0", "m0")])
     gain = result.controller_gains["m0"]
     assert list(result.controller_gains) == ["m0"]
-    every = [True] * ROUNDS
-    counts = resample_counts(ROUNDS, result.bootstrap.block_rounds, 300, torch.Generator().manual_seed(4)).tolist()
-    assert gain.value == pytest.approx(loop_ratio(rows["p0"], [1.0] * ROUNDS, every) - loop_ratio(rows["m0"], [1.0] * ROUNDS, every))
-    samples = [loop_ratio(rows["p0"], c, every) - loop_ratio(rows["m0"], c, every) for c in counts]
-    assert (gain.low, gain.high) == pytest.approx(loop_interval(samples), rel=1e-12)
+    assert (gain.value, gain.low, gain.high) == pytest.approx(loop_interval(*_sums(rows["p0"]), _sums(rows["m0"])), rel=1e-10)
     assert gain.value > 0 and gain.n_rounds == ROUNDS
-    without = _gains(rows, ["m0", "m1"], seed=4)
+    without = _gains(rows, ["m0", "m1"])
     assert (without.collective_gain, without.communication_gain) == (result.collective_gain, result.communication_gain)
-    assert without.bootstrap.nll == result.bootstrap.nll and without.controller_gains == {}
+    assert without.intervals.nll == result.intervals.nll and without.controller_gains == {}
 
 
 def test_a_controller_gain_reads_in_words_with_the_verdicts_float_tolerance():

@@ -4,8 +4,8 @@ Rows (DESIGN.md): each member plain, isolated and in collective, the silent ense
 the collective and the full-view reference, all on the same eval tokens (a member that
 missed rounds is scored on the others, and its rows say on how many). Every row's CI and
 every gain (collective, communication, and each prompted node's controller gain, plain
-minus isolated) come from one paired block bootstrap over whole rounds (`gains.gains`),
-seeded from the scenario seed. Rows come out in `ROW_ORDER`, then node order. Each
+minus isolated) come from paired intervals over whole eval rounds (`gains.gains`,
+`intervals.py`: deterministic, no generator). Rows come out in `ROW_ORDER`, then node order. Each
 receiver's firewall is summed up from its screen records (what each filter dropped and
 rewrote, its time as a share of the run's round time) with the thresholds the run used.
 """
@@ -18,8 +18,8 @@ from typing import Any
 import torch
 
 from collective.evaluate.book import RowKey
-from collective.evaluate.bootstrap import BootstrapResult
 from collective.evaluate.gains import RULE_COMPLETE, Gains, gains, missed_rounds_note, verdict
+from collective.evaluate.intervals import PairedIntervals
 from collective.evaluate.metrics import Estimate, RoundStats, summarize
 from collective.records import (
     MEMBER_ROWS,
@@ -38,7 +38,6 @@ from collective.records import (
 from collective.run.engine import EngineResult
 from collective.run.firewall import describe_filter, filter_labels
 from collective.scenario import FirewallFilter, PerplexityFilter, Scenario
-from collective.seeding import generator
 
 
 def _ci(estimate: Estimate) -> Interval:
@@ -59,16 +58,12 @@ def build_report(
     if result.eval_rounds_done == 0:
         raise ValueError("no eval round finished: there is nothing to report")
     stats = result.book.stats()
-    evaluation = scenario.evaluation
     prompted = [node_id for node_id in scenario.node_ids if (control_prompts or {}).get(node_id)]
     headline = gains(
         stats,
         isolated=[RowKey("member_isolated", node_id) for node_id in scenario.node_ids],
         silent=RowKey("ensemble_silent"),
         collective=RowKey("collective"),
-        generator=generator(scenario.seed, "bootstrap"),
-        block_rounds=None if evaluation.block_rounds == "auto" else evaluation.block_rounds,
-        n_boot=evaluation.n_boot,
         controlled=[(RowKey("member_plain", node_id), RowKey("member_isolated", node_id)) for node_id in prompted],
     )
     best_member = "" if headline.best_member is None else headline.best_member.node_id or ""
@@ -85,9 +80,8 @@ def build_report(
         n_eval_rounds=result.eval_rounds_done,
         round_tokens=scenario.bus.round_tokens,
         eval_bytes=result.eval_bytes,
-        block_rounds=headline.bootstrap.block_rounds,
-        n_boot=evaluation.n_boot,
-        rows=row_reports(scenario, stats, headline.bootstrap),
+        interval_method=headline.intervals.method,
+        rows=row_reports(scenario, stats, headline.intervals),
         best_member=best_member,
         collective_gain=_gain(cg, f"best isolated member ({best_member or 'none'})"),
         communication_gain=_gain(mg, "silent ensemble"),
@@ -99,7 +93,6 @@ def build_report(
         firewalls=firewall_reports(result, firewalls or {}, firewall_fits or {}),
         best_member_rule=best_member_rule(headline, missed, result.eval_rounds_done),
         partial_members=[node_id for node_id in scenario.node_ids if missed.get(node_id)],
-        block_rule=headline.bootstrap.block_rule,
         control_prompts=control_prompts or {},
         missed_rounds={k: v for k, v in result.missed_rounds.items() if v},
         rejected_envelopes={k: dict(v) for k, v in (rejected_envelopes or {}).items() if v},
@@ -177,7 +170,7 @@ def best_member_rule(headline: Gains[RowKey], missed: dict[str, int], n_rounds: 
 
 
 def row_reports(
-    scenario: Scenario, stats: dict[RowKey, RoundStats], bootstrap: BootstrapResult[RowKey]
+    scenario: Scenario, stats: dict[RowKey, RoundStats], intervals: PairedIntervals[RowKey]
 ) -> list[RowReport]:
     """One report row per booked row, in ROW_ORDER and then node order."""
     node_order = {node_id: i for i, node_id in enumerate(scenario.node_ids)}
@@ -195,7 +188,7 @@ def row_reports(
                 node_id=key.node_id,
                 model=model,
                 nll=summary.nll,
-                nll_ci=_ci(bootstrap.nll[key]),
+                nll_ci=_ci(intervals.nll[key]),
                 perplexity=summary.ppl if math.isfinite(summary.ppl) else float("inf"),
                 bits_per_byte=summary.bits_per_byte,
                 top1=summary.top1_accuracy,

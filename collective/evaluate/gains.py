@@ -1,14 +1,15 @@
 """The headline numbers and the one-line verdict.
 
 `gains` picks the best isolated member (among the members scored on every eval round),
-then asks ONE paired block bootstrap (`bootstrap.py`) for every row's CI and the
+then asks `intervals.paired_intervals` for every row's CI and the paired
 differences: collective gain = NLL(best member) - NLL(collective), communication gain =
 NLL(silent ensemble) - NLL(collective), and for each member with a control prompt its
 controller gain = NLL(member plain) - NLL(member isolated) (> 0: the prompt helps its node
 alone), each on the rounds its two sides share. `verdict` turns the first two into one
 honest sentence, `controller_effect` a controller gain into words; gains within
 `TIE_NATS` of zero (float rounding of the scores, e.g. a collective of identical members)
-read as not distinguishable, never as a win or a loss.
+read as not distinguishable, never as a win or a loss. Below `intervals.MIN_ROUNDS` rounds
+no interval holds its level: the gains have none, and the verdict says so.
 """
 
 from __future__ import annotations
@@ -18,9 +19,12 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Generic
 
-import torch
-
-from collective.evaluate.bootstrap import BootstrapResult, block_bootstrap
+from collective.evaluate.intervals import (
+    MIN_ROUNDS,
+    TOO_FEW_ROUNDS,
+    PairedIntervals,
+    paired_intervals,
+)
 from collective.evaluate.metrics import Estimate, RoundStats, Row, summarize
 
 TIE_NATS = 1e-5  # |gain| and CI within this many nats/token of 0: float rounding, not a difference
@@ -39,7 +43,7 @@ class Gains(Generic[Row]):
     Each `Estimate.n_rounds` is the rounds its two sides share.
     best_member: the isolated row chosen by `best_member_rule` (None: no member was scored).
     partial_members: the isolated rows not scored on every eval round.
-    bootstrap: the one resampling every row's CI and every gain come from.
+    intervals: every row's CI and every gain's (one call of `paired_intervals`).
     controller_gains: per prompted member's isolated row, NLL(its plain row) - NLL(it); > 0:
     its control prompt helps it.
     """
@@ -49,7 +53,7 @@ class Gains(Generic[Row]):
     best_member: Row | None
     best_member_rule: str
     partial_members: tuple[Row, ...]
-    bootstrap: BootstrapResult[Row]
+    intervals: PairedIntervals[Row]
     controller_gains: dict[Row, Estimate] = field(default_factory=dict)
 
 
@@ -71,24 +75,21 @@ def choose_best_member(rows: Mapping[Row, RoundStats], isolated: Sequence[Row]) 
 
 def gains(
     rows: Mapping[Row, RoundStats], *, isolated: Sequence[Row], silent: Row, collective: Row,
-    generator: torch.Generator, block_rounds: int | None = None, n_boot: int = 2000, confidence: float = 0.95,
-    controlled: Sequence[tuple[Row, Row]] = (),
+    confidence: float = 0.95, controlled: Sequence[tuple[Row, Row]] = (),
 ) -> Gains[Row]:
-    """Collective, communication and controller gains, and every row's CI, from one paired
-    block bootstrap.
+    """Collective, communication and controller gains, and every row's CI (paired intervals
+    over rounds, `intervals.py`).
 
     rows: row -> RoundStats over the same rounds; isolated: the isolated member rows;
-    silent, collective: those rows; block_rounds: None for the bootstrap's rule of thumb;
-    controlled: (plain row, isolated row) of each member with a control prompt.
+    silent, collective: those rows; controlled: (plain row, isolated row) of each member
+    with a control prompt.
     """
     if not isolated:
         raise ValueError("gains needs at least one isolated member row")
     chosen = choose_best_member(rows, isolated)
     best, rule = chosen
     differences = [(silent, collective)] + ([] if best is None else [(best, collective)]) + list(controlled)
-    result = block_bootstrap(
-        rows, generator=generator, differences=differences, block_rounds=block_rounds, n_boot=n_boot, confidence=confidence
-    )
+    result = paired_intervals(rows, differences=differences, confidence=confidence)
     none = Estimate(math.nan, math.nan, math.nan, confidence, 0)
     return Gains(
         collective_gain=none if best is None else result.differences[(best, collective)],
@@ -96,7 +97,7 @@ def gains(
         best_member=best,
         best_member_rule=rule,
         partial_members=tuple(name for name in isolated if not rows[name].complete),
-        bootstrap=result,
+        intervals=result,
         controller_gains={prompted: result.differences[(plain, prompted)] for plain, prompted in controlled},
     )
 
@@ -113,7 +114,8 @@ def signed(value: float) -> str:
 def _ci_text(estimate: Estimate) -> str:
     level = f"{estimate.confidence:.0%} CI"
     if not estimate.has_interval:
-        return f"no {level}: too few rounds"
+        rounds = "" if estimate.n_rounds is None else f" ({estimate.n_rounds} rounds; it needs {MIN_ROUNDS})"
+        return f"no {level}: {TOO_FEW_ROUNDS}{rounds}"
     return f"{level} {signed(estimate.low)} to {signed(estimate.high)}"
 
 

@@ -4,7 +4,7 @@ Data flow: each round, every row of the report (a member, the silent ensemble, t
 collective, the reference) turns its predictions on the round's eval tokens into
 `RoundStats` for that round (sums, so that rounds add up); the rounds of a row are
 concatenated; `summarize` gives the row's point metrics. Confidence intervals are
-`bootstrap.py`'s, the gains and the verdict `gains.py`'s; both hand back `Estimate`s.
+`intervals.py`'s, the gains and the verdict `gains.py`'s; both hand back `Estimate`s.
 
 Shapes: T positions, R rounds.
 """
@@ -194,8 +194,8 @@ def summarize(stats: RoundStats) -> RowSummary:
 
 @dataclass(frozen=True)
 class Estimate:
-    """A point value with its percentile confidence interval [low, high] (NaN: none), and
-    the number of rounds it was computed on (None: not given)."""
+    """A point value with its confidence interval [low, high] (NaN: none, e.g. too few rounds
+    for one that holds its level), and the number of rounds it was computed on (None: not given)."""
 
     value: float
     low: float

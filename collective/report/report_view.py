@@ -23,6 +23,7 @@ from rich.table import Table
 from rich.text import Text
 
 from collective.evaluate.gains import controller_effect
+from collective.evaluate.intervals import TOO_FEW_ROUNDS
 from collective.evaluate.metrics import Estimate
 from collective.records import ROW_TITLES, FilterFit, FilterReport, Gain, Report, RowReport
 
@@ -65,6 +66,8 @@ def _ci(low: float, high: float, signed: bool = False, sep: str = " .. ") -> str
 
 def _gain(gain: Gain, n_rounds: int) -> str:
     shared = "" if gain.n_rounds is None or gain.n_rounds == n_rounds else f", on {gain.n_rounds}/{n_rounds} shared rounds"
+    if math.isnan(gain.ci.low) or math.isnan(gain.ci.high):
+        return f"{_signed(gain.value)} nats/token (no 95% CI: {TOO_FEW_ROUNDS}) vs {gain.versus}{shared}"
     return f"{_signed(gain.value)} nats/token (95% CI {_ci(gain.ci.low, gain.ci.high, signed=True)}) vs {gain.versus}{shared}"
 
 
@@ -260,9 +263,13 @@ def _rejected(rejected: dict[str, dict[str, int]]) -> str:
 # ---------------------------------------------------------------------------- markdown
 
 
-def _blocks(report: Report) -> str:
+def interval_text(report: Report) -> str:
+    """How the report's CIs were computed: the method in words (version 6), or the block
+    bootstrap of an older report, with its blocks and resamples."""
+    if report.interval_method:
+        return f"95% CIs paired over rounds: {report.interval_method}"
     rule = f": {report.block_rule}" if report.block_rule else ""
-    return f"blocks of {report.block_rounds} rounds{rule}, {report.n_boot} resamples"
+    return f"95% CIs from a paired block bootstrap over rounds (blocks of {report.block_rounds} rounds{rule}, {report.n_boot} resamples)"
 
 
 def report_markdown(report: Report, images: list[tuple[str, str]] | None = None) -> str:
@@ -272,7 +279,7 @@ def report_markdown(report: Report, images: list[tuple[str, str]] | None = None)
         "",
         f"Run `{report.run_id}`, seed {report.seed}, {report.runtime} runtime, aggregator {report.aggregator}; "
         f"{report.n_eval_tokens} eval tokens ({report.eval_bytes} bytes) in {n} rounds of "
-        f"{report.round_tokens}; 95% CIs from a paired block bootstrap over rounds ({_blocks(report)}).",
+        f"{report.round_tokens}; {interval_text(report)}.",
         "",
         f"**{report.verdict}**",
         "",
