@@ -43,13 +43,15 @@ from controllers.gcg import sample_candidates
 from controllers.objectives import ControllerError, embed_ids, input_embedding, model_context_length
 
 logger = logging.getLogger(__name__)
+IGNORE = -1  # a label not scored (a position its reader's sender could not see)
 
 
 @dataclass(frozen=True)
 class MessagePart:
     """One reader of a message: [prefix_ids][message][rest_ids], scoring `labels` at the last
-    len(labels) positions of rest_ids (labels may differ from the tokens read there), each
-    label's NLL counted at most `max_nll` nats: bounds a part with a negative weight."""
+    len(labels) positions of rest_ids (labels may differ from the tokens read there; a label
+    IGNORE is not scored, at least one is), each label's NLL counted at most `max_nll` nats:
+    bounds a part with a negative weight."""
 
     prefix_ids: list[int]
     rest_ids: list[int]
@@ -61,12 +63,15 @@ class MessagePart:
 @dataclass(frozen=True)
 class MessageTask:
     """One message to search: its readers, its starting message (k = len(init_ids)), the seed
-    of its generator and the longest decoded text (UTF-8 bytes) a candidate may have."""
+    of its generator, the longest decoded text (UTF-8 bytes) a candidate may have, and
+    `accept`: a candidate's ids are kept only if accept(ids) (the caller's check that its
+    readers read the ids it scores)."""
 
     parts: list[MessagePart]
     init_ids: list[int]
     seed: int
     max_bytes: int | None = None
+    accept: Callable[[list[int]], bool] | None = None
 
 
 class MessageSearchConfig(BaseModel):
@@ -120,26 +125,22 @@ def check_tasks(model: PreTrainedModel, tasks: Sequence[MessageTask]) -> None:
             _check_part(f"tasks[{i}].parts[{j}]", part, vocab)
             total = len(part.prefix_ids) + len(task.init_ids) + len(part.rest_ids)
             if limit is not None and total > limit:
-                raise ControllerError(
-                    f"tasks[{i}].parts[{j}]: {total} tokens, longer than the model context "
-                    f"({limit} positions); shorten the prefix or the rest"
-                )
+                raise ControllerError(f"tasks[{i}].parts[{j}]: {total} tokens, longer than the model context "
+                                      f"({limit} positions); shorten the prefix or the rest")
 
 
 def _check_part(where: str, part: MessagePart, vocab: int) -> None:
-    if not part.labels:
-        raise ControllerError(f"{where}.labels: empty; a part scores at least one token")
+    if all(label == IGNORE for label in part.labels):
+        raise ControllerError(f"{where}.labels: empty or all IGNORE; a part scores at least one token")
     if len(part.labels) > len(part.rest_ids):
-        raise ControllerError(
-            f"{where}.labels: {len(part.labels)} labels but rest_ids has {len(part.rest_ids)} "
-            "tokens; labels are predicted at the last len(labels) positions of rest_ids"
-        )
+        raise ControllerError(f"{where}.labels: {len(part.labels)} labels but rest_ids has {len(part.rest_ids)} "
+                              "tokens; labels are predicted at the last len(labels) positions of rest_ids")
     if not math.isfinite(part.weight):
         raise ControllerError(f"{where}.weight: {part.weight}; must be a finite number")
     if part.max_nll is not None and not 0 < part.max_nll < math.inf:
         raise ControllerError(f"{where}.max_nll: {part.max_nll}; must be a finite number above 0, or None")
     for name in ("prefix_ids", "rest_ids", "labels"):
-        _check_ids(f"{where}.{name}", getattr(part, name), vocab)
+        _check_ids(f"{where}.{name}", [i for i in getattr(part, name) if name != "labels" or i != IGNORE], vocab)
 
 
 def _check_ids(where: str, ids: Sequence[int], vocab: int) -> None:
@@ -171,9 +172,9 @@ def mean_nll(
     model: PreTrainedModel, lengths: Sequence[int], labels: Sequence[Sequence[int]],
     caps: Sequence[float | None] | None = None, **inputs: Tensor,
 ) -> Tensor:
-    """Mean NLL (B,) of each right-padded row's labels, read at the last len(labels) of its
-    `lengths` real positions, each label's NLL at most caps[b] (None: no cap); `inputs` is
-    input_ids (B, L) or inputs_embeds (B, L, d).
+    """Mean NLL (B,) of each right-padded row's labels but IGNORE, read at the last len(labels)
+    of its `lengths` real positions, each label's NLL at most caps[b] (None: no cap); `inputs`
+    is input_ids (B, L) or inputs_embeds (B, L, d).
 
     Logits are computed only at the scored positions (a boolean `logits_to_keep`, which
     flattens them row by row) and the log-softmax runs in float32 or the model's float64."""
@@ -194,7 +195,8 @@ def mean_nll(
     logits = out.logits  # (M, V), M = sum(counts)
     log_probs = F.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
     targets = torch.tensor([t for row_labels in labels for t in row_labels], device=device)  # (M,)
-    nll = -log_probs.gather(1, targets[:, None]).squeeze(1)  # (M,)
+    nll = -log_probs.gather(1, targets.clamp(min=0)[:, None]).squeeze(1)  # (M,)
+    nll = torch.where(targets == IGNORE, torch.zeros_like(nll), nll)  # (M,) an ignored label adds nothing
     rows = torch.repeat_interleave(torch.arange(batch), torch.tensor(counts)).to(device)  # (M,) each label's row
     if caps is not None and any(cap is not None for cap in caps):  # min(inf, cap) = cap; no gradient above it
         bound = torch.tensor([math.inf if cap is None else cap for cap in caps], dtype=nll.dtype, device=device)  # (B,)
@@ -203,7 +205,8 @@ def mean_nll(
     cols = torch.cat([torch.arange(count) for count in counts]).to(device)  # (M,)
     per_row = torch.zeros(batch, max(counts), dtype=nll.dtype, device=device)
     per_row = per_row.index_put((rows, cols), nll)  # (B, n_max)
-    return per_row.sum(dim=1) / torch.tensor(counts, dtype=nll.dtype, device=device)
+    scored = [sum(t != IGNORE for t in row_labels) for row_labels in labels]
+    return per_row.sum(dim=1) / torch.tensor(scored, dtype=nll.dtype, device=device)
 
 
 def _pad_ids(rows: Sequence[Sequence[int]], device: torch.device) -> Tensor:
@@ -357,13 +360,14 @@ class TaskState:
 def _filter(
     tokenizer: PreTrainedTokenizerBase, candidates: Tensor, task: MessageTask, config: MessageSearchConfig
 ) -> Tensor:
-    """Candidates (W, k) -> (W', k): no duplicates, the text round trip, the byte limit."""
+    """Candidates (W, k) -> (W', k): no duplicates, the text round trip, the byte limit, `accept`."""
     kept = filter_candidates(candidates, tokenizer, retokenize=config.filter_retokenize)
-    if task.max_bytes is None or kept.shape[0] == 0:
-        return kept
     texts = tokenizer.batch_decode(kept.tolist())
-    fits = torch.tensor([len(text.encode("utf-8")) <= task.max_bytes for text in texts], dtype=torch.bool)
-    return kept[fits]
+    fits = [
+        (task.max_bytes is None or len(text.encode("utf-8")) <= task.max_bytes) and (task.accept is None or task.accept(ids))
+        for ids, text in zip(kept.tolist(), texts, strict=True)
+    ]
+    return kept[torch.tensor(fits, dtype=torch.bool)] if kept.shape[0] else kept
 
 
 def _step(
@@ -401,9 +405,7 @@ def _allowed_mask(
     if allowed is None:
         allowed = model_token_mask(model, tokenizer, config)
     if allowed.shape != (vocab,):
-        raise ControllerError(
-            f"allowed: mask of shape {tuple(allowed.shape)} does not match the vocabulary ({vocab} embedding rows)"
-        )
+        raise ControllerError(f"allowed: mask of shape {tuple(allowed.shape)} does not match the vocabulary ({vocab} embedding rows)")
     if not bool(allowed.any()):
         raise ControllerError("filters: no token is allowed in a message")
     return allowed.cpu()
@@ -427,9 +429,7 @@ def search_messages(
     if not tasks:
         return []
     not_allowed = ~_allowed_mask(model, tokenizer, config, allowed)
-    initial = candidate_losses(
-        model, tasks, [torch.tensor([task.init_ids], dtype=torch.long) for task in tasks], config.batch_tokens
-    )
+    initial = candidate_losses(model, tasks, [torch.tensor([task.init_ids], dtype=torch.long) for task in tasks], config.batch_tokens)
     states = [
         TaskState(torch.tensor(task.init_ids, dtype=torch.long), float(loss[0]), torch.Generator().manual_seed(task.seed), [])
         for task, loss in zip(tasks, initial, strict=True)

@@ -7,6 +7,7 @@ from pydantic import ValidationError
 
 from controllers.filters import retokenizes
 from controllers.messages import (
+    IGNORE,
     MessagePart,
     MessageSearchConfig,
     MessageTask,
@@ -71,14 +72,38 @@ def test_message_losses_equal_the_plain_forward_of_each_part(tiny_lm, tiny_tok, 
     torch.testing.assert_close(losses.double(), torch.tensor(expected, dtype=torch.float64), atol=2e-5, rtol=1e-5)
 
 
-def test_a_searched_message_lowers_its_objective(tiny_lm, tiny_tok):
+def _spied_scores(monkeypatch) -> list[list[tuple[torch.Tensor, torch.Tensor]]]:
+    """Each call of the search's scoring: per task, (candidates (C, k), their losses (C,))."""
+    import controllers.messages as search_module
+
+    calls: list[list[tuple[torch.Tensor, torch.Tensor]]] = []
+    real = search_module.candidate_losses
+
+    def spy(model, tasks, candidates, batch_tokens):
+        losses = real(model, tasks, candidates, batch_tokens)
+        calls.append(list(zip(candidates, losses, strict=True)))
+        return losses
+
+    monkeypatch.setattr(search_module, "candidate_losses", spy)
+    return calls
+
+
+def test_a_searched_message_lowers_its_objective(tiny_lm, tiny_tok, monkeypatch):
+    calls = _spied_scores(monkeypatch)
     tasks = [make_task(tiny_tok, i) for i in range(3)]
     results = search_messages(tiny_lm, tiny_tok, tasks, CONFIG)
-    for task, result in zip(tasks, results, strict=True):
+    assert len(calls) == 1 + CONFIG.steps  # the starts, then one scoring per step
+    for t, (task, result) in enumerate(zip(tasks, results, strict=True)):
         assert result.initial_loss == pytest.approx(reference_loss(tiny_lm, task, task.init_ids), abs=2e-5)
         assert result.loss < result.initial_loss
         assert result.losses[-1] == result.loss and len(result.losses) == CONFIG.steps
-        assert all(b <= a for a, b in zip(result.losses, result.losses[1:]))
+        held, ids = result.initial_loss, task.init_ids
+        for step, call in enumerate(calls[1:]):  # each step takes its best candidate if it beats the message held
+            candidates, losses = call[t]
+            if losses.numel() and float(losses.min()) < held:
+                held, ids = float(losses.min()), candidates[int(losses.argmin())].tolist()
+            assert result.losses[step] == pytest.approx(held, abs=1e-6), step
+        assert result.ids == ids
         assert result.text == tiny_tok.decode(result.ids) and len(result.ids) == len(task.init_ids)
         assert result.scored_tokens > 0
     again = message_losses(tiny_lm, tasks, [result.ids for result in results])
@@ -92,6 +117,24 @@ def test_a_negative_weight_raises_that_readers_nll(tiny_lm, tiny_tok):
     assert result.loss < result.initial_loss
     before, after = message_losses(tiny_lm, [friendly, friendly], [adversary.init_ids, result.ids])
     assert float(after) > float(before) + 0.1
+
+
+def test_an_ignored_label_is_read_but_not_scored(tiny_lm, tiny_tok):
+    task = make_task(tiny_tok, 0, weights=(1.0, 0.0))
+    part = task.parts[0]
+    hidden = [IGNORE if i in (1, 4) else label for i, label in enumerate(part.labels)]  # 6 labels, 2 left out
+    masked = MessageTask([MessagePart(part.prefix_ids, part.rest_ids, hidden, 1.0)], task.init_ids, 0)
+    ids = part.prefix_ids + task.init_ids + part.rest_ids
+    with torch.no_grad():
+        log_probs = F.log_softmax(tiny_lm(input_ids=torch.tensor([ids])).logits[0].double(), dim=-1)
+    n = len(part.labels)
+    nll = -log_probs[len(ids) - n - 1 : len(ids) - 1].gather(1, torch.tensor(part.labels)[:, None])[:, 0]  # (n,)
+    expected = float(nll[[0, 2, 3, 5]].mean())
+    (loss,) = message_losses(tiny_lm, [masked], [task.init_ids]).tolist()
+    assert loss == pytest.approx(expected, abs=2e-5)
+    assert abs(loss - float(nll.mean())) > 1e-3  # not the mean over every label
+    (grad,) = message_gradients(tiny_lm, [masked], [torch.tensor(task.init_ids)])
+    assert torch.isfinite(grad).all()
 
 
 # -- batching and seeds -------------------------------------------------------------------------
@@ -244,6 +287,7 @@ def bad_tasks(tok) -> dict[str, tuple[MessageTask, str]]:
             r"tasks\[0\]\.parts\[0\]\.labels: 3 labels but rest_ids has 2",
         ),
         "no labels": (MessageTask([MessagePart([0], [5], [])], good.init_ids, 0), r"parts\[0\]\.labels: empty"),
+        "only ignored labels": (MessageTask([MessagePart([0], [5, 6], [IGNORE, IGNORE])], good.init_ids, 0), r"all IGNORE"),
         "id outside the vocabulary": (
             MessageTask([MessagePart([0], [5, 100_000], [5])], good.init_ids, 0),
             r"parts\[0\]\.rest_ids: token id 100000 outside",
@@ -253,7 +297,7 @@ def bad_tasks(tok) -> dict[str, tuple[MessageTask, str]]:
     }
 
 
-@pytest.mark.parametrize("case", ["empty message", "no readers", "labels longer than rest", "no labels",
+@pytest.mark.parametrize("case", ["empty message", "no readers", "labels longer than rest", "no labels", "only ignored labels",
                                   "id outside the vocabulary", "nan weight", "zero bytes"])
 def test_bad_tasks_are_refused_with_the_field_named(tiny_lm, tiny_tok, case):
     task, message = bad_tasks(tiny_tok)[case]

@@ -4,13 +4,17 @@ events; receiver-aware searches read the receivers' views; bad settings fail ear
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import networkx as nx
 import pytest
+import torch
+import torch.nn.functional as F
 
 from collective.distributed.payloads import RequestPayload
 from collective.lm.models import ModelPool
 from collective.records import RoundEvent, parse_event
-from collective.run.messages import message_frame
+from collective.run.messages import SearchInput, message_frame, search_round_messages
 from collective.run.prepared import RunError, check_searched_messages, refuse_receiver_search
 from collective.run.runner import prepare, run_prepared
 from collective.scenario import SearchMessage, load_scenario
@@ -27,14 +31,91 @@ def test_the_frame_is_the_inbox_rendering_around_the_text():
     assert message_frame("[{round}] {sender} says {text}.\n", "Inbox:\n", "b", 7) == ("Inbox:\n[7] b says ", ".\n")
 
 
-def test_a_node_searches_its_message_and_it_does_no_worse_than_where_it_started(tiny_lm, tiny_tok):
-    request = _request(tiny_tok, message=SearchMessage(**{k: v for k, v in SEARCH.items() if k != "policy"}), budget=6)
+def _read_nll(model, tok, frame: tuple[str, str], text: str, span: list[int]) -> float:
+    """The mean NLL of `span` for a reader of nothing but the message: [start][its inbox,
+    encoded as one string][span], as a receiver reads it (not as the search laid it out)."""
+    inbox = tok.encode(frame[0] + text + frame[1], add_special_tokens=False)
+    ids = [0, *inbox, *span]  # 0: the tiny tokenizer's <|endoftext|>
+    with torch.no_grad():
+        log_probs = F.log_softmax(model(input_ids=torch.tensor([ids])).logits[0].double(), dim=-1)
+    n = len(span)
+    return float(-log_probs[len(ids) - n - 1 : len(ids) - 1].gather(1, torch.tensor(span)[:, None]).mean())
+
+
+def test_a_node_searches_its_message_and_its_receiver_reads_what_was_scored(tiny_lm, tiny_tok, monkeypatch):
+    _, tasks = _spy_inputs(monkeypatch)
+    spec = SearchMessage(init="relay", steps=3, search_width=16, topk=16, ascii_only=False)
+    # the relay 'or\n\nThe exte' starts mid-word: after "a: " a reader reads " or", not " " + "or"
+    request = replace(_request(tiny_tok, message=spec, budget=6), message_frame=("a: ", "\n"))
     (result,) = _run(tiny_lm, tiny_tok, [request])
     search = result.message_search
-    assert search is not None and search.objective == "sender" and search.steps == 2
-    assert search.after <= search.before
-    assert result.message_text is not None
+    assert search is not None and search.objective == "sender" and search.steps == 3
+    start = tiny_tok.decode(tasks[0].init_ids)
+    assert result.message_text is not None and result.message_text != start  # it moved off its start
+    assert search.after < search.before - 0.01
+    span = request.round_inputs.tolist()  # default span: the round just read
+    assert search.after == pytest.approx(_read_nll(tiny_lm, tiny_tok, ("a: ", "\n"), result.message_text, span), abs=1e-4)
+    assert search.before == pytest.approx(_read_nll(tiny_lm, tiny_tok, ("a: ", "\n"), start, span), abs=1e-4)
     assert len(tiny_tok.encode(result.message_text, add_special_tokens=False)) <= 6
+
+
+def _scored_messages(monkeypatch) -> list[list[int]]:
+    """Every message (start and candidates) the search scores, spied on its scoring function."""
+    import controllers.messages as search_module
+
+    scored: list[list[int]] = []
+    real = search_module.candidate_losses
+
+    def spy(model, tasks, candidates, batch_tokens):
+        scored.extend(row for block in candidates for row in block.tolist())
+        return real(model, tasks, candidates, batch_tokens)
+
+    monkeypatch.setattr(search_module, "candidate_losses", spy)
+    return scored
+
+
+def _item(tok, start: str, frame: tuple[str, str], **changes) -> SearchInput:
+    seen = tok.encode(" The return statement leaves the current function call with the value", add_special_tokens=False)
+    return SearchInput(
+        node_id="a", round_index=3, seed=0, spec=SearchMessage(steps=3, search_width=16, topk=16, ascii_only=False),
+        seen_ids=torch.tensor(seen), start_ids=tok.encode(start, add_special_tokens=False), frame=frame, max_bytes=1 << 30,
+        **changes,
+    )
+
+
+@pytest.mark.parametrize(
+    ("frame", "start"),
+    [
+        (("s1: ", "\n"), "the cat sat"),  # the frame's space merges into " the"
+        (("Inbox:\n", "\n"), "  cat sat"),  # the frame's newline merges with the message's leading spaces
+    ],
+)
+def test_every_message_the_search_scores_is_what_its_reader_reads(tiny_lm, tiny_tok, monkeypatch, frame, start):
+    scored = _scored_messages(monkeypatch)
+    ((text, record),) = search_round_messages(tiny_lm, tiny_tok, [_item(tiny_tok, start, frame)], start=0, round_tokens=8, batch_tokens=4096)
+    before, after = (tiny_tok.encode(t, add_special_tokens=False) for t in frame)
+    assert len(scored) > 1  # the start and candidates
+    for ids in scored:
+        read = tiny_tok.encode(frame[0] + tiny_tok.decode(ids) + frame[1], add_special_tokens=False)
+        assert read == [*before, *ids, *after], tiny_tok.decode(ids)
+    assert record.tokens == len(tiny_tok.encode(text, add_special_tokens=False))
+
+
+def test_a_masked_sender_does_not_score_the_positions_it_could_not_see(tiny_lm, tiny_tok, monkeypatch):
+    from controllers.messages import IGNORE
+
+    _, tasks = _spy_inputs(monkeypatch)
+    placeholder = tiny_tok.encode("_", add_special_tokens=False)[0]
+    item = _item(tiny_tok, " a b c", ("a: ", "\n"))
+    seen = item.seen_ids.clone()
+    seen[[-1, -3, -4]] = placeholder  # the round's last 8 tokens, three of them hidden
+    item = replace(item, seen_ids=seen, placeholder_id=placeholder)
+    search_round_messages(tiny_lm, tiny_tok, [item], start=0, round_tokens=8, batch_tokens=4096)
+    (part,) = tasks[0].parts
+    span = seen[-8:].tolist()
+    assert part.rest_ids[-8:] == span  # the reader reads the placeholders...
+    assert part.labels == [IGNORE if t == placeholder else t for t in span]  # ...but is not scored on them
+    assert part.labels.count(IGNORE) == 3
 
 
 def _spy_inputs(monkeypatch):
@@ -101,12 +182,20 @@ def _run_events(folder, model_dir, name, **changes):
 
 
 @pytest.mark.parametrize("objective", ["sender", "receiver"])
-def test_a_run_records_every_searched_message(tiny_model_dir, tmp_path, objective):
+def test_a_run_records_every_searched_message(tiny_model_dir, tiny_tok, tmp_path, objective):
     defaults = {"model": "tiny", "message": {**SEARCH, "objective": objective}}
     events = _run_events(tmp_path, tiny_model_dir, f"search-{objective}", node_defaults=defaults)
     searches = [n.message_search for e in events for n in e.nodes if n.node_id != "c"]  # c relays (its own setting)
     assert len(searches) == 2 * len(events)
-    assert all(s is not None and s.objective == objective and s.after <= s.before for s in searches)
+    assert all(s is not None and s.objective == objective for s in searches)
+    assert sum(s.after < s.before - 1e-6 for s in searches if s is not None) >= len(searches) // 2  # most searches move
+    for event in events:
+        for message, node in ((m, n) for m in event.messages for n in event.nodes if n.node_id == m.sender != "c"):
+            frame = message_frame("{sender}: {text}\n", "", message.sender, event.round_index)  # the bus's defaults
+            before, after = (tiny_tok.encode(t, add_special_tokens=False) for t in frame)
+            read = tiny_tok.encode(frame[0] + message.text + frame[1], add_special_tokens=False)
+            assert read[: len(before)] == before and read[len(read) - len(after) :] == after
+            assert node.message_search is not None and len(read) - len(before) - len(after) == node.message_search.tokens
     assert all(n.message_search is None for e in events for n in e.nodes if n.node_id == "c")
     for event in events:
         for message in event.messages:
@@ -175,5 +264,5 @@ def test_the_report_summarizes_each_nodes_searched_messages(tiny_model_dir, tmp_
         assert found.messages == len(mine) == len(events)
         assert found.mean_before == pytest.approx(sum(s.before for s in mine) / len(mine))
         assert found.mean_after == pytest.approx(sum(s.after for s in mine) / len(mine))
-        assert found.mean_after <= found.mean_before
+        assert found.mean_after < found.mean_before  # the searches moved, on average
     assert "messages of a: searched: objective" in report_markdown(report)

@@ -185,6 +185,7 @@ class RoundEngine:
         self.executor = executor
         self.reference = reference
         self.control_ids = control_ids
+        self.placeholder_ids = placeholder_ids
         self.run_id = run_id
         self.round_tokens = scenario.bus.round_tokens
         self.eval_start = scenario.corpus.train_tokens
@@ -252,6 +253,7 @@ class RoundEngine:
                     firewall=self.firewalls.get(node.id, ()),
                     inbox_template=self.scenario.bus.inbox_template,
                     inbox_header=self.scenario.bus.inbox_header,
+                    placeholder_id=self.placeholder_ids.get(node.id),
                 )
             )
         return requests

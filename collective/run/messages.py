@@ -9,7 +9,13 @@ searching node of a model in one search:
   the out-links' token budget; a candidate longer than the out-links' byte budget is
   filtered out, so the message travels whole;
 - the span is the last `span_tokens` tokens the node read (default: the round just read),
-  as it read them (a masked view's placeholders included);
+  as it read them (a masked view's placeholders included); the positions the sender's own
+  mask hid are read but not scored (their labels would be the placeholder, not the text);
+- a reader encodes its inbox as one string, so a message is scored as the tokens it reads:
+  the start and every candidate must satisfy encode(before + text + after) == before ids +
+  message ids + after ids for the frame around it (a frame's trailing space or newline would
+  otherwise merge with the message's first or last token); a start that does not is cut at
+  its ends until it does (else the filler start);
 - objective `sender`: the NLL of the span after [start][the message as a reader's inbox
   renders it] (the bus header, then the inbox template around the text), each piece
   tokenized on its own;
@@ -41,9 +47,10 @@ events and the report.
 from __future__ import annotations
 
 import functools
+import logging
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -54,6 +61,7 @@ from collective.scenario import AttackMessage, SearchMessage
 from collective.seeding import derive_seed
 from controllers.filters import allowed_token_mask
 from controllers.messages import (
+    IGNORE,
     MessagePart,
     MessageSearchConfig,
     MessageSearchResult,
@@ -61,6 +69,7 @@ from controllers.messages import (
     search_messages,
 )
 
+logger = logging.getLogger(__name__)
 _SLOT = "\x00message\x00"
 NLL_CAP_PER_LOG_VOCAB = 2.0  # an untargeted attack counts a token's NLL up to 2 ln V nats
 
@@ -120,6 +129,7 @@ class SearchInput:
     frame: tuple[str, str]
     max_bytes: int
     receivers: tuple[ReceiverContext, ...] = ()
+    placeholder_id: int | None = None  # the token the sender's masked view shows for a hidden one
 
 
 def _span(item: SearchInput, round_tokens: int) -> list[int]:
@@ -136,20 +146,55 @@ def _reader_parts(
     start: int,
     frame: tuple[list[int], list[int]],
     readers: Sequence[Reader],
-    labels: list[int],
+    read: list[int],
     weight: float,
     cap: float | None = None,
+    labels: list[int] | None = None,
 ) -> list[MessagePart]:
-    """One part per reader: [start][control][frame before] [message] [frame after][view][labels],
-    scoring the labels with the given weight (and per-token NLL cap)."""
+    """One part per reader: [start][control][frame before] [message] [frame after][view][read],
+    scoring `labels` (default: `read`) at the positions of `read`, with the given weight (and
+    per-token NLL cap)."""
     before, after = frame
     return [
         MessagePart(
-            prefix_ids=[start, *control, *before], rest_ids=[*after, *view, *labels],
-            labels=labels, weight=weight, max_nll=cap,
+            prefix_ids=[start, *control, *before], rest_ids=[*after, *view, *read],
+            labels=read if labels is None else labels, weight=weight, max_nll=cap,
         )
         for control, view in readers
     ]
+
+
+def seen_labels(span: list[int], placeholder_id: int | None) -> list[int] | None:
+    """The span's labels with the positions the sender's mask hid left out (IGNORE); None when
+    nothing is hidden, or everything is (then there is nothing better to score)."""
+    if placeholder_id is None or placeholder_id not in span or all(t == placeholder_id for t in span):
+        return None
+    return [IGNORE if t == placeholder_id else t for t in span]
+
+
+def reads_as_scored(tokenizer: TextCodec, frame: tuple[str, str]) -> Callable[[list[int]], bool]:
+    """Whether a reader, encoding [frame before][the message's text][frame after] as one
+    string, reads the frame's ids and exactly the message ids that the search scores."""
+    before, after = (list(tokenizer.encode(text, add_special_tokens=False)) if text else [] for text in frame)
+
+    def accept(ids: list[int]) -> bool:
+        text = frame[0] + tokenizer.decode(ids, skip_special_tokens=False) + frame[1]
+        return list(tokenizer.encode(text, add_special_tokens=False)) == [*before, *ids, *after]
+
+    return accept
+
+
+def framed_start(ids: list[int], fallback: list[int], accept: Callable[[list[int]], bool]) -> list[int]:
+    """The start a reader reads as scored: `ids`, else `ids` with up to two tokens cut from
+    either end (where the frame merges), else `fallback` (the filler), else `ids` as it is."""
+    for front, back in ((0, 0), (1, 0), (0, 1), (1, 1), (2, 0), (0, 2), (2, 2)):
+        cut = ids[front : len(ids) - back]
+        if cut and accept(cut):
+            return cut
+    if accept(fallback):
+        return fallback
+    logger.warning("a searched message's start reads as other tokens in its frame; it is scored as given")
+    return ids
 
 
 def _known_readers(item: SearchInput, what: str) -> list[Reader]:
@@ -175,21 +220,25 @@ def _attack_parts(
     if targeted:
         target = tokenizer.encode(spec.target or "", add_special_tokens=False)
         return _reader_parts(start, frame, readers, target, 1.0 / len(readers))
-    return _reader_parts(start, frame, readers, span, -1.0 / len(readers), NLL_CAP_PER_LOG_VOCAB * math.log(vocab))
+    cap = NLL_CAP_PER_LOG_VOCAB * math.log(vocab)
+    return _reader_parts(start, frame, readers, span, -1.0 / len(readers), cap, seen_labels(span, item.placeholder_id))
 
 
 def _task(item: SearchInput, tokenizer: TextCodec, start: int, round_tokens: int, vocab: int) -> MessageTask:
     before, after = (tokenizer.encode(text, add_special_tokens=False) if text else [] for text in item.frame)
     span = _span(item, round_tokens)
+    labels = seen_labels(span, item.placeholder_id)
     if isinstance(item.spec, AttackMessage):
         parts = _attack_parts(item, tokenizer, start, (before, after), span, vocab)
     elif item.spec.objective == "sender":  # a reader who knows nothing else: no control, no view
-        parts = _reader_parts(start, (before, after), [([], [])], span, 1.0)
+        parts = _reader_parts(start, (before, after), [([], [])], span, 1.0, labels=labels)
     else:
         readers = _known_readers(item, "a receiver-aware message search")
-        parts = _reader_parts(start, (before, after), readers, span, 1.0 / len(readers))
+        parts = _reader_parts(start, (before, after), readers, span, 1.0 / len(readers), labels=labels)
     seed = derive_seed(item.seed, "message", item.node_id, item.round_index) % (2**31)
-    return MessageTask(parts=parts, init_ids=item.start_ids, seed=seed, max_bytes=item.max_bytes)
+    accept = reads_as_scored(tokenizer, item.frame)
+    init = framed_start(item.start_ids, filler_ids(tokenizer, len(item.start_ids)), accept)
+    return MessageTask(parts=parts, init_ids=init, seed=seed, max_bytes=item.max_bytes, accept=accept)
 
 
 def search_round_messages(

@@ -76,6 +76,7 @@ class NodeRoundRequest:
     firewall: tuple[FirewallFilter, ...] = ()  # fitted: every perplexity filter has its threshold
     inbox_template: str = BusSpec.model_fields["inbox_template"].default
     inbox_header: str = ""
+    placeholder_id: int | None = None  # a masked view's token for a hidden one: a searched message does not score it
 
 
 @dataclass
@@ -252,6 +253,7 @@ def _search_input(request: NodeRoundRequest, spoken: list[int] | None, tokenizer
         node_id=request.node_id, round_index=request.round_index, seed=request.seed, spec=spec,
         seen_ids=torch.cat([request.prefix_ids, request.round_inputs]), start_ids=start or filler_ids(tokenizer, budget),
         frame=request.message_frame, max_bytes=request.message_bytes, receivers=request.receivers,
+        placeholder_id=request.placeholder_id,
     )
 
 
