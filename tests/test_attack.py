@@ -67,11 +67,17 @@ def test_an_untargeted_objective_counts_each_tokens_nll_at_most_the_cap(tiny_lm,
     with torch.no_grad():
         log_probs = tiny_lm(torch.tensor([ids])).logits[0].log_softmax(-1)  # (L, V)
     nll = -log_probs[len(ids) - 7 : len(ids) - 1].gather(1, torch.tensor(part.labels)[:, None]).squeeze(1)  # (6,)
-    cap = float(nll.median())
-    tasks = [MessageTask([part], message, 0), MessageTask([replace(part, max_nll=cap)], message, 0)]
-    plain, capped = message_losses(tiny_lm, tasks, [message, message])
+    ordered = nll.sort().values  # (6,)
+    # a cap between the two largest NLLs cuts exactly one token, by a known amount; one below every NLL
+    # makes each token count the cap (a cap on the mean, on the wrong positions, or none fails one of these)
+    one_cut, all_cut = float(ordered[-2] + ordered[-1]) / 2, float(ordered[0]) / 2
+    assert float(ordered[-1] - ordered[-2]) > 1e-3  # the two largest differ: the first cap cuts one token
+    tasks = [MessageTask([replace(part, max_nll=cap)], message, 0) for cap in (None, one_cut, all_cut)]
+    plain, capped, floored = message_losses(tiny_lm, tasks, [message] * 3)
     assert float(plain) == pytest.approx(-float(nll.mean()), abs=1e-5)
-    assert float(capped) == pytest.approx(-float(nll.clamp(max=cap).mean()), abs=1e-5) and capped > plain
+    cut = (float(ordered[-1]) - one_cut) / 6  # the largest token's excess over the cap, over the 6 labels
+    assert float(capped) == pytest.approx(float(plain) + cut, abs=1e-5) and cut > 1e-4
+    assert float(floored) == pytest.approx(-all_cut, abs=1e-5)
     (grad,) = message_gradients(tiny_lm, [MessageTask([replace(part, max_nll=1e-3)], message, 0)], [torch.tensor(message)])
     assert not bool(grad.any())  # every token beyond the cap: nothing left to push
 
