@@ -10,8 +10,8 @@ tokens that carry frame characters (a frame's trailing space merged into the mes
 word, its newline into the message's last) stay at their ends, and the others are permuted:
 
 1. up to `PLAIN_DRAWS` seeded permutations, the first that re-encodes to itself in its frame;
-2. else a seeded depth-first search that places one token at a time, keeping only prefixes
-   that re-encode to themselves, at most `SEARCH_BUDGET` placements;
+2. else up to `SEARCHES` seeded depth-first searches that place one token at a time, keeping
+   only prefixes that re-encode to themselves, at most `SEARCH_BUDGET` placements each;
 3. else whole words (whitespace-led runs) in a seeded order, not matched.
 
 `matched` says whether the receiver reads a permutation of the unshuffled message's tokens,
@@ -31,7 +31,8 @@ import torch
 from collective.lm.codec import TextCodec
 
 PLAIN_DRAWS = 16
-SEARCH_BUDGET = 4000
+SEARCHES = 4  # depth-first searches, each from its own seeded order
+SEARCH_BUDGET = 2000  # placements per search
 
 
 @dataclass(frozen=True)
@@ -96,10 +97,11 @@ def shuffle_message(
         found = checks.message(start + [middle[i] for i in order] + end)
         if found is not None:
             return ShuffledMessage(found, True)
-    pool = [middle[i] for i in torch.randperm(len(middle), generator=generator).tolist()]
-    placed = _place(checks, start, pool, end, [SEARCH_BUDGET])
-    if placed is not None:
-        return ShuffledMessage(placed, True)
+    for _ in range(SEARCHES):
+        pool = [middle[i] for i in torch.randperm(len(middle), generator=generator).tolist()]
+        placed = _place(checks, start, pool, end, [SEARCH_BUDGET])
+        if placed is not None:
+            return ShuffledMessage(placed, True)
     words = re.findall(r"\s*\S+|\s+$", text)
     order = torch.randperm(len(words), generator=generator).tolist()
     return ShuffledMessage("".join(words[i] for i in order), False)
