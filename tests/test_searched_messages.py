@@ -244,11 +244,12 @@ def test_a_distributed_run_refuses_the_receiver_objective(tmp_path, tiny_model_d
 
 def test_a_distributed_request_carries_what_the_search_needs(tiny_tok):
     request = _request(tiny_tok, message=SearchMessage(steps=1), budget=6)
-    request = type(request)(**{**request.__dict__, "message_bytes": 17, "message_frame": ("x: ", "|\n")})
+    request = type(request)(**{**request.__dict__, "message_bytes": 17, "message_frame": ("x: ", "|\n"), "placeholder_id": 62})
     wire = RequestPayload.from_request(request, [], deadline_s=5.0)
     back = RequestPayload.model_validate_json(wire.model_dump_json()).to_request(request.round_index)
     assert isinstance(back.message, SearchMessage)
     assert back.message_bytes == 17 and back.message_frame == ("x: ", "|\n")
+    assert back.placeholder_id == 62  # a masked volunteer leaves out the same labels as the embedded run
 
 
 def test_the_report_summarizes_each_nodes_searched_messages(tiny_model_dir, tmp_path):
