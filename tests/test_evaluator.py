@@ -12,6 +12,7 @@ from collective.evaluate.evaluator import build_report, describe_aggregator
 from collective.evaluate.intervals import METHOD
 from collective.evaluate.metrics import RoundStats
 from collective.records import MEMBER_ROWS, Report
+from collective.report.report_view import report_markdown
 from collective.run.engine import EngineResult
 from collective.scenario import parse_scenario
 from tests.test_intervals import loop_interval
@@ -198,6 +199,9 @@ def test_a_report_of_fewer_than_4_rounds_gives_no_interval_and_says_why_and_surv
         assert math.isnan(report.collective_gain.ci.low) and math.isnan(report.row("collective").nll_ci.high)
         assert "no 95% CI: too few eval rounds for an interval that holds its level" in report.verdict
         assert Report.model_validate_json(report.model_dump_json()).n_eval_rounds == n_rounds
+    text = report_markdown(report)  # 3 rounds
+    assert f"95% CIs paired over rounds: {METHOD}." in text and "bootstrap" not in text
+    assert "- collective gain: +" in text and "(no 95% CI: too few eval rounds for an interval that holds its level)" in text
     rows = {key: values[:4] for key, values in _rows().items()}
     assert not math.isnan(build_report(_scenario(), _result(rows), run_id="r").collective_gain.ci.low)
 
