@@ -2,12 +2,13 @@
 
 Data flow: the evaluator hands every row's per-round `RoundStats` (all over the same R eval
 rounds) to `paired_intervals`, with the pairs of rows whose differences it wants (the
-gains). Another caller (a paired comparison of two sweep cells on the same eval tokens)
-passes its own rows the same way.
+gains). Other callers pass their own rows the same way: `collective hostile` (variants of
+a run), `evaluate/paired.py` (two sweep cells on the same eval tokens).
 
 Every estimate is a ratio estimator: a row's NLL is the sum of its NLL over the sum of its
 scored tokens, so a round with more scored tokens weighs more. A difference between two
-rows is computed on the rounds that BOTH rows scored, so that it is paired.
+rows is computed on the rounds that BOTH rows scored, so that it is paired (rounds a row
+missed are left out and its other rounds taken as consecutive).
 
 The interval (chosen by measurement, `bench/coverage.py`, table in scenarios/README.md):
 a studentized interval on the ratio estimator's linearised per-round residuals
@@ -19,8 +20,9 @@ noisy, so c(R) is not a normal or t quantile: it is the Monte Carlo quantile of 
 under a stationary Gaussian AR(1) series with lag-1 autocorrelation `CALIBRATION_PHI` = 0.5
 of length R (`critical_value`, a fixed-seed generator, cached per R and level: the same
 value on every run). So the interval holds its level for lag-1 autocorrelation up to 0.5
-and is conservative on independent rounds. With fewer than `MIN_ROUNDS` rounds no interval
-holds its level: none is given (NaN ends).
+and is conservative on independent rounds. With fewer than `MIN_ROUNDS` rounds none is
+given (NaN ends): measured, it would still cover, but with a width set by the calibration
+model's tails (c(3) = 12.3) rather than by the data.
 
 Shapes: R rounds, M Monte Carlo series.
 """
