@@ -170,3 +170,25 @@ def test_real_tokenizers_spell_wikitext_byte_for_byte(ref):
     vocab = byte_vocab(tokenizer)
     assert vocab.kind == ("byte_level" if ref == "smollm2-135m" else "byte_fallback")
     assert roundtrip_failures(tokenizer, vocab, windows(400, 600)) == []
+
+
+@pytest.mark.slow
+def test_smollm2_byte_chain_is_within_0_05_bits_per_byte_of_its_token_level_score():
+    from collective.lm.codec import start_token
+    from collective.lm.models import load_model
+
+    lm = load_model("smollm2-135m", device="cpu", dtype="float32")
+    vocab = byte_vocab(lm.tokenizer)
+    root = start_token(lm.tokenizer)
+    ids = lm.tokenizer.encode(windows(1, 3000)[0][1000:], add_special_tokens=False)[:160]
+    data, start = vocab.decode(ids), len(vocab.decode(ids[:96]))
+    got = next_byte_distributions(
+        data, start, len(data), vocab=vocab, encode=lambda b: encode_prefix(lm.tokenizer, vocab, b),
+        root_token=root, scorer=model_tree_scorer(lm.model),
+    )
+    assert torch.all((got.probs.sum(-1) - 1).abs() < 1e-5)
+    with torch.no_grad():
+        logits = lm.model(input_ids=torch.tensor([[root] + ids])).logits[0, :-1].float()
+    token_nats = -torch.log_softmax(logits, -1).gather(1, torch.tensor(ids)[:, None])[96:].sum()
+    token_bpb = float(token_nats) / (len(data) - start) / math.log(2)
+    assert abs(got.bits_per_byte() - token_bpb) < 0.05
