@@ -19,7 +19,9 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 # events 2: adds NodeRound.message_search (searched messages); version 1 files still read
 # events 3: adds RoundEvent.screened (receivers' firewalls), NodeRound.messages_screened_out and the
 # attack objectives of MessageSearch; version 1 and 2 files still read (the new fields default empty)
-EVENT_SCHEMA_VERSION = 3
+# events 4: adds NodeRound.shuffle_matched (a priming control read as its message's tokens); older files
+# still read (None: not recorded)
+EVENT_SCHEMA_VERSION = 4
 # report 2: adds rejected_envelopes; 3: adds each row's n_rounds, each gain's n_rounds (the rounds its
 # two sides share), partial_members, best_member_rule and block_rule. Older reports still read: the
 # new fields default to None or empty, and `Report.is_partial` works from token counts.
@@ -152,6 +154,9 @@ class NodeRound(_Record):
     last_message: str | None = None
     message_search: MessageSearch | None = Field(None, description="a searched message's objective before and after (events 2)")
     messages_screened_out: int = Field(0, description="messages its firewall dropped before it read them (events 3)")
+    shuffle_matched: bool | None = Field(
+        None, description="a shuffled message: its receivers read the unshuffled message's tokens, as many (events 4)"
+    )
 
 
 class RoundEvent(_Record):

@@ -169,8 +169,15 @@ def test_a_result_carries_the_screen_records_of_the_nodes_firewall():
     assert isinstance(env.payload, ResultPayload) and env.payload.to_result("a", 2).screened == screened
 
 
+def test_a_result_carries_whether_its_shuffle_matched_at_the_receiver():
+    for matched in (True, False, None):
+        result = NodeRoundResult("a", 2, _predictions(), None, None, "b a", 0, [], shuffle_matched=matched)
+        env = decode_envelope(encode(envelope("run-1", "a", ResultPayload.from_result(result, "s1", 0.5, {}, 0), 2)), 1 << 20)
+        assert isinstance(env.payload, ResultPayload) and env.payload.to_result("a", 2).shuffle_matched is matched
+
+
 def test_another_protocol_version_is_refused_naming_both_versions_and_what_to_do():
-    with pytest.raises(Rejected, match="protocol schema 2, this side speaks 3 .*firewall.*same collective version") as caught:
+    with pytest.raises(Rejected, match="protocol schema 2, this side speaks 4 .*placeholder.*same collective version") as caught:
         decode_envelope(b'{"schema_version": 2, "run_id": "r", "kind": "request"}', 1000)
     assert caught.value.reason == "wrong_schema"
 

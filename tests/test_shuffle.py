@@ -155,6 +155,20 @@ def _messages(folder, model_dir, name, pool):
     return [[m.text for m in e.messages if m.sender == "a"] for e in map(parse_event, lines) if isinstance(e, RoundEvent)]
 
 
+def test_events_record_whether_each_shuffle_matched(tiny_model_dir, tmp_path):
+    pool = ModelPool(cache_dir=tmp_path / "cache")
+    _messages(tmp_path, tiny_model_dir, "flags", pool)
+    lines = (tmp_path / "flags" / "events.jsonl").read_text(encoding="utf-8").splitlines()
+    rounds = [e for e in map(parse_event, lines) if isinstance(e, RoundEvent)]
+    flags: dict[str, set[bool | None]] = {}
+    for event in rounds:
+        for node in event.nodes:
+            flags.setdefault(node.node_id, set()).add(node.shuffle_matched)
+    assert flags.pop("c") == {None}  # the tiny scenario's c relays: nothing shuffled
+    assert flags and all(None not in seen and seen for seen in flags.values())  # the others shuffle every round
+    assert all(e.schema_version == 4 for e in rounds)
+
+
 def test_a_shuffle_run_is_deterministic(tiny_model_dir, tmp_path):
     pool = ModelPool(cache_dir=tmp_path / "cache")
     first, second = _messages(tmp_path, tiny_model_dir, "one", pool), _messages(tmp_path, tiny_model_dir, "two", pool)

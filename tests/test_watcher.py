@@ -79,7 +79,7 @@ def test_invalid_payloads_are_skipped_and_counted_never_raised():
     record = MessageRecord(sender="a", receiver="b", round_sent=0, deliver_round=1, text="x", n_tokens=1, n_bytes=1)
     bad = [
         (TOPICS.event("start"), b"not json"),
-        (TOPICS.event("start"), b'{"schema_version": 3}'),  # this protocol's version, but no envelope
+        (TOPICS.event("start"), b'{"schema_version": 4}'),  # this protocol's version, but no envelope
         (TOPICS.event("start"), b'{"schema_version": 99, "kind": "event"}'),
         _wire(_start(), sender="a"),  # spoofed
         _wire(_start(), run_id="run-2"),  # another run's envelope

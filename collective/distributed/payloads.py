@@ -306,6 +306,7 @@ class ResultPayload(WireModel):
     screened: list[ScreenRecord] = Field(
         default_factory=list, description="what the node's firewall did to each message it read this round (protocol 3)"
     )
+    shuffle_matched: bool | None = Field(None, description="a shuffled message read as its message's tokens (protocol 4)")
 
     @staticmethod
     def from_result(
@@ -324,6 +325,7 @@ class ResultPayload(WireModel):
             missing_messages=missing_messages,
             message_search=result.message_search,
             screened=list(result.screened),
+            shuffle_matched=result.shuffle_matched,
         )
 
     def to_result(self, node_id: str, round_index: int) -> NodeRoundResult:
@@ -338,6 +340,7 @@ class ResultPayload(WireModel):
             messages=list(self.messages),
             message_search=self.message_search,
             screened=list(self.screened),
+            shuffle_matched=self.shuffle_matched,
         )
 
 

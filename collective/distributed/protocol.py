@@ -46,8 +46,11 @@ log = logging.getLogger(__name__)
 
 # protocol 2: requests carry message_bytes and message_frame, results a message_search (searched messages)
 # protocol 3: requests carry the node's fitted firewall, results its screen records (receiver firewalls)
-PROTOCOL_SCHEMA_VERSION = 3
-PROTOCOL_CHANGES = "3 carries receiver firewalls: a request's fitted firewall, a result's screen records"
+PROTOCOL_SCHEMA_VERSION = 4
+PROTOCOL_CHANGES = (
+    "4 carries a masked node's placeholder id in its request (searched messages leave those labels out) "
+    "and whether a shuffled message matched at the receiver in its result"
+)
 COORDINATOR = "coordinator"
 WATCHER = "watcher"  # the read-only login of `collective watch --broker` (see broker.acl_text)
 TOPIC_ROOT = "collective"
@@ -73,7 +76,7 @@ class Envelope(WireModel):
     # a round record's NaN (a round every node missed) must survive, as it does in events.jsonl
     model_config = ConfigDict(extra="forbid", frozen=True, ser_json_inf_nan="constants")
 
-    schema_version: Literal[3] = 3
+    schema_version: Literal[4] = 4
     run_id: str = Field(pattern=RUN_ID_PATTERN)
     round_index: int = Field(-1, ge=-1, description="-1 for envelopes that belong to no round")
     sender: str = Field(max_length=64)

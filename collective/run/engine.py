@@ -393,6 +393,7 @@ def node_round(node_id: str, result: NodeRoundResult | None) -> NodeRound:
         messages_dropped=sum(m.dropped for m in own), messages_truncated=sum(m.truncated for m in own),
         last_message=result.message_text, message_search=result.message_search,
         messages_screened_out=sum(s.action == "drop" for s in result.screened),
+        shuffle_matched=result.shuffle_matched,
     )
 
 
