@@ -266,6 +266,7 @@ def _cross_checks(scenario: Scenario) -> None:
             ("aggregator", "node"), f"readout node {scenario.aggregator.node!r} is not a node ({', '.join(node_ids)})"
         )
     _pool_and_attack_checks(scenario, node_ids)
+    _speaker_latency_check(scenario)
     for index, link in enumerate(scenario.bus.links):
         for end in ("source", "target"):
             if getattr(link, end) not in node_ids:
@@ -296,6 +297,26 @@ def _cross_checks(scenario: Scenario) -> None:
             + (f" + {validation_rounds} controller validation rounds" if validation_rounds else "")
             + ")",
         )
+
+
+def _speaker_latency_check(scenario: Scenario) -> None:
+    """A speaker (`objective: speak`) is scored on what its readers read within its
+    train_rounds; a message sent in round r is read in round r + latency, so when every
+    out-link's latency (the bus default, or this node's link overrides) is at least
+    train_rounds, nothing it writes is ever read and the search fails after its model work."""
+    for index, node in enumerate(scenario.nodes):
+        spec = node.controller
+        if not (isinstance(spec, GCGController) and spec.objective == "speak"):
+            continue
+        overrides = [link.latency_rounds for link in scenario.bus.links if link.source == node.id and link.latency_rounds]
+        fastest = min([scenario.bus.latency_rounds, *overrides])
+        if spec.train_rounds <= fastest:
+            raise FieldError(
+                ("nodes", index, "controller", "train_rounds"),
+                f"node {node.id!r} speaks (objective: speak) over {spec.train_rounds} train round(s), but its out-links' "
+                f"latency is {fastest} round(s), so none of its messages is read within them; set train_rounds above "
+                f"{fastest} (or lower bus.latency_rounds)",
+            )
 
 
 @functools.cache

@@ -136,7 +136,7 @@ def test_report_of_an_unfinished_run_says_why_it_has_no_report(tmp_path, capsys)
     run.mkdir()
     (run / "INCOMPLETE").write_text("interrupted by Ctrl-C before the last round\n", encoding="utf-8")
     assert main(["report", str(run)]) == 2
-    assert "interrupted by Ctrl-C" in capsys.readouterr().out
+    assert "interrupted by Ctrl-C" in capsys.readouterr().err
 
 
 def test_one_report_shows_dropped_envelopes_by_who_dropped_them_and_why():

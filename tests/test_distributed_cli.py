@@ -25,16 +25,16 @@ def test_without_mosquitto_the_broker_command_writes_the_config_and_says_how_to_
 
 def test_the_broker_command_refuses_a_user_without_a_password(tmp_path, capsys):
     assert main(["broker", "--config-dir", str(tmp_path), "--user", "alice", "--no-start"]) == 2
-    assert "expected NAME:PASSWORD" in capsys.readouterr().out
+    assert "expected NAME:PASSWORD" in capsys.readouterr().err
 
 
 
 def test_an_anonymous_broker_has_no_logins_but_still_checks_each_user_option(tmp_path, capsys):
     assert main(["broker", "--config-dir", str(tmp_path), "--anonymous", "--no-start"]) == 0
-    assert "no logins: anyone who reaches the port may join" in " ".join(capsys.readouterr().out.split())
+    assert "no logins: anyone who reaches the port may join" in " ".join(capsys.readouterr().err.split())
     assert not (tmp_path / "credentials.txt").exists()
     assert main(["broker", "--config-dir", str(tmp_path), "--anonymous", "--user", "bob", "--no-start"]) == 2
-    assert "--user 'bob': expected NAME:PASSWORD" in capsys.readouterr().out
+    assert "--user 'bob': expected NAME:PASSWORD" in capsys.readouterr().err
 
 
 def test_a_given_login_overrides_the_generated_one(tmp_path, capsys):
@@ -45,7 +45,7 @@ def test_a_given_login_overrides_the_generated_one(tmp_path, capsys):
 
 def test_tls_needs_both_the_certificate_and_its_key(tmp_path, capsys):
     assert main(["broker", "--config-dir", str(tmp_path), "--tls-cert", str(tmp_path / "c.pem"), "--no-start"]) == 2
-    assert "TLS needs both --tls-cert and --tls-key" in capsys.readouterr().out
+    assert "TLS needs both --tls-cert and --tls-key" in capsys.readouterr().err
 
 @pytest.mark.parametrize(
     ("args", "complaint"),
@@ -56,12 +56,12 @@ def test_tls_needs_both_the_certificate_and_its_key(tmp_path, capsys):
 )
 def test_the_node_command_checks_its_run_and_node_ids_before_connecting(args, complaint, capsys):
     assert main(["node", "--broker", "mqtt://127.0.0.1:1", *args]) == 2
-    assert complaint in " ".join(capsys.readouterr().out.split())
+    assert complaint in " ".join(capsys.readouterr().err.split())
 
 
 def test_the_node_command_names_the_failing_preflight_step(capsys):
     assert main(["node", "--broker", "mqtt://127.0.0.1:1", "--run", "x", "--node", "a", "--preflight-only"]) == 2
-    out = " ".join(capsys.readouterr().out.split())
+    out = " ".join("".join(capsys.readouterr()).split())  # progress on stdout, the error on stderr
     assert "preflight DNS: ok" in out and "preflight failed at step 'TCP'" in out and "start the broker" in out
 
 
@@ -95,7 +95,7 @@ def test_the_broker_command_names_the_bad_entry_of_a_host_file(tmp_path, capsys,
     hostfile.write_text(content, encoding="utf-8")
     scenario = str(REPO / "scenarios" / "quickstart.yaml")
     assert main(["broker", "--config-dir", str(tmp_path), "--scenario", scenario, "--hosts", str(hostfile), "--no-start"]) == 2
-    out = " ".join(capsys.readouterr().out.split())
+    out = " ".join(capsys.readouterr().err.split())
     assert str(hostfile) in out and complaint in out, out
 
 
@@ -111,7 +111,7 @@ def test_the_broker_command_names_the_bad_entry_of_a_host_file(tmp_path, capsys,
 )
 def test_the_node_command_checks_which_nodes_a_host_asks_for_before_connecting(args, complaint, capsys):
     assert main(["node", "--broker", "mqtt://127.0.0.1:1", "--run", "x", *args]) == 2
-    assert complaint in " ".join(capsys.readouterr().out.split())
+    assert complaint in " ".join(capsys.readouterr().err.split())
 
 
 def _said(capsys) -> str:

@@ -179,7 +179,7 @@ def test_a_scenario_without_an_attacker_is_an_error_naming_the_file(tmp_path, ca
     path = tmp_path / "friendly.yaml"
     path.write_text(yaml.safe_dump(data), encoding="utf-8")
     assert main(["hostile", str(path), "--out", str(tmp_path / "out")]) == 2
-    out = capsys.readouterr().out.replace("\n", "")
+    out = capsys.readouterr().err.replace("\n", "")
     assert f"{path}: no node has message.policy: attack" in out
     assert not (tmp_path / "out").exists()
 
@@ -409,7 +409,7 @@ def test_a_failing_variant_is_named_with_its_error_and_nothing_is_written(tmp_pa
     fake_runs(fail="silent-nofw", error=RuntimeError("out of memory in the bus"))
     out = tmp_path / "out"
     assert main(["hostile", str(_write(tmp_path)), "--out", str(out)]) == 2
-    printed = capsys.readouterr().out.replace("\n", "")
+    printed = capsys.readouterr().err.replace("\n", "")
     assert "variant silent-nofw" in printed and "out of memory in the bus" in printed
     assert not (out / "hostile.json").exists() and not (out / "hostile.md").exists()
 

@@ -63,7 +63,7 @@ def test_collective_validate_reports_an_override_of_a_missing_link_with_the_file
     path = tmp_path / "ring.yaml"
     path.write_text(yaml.safe_dump(_scenario({"kind": "ring", "directed": True}, [{"source": "n0", "target": "n2"}])), encoding="utf-8")
     assert main(["validate", str(path)]) == 2
-    out = " ".join(capsys.readouterr().out.split())
+    out = " ".join(capsys.readouterr().err.split())
     assert f"invalid {path}: bus.links[0]: there is no link n0 -> n2" in out and "n0 -> n1, n1 -> n2, n2 -> n0" in out
 
 

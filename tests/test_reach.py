@@ -429,7 +429,7 @@ def test_the_reach_command_writes_csv_summary_and_plot_and_prints_plain_progress
     assert "3 pairs, targets = random" in summary and "--dtype auto" in summary
     assert (out / "reach.png").stat().st_size > 1000
     assert main(argv) == 2  # the CSV is there: without --resume that is an error
-    assert "resume" in capsys.readouterr().out
+    assert "resume" in capsys.readouterr().err
     assert main([*argv, "--resume"]) == 0  # nothing left to do
 
 

@@ -129,7 +129,7 @@ def test_watch_replays_a_finished_run_as_plain_lines_through_a_pipe(tmp_path, ca
 def test_watch_of_a_folder_without_events_is_a_user_error(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     assert main(["watch", str(tmp_path / "empty")]) == 2
-    assert "no events.jsonl" in capsys.readouterr().out
+    assert "no events.jsonl" in capsys.readouterr().err
 
 
 def test_watch_broker_with_nothing_listening_says_which_step_failed_and_what_to_do(capsys):
@@ -137,14 +137,14 @@ def test_watch_broker_with_nothing_listening_says_which_step_failed_and_what_to_
 
     port = free_port()  # nothing listens there
     assert main(["watch", "--broker", f"mqtt://watcher:pw@127.0.0.1:{port}", "--run", "r1", "--no-live"]) == 2
-    out = " ".join(capsys.readouterr().out.split())
+    out = " ".join(capsys.readouterr().err.split())
     assert "cannot watch run r1" in out and "step 'TCP'" in out and f"127.0.0.1:{port}" in out and "start the broker" in out
     assert "pw" not in out
 
 
 def test_watch_broker_needs_a_run_id(capsys):
     assert main(["watch", "--broker", "mqtt://127.0.0.1:1"]) == 2
-    assert "--run RUN_ID" in capsys.readouterr().out
+    assert "--run RUN_ID" in capsys.readouterr().err
 
 
 def test_the_live_watch_draws_the_dashboard_on_a_terminal(tmp_path):

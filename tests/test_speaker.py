@@ -146,5 +146,5 @@ def test_a_speaker_without_out_links_or_that_does_not_write_is_refused_before_an
     path = tmp_path / "speakers.yaml"
     path.write_text(yaml.safe_dump(_scenario([["n0", "n1"]])), encoding="utf-8")
     assert main(["validate", str(path)]) == 2  # collective validate loads no model
-    out = " ".join(capsys.readouterr().out.split())
+    out = " ".join(capsys.readouterr().err.split())
     assert f"invalid {path}: nodes.n1.controller.objective:" in out and "no out-links" in out

@@ -55,7 +55,8 @@ def test_a_bad_set_is_an_error_on_the_command_line(tmp_path, tiny_model_dir, cap
     scenario = write_tiny_scenario(tmp_path, tiny_model_dir)
     code = main(["sweep", str(scenario), "--set", "bsu.max_message_tokens=4", "--out", str(tmp_path / "s")])
     assert code == 2
-    assert "did you mean 'bus'" in capsys.readouterr().out
+    printed = capsys.readouterr()
+    assert "did you mean 'bus'" in printed.err and "did you mean" not in printed.out  # errors on stderr
 
 
 def _token_weighted(run_dir: Path, field: str) -> float:
@@ -189,7 +190,7 @@ def test_report_paired_gives_each_seeds_difference_and_the_t_interval_over_seeds
     eval_rounds = 6
     scenario = write_tiny_scenario(
         tmp_path, tiny_model_dir, corpus={"source": "builtin:pydoc", "train_tokens": 48, "eval_tokens": 8 * eval_rounds},
-        evaluation={"context_tokens": 24, "warmup_rounds": WARMUP, "n_boot": 200, "top_k": 8},
+        evaluation={"context_tokens": 24, "warmup_rounds": WARMUP, "top_k": 8},
     )
     out = tmp_path / "sweep"
     assert main(["sweep", str(scenario), "--set", "node_defaults.message.policy=relay,shuffle", "--seeds", "3,4",
@@ -212,8 +213,8 @@ def test_report_paired_gives_each_seeds_difference_and_the_t_interval_over_seeds
     # two run folders of different seeds do not share their eval tokens: refused, both named
     first, second = out / f"{relay},seed=3", out / f"{shuffle},seed=4"
     assert main(["report", str(first), str(second), "--paired"]) == 2
-    message = " ".join(capsys.readouterr().out.split())
+    message = " ".join(capsys.readouterr().err.split())
     assert "seed 3 vs 4" in message and first.name in message and second.name in message
     # a cell that names no combination of the sweep
     assert main(["report", str(out), "--paired", "node_defaults.message.policy=search", shuffle]) == 2
-    assert "matches no combination" in " ".join(capsys.readouterr().out.split())
+    assert "matches no combination" in " ".join(capsys.readouterr().err.split())

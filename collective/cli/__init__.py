@@ -5,8 +5,8 @@ module with a `register(subparsers)` and its `cmd_*` functions (run, validate, l
 distributed, controllers, sweep, hostile); what they share is in `common`. Imports point one way:
 this module -> subcommand modules -> common, and no subcommand imports another.
 
-Every user mistake ends in a one-paragraph message and a non-zero exit (2), never a
-traceback; Ctrl-C exits 130 and leaves the run folder marked incomplete.
+Every user mistake ends in a one-paragraph message on stderr (results go to stdout) and a
+non-zero exit (2), never a traceback; Ctrl-C exits 130 and leaves the run folder marked incomplete.
 """
 
 from __future__ import annotations
@@ -18,7 +18,13 @@ from collections.abc import Sequence
 from rich.console import Console
 
 from collective.cli import controllers, distributed, hostile, live, run, sweep, validate
-from collective.cli.common import EXIT_INTERRUPTED, EXIT_USER_ERROR, setup_logging, user_errors
+from collective.cli.common import (
+    EXIT_INTERRUPTED,
+    EXIT_USER_ERROR,
+    print_error,
+    setup_logging,
+    user_errors,
+)
 
 __all__ = ["EXIT_INTERRUPTED", "EXIT_USER_ERROR", "build_parser", "main"]
 
@@ -47,10 +53,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args, console) or 0)
     except KeyboardInterrupt:
-        console.print("[yellow]interrupted[/]: any run folder is marked INCOMPLETE and holds no report")
+        print_error(console, "any run folder is marked INCOMPLETE and holds no report", label="interrupted:", style="yellow")
         return EXIT_INTERRUPTED
     except user_errors() as exc:
-        console.print(f"[red]error:[/] {exc}", highlight=False)
+        print_error(console, str(exc))
         return EXIT_USER_ERROR
 
 

@@ -1,4 +1,5 @@
-"""What the subcommands share: exit codes, user errors, logging, the thread option, --seeds,
+"""What the subcommands share: exit codes, user errors and how they are printed (to stderr,
+user text never read as Rich markup), logging, the thread option, --seeds, output folders,
 the model pool and the progress bar.
 
 Each subcommand module (run, validate, live, distributed, controllers) imports from here and
@@ -25,6 +26,7 @@ from rich.progress import (
     TimeElapsedColumn,
     TimeRemainingColumn,
 )
+from rich.text import Text
 
 if TYPE_CHECKING:
     from collective.lm.models import ModelPool
@@ -53,12 +55,24 @@ def user_errors() -> tuple[type[BaseException], ...]:
     return tuple(errors)
 
 
+def error_console(console: Console) -> Console:
+    """The console errors and warnings go to: stderr, as wide as `console` (results stay on stdout)."""
+    return Console(stderr=True, width=console.width if not console.is_terminal else None)
+
+
+def print_error(console: Console, message: str, *, label: str = "error:", style: str = "red") -> None:
+    """`label message` on stderr; the message is printed as written (brackets in a value,
+    a path or a host-file example are text, not Rich markup)."""
+    error_console(console).print(Text.assemble((label, style), " ", message), highlight=False, soft_wrap=True)
+
+
 def setup_logging(verbose: int) -> None:
-    """Rich log lines at WARNING (-v INFO, -vv DEBUG); Hugging Face's own chatter silenced."""
+    """Rich log lines on stderr at WARNING (-v INFO, -vv DEBUG); Hugging Face's own chatter silenced."""
     from rich.logging import RichHandler
 
     level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
-    logging.basicConfig(level=level, format="%(message)s", handlers=[RichHandler(show_path=False)])
+    handler = RichHandler(show_path=False, console=Console(stderr=True), markup=False)
+    logging.basicConfig(level=level, format="%(message)s", handlers=[handler])
     try:
         from transformers.utils import logging as hf_logging
 
@@ -110,9 +124,34 @@ def parse_seeds(text: str | None, default: int) -> list[int]:
     if text is None:
         return [default]
     try:
-        return [int(s) for s in text.split(",")]
+        seeds = [int(s) for s in text.split(",")]
     except ValueError:
         raise ScenarioError(f"--seeds {text!r}: expected comma-separated whole numbers, e.g. 0,1,2") from None
+    repeated = [seed for index, seed in enumerate(seeds) if seed in seeds[:index]]
+    if repeated:
+        raise ScenarioError(f"--seeds {text!r}: seed {repeated[0]} is given twice; give each seed once")
+    return seeds
+
+
+# ---------------------------------------------------------------------------- output folders
+
+
+def output_folder(path: str, option: str, *, make: bool = True) -> Path:
+    """The folder `path`, made if needed (with `make`); a ScenarioError naming `option`
+    when it is a file or lies under one (or cannot be made)."""
+    from collective.scenario import ScenarioError
+
+    folder = Path(path)
+    for above in [folder, *folder.parents]:
+        if above.exists() and not above.is_dir():
+            where = "is a file" if above == folder else f"lies under {above}, which is a file"
+            raise ScenarioError(f"{option} {path}: {where}; give a folder (it is made if missing)")
+    try:
+        if make:
+            folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ScenarioError(f"{option} {path}: cannot make this folder ({exc.strerror})") from None
+    return folder
 
 
 # ---------------------------------------------------------------------------- models

@@ -24,6 +24,7 @@ from collective.cli.common import (
     add_threads_option,
     minutes,
     model_pool,
+    print_error,
     progress_bar,
     set_threads,
 )
@@ -171,7 +172,7 @@ def cmd_reach(args: argparse.Namespace, console: Console) -> int:
     try:
         result = _measure(args, loaded, stream, out / "reach.csv", console)
     except ControllerError as exc:
-        console.print(f"[red]error:[/] {exc}", highlight=False)
+        print_error(console, str(exc))
         return EXIT_USER_ERROR
     table = format_summary(result.summary, loaded.name)
     command = _reach_command(args)
@@ -278,7 +279,7 @@ def _plot(result: ReachResult, path: Path, model_name: str, console: Console) ->
 
         plot_reach([result.summary], path, title=f"{model_name}: reachability")
     except Exception as exc:  # a plot must never cost the measurement
-        console.print(f"[yellow]no plot: {exc}[/]")
+        print_error(console, f"no plot: {exc}", label="warning:", style="yellow")
 
 
 # ---------------------------------------------------------------------------- game
@@ -298,7 +299,7 @@ def cmd_game(args: argparse.Namespace, console: Console) -> int:
                 gcg=GCGConfig(num_steps=args.gcg_steps, search_width=args.search_width),
             )
     except ControllerError as exc:
-        console.print(f"[red]error:[/] {exc}", highlight=False)
+        print_error(console, str(exc))
         return EXIT_USER_ERROR
     if args.json:
         console.print_json(

@@ -15,8 +15,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from rich.console import Console
+from rich.text import Text
 
-from collective.cli.common import EXIT_INTERRUPTED, add_threads_option, model_cache_dir, set_threads
+from collective.cli.common import (
+    EXIT_INTERRUPTED,
+    add_threads_option,
+    model_cache_dir,
+    print_error,
+    set_threads,
+)
 
 if TYPE_CHECKING:
     from collective.distributed.broker import BrokerFiles, BrokerSettings
@@ -98,7 +105,7 @@ def cmd_node(args: argparse.Namespace, console: Console) -> int:
     who = node_ids[0] if solo else address.username or "host"
 
     def report(line: str) -> None:
-        console.print(f"[{who}] {line}", highlight=False, soft_wrap=True)
+        console.print(Text(f"[{who}] {line}"), highlight=False, soft_wrap=True)  # text, not markup
 
     if args.preflight_only:
         _preflight(address, args.run, who, report)
@@ -317,7 +324,7 @@ def _say_written(files: BrokerFiles, users: dict[str, str], port: int, console: 
                 soft_wrap=True,
             )
     elif not users:
-        console.print("[yellow]no logins: anyone who reaches the port may join (use on a closed network only)[/]")
+        print_error(console, "no logins: anyone who reaches the port may join (use on a closed network only)", label="warning:", style="yellow")
 
 
 def _start(files: BrokerFiles, console: Console) -> int:

@@ -28,6 +28,7 @@ from collective.cli.common import (
     add_threads_option,
     minutes,
     model_pool,
+    output_folder,
     parse_seeds,
     set_threads,
     user_errors,
@@ -94,7 +95,7 @@ def cmd_hostile(args: argparse.Namespace, console: Console) -> int:
 
     set_threads(args.threads)
     base = load_scenario(args.scenario)  # the file itself must be valid first
-    out = Path(args.out) if args.out else default_run_dir(f"{base.name}-hostile")
+    out = output_folder(args.out, "--out", make=False) if args.out else default_run_dir(f"{base.name}-hostile")
     plans = _plans(args, base.seed, out)
     names = ", ".join(v.name for v in plans[0].variants)
     console.print(f"{len(plans[0].variants)} variant(s) x {len(plans)} seed(s) into {out}: {names}", highlight=False)
@@ -111,22 +112,28 @@ def cmd_hostile(args: argparse.Namespace, console: Console) -> int:
 def _plans(args: argparse.Namespace, default_seed: int, out: Path) -> list[SeedPlan]:
     """Every seed's variants, all validated before anything runs."""
     from collective.evaluate.hostile import hostile_variants
-    from collective.evaluate.sweep import apply_override, expand_grid, parse_set
+    from collective.evaluate.sweep import apply_settings, expand_grid, parse_set
     from collective.scenario import ScenarioError
 
     data = yaml.safe_load(Path(args.scenario).read_text(encoding="utf-8"))
     if not isinstance(data, dict):  # pragma: no cover - load_scenario already refused it
         raise ScenarioError(f"{args.scenario}: expected a YAML mapping")
     overrides = [parse_set(text, single=True) for text in args.sets]
-    changed = data
-    for override in overrides:  # the default seed is the scenario's after --set (which may set it)
-        changed = apply_override(changed, override.path, override.values[0])
-    seeds = parse_seeds(args.seeds, changed.get("seed", default_seed))
+    seed_sets = [o for o in overrides if o.path == "seed"]
+    overrides = [o for o in overrides if o.path != "seed"]
+    if seed_sets and args.seeds is not None:
+        raise ScenarioError("--set seed=... and --seeds both give the seed; give the seeds with --seeds alone")
+    if len(seed_sets) > 1:
+        raise ScenarioError("--set seed=... is given twice; give it once (or the seeds with --seeds)")
+    changed = apply_settings(data, [(o.path, o.values[0]) for o in overrides])
+    default = seed_sets[0].values[0] if seed_sets else changed.get("seed", default_seed)
+    seeds = parse_seeds(args.seeds, default)
     cells = expand_grid(data, overrides, seeds, source=args.scenario, base_dir=Path(args.scenario).parent)
+    source = " ".join([args.scenario, *(f"--set {text}" for text in args.sets)])  # what made the scenario
     return [
         SeedPlan(
             cell.seed, cell.scenario, out if args.seeds is None else out / f"seed-{cell.seed}",
-            hostile_variants(cell.scenario, source=args.scenario),
+            hostile_variants(cell.scenario, source=source),
         )
         for cell in cells
     ]

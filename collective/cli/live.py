@@ -15,7 +15,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-from collective.cli.common import EXIT_USER_ERROR
+from collective.cli.common import EXIT_USER_ERROR, print_error
 from collective.records import Report, RunRecord
 
 BROKER_START_TIMEOUT_S = 30.0  # watch --broker: how long to wait for any sign of the run
@@ -131,7 +131,7 @@ def cmd_watch(args: argparse.Namespace, console: Console) -> int:
             console.print("stopped watching (the run itself goes on)")
             return 0
     except (WatchError, ReplayError) as exc:
-        console.print(f"[red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        print_error(console, str(exc))
         return EXIT_USER_ERROR
     finally:
         close = getattr(events, "close", None)
@@ -159,7 +159,13 @@ def _sweep_report(folder: Path, markdown: bool, console: Console) -> int:
 
     from collective.report.sweep_view import sweep_markdown, sweep_table
 
-    summary = json.loads((folder / "summary.json").read_text(encoding="utf-8"))
+    path = folder / "summary.json"
+    try:
+        summary = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise WatchError(f"{path}: not a whole sweep summary ({str(exc).splitlines()[0]}); run the sweep again to rewrite it") from None
+    if not isinstance(summary, dict) or not summary.get("cells"):
+        raise WatchError(f"{path}: the summary holds no cells; run the sweep again to rewrite it")
     if markdown:
         console.out(sweep_markdown(summary), highlight=False)
     else:
@@ -223,14 +229,14 @@ def cmd_report(args: argparse.Namespace, console: Console) -> int:
         try:
             return _paired_report(args, console)
         except WatchError as exc:
-            console.print(f"[red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            print_error(console, str(exc))
             return EXIT_USER_ERROR
-    if len(args.run_dirs) == 1 and _is_sweep(Path(args.run_dirs[0])):
-        return _sweep_report(Path(args.run_dirs[0]), args.markdown, console)
     try:
+        if len(args.run_dirs) == 1 and _is_sweep(Path(args.run_dirs[0])):
+            return _sweep_report(Path(args.run_dirs[0]), args.markdown, console)
         reports = [_load_report(Path(path)) for path in args.run_dirs]
     except WatchError as exc:
-        console.print(f"[red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        print_error(console, str(exc))
         return EXIT_USER_ERROR
     if len(reports) == 1:
         if args.markdown:

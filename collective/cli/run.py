@@ -18,7 +18,13 @@ from typing import TYPE_CHECKING, Any
 from rich.console import Console
 from rich.progress import Progress, TaskID
 
-from collective.cli.common import add_threads_option, model_pool, progress_bar, set_threads
+from collective.cli.common import (
+    add_threads_option,
+    model_pool,
+    print_error,
+    progress_bar,
+    set_threads,
+)
 from collective.scenario import load_scenario
 
 if TYPE_CHECKING:
@@ -72,7 +78,7 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
             prepared, run_dir, executor=executor, runtime=runtime, on_event=on_event, control_searches=searches
         )
     if result.report is None:
-        console.print(f"[yellow]stopped early; {run_dir} is marked incomplete[/]")
+        print_error(console, f"{run_dir} is marked incomplete", label="stopped early:", style="yellow")
         return 1
     console.print(report_table(result.report))
     console.print(f"wrote {run_dir}/report.json, report.md, events.jsonl")

@@ -13,8 +13,9 @@ import sys
 from pathlib import Path
 
 from rich.console import Console
+from rich.text import Text
 
-from collective.cli.common import EXIT_USER_ERROR, model_pool, user_errors
+from collective.cli.common import EXIT_USER_ERROR, model_pool, print_error, user_errors
 from collective.scenario import load_scenario, scenario_json_schema
 
 
@@ -41,13 +42,13 @@ def cmd_validate(args: argparse.Namespace, console: Console) -> int:
                 from collective.run.runner import prepare
 
                 prepare(scenario, model_pool(args), base_dir=Path.cwd())
-            console.print(f"[green]ok[/] {path}: {len(scenario.nodes)} nodes, {scenario.eval_rounds} eval rounds", highlight=False)
+            console.print(Text.assemble(("ok", "green"), f" {path}: {len(scenario.nodes)} nodes, {scenario.eval_rounds} eval rounds"), highlight=False)
         except user_errors() as exc:
             failures += 1
             message = str(exc)
             if not message.startswith(str(path)):
                 message = f"{path}: {message}"
-            console.print(f"[red]invalid[/] {message}", highlight=False)
+            print_error(console, message, label="invalid")
     return EXIT_USER_ERROR if failures else 0
 
 
