@@ -87,7 +87,7 @@ def write_scenario(folder: Path, args: argparse.Namespace) -> Path:
         ],
         "topology": {"kind": "ring"},
         "bus": {"round_tokens": args.round_tokens, "max_message_tokens": 24, "max_message_bytes": 160},
-        "evaluation": {"context_tokens": 128, "warmup_rounds": 2, "n_boot": 200},
+        "evaluation": {"context_tokens": 128, "warmup_rounds": 2},
     }
     path = folder / "bench-bus.yaml"
     path.write_text(yaml.safe_dump(spec, sort_keys=False))

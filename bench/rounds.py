@@ -104,7 +104,7 @@ def build_scenario(args: argparse.Namespace) -> Scenario:
             "nodes": [{"id": f"n{i}", "view": view} for i, view in enumerate(views)],
             "topology": {"kind": "ring"},
             "bus": {"round_tokens": args.round_tokens, "max_message_tokens": args.message_tokens, "max_message_bytes": 8 * args.message_tokens},
-            "evaluation": {"context_tokens": args.context_tokens, "warmup_rounds": args.warmup_rounds, "n_boot": 200},
+            "evaluation": {"context_tokens": args.context_tokens, "warmup_rounds": args.warmup_rounds},
         },
         source="bench",
     )

@@ -109,7 +109,7 @@ def scenario_spec(n_nodes: int, model_dir: Path, rounds: int, warmup: int, round
         ],
         "topology": {"kind": "ring"},
         "bus": {"round_tokens": round_tokens, "max_message_tokens": 8, "max_message_bytes": 64},
-        "evaluation": {"context_tokens": 32, "warmup_rounds": warmup, "n_boot": 100, "top_k": top_k},
+        "evaluation": {"context_tokens": 32, "warmup_rounds": warmup, "top_k": top_k},
     }
 
 

@@ -5,12 +5,14 @@
 (defaults, a count-based template, per-node overrides) so that the rest of the code gets a
 `Scenario` whose `nodes` are complete `NodeSpec`s. Every problem becomes a `ScenarioError`
 whose message (`collective.scenario_errors`) names the file, the YAML path of the field,
-what was found and what was expected.
+what was found and what was expected. A field that is accepted but does nothing any more
+(`UNUSED_FIELDS`: older scenarios still load) is a logged warning naming the file and field.
 """
 
 from __future__ import annotations
 
 import functools
+import logging
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -63,6 +65,15 @@ from collective.specs import (
     ViewSpec,
     WindowView,
 )
+
+logger = logging.getLogger(__name__)
+
+# fields a scenario may still hold but that do nothing: (section, field) -> why; loading
+# such a file logs a warning naming the file and the field (the CLI prints it on stderr)
+UNUSED_FIELDS = {
+    ("evaluation", "n_boot"): "unused since report 6: the intervals are no longer a block bootstrap; remove it",
+    ("evaluation", "block_rounds"): "unused since report 6: the intervals are no longer a block bootstrap; remove it",
+}
 
 __all__ = [
     "NODE_ID_PATTERN",
@@ -375,7 +386,21 @@ def load_scenario(path: str | Path) -> Scenario:
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(exc, "problem", None) or str(exc)
         raise ScenarioError(f"{path}: this is not valid YAML{where}: {problem}") from None
-    return parse_scenario(data, source=str(path), base_dir=path.parent)
+    scenario = parse_scenario(data, source=str(path), base_dir=path.parent)
+    for message in unused_fields(data, str(path)):
+        logger.warning("%s", message)
+    return scenario
+
+
+def unused_fields(data: dict[str, Any], source: str) -> list[str]:
+    """One line per field of UNUSED_FIELDS that `data` (a valid scenario's YAML) sets:
+    `source: evaluation.n_boot is unused since report 6: ...`."""
+    found = []
+    for (section, name), why in UNUSED_FIELDS.items():
+        part = data.get(section)
+        if isinstance(part, dict) and name in part:
+            found.append(f"{source}: {section}.{name} is {why}")
+    return found
 
 
 def scenario_json_schema() -> dict[str, Any]:

@@ -376,12 +376,14 @@ class EvaluationSpec(Frozen):
     context_tokens: int = Field(256, ge=1, description="what a `full` view and the reference see before a round")
     warmup_rounds: int = Field(2, ge=0, description="unscored rounds (from the train part) so inboxes fill")
     reference_model: str | None = Field(None, description="model alias for the full-view reference (default: the first)")
+    # unused since report version 6: accepted so that older scenarios load, with a warning
+    # (collective.scenario.UNUSED_FIELDS)
     block_rounds: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(
-        "auto",
-        description="unused since report version 6 (the CIs are no longer a block bootstrap: collective/evaluate/intervals.py); "
-        "accepted so that older scenarios load",
+        "auto", description="unused since report version 6 (the CIs are no longer a block bootstrap); remove it"
     )
-    n_boot: int = Field(2000, ge=100)
+    n_boot: int = Field(
+        2000, ge=100, description="unused since report version 6 (the CIs are no longer a block bootstrap); remove it"
+    )
     top_k: int = Field(64, ge=1, description="candidates kept per position for pooling")
     batch_tokens: int = Field(8192, ge=256, description="padded tokens per forward pass (memory bound)")
 

@@ -70,7 +70,7 @@ def _scenario(model: dict[str, Any] | str) -> dict[str, Any]:
         ],
         "topology": {"kind": "ring", "directed": True},  # a -> b -> m -> a: m's reader is a
         "bus": {"round_tokens": 16, "max_message_tokens": 8, "max_message_bytes": 64},
-        "evaluation": {"context_tokens": 64, "n_boot": 200, "warmup_rounds": 1, "top_k": 16},
+        "evaluation": {"context_tokens": 64, "warmup_rounds": 1, "top_k": 16},
     }
 
 

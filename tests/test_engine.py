@@ -45,7 +45,7 @@ def scenario(**changes: Any) -> Scenario:
             {"id": "d", "view": {"kind": "none"}, "message": {"policy": "relay"}},
         ],
         "bus": {"round_tokens": ROUND, "max_message_tokens": 4},
-        "evaluation": {"context_tokens": 24, "warmup_rounds": 2, "n_boot": 200, "top_k": 16},
+        "evaluation": {"context_tokens": 24, "warmup_rounds": 2, "top_k": 16},
     }
     for key, value in changes.items():
         if isinstance(value, dict) and isinstance(data.get(key), dict):

@@ -27,7 +27,7 @@ def _scenario(**changes):
     hand = {
         "name": "hand", "seed": 1, "models": {"m": "x"}, "corpus": {"train_tokens": 64, "eval_tokens": 64},
         "node_defaults": {"model": "m", "view": {"kind": "window", "tokens": 4}, "message": {"policy": "relay"}},
-        "bus": {"round_tokens": ROUND}, "evaluation": {"context_tokens": 8, "n_boot": 500},
+        "bus": {"round_tokens": ROUND}, "evaluation": {"context_tokens": 8},
     }
     return parse_scenario(_base(**{**hand, **changes}))
 

@@ -71,7 +71,6 @@ def _quickstart(folder: Path, model_ref: str, dtype: str) -> Path:
     spec = yaml.safe_load((REPO / "scenarios" / "quickstart.yaml").read_text())
     spec["models"] = {"smol": {"ref": model_ref, "device": "cuda", "dtype": dtype}}
     spec["corpus"]["eval_tokens"] = 3 * spec["bus"]["round_tokens"]
-    spec["evaluation"]["n_boot"] = 200
     path = folder / f"quickstart-{dtype}.yaml"
     path.write_text(yaml.safe_dump(spec, sort_keys=False))
     return path
@@ -139,7 +138,7 @@ def test_the_batched_scoring_pass_against_its_limit(model_ref, tmp_path):
         "nodes": [{"id": f"n{i}", "view": {"kind": "window", "tokens": 48 + 16 * i}} for i in range(n_nodes)],
         "topology": {"kind": "ring"},
         "bus": {"round_tokens": round_tokens},
-        "evaluation": {"context_tokens": 128, "warmup_rounds": 1, "n_boot": 200},
+        "evaluation": {"context_tokens": 128, "warmup_rounds": 1},
     }
     (tmp_path / "scoring.yaml").write_text(yaml.safe_dump(spec))
     prepared = prepare(load_scenario(tmp_path / "scoring.yaml"), ModelPool(), base_dir=tmp_path)

@@ -40,7 +40,7 @@ def _scenario(name: str = "integration", **changes: Any) -> dict[str, Any]:
         ],
         "topology": {"kind": "ring"},
         "bus": {"round_tokens": ROUND, "max_message_tokens": 8, "max_message_bytes": 60},
-        "evaluation": {"context_tokens": 64, "warmup_rounds": WARMUP, "n_boot": 500},
+        "evaluation": {"context_tokens": 64, "warmup_rounds": WARMUP},
     }
     data.update(changes)
     return data

@@ -33,7 +33,7 @@ nodes:
   - {id: gamma, view: {kind: window, tokens: 16}}
 topology: {kind: ring}
 bus: {round_tokens: 16, max_message_tokens: 8, max_message_bytes: 60}
-evaluation: {warmup_rounds: 1, context_tokens: 48, n_boot: 100}
+evaluation: {warmup_rounds: 1, context_tokens: 48}
 """
 
 

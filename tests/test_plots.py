@@ -38,7 +38,7 @@ nodes:
   - {{id: c, view: {{kind: none}}, message: {{policy: relay}}}}
 topology: {{kind: ring}}
 bus: {{round_tokens: 16, max_message_tokens: 8, max_message_bytes: 60}}
-evaluation: {{warmup_rounds: 1, context_tokens: 64, n_boot: 100}}
+evaluation: {{warmup_rounds: 1, context_tokens: 64}}
 """
 
 

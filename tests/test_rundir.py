@@ -42,7 +42,7 @@ def write_tiny_scenario(folder: Path, model_dir: Path, name: str = "tiny-run", *
         ],
         "topology": {"kind": "ring"},
         "bus": {"round_tokens": 8, "max_message_tokens": 4},
-        "evaluation": {"context_tokens": 24, "warmup_rounds": WARMUP, "n_boot": 200, "top_k": 8},
+        "evaluation": {"context_tokens": 24, "warmup_rounds": WARMUP, "top_k": 8},
     }
     data.update(changes)
     path = folder / f"{name}.yaml"

@@ -311,6 +311,27 @@ def test_load_scenario_reads_a_valid_file(tmp_path):
     assert load_scenario(Path(path)) == parse_scenario(_base(), base_dir=tmp_path)
 
 
+def test_an_old_scenario_with_the_bootstrap_fields_loads_and_validate_warns_naming_the_file_and_each_field(
+    tmp_path, caplog, capsys
+):
+    from collective.cli import main
+
+    old = tmp_path / "old.yaml"
+    old.write_text(yaml.safe_dump(_base(evaluation={"context_tokens": 32, "n_boot": 500, "block_rounds": 2})), encoding="utf-8")
+    new = tmp_path / "new.yaml"
+    new.write_text(yaml.safe_dump(_base()), encoding="utf-8")
+    with caplog.at_level("WARNING", logger="collective.scenario"):
+        assert main(["validate", str(old), str(new)]) == 0  # still valid: older scenarios load
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    why = "is unused since report 6: the intervals are no longer a block bootstrap; remove it"
+    assert sorted(warnings) == sorted([f"{old}: evaluation.n_boot {why}", f"{old}: evaluation.block_rounds {why}"])
+    assert f"ok {old}" in capsys.readouterr().out
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="collective.scenario"):
+        load_scenario(new)
+    assert not caplog.records
+
+
 def test_the_controllers_training_rounds_must_also_fit_in_the_train_part():
     # 1 warm-up round of 16 + the longest reach 32 + (2 training + 3 validation rounds) of 16 = 128
     gcg = {"model": "tiny", "view": {"kind": "window", "tokens": 16}, "message": {"policy": "relay"},
