@@ -157,3 +157,31 @@ def test_ctrl_c_during_a_run_exits_130_and_leaves_no_report(capsys, tmp_path, ti
     assert code == 130
     assert "interrupted" in out
     assert (out_dir / "INCOMPLETE").exists() and not (out_dir / "report.json").exists()
+
+
+# ---------------------------------------------------------------------------- validate: speakers and latency
+
+
+def _speaker_file(tmp_path, *, train_rounds: int, latency_rounds: int, link_latency: int | None = None):
+    bus = {"round_tokens": 16, "latency_rounds": latency_rounds}
+    if link_latency is not None:
+        bus["links"] = [{"source": "n1", "target": "n2", "latency_rounds": link_latency}]
+    data = {
+        "name": "speakers", "models": {"m": "some/model"}, "corpus": {"train_tokens": 512, "eval_tokens": 32},
+        "node_defaults": {"model": "m", "message": {"policy": "generate"}},
+        "nodes": {"count": 3, "overrides": {"n1": {"controller": {"kind": "gcg", "objective": "speak", "train_rounds": train_rounds}}}},
+        "topology": {"kind": "edges", "directed": True, "edges": [["n1", "n2"], ["n2", "n0"]]},
+        "bus": bus, "evaluation": {"context_tokens": 32, "warmup_rounds": 1},
+    }
+    path = tmp_path / f"speak-{train_rounds}-{latency_rounds}-{link_latency}.yaml"
+    path.write_text(yaml.safe_dump(data), encoding="utf-8")
+    return path
+
+
+def test_validate_refuses_a_speaker_whose_train_rounds_do_not_outlast_its_links_latency(capsys, tmp_path):
+    code, out = _cli(capsys, "validate", str(_speaker_file(tmp_path, train_rounds=2, latency_rounds=2)))
+    assert code == EXIT_USER_ERROR
+    assert "controller.train_rounds" in out and "latency is 2 round(s)" in out and "set train_rounds above 2" in out
+    assert _cli(capsys, "validate", str(_speaker_file(tmp_path, train_rounds=3, latency_rounds=2)))[0] == 0
+    # a faster override on its out-link is read in time
+    assert _cli(capsys, "validate", str(_speaker_file(tmp_path, train_rounds=2, latency_rounds=2, link_latency=1)))[0] == 0
