@@ -5,7 +5,9 @@ for a run that writes known per-round NLLs; on the tiny model once attacks and f
 
 from __future__ import annotations
 
+import json
 import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -28,11 +30,12 @@ from collective.evaluate.hostile import (
 from collective.evaluate.hostile_record import (
     NUMBERS,
     VARIANT_KINDS,
+    HostileRecordError,
     HostileReport,
     ScreenCounts,
     read_hostile,
 )
-from collective.evaluate.intervals import difference
+from collective.evaluate.intervals import METHOD, difference
 from collective.records import Report, RoundEvent, RunEnd, ScreenRecord
 from collective.run.prepared import RunError
 from collective.scenario import (
@@ -70,7 +73,7 @@ def scenario_data(**changes: Any) -> dict[str, Any]:
         "topology": {"kind": "ring"},
         "bus": {"round_tokens": ROUND_TOKENS, "max_message_tokens": 8},
         "aggregator": {"kind": "mean", "exclude": ["d"]},
-        "evaluation": {"context_tokens": 64, "n_boot": 300, "block_rounds": 2},
+        "evaluation": {"context_tokens": 64},
     }
     data.update(changes)
     return data
@@ -216,7 +219,7 @@ def shifted_runs() -> dict[str, VariantRun]:
 
 
 def test_a_constant_per_round_shift_gives_a_zero_width_ci_at_that_shift():
-    result = seed_result(1, shifted_runs(), {n: n for n in SHIFTS}, block_rounds=2, n_boot=300)
+    result = seed_result(1, shifted_runs(), {n: n for n in SHIFTS})
     for name, shift in EXPECTED.items():
         number = result.numbers[name]
         assert number.value == pytest.approx(shift, abs=1e-9)
@@ -234,7 +237,7 @@ def test_each_number_is_the_token_weighted_difference_of_the_two_runs_with_the_p
     noise = [0.4 * math.cos(5.0 * r) for r in range(EVAL_ROUNDS)]  # the attack hurts some rounds far more
     runs = {name: variant_run([x + shift for x in BASE], 3.6 if "unpooled" in name else 3.5, UNEQUAL) for name, shift in SHIFTS.items()}
     runs["attack-nofw"] = variant_run([x + 0.3 + e for x, e in zip(BASE, noise)], tokens=UNEQUAL)
-    result = seed_result(1, runs, {n: n for n in runs}, block_rounds=2, n_boot=300)
+    result = seed_result(1, runs, {n: n for n in runs})
     weighted = sum(t * (0.3 + e) for t, e in zip(UNEQUAL, noise)) / sum(UNEQUAL)
     assert abs(weighted - (0.3 + sum(noise) / EVAL_ROUNDS)) > 0.03  # the weighting matters here (0.041)
     for name, baseline in (("adversarial_damage", -0.20), ("damage_vs_silent", 0.0)):
@@ -252,7 +255,7 @@ def test_each_number_is_the_token_weighted_difference_of_the_two_runs_with_the_p
 def test_a_round_without_a_collective_prediction_is_left_out_of_both_sides():
     runs = shifted_runs()
     runs["attack-nofw"] = variant_run([math.nan, *[x + 0.3 for x in BASE[1:]]])
-    damage = seed_result(1, runs, {n: n for n in runs}, block_rounds=2, n_boot=300).numbers["damage_vs_silent"]
+    damage = seed_result(1, runs, {n: n for n in runs}).numbers["damage_vs_silent"]
     assert damage.value == pytest.approx(0.3, abs=1e-9) and damage.n == EVAL_ROUNDS - 1
 
 
@@ -261,7 +264,7 @@ def test_the_silent_ensemble_must_not_depend_on_the_bus():
     assert silent_ensemble_spread(runs) == 0.0  # the unpooled variants pool other nodes: another silent ensemble
     runs["benign"] = variant_run(BASE, silent_nll=3.51)
     with pytest.raises(RunError, match=r"silent ensemble differs between variants .*benign"):
-        seed_result(1, runs, {n: n for n in runs}, block_rounds=2, n_boot=300)
+        seed_result(1, runs, {n: n for n in runs})
 
 
 def test_the_firewalls_drops_are_counted_by_sender():
@@ -277,16 +280,17 @@ def test_the_firewalls_drops_are_counted_by_sender():
 
 def test_hostile_json_round_trips_with_the_mean_over_seeds():
     base = parse_scenario(scenario_data(), "hostile-test.yaml")
-    seeds = [seed_result(s, shifted_runs(), {n: f"seed-{s}/{n}" for n in SHIFTS}, block_rounds=2, n_boot=300) for s in (1, 2)]
+    seeds = [seed_result(s, shifted_runs(), {n: f"seed-{s}/{n}" for n in SHIFTS}) for s in (1, 2)]
     runs = shifted_runs()
     runs["attack-nofw"] = variant_run([x + 0.5 for x in BASE])
-    seeds.append(seed_result(3, runs, {n: n for n in runs}, block_rounds=2, n_boot=300))
+    seeds.append(seed_result(3, runs, {n: n for n in runs}))
     report = hostile_report(base, "hostile-test.yaml", seeds)
     assert report.schema_version == 2 and report.hostile_nodes == ["b"] and report.firewall
     spread = mean_ci([0.5, 0.5, 0.7])  # adversarial damage: attack-nofw (0.3, 0.3, 0.5) - benign-nofw (-0.2)
     damage = report.numbers_over_seeds["adversarial_damage"]
     assert (damage.value, damage.low, damage.high, damage.n) == pytest.approx((spread.mean, spread.low, spread.high, 3))
     assert report.nll_over_seeds["attack-nofw"].value == pytest.approx(sum(BASE) / EVAL_ROUNDS + (0.3 + 0.3 + 0.5) / 3)
+    assert all(s.interval_method == METHOD for s in report.seeds)  # the project's paired interval, by name
     text = report.model_dump_json()
     assert type(report).model_validate_json(text) == report
     single = hostile_report(base, "hostile-test.yaml", seeds[:1])
@@ -296,11 +300,23 @@ def test_hostile_json_round_trips_with_the_mean_over_seeds():
 def test_an_interval_that_does_not_exist_stays_nan_in_hostile_json():
     one_round = {name: variant_run(BASE[:1], 3.6 if "unpooled" in name else 3.5) for name in SHIFTS}
     report = hostile_report(
-        parse_scenario(scenario_data(), "t.yaml"), "t.yaml", [seed_result(1, one_round, {n: n for n in SHIFTS}, block_rounds=None, n_boot=100)]
+        parse_scenario(scenario_data(), "t.yaml"), "t.yaml", [seed_result(1, one_round, {n: n for n in SHIFTS})]
     )
     back = HostileReport.model_validate_json(report.model_dump_json())
     damage = back.seeds[0].numbers["damage_vs_silent"]
     assert damage.value == 0.0 and math.isnan(damage.low) and math.isnan(damage.high)
+
+
+def test_a_schema_1_hostile_json_is_refused_by_name(tmp_path):
+    report = hostile_report(parse_scenario(scenario_data(), "t.yaml"), "t.yaml", [seed_result(1, shifted_runs(), {n: n for n in SHIFTS})])
+    path = tmp_path / "hostile.json"
+    path.write_text(report.model_dump_json(), encoding="utf-8")
+    assert read_hostile(path) == report
+    old = report.model_dump(mode="json")
+    old["schema_version"] = 1
+    path.write_text(json.dumps(old), encoding="utf-8")
+    with pytest.raises(HostileRecordError, match=rf"{re.escape(str(path))}: hostile.json schema 1; this version reads schema 2"):
+        read_hostile(path)
 
 
 # ---------------------------------------------------------------------------- the command
@@ -392,6 +408,7 @@ def test_the_command_runs_every_variant_and_writes_the_comparison(tmp_path, fake
     assert "| damage vs silent, firewalls on (attack - silent) | +0.100 [+0.100, +0.100] |" in markdown
     assert "| defence cost (benign - benign-nofw) | +0.050 [+0.050, +0.050] |" in markdown
     assert "headline: adversarial damage = NLL(attack) - NLL(benign)" in markdown
+    assert f"CIs: paired over {EVAL_ROUNDS} eval rounds: {METHOD}" in markdown and "bootstrap" not in markdown
 
 
 def test_seeds_repeat_the_comparison_and_give_the_mean_with_a_t_interval(tmp_path, fake_runs):

@@ -155,12 +155,9 @@ def _run_seed(plan: SeedPlan, out: Path, pool: ModelPool, args: argparse.Namespa
             reused = _run_variant(variant, folder, pool, controls, args)
         runs[variant.name] = _read(variant, folder, hostile, args)
         console.print(_progress_line(index, plan, variant, runs[variant.name], reused, time.monotonic() - started), highlight=False)
-    block = first.evaluation.block_rounds
     run_dirs = {name: str((plan.folder / name).relative_to(out)) for name in runs}
     try:
-        return seed_result(
-            plan.seed, runs, run_dirs, block_rounds=None if block == "auto" else block, n_boot=first.evaluation.n_boot, fits=fits,
-        )
+        return seed_result(plan.seed, runs, run_dirs, fits=fits)
     except Exception as exc:  # the checks name the variants; say which seed and file
         raise _failure(args, f"comparing the variants of seed {plan.seed}", exc) from exc
 

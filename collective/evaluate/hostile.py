@@ -13,8 +13,9 @@ firewalls' thresholds once, on the scenario as written, and `pin_thresholds` wri
 into every firewall-on variant (so that each compares the same filters); it runs them
 (`collective run`'s path); `read_variant` reads a finished run folder (per-round
 collective NLL and tokens from events.jsonl, the silent ensemble from report.json, the
-firewalls' screened records); `seed_result` bootstraps every number from one set of
-resamples; `hostile_report` adds the mean over seeds with a t interval. The rendering is
+firewalls' screened records); `seed_result` gives every number its paired interval over
+the eval rounds (`collective.evaluate.intervals`); `hostile_report` adds the mean over
+seeds with a t interval. The rendering is
 `collective.report.hostile_view`.
 """
 
@@ -246,27 +247,30 @@ def _check_paired(runs: Mapping[str, VariantRun]) -> None:
 
 
 def seed_result(
-    seed: int, runs: Mapping[str, VariantRun], run_dirs: Mapping[str, str], *, block_rounds: int | None, n_boot: int,
-    fits: Sequence[FirewallFit] = (),
+    seed: int, runs: Mapping[str, VariantRun], run_dirs: Mapping[str, str], *, fits: Sequence[FirewallFit] = (),
 ) -> SeedResult:
     """Every variant's collective NLL and every number of NUMBERS whose two variants ran,
-    from one paired block bootstrap over eval rounds (seeded from `seed`)."""
+    each with its paired interval over the eval rounds both variants scored."""
     _check_paired(runs)
     spread = silent_ensemble_spread(runs)
     wanted = [(n.minuend, n.subtrahend) for n in NUMBERS if n.minuend in runs and n.subtrahend in runs]
-    boot = paired_intervals({name: run.collective for name, run in runs.items()}, differences=wanted)
+    intervals = paired_intervals({name: run.collective for name, run in runs.items()}, differences=wanted)
     variants = [
         VariantResult(
             name=name, run_dir=run_dirs[name], message=KIND_BY_NAME[name].message, firewall=KIND_BY_NAME[name].firewall,
-            attacker_pooled=KIND_BY_NAME[name].attacker_pooled, collective_nll=_number(boot.nll[name]),
+            attacker_pooled=KIND_BY_NAME[name].attacker_pooled, collective_nll=_number(intervals.nll[name]),
             silent_ensemble_nll=run.silent_nll, screens=run.screens,
         )
         for name, run in runs.items()
     ]
-    numbers = {n.name: _number(boot.differences[(n.minuend, n.subtrahend)]) for n in NUMBERS if (n.minuend, n.subtrahend) in boot.differences}
+    numbers = {
+        n.name: _number(intervals.differences[(n.minuend, n.subtrahend)])
+        for n in NUMBERS
+        if (n.minuend, n.subtrahend) in intervals.differences
+    }
     return SeedResult(
-        seed=seed, n_eval_rounds=next(iter(runs.values())).collective.n_rounds, block_rounds=0,
-        block_rule=boot.method, n_boot=0, variants=variants, numbers=numbers, silent_ensemble_spread=spread,
+        seed=seed, n_eval_rounds=next(iter(runs.values())).collective.n_rounds, interval_method=intervals.method,
+        variants=variants, numbers=numbers, silent_ensemble_spread=spread,
         firewall_fits=list(fits),
     )
 

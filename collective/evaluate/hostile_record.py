@@ -18,11 +18,14 @@ hostile.json alone.
   silence is a second line (it adds what any message from that node does).
 
 Version 2: the numbers are renamed and the adversarial damage (attack - benign) added;
-`firewall_fits` added. Version 1 (attack damage = attack - silent) is not read.
+`firewall_fits` added; each seed's intervals are the project's paired intervals, named by
+`interval_method` (version 1's block bootstrap fields are gone). Version 1 (attack damage =
+attack - silent) is not read: `read_hostile` refuses it by name.
 """
 
 from __future__ import annotations
 
+import json
 import textwrap
 from dataclasses import dataclass
 from pathlib import Path
@@ -165,9 +168,7 @@ class FirewallFit(_Record):
 class SeedResult(_Record):
     seed: int
     n_eval_rounds: int
-    block_rounds: int
-    block_rule: str
-    n_boot: int
+    interval_method: str = Field(description="how each per-seed interval is computed, in words")
     variants: list[VariantResult]
     numbers: dict[str, Number] = Field(description="NUMBERS' names -> value with its paired 95% CI")
     silent_ensemble_spread: float = Field(
@@ -198,8 +199,21 @@ class HostileReport(_Record):
     )
 
 
+class HostileRecordError(ValueError):
+    """A hostile.json this version does not read (another schema version)."""
+
+
 def read_hostile(path: Path) -> HostileReport:
-    return HostileReport.model_validate_json(path.read_text(encoding="utf-8"))
+    """hostile.json; a HostileRecordError naming the file when its schema is not this one's."""
+    text = path.read_text(encoding="utf-8")
+    data = json.loads(text)
+    version = data.get("schema_version") if isinstance(data, dict) else None
+    if version != HOSTILE_SCHEMA_VERSION:
+        raise HostileRecordError(
+            f"{path}: hostile.json schema {version!r}; this version reads schema {HOSTILE_SCHEMA_VERSION} only "
+            "(schema 1 measured the damage against silence with a block bootstrap): rerun collective hostile"
+        )
+    return HostileReport.model_validate_json(text)
 
 
 def numbers_help() -> str:

@@ -105,13 +105,7 @@ def notes(report: HostileReport) -> list[str]:
     lines = [HEADLINE_RULE, *(n.definition for n in NUMBERS)]
     if report.note:
         lines.insert(0, report.note)
-    if seed.n_boot:
-        lines.append(
-            f"CIs: paired block bootstrap over {seed.n_eval_rounds} eval rounds, blocks of {seed.block_rounds} "
-            f"({seed.block_rule}), {seed.n_boot} resamples; one set of resamples per seed for every number"
-        )
-    else:
-        lines.append(f"CIs: paired over {seed.n_eval_rounds} eval rounds: {seed.block_rule}")
+    lines.append(f"CIs: paired over {seed.n_eval_rounds} eval rounds: {seed.interval_method}")
     if seed.firewall_fits:
         lines.append(
             "firewall thresholds: fitted once per seed on the scenario as written (the attack variant) and the same "
