@@ -16,6 +16,7 @@ from collective.evaluate.compare import (
     comparison_table,
     mean_ci,
 )
+from collective.evaluate.intervals import METHOD
 from collective.records import Gain, Interval, Report, RowReport
 
 
@@ -32,7 +33,7 @@ def make_report(seed: int, collective_nll: float, scenario: str = "sweep", nodes
     rows += [row("ensemble_silent", 3.4), row("collective", collective_nll), row("reference", 3.0)]
     return Report(
         run_id=f"run-{seed}", scenario=scenario, seed=seed, aggregator="mean", n_eval_tokens=320, n_eval_rounds=10,
-        round_tokens=32, eval_bytes=1200, block_rounds=2, n_boot=200, rows=rows, best_member="a",
+        round_tokens=32, eval_bytes=1200, rows=rows, best_member="a",
         collective_gain=Gain(value=3.5 - collective_nll, ci=Interval(low=-0.1, high=0.3), versus="best isolated member (a)"),
         communication_gain=Gain(value=3.4 - collective_nll, ci=Interval(low=-0.2, high=0.2), versus="silent ensemble"),
         verdict="made up",
@@ -85,6 +86,22 @@ def test_the_comparison_table_shows_each_seed_and_the_mean_and_ci():
     text = console.file.getvalue()  # type: ignore[attr-defined]
     assert "seed 0" in text and "seed 2" in text and "mean over seeds" in text
     assert "collective gain: mean +0.300" in text and "positive in 3 of 3" in text
+
+
+def test_the_comparison_names_the_runs_own_interval_method_and_a_bootstrap_only_for_an_older_report():
+    new = [make_report(s, 3.3 - 0.1 * s).model_copy(update={"interval_method": METHOD}) for s in range(2)]
+    old = make_report(2, 3.1).model_copy(update={"schema_version": 5, "interval_method": "", "block_rounds": 2, "n_boot": 200})
+
+    def table(reports: list[Report]) -> str:
+        console = Console(file=io.StringIO(), width=1000, color_system=None)
+        console.print(comparison_table(compare_reports(reports)))
+        return console.file.getvalue()  # type: ignore[attr-defined]
+
+    text = table(new)
+    assert f"each run's own CIs (95% CIs paired over rounds: {METHOD}): collective report RUN_DIR" in text
+    assert "bootstrap" not in text
+    mixed = table([*new, old])  # each distinct method once, the older report's bootstrap with its blocks
+    assert f"(95% CIs paired over rounds: {METHOD}; 95% CIs from a paired block bootstrap over rounds (blocks of 2 rounds, 200 resamples))" in mixed
 
 
 def test_many_runs_are_summarised_by_min_max_mean_and_ci():

@@ -128,6 +128,16 @@ def test_a_version_2_report_reads_and_renders_with_its_token_counts(tmp_path, ca
     assert "| 320/320 tokens |" in capsys.readouterr().out
 
 
+def test_only_a_report_older_than_version_6_says_its_cis_are_a_block_bootstrap():
+    old = quickstart()
+    assert "95% CIs from a paired block bootstrap over rounds (blocks of 1 rounds, 2000 resamples)" in report_markdown(old)
+    method = "studentized ratio estimator (as in report 6)"
+    new = old.model_copy(update={"schema_version": 6, "interval_method": method, "block_rounds": None, "n_boot": None})
+    assert f"95% CIs paired over rounds: {method}." in report_markdown(new) and "bootstrap" not in report_markdown(new)
+    unnamed = new.model_copy(update={"interval_method": ""})  # a version 6 report must not fall back to the bootstrap
+    assert "bootstrap" not in report_markdown(unnamed) and "method not recorded" in report_markdown(unnamed)
+
+
 def test_a_linear_pools_top1_is_labelled_approximate_and_a_logpools_is_not():
     mean = quickstart()
     assert mean.aggregator == "mean"

@@ -2,9 +2,9 @@
 
 `compare_reports(reports)` lines up the runs' report rows (matched by row kind and node)
 and their two gains, and, across the runs, gives each the mean and a 95% t-interval
-(`mean_ci`): for a seed sweep that is the spread of the result over seeds, which the
-per-run bootstrap CIs (resampling rounds inside one run) do not show. `comparison_table`
-and `comparison_markdown` render it.
+(`mean_ci`): for a seed sweep that is the spread of the result over seeds, which each
+run's own CIs (paired over the eval rounds inside one run, the method its report names)
+do not show. `comparison_table` and `comparison_markdown` render it.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from rich.text import Text
 
 from collective.evaluate.tdist import t_critical
 from collective.records import ROW_TITLES, Report
-from collective.report.report_view import PARTIAL_MARK
+from collective.report.report_view import PARTIAL_MARK, interval_text
 
 MAX_RUN_COLUMNS = 6
 
@@ -68,6 +68,7 @@ class Comparison:
     scenarios: tuple[str, ...]
     rows: tuple[ComparedRow, ...]  # NLL rows (nats/token)
     gains: tuple[ComparedRow, ...]  # collective gain, communication gain
+    interval_methods: tuple[str, ...] = ()  # how the runs' own CIs were computed: each distinct one, in run order
 
     @property
     def seed_sweep(self) -> bool:
@@ -121,6 +122,7 @@ def compare_reports(reports: Sequence[Report], labels: Sequence[str] | None = No
         scenarios=tuple(r.scenario for r in reports),
         rows=tuple(rows),
         gains=tuple(gains),
+        interval_methods=tuple(dict.fromkeys(interval_text(r) for r in reports)),
     )
 
 
@@ -192,7 +194,8 @@ def comparison_table(comparison: Comparison) -> Group:
     lines = [Text(gain_summary(gain)) for gain in comparison.gains]
     if note := _partial_note(comparison):
         lines.append(Text(note))
-    lines.append(Text("each run's own bootstrap CIs: collective report RUN_DIR", style="dim"))
+    methods = "; ".join(comparison.interval_methods)
+    lines.append(Text(f"each run's own CIs ({methods}): collective report RUN_DIR", style="dim"))
     return Group(table, *lines)
 
 

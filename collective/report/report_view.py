@@ -264,12 +264,12 @@ def _rejected(rejected: dict[str, dict[str, int]]) -> str:
 
 
 def interval_text(report: Report) -> str:
-    """How the report's CIs were computed: the method in words (version 6), or the block
-    bootstrap of an older report, with its blocks and resamples."""
-    if report.interval_method:
-        return f"95% CIs paired over rounds: {report.interval_method}"
-    rule = f": {report.block_rule}" if report.block_rule else ""
-    return f"95% CIs from a paired block bootstrap over rounds (blocks of {report.block_rounds} rounds{rule}, {report.n_boot} resamples)"
+    """How the report's CIs were computed: the method in words (version 6 on), or, for a
+    report older than 6, the block bootstrap it used, with its blocks and resamples."""
+    if report.schema_version < 6:
+        rule = f": {report.block_rule}" if report.block_rule else ""
+        return f"95% CIs from a paired block bootstrap over rounds (blocks of {report.block_rounds} rounds{rule}, {report.n_boot} resamples)"
+    return f"95% CIs paired over rounds: {report.interval_method or 'method not recorded'}"
 
 
 def report_markdown(report: Report, images: list[tuple[str, str]] | None = None) -> str:
