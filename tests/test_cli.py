@@ -185,3 +185,30 @@ def test_validate_refuses_a_speaker_whose_train_rounds_do_not_outlast_its_links_
     assert _cli(capsys, "validate", str(_speaker_file(tmp_path, train_rounds=3, latency_rounds=2)))[0] == 0
     # a faster override on its out-link is read in time
     assert _cli(capsys, "validate", str(_speaker_file(tmp_path, train_rounds=2, latency_rounds=2, link_latency=1)))[0] == 0
+
+
+# ---------------------------------------------------------------------------- errors on stderr
+
+
+@pytest.mark.parametrize(
+    ("command", "complaint"),
+    [
+        (["run", "{tmp}/missing[a].yaml"], "{tmp}/missing[a].yaml: no such scenario file"),
+        (["sweep", "{tmp}/missing.yaml", "--out", "{tmp}/s"], "no such scenario file"),
+        (["hostile", "{tmp}/missing.yaml"], "no such scenario file"),
+        (["validate", "{tmp}/missing.yaml"], "invalid {tmp}/missing.yaml: no such scenario file"),
+        (["report", "{tmp}/nothing"], "{tmp}/nothing has no report.json: no such folder"),
+        (["watch", "{tmp}"], "no events.jsonl here"),
+        (["node", "--broker", "mqtt://127.0.0.1:1", "--run", "x", "--node", "[a]"], "--node '[a]'"),
+        (["broker", "--config-dir", "{tmp}/b", "--user", "alice", "--no-start"], "expected NAME:PASSWORD"),
+        (["reach", "--model", "{tmp}/no-model", "--out", "{tmp}/r", "--pairs", "1"], "{tmp}/no-model' does not exist"),
+        (["game", "x", "--target", " y", "--model", "{tmp}/no-model"], "{tmp}/no-model' does not exist"),
+    ],
+)
+def test_each_command_prints_its_error_on_stderr_and_nothing_of_it_on_stdout(capsys, tmp_path, monkeypatch, command, complaint):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    code = main([part.replace("{tmp}", str(tmp_path)) for part in command])
+    printed = capsys.readouterr()
+    assert code == EXIT_USER_ERROR
+    assert complaint.replace("{tmp}", str(tmp_path)) in " ".join(printed.err.split())  # brackets kept: not Rich markup
+    assert "error" not in printed.out and "invalid" not in printed.out
