@@ -47,7 +47,7 @@ sys.path.insert(0, str(ROOT))
 
 from collective.evaluate.compare import mean_ci  # noqa: E402
 from collective.evaluate.paired import PairedComparison, PairingError, compare_cells, read_cell_run  # noqa: E402
-from collective.evaluate.sweep import Cell  # noqa: E402
+from collective.evaluate.sweep import Cell, cell_folder  # noqa: E402
 from collective.evaluate.tdist import t_critical  # noqa: E402
 
 SHAPES = {"ring": ROOT / "scenarios/language-game/ring-delayed.yaml", "star": ROOT / "scenarios/language-game/star-masked.yaml"}
@@ -134,7 +134,7 @@ def read_points(out: Path) -> list[Point]:
                 Point(
                     shape, source, int(replicate[1:]), _policy(overrides), int(overrides["bus.max_message_tokens"]),
                     gain["value"], gain["ci"][0], gain["ci"][1], cell["collective_gain"]["value"], cell["bytes_per_link_round"],
-                    summary.parent / Cell(tuple(overrides.items()), cell["seed"], None).folder_name,  # type: ignore[arg-type]
+                    cell_folder(summary.parent, Cell(tuple(overrides.items()), cell["seed"], None)),  # type: ignore[arg-type]
                 )
             )
     return points

@@ -227,3 +227,16 @@ def test_bracketed_text_in_an_error_is_printed_as_written(tmp_path, capsys):
     missing = tmp_path / "x[a].yaml"
     assert main(["run", str(missing)]) == 2
     assert f"{missing}: no such scenario file" in _err(capsys)
+
+
+def test_report_paired_finds_a_cell_in_the_folder_an_older_sweep_named_it(tmp_path):
+    from collective.evaluate.paired import select_cells
+
+    overrides = {"corpus.path": "/data/wiki.raw", "node_defaults.message.policy": "relay"}
+    cell = Cell(tuple(overrides.items()), 1, None)  # type: ignore[arg-type]
+    summary = {"cells": [{"combination": cell.combination, "overrides": overrides, "seed": 1}]}
+    (tmp_path / cell.legacy_folder_name).mkdir()
+    assert cell.legacy_folder_name != cell.folder_name
+    assert select_cells(summary, "node_defaults.message.policy=relay", tmp_path) == {1: cell.legacy_folder_name}
+    (tmp_path / cell.folder_name).mkdir()  # once the cell has its own folder, that one
+    assert select_cells(summary, "node_defaults.message.policy=relay", tmp_path) == {1: cell.folder_name}

@@ -30,7 +30,7 @@ from collective.evaluate.compare import Spread, mean_ci
 from collective.evaluate.hostile import collective_rounds, eval_rounds
 from collective.evaluate.intervals import paired_intervals
 from collective.evaluate.metrics import Estimate, RoundStats
-from collective.evaluate.sweep import Cell
+from collective.evaluate.sweep import Cell, cell_folder
 from collective.records import RunStart, parse_event
 from collective.run.prepared import RunError
 
@@ -173,7 +173,7 @@ def select_cells(summary: dict[str, Any], text: str, where: Path) -> dict[int, s
         known = ", ".join(sorted({c["combination"] for c in summary.get("cells", [])}))
         found = "no combination" if not combinations else f"{len(combinations)} combinations ({', '.join(combinations)})"
         raise PairingError(f"{where}: cell {text!r} matches {found}; the sweep's combinations: {known}")
-    return {c["seed"]: Cell(tuple(c["overrides"].items()), c["seed"], None).folder_name for c in cells}  # type: ignore[arg-type]
+    return {c["seed"]: cell_folder(where, Cell(tuple(c["overrides"].items()), c["seed"], None)).name for c in cells}  # type: ignore[arg-type]
 
 
 def sweep_pairs(folder: Path, cell_a: str, cell_b: str) -> list[tuple[CellRun, CellRun]]:
