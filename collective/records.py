@@ -30,7 +30,10 @@ EVENT_SCHEMA_VERSION = 4
 # empty in older reports.
 # 6: the intervals are no longer a block bootstrap: adds interval_method (the method in words); block_rounds,
 # n_boot and block_rule are the bootstrap's of older reports (None / '' from version 6).
-REPORT_SCHEMA_VERSION = 6
+# 7: adds the optional yardstick row (row kind `yardstick`: a bigger model with the full view, its NLL per token of
+# its own tokenizer) and `yardstick` (the share of the best member's gap to it that the collective closes, in
+# bits/byte); None / absent in older reports and in runs without `evaluation.yardstick`.
+REPORT_SCHEMA_VERSION = 7
 # controls 2: adds each search's validation_loss, initial_validation_loss and stopped_at_step (None in version 1)
 CONTROLS_SCHEMA_VERSION = 2
 
@@ -206,7 +209,8 @@ class Interval(_Record):
 
 MemberRow = Literal["member_plain", "member_isolated", "member_collective"]  # one per node
 PooledRow = Literal["ensemble_silent", "collective", "reference"]  # one per run
-RowKind = Literal[MemberRow, PooledRow]
+OptionalRow = Literal["yardstick"]  # one per run that asks for it (`evaluation.yardstick`)
+RowKind = Literal[MemberRow, PooledRow, OptionalRow]
 ROW_ORDER: tuple[RowKind, ...] = get_args(RowKind)  # the order of a report's rows (then node order)
 MEMBER_ROWS: tuple[MemberRow, ...] = get_args(MemberRow)
 POOLED_ROWS: tuple[PooledRow, ...] = get_args(PooledRow)
@@ -218,6 +222,7 @@ ROW_TITLES: dict[str, str] = {
     "ensemble_silent": "ensemble, silent",
     "collective": "collective",
     "reference": "reference, full view",
+    "yardstick": "yardstick, full view",
 }
 
 
@@ -242,6 +247,23 @@ class Gain(_Record):
     ci: Interval
     versus: str = Field(description="what it is compared with")
     n_rounds: int | None = Field(None, description="eval rounds both sides were scored on (None: before version 3)")
+
+
+class YardstickGap(_Record):
+    """How much of the gap between the best isolated member and the yardstick the collective
+    closes, in bits/byte (comparable across tokenizers), on the rounds all three scored (report 7)."""
+
+    model: str = Field(description="the yardstick, as `evaluation.yardstick` names it")
+    best_member: str
+    share: float | None = Field(
+        description="(bpb best - bpb collective) / (bpb best - bpb yardstick); None: undefined, the yardstick is not better"
+    )
+    share_ci: Interval = Field(description="its 95% CI (NaN ends: none, too few rounds or undefined)")
+    gap_bits_per_byte: float = Field(description="bpb(best member) - bpb(yardstick)")
+    gap_ci: Interval
+    closed_bits_per_byte: float = Field(description="bpb(best member) - bpb(collective)")
+    closed_ci: Interval
+    n_rounds: int = Field(description="eval rounds all three rows scored")
 
 
 class FilterFit(_Record):
@@ -315,6 +337,9 @@ class Report(_Record):
     firewalls: dict[str, FirewallReport] = Field(
         default_factory=dict, description="per receiver with a firewall: what it did and cost (empty before version 5)"
     )
+    yardstick: YardstickGap | None = Field(
+        None, description="the gap to `evaluation.yardstick` the collective closes (None: no yardstick, or before version 7)"
+    )
     best_member_rule: str = Field("", description="how the best member was chosen ('' before version 3)")
     partial_members: list[str] = Field(default_factory=list, description="members not scored on every eval round")
     block_rule: str = Field("", description="why the bootstrap blocks are `block_rounds` long ('' before version 3)")
@@ -336,7 +361,10 @@ class Report(_Record):
 
     def is_partial(self, row: RowReport) -> bool:
         """The row scored fewer tokens than the eval part has: a node missed rounds (this
-        reads reports of every version, which all carry token counts)."""
+        reads reports of every version, which all carry token counts). The yardstick row counts
+        tokens of its own tokenizer: it is partial when it scored fewer rounds."""
+        if row.row == "yardstick":
+            return row.n_rounds is not None and row.n_rounds < self.n_eval_rounds
         return row.n_tokens < self.n_eval_tokens
 
     def coverage(self, row: RowReport) -> str:

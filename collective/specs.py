@@ -376,6 +376,11 @@ class EvaluationSpec(Frozen):
     context_tokens: int = Field(256, ge=1, description="what a `full` view and the reference see before a round")
     warmup_rounds: int = Field(2, ge=0, description="unscored rounds (from the train part) so inboxes fill")
     reference_model: str | None = Field(None, description="model alias for the full-view reference (default: the first)")
+    yardstick: str | None = Field(
+        None,
+        description="a bigger model with the full view, scored in bits/byte on the same eval text: an alias of "
+        "`models` or any model ref they accept (alias, Hugging Face id, local folder, .gguf); its tokenizer may differ",
+    )
     # unused since report version 6: accepted so that older scenarios load, with a warning
     # (collective.scenario.UNUSED_FIELDS)
     block_rounds: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(

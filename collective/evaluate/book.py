@@ -1,7 +1,8 @@
 """The round book: every report row's statistics, one entry per eval round, in one place.
 
 Each eval round the round engine books the members' three rows (plain, isolated, in
-collective), the silent ensemble, the collective and the full-view reference, keyed by a
+collective), the silent ensemble, the collective and the full-view reference (and, in a run with `evaluation.yardstick`, the
+yardstick's statistics, which the engine computes: its tokens are its own), keyed by a
 typed `RowKey`; the evaluator reads the book back as one `RoundStats` per row. A member
 with no prediction in a round (it missed the round, or was not asked for that row) is
 booked as missing: its positions are not scored.
@@ -37,10 +38,10 @@ class RowKey(NamedTuple):
     node_id: str | None = None
 
 
-def row_keys(node_ids: Sequence[str]) -> list[RowKey]:
-    """Every row of a run of these nodes, in booking order."""
+def row_keys(node_ids: Sequence[str], yardstick: bool = False) -> list[RowKey]:
+    """Every row of a run of these nodes (and its yardstick's), in booking order."""
     members = [RowKey(kind, node_id) for node_id in node_ids for kind in MEMBER_ROWS]
-    return members + [RowKey(kind) for kind in POOLED_ROWS]
+    return members + [RowKey(kind) for kind in POOLED_ROWS] + ([RowKey("yardstick")] if yardstick else [])
 
 
 def member_predictions(result: NodeRoundResult | None, kind: MemberRow) -> TokenPredictions | None:
@@ -55,9 +56,9 @@ def member_predictions(result: NodeRoundResult | None, kind: MemberRow) -> Token
 class RoundBook:
     """Per-round statistics of every report row (eval rounds only)."""
 
-    def __init__(self, node_ids: Sequence[str]) -> None:
+    def __init__(self, node_ids: Sequence[str], yardstick: bool = False) -> None:
         self.node_ids = list(node_ids)
-        self._rounds: dict[RowKey, list[RoundStats]] = {key: [] for key in row_keys(node_ids)}
+        self._rounds: dict[RowKey, list[RoundStats]] = {key: [] for key in row_keys(node_ids, yardstick)}
 
     @classmethod
     def from_rounds(cls, rounds: Mapping[tuple[RowKind, str | None], Sequence[RoundStats]]) -> RoundBook:
@@ -76,9 +77,13 @@ class RoundBook:
         reference: TokenPredictions,
         targets: torch.Tensor,
         token_bytes: torch.Tensor,
+        yardstick: RoundStats | None = None,
     ) -> None:
         """Book one eval round. targets, token_bytes: (T,) the round's true tokens and their
-        UTF-8 lengths; every row is scored on them."""
+        UTF-8 lengths; every row is scored on them (the yardstick on their bytes, in its own
+        tokens: one round of statistics, given exactly when the book has a yardstick row)."""
+        if (yardstick is None) == (RowKey("yardstick") in self._rounds):
+            raise ValueError("a book with a yardstick row needs its statistics every round, and only such a book")
         for kind in MEMBER_ROWS:
             rows = [member_predictions(results.get(node_id), kind) for node_id in self.node_ids]
             for node_id, stats in zip(self.node_ids, members_round_stats(rows, targets, token_bytes)):
@@ -86,6 +91,8 @@ class RoundBook:
         self._add(RowKey("ensemble_silent"), pooled_round_stats(silent, targets, token_bytes))
         self._add(RowKey("collective"), pooled_round_stats(collective, targets, token_bytes))
         self._add(RowKey("reference"), member_round_stats(reference, 0, targets, token_bytes))
+        if yardstick is not None:
+            self._add(RowKey("yardstick"), yardstick)
 
     def _add(self, key: RowKey, stats: RoundStats) -> None:
         self._rounds[key].append(stats)

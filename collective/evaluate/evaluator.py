@@ -1,13 +1,16 @@
 """The evaluator: the engine's round book in, the `Report` out.
 
 Rows (DESIGN.md): each member plain, isolated and in collective, the silent ensemble,
-the collective and the full-view reference, all on the same eval tokens (a member that
+the collective and the full-view reference (and the optional yardstick, on the same text in
+its own tokens), all on the same eval tokens (a member that
 missed rounds is scored on the others, and its rows say on how many). Every row's CI and
 every gain (collective, communication, and each prompted node's controller gain, plain
 minus isolated) come from paired intervals over whole eval rounds (`gains.gains`,
 `intervals.py`: deterministic, no generator). Rows come out in `ROW_ORDER`, then node order. Each
 receiver's firewall is summed up from its screen records (what each filter dropped and
 rewrote, its time as a share of the run's round time) with the thresholds the run used.
+With a yardstick, the share of the best member's gap to it that the collective closes
+(bits/byte, `intervals.gap_share`) is the report's `yardstick` and a sentence of the verdict.
 """
 
 from __future__ import annotations
@@ -18,8 +21,15 @@ from typing import Any
 import torch
 
 from collective.evaluate.book import RowKey
-from collective.evaluate.gains import RULE_COMPLETE, Gains, gains, missed_rounds_note, verdict
-from collective.evaluate.intervals import PairedIntervals
+from collective.evaluate.gains import (
+    RULE_COMPLETE,
+    Gains,
+    gains,
+    missed_rounds_note,
+    verdict,
+    yardstick_line,
+)
+from collective.evaluate.intervals import PairedIntervals, gap_share
 from collective.evaluate.metrics import Estimate, RoundStats, summarize
 from collective.records import (
     MEMBER_ROWS,
@@ -34,6 +44,7 @@ from collective.records import (
     RowReport,
     Runtime,
     ScreenRecord,
+    YardstickGap,
 )
 from collective.run.engine import EngineResult
 from collective.run.firewall import describe_filter, filter_labels
@@ -70,6 +81,7 @@ def build_report(
     cg, mg = headline.collective_gain, headline.communication_gain
     missed = unscored_rounds(scenario, stats)
     note = missed_rounds_note(missed, result.eval_rounds_done, cg, mg, headline.best_member_rule)
+    gap = yardstick_gap(scenario, stats, headline)
     return Report(
         run_id=run_id,
         scenario=scenario.name,
@@ -85,7 +97,8 @@ def build_report(
         best_member=best_member,
         collective_gain=_gain(cg, f"best isolated member ({best_member or 'none'})"),
         communication_gain=_gain(mg, "silent ensemble"),
-        verdict=verdict(cg, mg, best_member or None, note),
+        verdict=verdict(cg, mg, best_member or None, note) + (f" {gap[1]}" if gap else ""),
+        yardstick=gap[0] if gap else None,
         controller_gains={
             key.node_id or "": _gain(estimate, "plain member (no prompt)") for key, estimate in headline.controller_gains.items()
         },
@@ -98,6 +111,24 @@ def build_report(
         rejected_envelopes={k: dict(v) for k, v in (rejected_envelopes or {}).items() if v},
         **_counts(result),
     )
+
+
+def yardstick_gap(
+    scenario: Scenario, stats: dict[RowKey, RoundStats], headline: Gains[RowKey]
+) -> tuple[YardstickGap, str] | None:
+    """The gap to the yardstick the collective closes and its sentence (None: no yardstick row,
+    or no best member)."""
+    key, best = RowKey("yardstick"), headline.best_member
+    if key not in stats or best is None or scenario.evaluation.yardstick is None:
+        return None
+    found = gap_share(stats[best], stats[RowKey("collective")], stats[key], headline.collective_gain.confidence)
+    record = YardstickGap(
+        model=scenario.evaluation.yardstick, best_member=best.node_id or "",
+        share=found.share.value if found.defined else None, share_ci=_ci(found.share),
+        gap_bits_per_byte=found.gap.value, gap_ci=_ci(found.gap),
+        closed_bits_per_byte=found.closed.value, closed_ci=_ci(found.closed), n_rounds=found.gap.n_rounds or 0,
+    )
+    return record, yardstick_line(found, scenario.evaluation.yardstick)
 
 
 def _counts(result: EngineResult) -> dict[str, Any]:
@@ -181,7 +212,7 @@ def row_reports(
         if key.node_id is not None:
             model: str | None = scenario.node(key.node_id).model
         else:
-            model = scenario.reference_model if key.kind == "reference" else None
+            model = {"reference": scenario.reference_model, "yardstick": scenario.evaluation.yardstick}.get(key.kind)
         rows.append(
             RowReport(
                 row=key.kind,

@@ -22,6 +22,7 @@ from typing import Generic
 from collective.evaluate.intervals import (
     MIN_ROUNDS,
     TOO_FEW_ROUNDS,
+    GapShare,
     PairedIntervals,
     paired_intervals,
 )
@@ -162,6 +163,26 @@ def verdict(
     return f"{first}; {second}." + (f" {note}" if note else "")
 
 
+def yardstick_line(gap: GapShare, yardstick: str) -> str:
+    """The yardstick sentence: the share of the gap between the best member and the yardstick
+    (bits/byte) the collective closes, with its CI, or why it is undefined."""
+    size = f"gap {gap.gap.value:.3f} bits/byte, {_ci_text(gap.gap)}"
+    if not gap.defined:
+        return (
+            f"The share of the gap to the yardstick ({yardstick}) that the collective closes is undefined: the yardstick "
+            f"is not better than its best member in bits/byte ({size})."
+        )
+    share = gap.share
+    if share.has_interval:
+        interval = f"{share.confidence:.0%} CI {100 * share.low:.0f}% to {100 * share.high:.0f}%"
+    else:
+        interval = _ci_text(share)
+    return (
+        f"The collective closes {100 * share.value:.0f}% of the gap between its best member and the yardstick "
+        f"({yardstick}) ({interval}; {size})."
+    )
+
+
 def controller_effect(estimate: Estimate) -> str:
     """A controller gain in words, read like the verdict's gains (TIE_NATS, the CI)."""
     return {
@@ -201,4 +222,5 @@ __all__ = [
     "missed_rounds_note",
     "signed",
     "verdict",
+    "yardstick_line",
 ]

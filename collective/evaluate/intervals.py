@@ -173,8 +173,61 @@ def paired_intervals(
     return PairedIntervals(nll, diffs, degenerate=round_counts.pop() < MIN_ROUNDS)
 
 
+@dataclass(frozen=True)
+class GapShare:
+    """How much of the gap between a best member and a yardstick a collective closes, in bits/byte.
+
+    share: (bpb_best - bpb_collective) / (bpb_best - bpb_yardstick) with its CI (NaN value and
+    ends when undefined). gap: bpb_best - bpb_yardstick; closed: bpb_best - bpb_collective, each
+    with its paired CI. defined: the yardstick is better than the best member (the gap's CI lies
+    above 0, or, with no CI, its value is above 0); else the share means nothing.
+    """
+
+    share: Estimate
+    gap: Estimate
+    closed: Estimate
+    defined: bool
+
+
+def _per_byte(stats: RoundStats, rounds: torch.Tensor) -> tuple[float, torch.Tensor]:
+    """`linearised` in bits per byte: theta = sum nll / ln 2 / sum bytes on the kept rounds,
+    z_r = (nll_r / ln 2 - theta * bytes_r) / mean(bytes): (K,)."""
+    bits = stats.nll_sum.double()[rounds] / math.log(2.0)  # (K,)
+    n_bytes = stats.n_bytes.double()[rounds]  # (K,)
+    total = float(n_bytes.sum())
+    if not total:
+        return math.nan, bits[:0]
+    theta = float(bits.sum()) / total
+    return theta, (bits - theta * n_bytes) / n_bytes.mean()
+
+
+def gap_share(best: RoundStats, collective: RoundStats, yardstick: RoundStats, confidence: float = 0.95) -> GapShare:
+    """The share of the best member's gap to the yardstick that the collective closes, on the
+    rounds all three scored, in bits/byte (comparable across tokenizers).
+
+    Each row's bits/byte is a ratio estimator theta_X = sum bits_X / sum bytes_X with residuals
+    z_X (`_per_byte`). N = theta_B - theta_C (residuals z_B - z_C), D = theta_B - theta_Y
+    (z_B - z_Y); the delta method linearises S = N / D to z_S = (z_N - S z_D) / D, whose mean is
+    S_hat - S to first order, and `studentized` gives its interval with the same calibrated
+    c(R) as every other CI. Undefined (NaN) when the yardstick is not better than the best member.
+    """
+    shared = best.scored_rounds & collective.scored_rounds & yardstick.scored_rounds  # (R,)
+    theta_b, z_b = _per_byte(best, shared)
+    theta_c, z_c = _per_byte(collective, shared)
+    theta_y, z_y = _per_byte(yardstick, shared)
+    closed = studentized(theta_b - theta_c, z_b - z_c, confidence)
+    gap = studentized(theta_b - theta_y, z_b - z_y, confidence)
+    defined = gap.value > 0 and (gap.low > 0 if gap.has_interval else True)
+    if not defined:
+        return GapShare(Estimate(math.nan, math.nan, math.nan, confidence, gap.n_rounds), gap, closed, False)
+    share = closed.value / gap.value
+    residuals = ((z_b - z_c) - share * (z_b - z_y)) / gap.value  # (K,)
+    return GapShare(studentized(share, residuals, confidence), gap, closed, True)
+
+
 __all__ = [
     "CALIBRATION_PHI",
+    "GapShare",
     "METHOD",
     "MIN_ROUNDS",
     "TOO_FEW_ROUNDS",
@@ -182,6 +235,7 @@ __all__ = [
     "ar1_series",
     "critical_value",
     "difference",
+    "gap_share",
     "lag1_variance",
     "linearised",
     "paired_intervals",

@@ -7,7 +7,9 @@ bits-per-byte column until every row fits on one line. A row scored on fewer tha
 eval rounds (a node missed some) is marked `*` and explained under the table. Under the
 table come the gains: collective, communication, and each prompted node's controller gain
 (plain minus isolated), read in words with the verdict's float tolerance, then what each
-receiver's firewall did and cost.
+receiver's firewall did and cost. A run with a yardstick has its row (NLL per token of the
+yardstick's own tokenizer: rows compare in bits/byte) and the line "the collective closes X%
+of the gap between its best member and the yardstick", with its CI.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ SHORT_TITLES: dict[str, str] = {
     "ensemble_silent": "silent ens.",
     "collective": "collective",
     "reference": "reference",
+    "yardstick": "yardstick",
 }
 PARTIAL_MARK = "*"
 
@@ -69,6 +72,29 @@ def _gain(gain: Gain, n_rounds: int) -> str:
     if math.isnan(gain.ci.low) or math.isnan(gain.ci.high):
         return f"{_signed(gain.value)} nats/token (no 95% CI: {TOO_FEW_ROUNDS}) vs {gain.versus}{shared}"
     return f"{_signed(gain.value)} nats/token (95% CI {_ci(gain.ci.low, gain.ci.high, signed=True)}) vs {gain.versus}{shared}"
+
+
+def yardstick_lines(report: Report) -> list[tuple[str, str]]:
+    """(label, text): the share of the gap to the yardstick the collective closes (bits/byte),
+    and what the yardstick row's NLL counts; none without a yardstick (or before report 7)."""
+    gap = report.yardstick
+    if gap is None:
+        return []
+    size = f"gap {gap.gap_bits_per_byte:.3f} bits/byte ({_ci(gap.gap_ci.low, gap.gap_ci.high, signed=True)})"
+    if gap.share is None:
+        text = f"the share of the gap closed is undefined: the yardstick is not better than the best member ({size})"
+    else:
+        interval = "no 95% CI" if math.isnan(gap.share_ci.low) else f"95% CI {gap.share_ci.low:.0%} to {gap.share_ci.high:.0%}"
+        text = (
+            f"the collective closes {gap.share:.0%} of the gap between its best member ({gap.best_member}) and the "
+            f"yardstick ({interval}; {size}, on {gap.n_rounds} rounds)"
+        )
+    row = next((r for r in report.rows if r.row == "yardstick"), None)
+    count = "" if row is None else f" ({row.n_tokens} of its tokens for the {report.eval_bytes} eval bytes)"
+    return [
+        ("yardstick", text),
+        ("yardstick row", f"NLL per token of the yardstick's own tokenizer{count}; rows compare in bits/byte"),
+    ]
 
 
 def controller_lines(report: Report) -> list[tuple[str, str]]:
@@ -212,9 +238,8 @@ def _footer(report: Report) -> list[Text]:
         Text(f"collective gain     {_gain(report.collective_gain, n)}"),
         Text(f"communication gain  {_gain(report.communication_gain, n)}"),
     ]
-    lines += [
-        Text(f"{label:<19} {text}") for label, text in controller_lines(report) + message_search_lines(report) + firewall_lines(report)
-    ]
+    extra = yardstick_lines(report) + controller_lines(report) + message_search_lines(report) + firewall_lines(report)
+    lines += [Text(f"{label:<19} {text}") for label, text in extra]
     if note := pooled_top1_note(report):
         lines.append(Text(note))
     if note := partial_note(report):
@@ -298,7 +323,8 @@ def report_markdown(report: Report, images: list[tuple[str, str]] | None = None)
         f"- collective gain: {_gain(report.collective_gain, n)}",
         f"- communication gain: {_gain(report.communication_gain, n)}",
     ]
-    out += [f"- {label}: {text}" for label, text in controller_lines(report) + message_search_lines(report) + firewall_lines(report)]
+    extra = yardstick_lines(report) + controller_lines(report) + message_search_lines(report) + firewall_lines(report)
+    out += [f"- {label}: {text}" for label, text in extra]
     if report.best_member_rule:
         out.append(f"- best member: {report.best_member or 'none'} ({report.best_member_rule})")
     if note := pooled_top1_note(report):

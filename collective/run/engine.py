@@ -6,7 +6,8 @@ predictions and message (the embedded executor gives each node the messages it r
 its firewall screens, batches all nodes sharing a model into one forward pass and runs the
 in-memory bus; the distributed one asks volunteer machines); (3) the engine
 scores the full-view reference and pools the members into the silent ensemble and the
-collective; (4) an eval round goes into the `RoundBook` the evaluator reads; (5) a
+collective; (4) an eval round goes into the `RoundBook` the evaluator reads, with the
+optional yardstick's score of it (`run/yardstick.py`: one more forward pass, eval rounds only); (5) a
 `RoundEvent` (with the firewalls' screen records) goes to whoever listens (the run folder,
 the live view).
 
@@ -26,6 +27,7 @@ import networkx as nx
 import torch
 
 from collective.evaluate.book import RoundBook
+from collective.evaluate.metrics import RoundStats
 from collective.lm.codec import start_token
 from collective.lm.models import LoadedModel
 from collective.lm.predictions import TokenPredictions
@@ -43,6 +45,7 @@ from collective.run.node import NodeRoundRequest, NodeRoundResult, compute_round
 from collective.run.observation import Observer
 from collective.run.pools import PooledPrediction
 from collective.run.prepared import Prepared
+from collective.run.yardstick import Yardstick
 from collective.scenario import AttackMessage, FirewallFilter, NodeSpec, Scenario, SearchMessage
 
 log = logging.getLogger(__name__)
@@ -176,8 +179,10 @@ class RoundEngine:
         placeholder_ids: dict[str, int],
         run_id: str,
         firewalls: dict[str, tuple[FirewallFilter, ...]] | None = None,
+        yardstick: Yardstick | None = None,
     ) -> None:
         self.scenario = scenario
+        self.yardstick = yardstick  # scored on eval rounds only (`Prepared.yardstick`)
         self.firewalls = firewalls or {}  # node -> its fitted filters (`Prepared.firewalls`)
         self.graph = graph
         self.stream = stream
@@ -215,7 +220,7 @@ class RoundEngine:
         return cls(
             scenario, prepared.graph, prepared.stream, prepared.byte_lengths, executor,
             prepared.models[scenario.reference_model], prepared.control_ids, prepared.placeholder_ids, run_id,
-            firewalls=prepared.firewalls,
+            firewalls=prepared.firewalls, yardstick=prepared.yardstick,
         )
 
     @property
@@ -282,7 +287,7 @@ class RoundEngine:
         on_event: Callable[[RoundEvent], None] | None = None,
         should_stop: Callable[[], bool] | None = None,
     ) -> EngineResult:
-        book = RoundBook(self.scenario.node_ids)
+        book = RoundBook(self.scenario.node_ids, yardstick=self.yardstick is not None)
         tally = _Tally(missed=dict.fromkeys(self.scenario.node_ids, 0))
         began = time.perf_counter()
         for round_index in range(self.total_rounds):
@@ -297,7 +302,7 @@ class RoundEngine:
             if self.phase(round_index) == "eval":
                 book.add_round(
                     results, silent=pools.silent, collective=pools.collective, reference=pools.reference,
-                    targets=targets, token_bytes=token_bytes,
+                    targets=targets, token_bytes=token_bytes, yardstick=self._yardstick(start, token_bytes),
                 )
                 tally.add_eval(results, targets, token_bytes)
             messages = tally.add(results)
@@ -335,6 +340,17 @@ class RoundEngine:
             pad_id=int(pad if pad is not None else bos.item()),
             top_k=self.scenario.evaluation.top_k,
             batch_tokens=self.scenario.evaluation.batch_tokens,
+        )
+
+    def _yardstick(self, start: int, token_bytes: torch.Tensor) -> RoundStats | None:
+        """The yardstick's statistics of the round at `start` (None: no yardstick): the full view's
+        text before it, then the round's text."""
+        if self.yardstick is None:
+            return None
+        seen = self.observer.reference(start)
+        evaluation = self.scenario.evaluation
+        return self.yardstick.score(
+            seen.prefix_ids, seen.round_inputs, token_bytes, top_k=evaluation.top_k, batch_tokens=evaluation.batch_tokens
         )
 
     def _members(

@@ -2,11 +2,12 @@
 
 `prepare(scenario, pool)` builds the topology, loads the models (one copy per distinct
 model; every model must share one tokenizer), reads and tokenizes the corpus, resolves
-the masked views' placeholders and the fixed controllers' prompts, and fits the firewalls'
-perplexity thresholds on the train part (`collective.run.firewall_fit`), so that mistakes
-surface in seconds with a clear `RunError`. The `Prepared` it returns feeds the round
-engine (`RoundEngine.from_prepared`), the controllers' search and the distributed
-coordinator.
+the masked views' placeholders and the fixed controllers' prompts, fits the firewalls'
+perplexity thresholds on the train part (`collective.run.firewall_fit`) and loads the
+optional yardstick (`evaluation.yardstick`, `load_yardstick`: its tokenizer may differ, its
+token bytes must be readable), so that mistakes surface in seconds with a clear `RunError`.
+The `Prepared` it returns feeds the round engine (`RoundEngine.from_prepared`), the
+controllers' search and the distributed coordinator.
 """
 
 from __future__ import annotations
@@ -17,10 +18,12 @@ from pathlib import Path
 import networkx as nx
 import torch
 
+from collective.lm.byte_vocab import ByteVocabError, byte_vocab
 from collective.lm.codec import TextCodec
 from collective.lm.corpus import load_corpus_text, token_byte_lengths, tokenize_stream
 from collective.lm.models import (
     LoadedModel,
+    ModelLoadError,
     ModelPool,
     TokenizerMismatchError,
     check_same_tokenizer,
@@ -28,6 +31,7 @@ from collective.lm.models import (
 from collective.records import FilterFit
 from collective.run.bus import link_policies
 from collective.run.firewall_fit import fit_firewalls
+from collective.run.yardstick import Yardstick
 from collective.scenario import (
     AttackMessage,
     FirewallFilter,
@@ -58,6 +62,7 @@ class Prepared:
     # has one; a Prepared built without it (the controllers' training runs) screens nothing
     firewalls: dict[str, tuple[FirewallFilter, ...]] = field(default_factory=dict)
     firewall_fits: dict[str, dict[int, FilterFit]] = field(default_factory=dict)  # node -> filter index -> fit
+    yardstick: Yardstick | None = None  # `evaluation.yardstick`, loaded once (None: none, or a controllers' training run)
 
     @property
     def tokenizer(self) -> TextCodec:
@@ -288,7 +293,54 @@ def prepare(scenario: Scenario, pool: ModelPool, *, base_dir: Path) -> Prepared:
     return Prepared(
         scenario, models, graph, stream, byte_lengths, placeholders,
         control_ids_for(scenario, tokenizer), firewalls=fitted.filters, firewall_fits=fitted.fits,
+        yardstick=load_yardstick(scenario, pool, models, stream, byte_lengths),
     )
+
+
+YARDSTICK_FIELD = "evaluation.yardstick"
+
+
+def load_yardstick(
+    scenario: Scenario, pool: ModelPool, models: dict[str, LoadedModel], stream: torch.Tensor, byte_lengths: torch.Tensor
+) -> Yardstick | None:
+    """The scenario's yardstick, loaded once from the pool (an alias of `models` with its dtype
+    and device, else a model ref as `models` takes it), or None. With another tokenizer than
+    the stream's, both tokenizers' token bytes must be recoverable (`byte_vocab`) and the
+    stream's must count the eval part's bytes as the rows do. Any failure: a `RunError` naming
+    the field and the model."""
+    name = scenario.evaluation.yardstick
+    if name is None:
+        return None
+    spec = scenario.models.get(name)
+    ref, device, dtype = (spec.ref, spec.device, spec.dtype) if spec is not None else (name, "auto", "auto")
+    try:
+        lm = pool.get(ref, device=device, dtype=dtype)
+    except (ModelLoadError, OSError, ValueError) as exc:
+        raise RunError(
+            f"{YARDSTICK_FIELD}: the yardstick {name!r} (model {ref!r}) could not be loaded: {exc}; name an alias of "
+            "`models` or a model that loads offline (an installed alias, a local folder or a .gguf file)"
+        ) from None
+    stream_lm = next(iter(models.values()))
+    try:
+        check_same_tokenizer({"stream": stream_lm, "yardstick": lm})
+        return Yardstick(lm, name)
+    except TokenizerMismatchError:
+        pass
+    try:
+        stream_vocab, vocab = byte_vocab(stream_lm.tokenizer), byte_vocab(lm.tokenizer)
+    except ByteVocabError as exc:
+        raise RunError(
+            f"{YARDSTICK_FIELD}: the yardstick {name!r} (model {ref!r}) has another tokenizer than the stream's "
+            f"({stream_lm.name}), so it is scored on the same text in bytes, but {exc}; use a byte-level BPE or a "
+            "byte-fallback SentencePiece model"
+        ) from None
+    eval_part = stream[scenario.corpus.train_tokens :]
+    if len(stream_vocab.decode(eval_part.tolist())) != int(byte_lengths[scenario.corpus.train_tokens :].sum()):
+        raise RunError(
+            f"{YARDSTICK_FIELD}: the stream tokenizer's token bytes do not add up to the eval part's byte count, "
+            f"so the yardstick {name!r} cannot be scored on the same bytes as the other rows"
+        )
+    return Yardstick(lm, name, stream_vocab=stream_vocab, vocab=vocab)
 
 
 def needs_search(scenario: Scenario) -> bool:
