@@ -240,3 +240,21 @@ def test_report_paired_finds_a_cell_in_the_folder_an_older_sweep_named_it(tmp_pa
     assert select_cells(summary, "node_defaults.message.policy=relay", tmp_path) == {1: cell.legacy_folder_name}
     (tmp_path / cell.folder_name).mkdir()  # once the cell has its own folder, that one
     assert select_cells(summary, "node_defaults.message.policy=relay", tmp_path) == {1: cell.folder_name}
+
+
+# ---------------------------------------------------------------------------- item 12: smaller
+
+
+def test_an_index_into_a_node_template_suggests_the_overrides_form():
+    from collective.evaluate.sweep import apply_override
+
+    data = {"nodes": {"count": 3, "id_prefix": "n"}, "node_defaults": {"message": {"policy": "relay"}}}
+    with pytest.raises(ScenarioError, match=r"--set nodes.1.message.policy: `nodes` is a template \(count: 3\).*"
+                       r"--set nodes.overrides.n1.message.policy=\.\.\., or every node as --set node_defaults.message.policy"):
+        apply_override(data, "nodes.1.message.policy", "search")
+
+
+def test_hostile_names_the_set_that_removed_the_attacker(tmp_path, capsys):
+    scenario = str(Path(__file__).resolve().parents[1] / "scenarios" / "hostile-node.yaml")
+    assert main(["hostile", scenario, "--set", "nodes.3.message={policy: relay}", "--out", str(tmp_path / "h")]) == 2
+    assert f"{scenario} --set nodes.3.message={{policy: relay}}: no node has message.policy: attack" in _err(capsys)

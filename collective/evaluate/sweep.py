@@ -142,6 +142,7 @@ def apply_override(data: dict[str, Any], path: str, value: Any) -> dict[str, Any
     """A copy of the scenario's YAML data with `path` (dotted; a number indexes a list) set."""
     data = copy.deepcopy(data)
     keys = path.split(".")
+    _refuse_template_index(data, keys)
     parent: Any = data
     for depth, key in enumerate(keys[:-1]):
         child = _get(parent, key, keys[: depth + 1])
@@ -154,6 +155,20 @@ def apply_override(data: dict[str, Any], path: str, value: Any) -> dict[str, Any
         parent.clear()  # another variant: the old variant's fields would not validate
     _put(parent, last, value, keys)
     return data
+
+
+def _refuse_template_index(data: dict[str, Any], keys: list[str]) -> None:
+    """`nodes.0.x` where `nodes` is a template (`count: N`): a ScenarioError that gives the
+    `nodes.overrides.<node id>.x` form (a template has no list to index)."""
+    template = data.get("nodes")
+    if keys[0] != "nodes" or len(keys) < 2 or not keys[1].isdigit() or not isinstance(template, dict):
+        return
+    node_id = f"{template.get('id_prefix', 'n')}{keys[1]}"
+    rest = ".".join(keys[2:]) or "FIELD"
+    raise ScenarioError(
+        f"--set {'.'.join(keys)}: `nodes` is a template (count: {template.get('count')}), not a list; set one node "
+        f"of it as --set nodes.overrides.{node_id}.{rest}=..., or every node as --set node_defaults.{rest}=..."
+    )
 
 
 def _get(container: Any, key: str, where: list[str]) -> Any:
