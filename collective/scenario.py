@@ -20,6 +20,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import Discriminator, Field, Tag, ValidationError
 
+from collective.idle_fields import idle_fields
 from collective.scenario_errors import (
     FieldError,
     ScenarioError,
@@ -387,7 +388,7 @@ def load_scenario(path: str | Path) -> Scenario:
         problem = getattr(exc, "problem", None) or str(exc)
         raise ScenarioError(f"{path}: this is not valid YAML{where}: {problem}") from None
     scenario = parse_scenario(data, source=str(path), base_dir=path.parent)
-    for message in unused_fields(data, str(path)):
+    for message in [*unused_fields(data, str(path)), *idle_fields(data, scenario, str(path))]:
         logger.warning("%s", message)
     return scenario
 
