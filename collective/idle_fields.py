@@ -10,7 +10,9 @@ wrote, not the resolved scenario, whose dumps hold every default) and the valida
 - `aggregator.exclude` under a `readout` of a node it does not exclude: the answer is that
   node's prediction alone, and no pool is formed;
 - a `retokenize` filter before a charset filter that strips: stripping re-encodes the text,
-  so the retokenized split is lost.
+  so the retokenized split is lost;
+- a searched or attack message's `span_tokens` beyond all the node can read (its view's
+  reach before the round plus the round): the span is cut to what it read.
 
 `load_scenario` logs each line as a warning (the CLI prints warnings on stderr); nothing is
 refused, since the same fields are legitimately present in dumps made by the library.
@@ -21,7 +23,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
-from collective.message_specs import CharsetFilter, RetokenizeFilter
+from collective.message_specs import AttackMessage, CharsetFilter, RetokenizeFilter, SearchMessage
 
 if TYPE_CHECKING:
     from collective.scenario import Scenario
@@ -67,6 +69,14 @@ def _idle_in_scenario(scenario: Scenario) -> Iterator[tuple[str, str]]:
     if spec.kind == "readout" and spec.exclude and spec.node not in spec.exclude:
         yield "aggregator.exclude", f"does nothing: a readout's answer is node {spec.node!r}'s prediction alone"
     for node in scenario.nodes:
+        span = node.message.span_tokens if isinstance(node.message, AttackMessage | SearchMessage) else None
+        most = scenario.view_reach(node) + scenario.bus.round_tokens
+        if span is not None and span > most:
+            yield (
+                f"node {node.id!r} message.span_tokens",
+                f"{span} is more than the node ever reads (at most {most} tokens: its view's reach "
+                f"{scenario.view_reach(node)} and the round's {scenario.bus.round_tokens}); the span is cut to what it read",
+            )
         kinds = [
             "retokenize" if isinstance(f, RetokenizeFilter) else "strip" if isinstance(f, CharsetFilter) and f.action == "strip" else ""
             for f in node.firewall

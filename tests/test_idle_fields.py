@@ -53,6 +53,9 @@ GCG = {"kind": "gcg", "objective": "local"}
         ({"node_defaults": {"model": "m", "message": {"policy": "relay"},
                             "firewall": [{"kind": "retokenize"}, {"kind": "charset", "action": "strip"}]}},
          "node 'a' firewall: a retokenize filter before a charset filter that strips is undone"),
+        ({"nodes": [{"id": "a", "view": {"kind": "window", "tokens": 8}, "message": {"policy": "attack", "span_tokens": 64}},
+                    {"id": "b"}, {"id": "c"}]},
+         "node 'a' message.span_tokens: 64 is more than the node ever reads (at most 24 tokens"),
     ],
 )
 def test_a_field_that_does_nothing_is_a_warning_naming_it(tmp_path, caplog, changes, warning):
@@ -64,7 +67,8 @@ def test_the_same_fields_where_they_act_give_no_warning(tmp_path, caplog):
     firewall = [{"kind": "charset", "action": "strip"}, {"kind": "retokenize"}, {"kind": "perplexity", "false_drop_rate": 0.1}]
     data = _scenario(
         node_defaults={"model": "m", "message": {"policy": "relay"}, "firewall": firewall},
-        nodes=[{"id": "a", "controller": {**GCG, "patience": 5, "validation_rounds": 1}}, {"id": "b"}, {"id": "c"}],
+        nodes=[{"id": "a", "controller": {**GCG, "patience": 5, "validation_rounds": 1}},
+               {"id": "b", "view": {"kind": "window", "tokens": 8}, "message": {"policy": "attack", "span_tokens": 24}}, {"id": "c"}],
         aggregator={"kind": "mean", "exclude": ["b"]},
     )
     assert _warnings(tmp_path, caplog, data) == []
