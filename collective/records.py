@@ -256,7 +256,7 @@ class YardstickGap(_Record):
     model: str = Field(description="the yardstick, as `evaluation.yardstick` names it")
     best_member: str
     share: float | None = Field(
-        description="(bpb best - bpb collective) / (bpb best - bpb yardstick); None: undefined, the yardstick is not better"
+        description="(bpb best - bpb collective) / (bpb best - bpb yardstick); None: undefined, the yardstick is not measurably better (the gap's CI reaches 0)"
     )
     share_ci: Interval = Field(description="its 95% CI (NaN ends: none, too few rounds or undefined)")
     gap_bits_per_byte: float = Field(description="bpb(best member) - bpb(yardstick)")

@@ -15,12 +15,14 @@ from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
 from collective.cli import main
+from collective.evaluate.gains import yardstick_line
 from collective.evaluate.intervals import critical_value, gap_share, lag1_variance
 from collective.evaluate.metrics import LN2, RoundStats, summarize
 from collective.lm.byte_vocab import byte_vocab
 from collective.lm.models import ModelPool
 from collective.records import Report
 from collective.report.report_view import report_markdown
+from collective.run.engine import EmbeddedExecutor
 from collective.run.prepared import RunError
 from collective.run.runner import prepare, run_prepared
 from collective.run.yardstick import encode_span
@@ -104,6 +106,17 @@ def test_the_share_is_undefined_when_the_yardstick_is_not_better_than_the_best_m
 def test_below_four_rounds_the_share_has_a_value_and_no_interval():
     found = gap_share(_stats(BEST[:3], BYTES[:3]), _stats(COLLECTIVE[:3], BYTES[:3]), _stats(YARDSTICK[:3], BYTES[:3]))
     assert found.defined and 0 < found.share.value < 1 and not found.share.has_interval
+
+
+def test_the_verdict_sentence_gives_the_share_with_its_interval_or_says_it_is_undefined():
+    best, collective = _stats(BEST, BYTES), _stats(COLLECTIVE, BYTES)
+    found = gap_share(best, collective, _stats(YARDSTICK, BYTES))
+    line = yardstick_line(found, "big")
+    share = f"{100 * found.share.value:.0f}%"
+    assert line.startswith(f"The collective closes {share} of the gap between its best member and the yardstick (big) (95% CI ")
+    assert f"{100 * found.share.low:.0f}% to {100 * found.share.high:.0f}%" in line
+    worse = yardstick_line(gap_share(best, collective, _stats([x + 1.0 for x in BEST], BYTES)), "big")
+    assert "is undefined" in worse and "closes" in worse and "% of the gap" not in worse
 
 
 # ---------------------------------------------------------------------------- bytes across tokenizers
@@ -258,6 +271,31 @@ def test_a_report_of_version_6_still_reads_without_a_yardstick(runs):
     older = {k: v for k, v in data.items() if k != "yardstick"} | {"schema_version": 6}
     report = Report.model_validate(older)
     assert report.yardstick is None and "yardstick" not in report_markdown(report)
+
+
+class _MissingA:
+    """An executor whose node `a` misses the second eval round, as a volunteer past its deadline."""
+
+    def __init__(self, inner) -> None:  # type: ignore[no-untyped-def]
+        self.inner = inner
+
+    def run_round(self, round_index, requests):  # type: ignore[no-untyped-def]
+        results = self.inner.run_round(round_index, requests)
+        return {**results, "a": None} if round_index == WARMUP + 1 else results
+
+
+def test_the_yardstick_is_scored_on_the_coordinator_when_a_node_misses_a_round(folders):
+    """A distributed run's executor may lose a node for a round; the yardstick runs beside the
+    executor, on every eval round, and the gap pairs the rounds its three rows share."""
+    root = folders["root"]
+    scenario = load_scenario(_scenario(root, folders["members"], str(folders["other"]), "missing-a"))
+    prepared = prepare(scenario, ModelPool(cache_dir=root / "cache"), base_dir=root)
+    result = run_prepared(prepared, root / "run-missing-a", executor=_MissingA(EmbeddedExecutor.from_prepared(prepared)))
+    report = result.report
+    assert report is not None and report.missed_rounds == {"a": 1}
+    assert report.row("yardstick").n_rounds == EVAL_ROUNDS and not report.is_partial(report.row("yardstick"))
+    assert report.yardstick is not None and report.yardstick.best_member != "a"
+    assert report.yardstick.n_rounds == EVAL_ROUNDS  # the best member, the collective and the yardstick scored every round
 
 
 # ---------------------------------------------------------------------------- bad input

@@ -170,7 +170,7 @@ def yardstick_line(gap: GapShare, yardstick: str) -> str:
     if not gap.defined:
         return (
             f"The share of the gap to the yardstick ({yardstick}) that the collective closes is undefined: the yardstick "
-            f"is not better than its best member in bits/byte ({size})."
+            f"is not measurably better than its best member in bits/byte ({size})."
         )
     share = gap.share
     if share.has_interval:

@@ -3,7 +3,8 @@
 Data flow: the evaluator hands every row's per-round `RoundStats` (all over the same R eval
 rounds) to `paired_intervals`, with the pairs of rows whose differences it wants (the
 gains). Other callers pass their own rows the same way: `collective hostile` (variants of
-a run), `evaluate/paired.py` (two sweep cells on the same eval tokens).
+a run), `evaluate/paired.py` (two sweep cells on the same eval tokens). `gap_share` is the
+evaluator's share of the gap to the yardstick (a ratio of two differences, in bits/byte).
 
 Every estimate is a ratio estimator: a row's NLL is the sum of its NLL over the sum of its
 scored tokens, so a round with more scored tokens weighs more. A difference between two

@@ -189,9 +189,11 @@ def _ci_color(low: float, high: float) -> str:
 
 def plot_gains(report: Report, out_path: Path) -> Path:
     """Left: every row's NLL with its 95% CI (members' isolated rows only when there are
-    many). Right: the collective and communication gains with their CIs against zero."""
+    many; a yardstick of another tokenizer is left out: its nats are per token of its own). Right:
+    the collective and communication gains with their CIs against zero."""
     n_members = len({row.node_id for row in report.rows if row.node_id})
     rows = [row for row in report.rows if row.node_id is None or n_members <= 6 or row.row == "member_isolated"]
+    rows = [row for row in rows if row.row != "yardstick" or row.n_tokens == report.n_eval_tokens]
     labels = gains_plot_labels(report, rows)
     figure = _figure(11, max(3.2, 0.26 * len(rows) + 1.4))
     forest, gains = figure.subplots(1, 2, width_ratios=(3, 2))

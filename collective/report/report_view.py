@@ -82,7 +82,7 @@ def yardstick_lines(report: Report) -> list[tuple[str, str]]:
         return []
     size = f"gap {gap.gap_bits_per_byte:.3f} bits/byte ({_ci(gap.gap_ci.low, gap.gap_ci.high, signed=True)})"
     if gap.share is None:
-        text = f"the share of the gap closed is undefined: the yardstick is not better than the best member ({size})"
+        text = f"the share of the gap closed is undefined: the yardstick is not measurably better than the best member ({size})"
     else:
         interval = "no 95% CI" if math.isnan(gap.share_ci.low) else f"95% CI {gap.share_ci.low:.0%} to {gap.share_ci.high:.0%}"
         text = (
