@@ -331,3 +331,33 @@ def test_a_yardstick_whose_token_bytes_cannot_be_read_is_refused_by_validate_dee
     assert main(["--cache-dir", str(root / "cache"), "validate", "--deep", str(path)]) == 2
     err = capsys.readouterr()
     assert f"{path}: evaluation.yardstick:" in " ".join((err.out + err.err).split())
+
+
+# ---------------------------------------------------------------------------- real tokenizers (slow)
+
+
+@pytest.mark.slow
+def test_a_gemma_yardstick_of_a_smollm2_stream_reads_every_round_byte_for_byte():
+    """SmolLM2 (byte-level BPE, splits an emoji or a CJK character across tokens) cuts the
+    stream; Gemma 3 (byte fallback, `▁` for space) re-encodes each round and its context apart:
+    its tokens must spell exactly the bytes of the stream's tokens, also where a round boundary
+    falls inside a character."""
+    from types import SimpleNamespace
+
+    from collective.lm.corpus import load_corpus_text
+    from collective.run.yardstick import Yardstick
+    from tests.test_bytes import real_tokenizer
+
+    stream_tok, tok = real_tokenizer("smollm2-135m"), real_tokenizer("gemma3-270m")
+    stream_vocab, vocab = byte_vocab(stream_tok), byte_vocab(tok)
+    text = load_corpus_text("wikitext2", None, base_dir=Path.cwd())[:6000] + " \U0001f642\u6771\u4eac\U0001f680 caf\u00e9 " * 40
+    ids = torch.tensor(stream_tok.encode(text, add_special_tokens=False))
+    yardstick = Yardstick(SimpleNamespace(tokenizer=tok), "gemma3-270m", stream_vocab=stream_vocab, vocab=vocab)  # type: ignore[arg-type]
+    cut_inside, round_tokens = 0, 7
+    for start in range(32, len(ids) - round_tokens, round_tokens):
+        context, round_ids = ids[start - 32 : start], ids[start : start + round_tokens]
+        got_context, got_round = yardstick.tokens(context, round_ids)
+        assert vocab.decode(got_context.tolist()) == stream_vocab.decode(context.tolist())
+        assert vocab.decode(got_round.tolist()) == stream_vocab.decode(round_ids.tolist())
+        cut_inside += 0x80 <= stream_vocab.decode(round_ids.tolist())[0] < 0xC0
+    assert cut_inside > 0  # some round starts inside a character: the byte tokens were needed
