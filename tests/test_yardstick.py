@@ -361,3 +361,37 @@ def test_a_gemma_yardstick_of_a_smollm2_stream_reads_every_round_byte_for_byte()
         assert vocab.decode(got_round.tolist()) == stream_vocab.decode(round_ids.tolist())
         cut_inside += 0x80 <= stream_vocab.decode(round_ids.tolist())[0] < 0xC0
     assert cut_inside > 0  # some round starts inside a character: the byte tokens were needed
+
+
+# ---------------------------------------------------------------------------- distributed (real broker)
+
+
+@pytest.mark.mqtt
+def test_a_distributed_run_scores_the_yardstick_on_the_coordinator_as_the_embedded_run_does(tmp_path, tiny_tok, tiny_lm):
+    """Volunteers never see the yardstick; the coordinator scores it beside the rounds they serve."""
+    from tests import test_distributed as dist
+    from tests.mosquitto import running_broker
+
+    root = tmp_path / "world"
+    root.mkdir()
+    other = _save(root / "other", 384, 7)
+    tiny_lm.save_pretrained(root / "tiny")
+    tiny_tok.save_pretrained(root / "tiny")
+    spec = {**dist.SCENARIO, "models": {"tiny": {"ref": str(root / "tiny"), "dtype": "float32", "device": "cpu"}}}
+    spec["evaluation"] = {**spec["evaluation"], "yardstick": str(other)}
+    (root / "scenario.yaml").write_text(yaml.safe_dump(spec))
+    prepared = prepare(load_scenario(root / "scenario.yaml"), ModelPool(cache_dir=root / "cache"), base_dir=root)
+    embedded = run_prepared(prepared, root / "embedded").report
+    assert embedded is not None and embedded.yardstick is not None
+    world = dist.World(root, prepared, embedded, [])
+    nodes = dist.Nodes(tmp_path)
+    try:
+        with running_broker(tmp_path / "broker") as broker:
+            result, _, _ = dist._run_with_nodes(world, nodes, broker, tmp_path / "run")
+    finally:
+        nodes.stop_all()
+    found = result.report
+    assert found is not None and found.runtime == "mqtt" and found.yardstick is not None
+    dist._assert_same_evaluation(embedded, found)  # every row, the yardstick's included
+    assert dist._close(found.yardstick.gap_bits_per_byte, embedded.yardstick.gap_bits_per_byte)
+    assert dist._close(found.yardstick.closed_bits_per_byte, embedded.yardstick.closed_bits_per_byte)
