@@ -49,7 +49,7 @@ log = logging.getLogger(__name__)
 PROTOCOL_SCHEMA_VERSION = 4
 PROTOCOL_CHANGES = (
     "4 carries a masked node's placeholder id in its request (searched messages leave those labels out) "
-    "and whether a shuffled message matched at the receiver in its result"
+    "and whether a shuffled message matched at the receiver in its result; its scenario has evaluation.yardstick"
 )
 COORDINATOR = "coordinator"
 WATCHER = "watcher"  # the read-only login of `collective watch --broker` (see broker.acl_text)
