@@ -393,16 +393,18 @@ def test_watch_broker_of_a_run_that_is_not_there_exits_2_within_its_timeout(tmp_
         began = time.monotonic()
         code = main(["watch", "--broker", broker.url("watcher"), "--run", "nope", "--idle-timeout", "1", "--no-live"])
         took = time.monotonic() - began
-        out = " ".join(capsys.readouterr().out.split())
-        assert code == 2 and took < 10, out
-        assert "no run 'nope' is live on the broker at mqtt://watcher@127.0.0.1" in out and "within 1 s" in out
+        captured = capsys.readouterr()
+        err = " ".join(captured.err.split())  # errors go to stderr, results to stdout
+        assert code == 2 and took < 10, err
+        assert "no run 'nope' is live on the broker at mqtt://watcher@127.0.0.1" in err and "within 1 s" in err
+        assert "no run 'nope'" not in captured.out
         # a wrong password: refused at the login, with what to do
         code = main(["watch", "--broker", broker.url("watcher", "wrong"), "--run", "nope", "--no-live"])
-        out = " ".join(capsys.readouterr().out.split())
+        out = " ".join(capsys.readouterr().err.split())
         assert code == 2 and "step 'authentication'" in out and "refused the login of user 'watcher'" in out
         # a node's login may not read the run records
         code = main(["watch", "--broker", broker.url("a"), "--run", "nope", "--idle-timeout", "1", "--no-live"])
-        out = " ".join(capsys.readouterr().out.split())
+        out = " ".join(capsys.readouterr().err.split())
         assert code == 2 and ("may not read" in out or "refused to let user 'a' read" in out), out
 
 

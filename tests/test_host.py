@@ -168,5 +168,7 @@ def test_a_host_login_acts_only_for_its_nodes_and_is_told_which_node_it_may_not_
         assert by_box == [topics.to_node("a")]  # its own node's requests, not another's
         assert by_coordinator == [topics.status("a"), topics.status("box")]  # what it published for c never arrived
         code = main(["node", "--broker", broker.url("box"), "--run", "r1", "--nodes", "a,c", "--scenario-timeout", "20"])
-    out = " ".join(capsys.readouterr().out.split())
-    assert code == 2 and "login 'box' may not serve node 'c'" in out and "--hosts FILE" in out, out
+    captured = capsys.readouterr()
+    err = " ".join(captured.err.split())  # errors go to stderr, progress to stdout
+    assert code == 2 and "login 'box' may not serve node 'c'" in err and "--hosts FILE" in err, err
+    assert "may not serve" not in captured.out
