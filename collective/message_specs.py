@@ -43,6 +43,21 @@ class ShuffleMessage(Frozen):
     policy: Literal["shuffle"] = "shuffle"
 
 
+class ReplayMessage(Frozen):
+    """A written message's priming control matched across runs: each round, the text this
+    node sent in the same round of a finished run (its `events.jsonl`), shuffled as `shuffle`
+    orders a relay. In a run of `generate` with `shuffle: true` the writers read shuffled
+    inboxes and write other text; a replay sends the plain run's own text, so the receivers
+    read its tokens, as many, in another order. `shuffle: false` replays it verbatim (the
+    receivers then read exactly what they read in that run: a check of the replay)."""
+
+    policy: Literal["replay"] = "replay"
+    run: str = Field(
+        description="a finished run folder (relative: to the scenario file's folder) of the same stream, rounds and node"
+    )
+    shuffle: bool = Field(True, description="reorder the replayed text as `shuffle` reorders a relay")
+
+
 class SilentMessage(Frozen):
     policy: Literal["silent"] = "silent"
 
@@ -125,7 +140,7 @@ class AttackMessage(MessageSearchSettings):
 
 
 MessageSpec = Annotated[
-    GenerateMessage | RelayMessage | ShuffleMessage | SearchMessage | AttackMessage | SilentMessage,
+    GenerateMessage | RelayMessage | ShuffleMessage | ReplayMessage | SearchMessage | AttackMessage | SilentMessage,
     Field(discriminator="policy"),
 ]
 

@@ -23,6 +23,7 @@ from collective.message_specs import (
     ParaphraseFilter,
     PerplexityFilter,
     RelayMessage,
+    ReplayMessage,
     RetokenizeFilter,
     SearchMessage,
     ShuffleMessage,
@@ -32,7 +33,7 @@ from collective.spec_base import Frozen
 
 __all__ = [  # the message and firewall specs live in collective.message_specs; Frozen in spec_base
     "AttackMessage", "CharsetFilter", "FirewallFilter", "Frozen", "GenerateMessage", "MessageSpec", "ParaphraseFilter",
-    "PerplexityFilter", "RelayMessage", "RetokenizeFilter", "SearchMessage", "ShuffleMessage", "SilentMessage",
+    "PerplexityFilter", "RelayMessage", "ReplayMessage", "RetokenizeFilter", "SearchMessage", "ShuffleMessage", "SilentMessage",
 ]
 
 NODE_ID_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"

@@ -211,7 +211,9 @@ class MessageKey(WireModel):
 
 # the request fields that mean the same on both sides of the wire, and the token id lists
 # (tensors in a NodeRoundRequest, lists of ints on the wire)
-_SAME_FIELDS = ("node_id", "message", "message_tokens", "message_bytes", "seed", "want_plain", "want_isolated", "placeholder_id")
+_SAME_FIELDS = (
+    "node_id", "message", "message_tokens", "message_bytes", "seed", "want_plain", "want_isolated", "placeholder_id", "replay_text",
+)
 _ID_FIELDS = ("prefix_ids", "round_inputs", "targets")
 
 
@@ -230,6 +232,7 @@ class RequestPayload(WireModel):
     message_frame: tuple[str, str] = Field(("", "\n"), description="a reader's inbox text around the message (protocol 2)")
     seed: int
     placeholder_id: int | None = Field(None, description="a masked view's hidden-token id: a searched message does not score it")
+    replay_text: str | None = Field(None, description="`replay`: the text the node sent in this round of the replayed run (protocol 4)")
     want_plain: bool = True
     want_isolated: bool = True
     inbox: list[MessageKey] = Field(default_factory=list, description="messages that become readable this round")

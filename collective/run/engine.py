@@ -180,8 +180,10 @@ class RoundEngine:
         run_id: str,
         firewalls: dict[str, tuple[FirewallFilter, ...]] | None = None,
         yardstick: Yardstick | None = None,
+        replay_texts: dict[str, dict[int, str | None]] | None = None,
     ) -> None:
         self.scenario = scenario
+        self.replay_texts = replay_texts or {}  # node -> round -> its replayed text (`Prepared.replay_texts`)
         self.yardstick = yardstick  # scored on eval rounds only (`Prepared.yardstick`)
         self.firewalls = firewalls or {}  # node -> its fitted filters (`Prepared.firewalls`)
         self.graph = graph
@@ -220,7 +222,7 @@ class RoundEngine:
         return cls(
             scenario, prepared.graph, prepared.stream, prepared.byte_lengths, executor,
             prepared.models[scenario.reference_model], prepared.control_ids, prepared.placeholder_ids, run_id,
-            firewalls=prepared.firewalls, yardstick=prepared.yardstick,
+            firewalls=prepared.firewalls, yardstick=prepared.yardstick, replay_texts=prepared.replay_texts,
         )
 
     @property
@@ -259,6 +261,7 @@ class RoundEngine:
                     inbox_template=self.scenario.bus.inbox_template,
                     inbox_header=self.scenario.bus.inbox_header,
                     placeholder_id=self.placeholder_ids.get(node.id),
+                    replay_text=self.replay_texts.get(node.id, {}).get(round_index),
                 )
             )
         return requests

@@ -47,6 +47,7 @@ from collective.scenario import (
     GenerateMessage,
     MessageSpec,
     RelayMessage,
+    ReplayMessage,
     SearchMessage,
     ShuffleMessage,
 )
@@ -77,6 +78,7 @@ class NodeRoundRequest:
     inbox_template: str = BusSpec.model_fields["inbox_template"].default
     inbox_header: str = ""
     placeholder_id: int | None = None  # a masked view's token for a hidden one: a searched message does not score it
+    replay_text: str | None = None  # `replay`: the text the node sent in this round of the replayed run
 
 
 @dataclass
@@ -268,6 +270,8 @@ def _message_text(request: NodeRoundRequest, spoken: list[int] | None, tokenizer
         return tokenizer.decode(relayed_ids(request), skip_special_tokens=True)
     if isinstance(spec, ShuffleMessage):
         return shuffled(request, relay_text(request, tokenizer), tokenizer)
+    if isinstance(spec, ReplayMessage) and request.replay_text:
+        return shuffled(request, request.replay_text, tokenizer) if spec.shuffle else request.replay_text
     return None
 
 

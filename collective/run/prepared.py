@@ -31,6 +31,7 @@ from collective.lm.models import (
 from collective.records import FilterFit
 from collective.run.bus import link_policies
 from collective.run.firewall_fit import fit_firewalls
+from collective.run.replay import ReplayError, replay_texts
 from collective.run.yardstick import Yardstick
 from collective.scenario import (
     AttackMessage,
@@ -63,6 +64,7 @@ class Prepared:
     firewalls: dict[str, tuple[FirewallFilter, ...]] = field(default_factory=dict)
     firewall_fits: dict[str, dict[int, FilterFit]] = field(default_factory=dict)  # node -> filter index -> fit
     yardstick: Yardstick | None = None  # `evaluation.yardstick`, loaded once (None: none, or a controllers' training run)
+    replay_texts: dict[str, dict[int, str | None]] = field(default_factory=dict)  # `replay` nodes: round -> text
 
     @property
     def tokenizer(self) -> TextCodec:
@@ -294,7 +296,15 @@ def prepare(scenario: Scenario, pool: ModelPool, *, base_dir: Path) -> Prepared:
         scenario, models, graph, stream, byte_lengths, placeholders,
         control_ids_for(scenario, tokenizer), firewalls=fitted.filters, firewall_fits=fitted.fits,
         yardstick=load_yardstick(scenario, pool, models, stream, byte_lengths),
+        replay_texts=_replays(scenario, base_dir),
     )
+
+
+def _replays(scenario: Scenario, base_dir: Path) -> dict[str, dict[int, str | None]]:
+    try:
+        return replay_texts(scenario, base_dir)
+    except ReplayError as exc:
+        raise RunError(str(exc)) from None
 
 
 YARDSTICK_FIELD = "evaluation.yardstick"
