@@ -22,7 +22,11 @@ class GenerateMessage(Frozen):
     temperature: float = Field(1.0, gt=0.0)
     max_tokens: int | None = Field(None, ge=1, description="at most the bus budget; default: the budget")
     shuffle: bool = Field(
-        False, description="the priming control of a written message: its tokens in a seeded order, as `shuffle` orders a relay"
+        False,
+        description=(
+            "its tokens in a seeded order, as `shuffle` orders a relay; not matched across runs (the writers read "
+            "shuffled inboxes and write other text): the matched control of written messages is `replay`"
+        ),
     )
 
 
@@ -38,7 +42,7 @@ class ShuffleMessage(Frozen):
     their order. The order is drawn so that a receiver, which encodes its rendered inbox as
     one string, reads the same tokens, as many, as it reads of the relay (matched for at
     least 99% of messages: `collective.run.shuffle`). A gain the control shows as well is
-    priming, not communication. (A written message's control: `generate` with `shuffle: true`.)"""
+    priming, not communication. (A written message's matched control: `replay` of the plain run.)"""
 
     policy: Literal["shuffle"] = "shuffle"
 
