@@ -103,17 +103,21 @@ def _calibrated(n_rounds: int, confidence: float) -> float:
     return float(torch.quantile(values, confidence))
 
 
-def linearised(stats: RoundStats, rounds: torch.Tensor) -> tuple[float, torch.Tensor]:
-    """The ratio estimator on the rounds in `rounds` (R,) bool and its residuals there:
-    theta = sum nll / sum tokens, z_r = (nll_r - theta * tokens_r) / mean(tokens) (K,) for
-    the K kept rounds, in order. NaN theta and no residuals when no token was scored."""
-    nll = stats.nll_sum.double()[rounds]  # (K,)
-    tokens = stats.n_tokens.double()[rounds]  # (K,)
-    total = float(tokens.sum())
+def ratio_residuals(sums: torch.Tensor, counts: torch.Tensor) -> tuple[float, torch.Tensor]:
+    """The ratio estimator theta = sum(sums) / sum(counts) of K rounds and its linearised
+    residuals z_r = (sums_r - theta * counts_r) / mean(counts): (K,). NaN theta and no
+    residuals when nothing was counted. sums, counts: (K,) float64."""
+    total = float(counts.sum())
     if not total:
-        return math.nan, nll[:0]
-    theta = float(nll.sum()) / total
-    return theta, (nll - theta * tokens) / tokens.mean()
+        return math.nan, sums[:0]
+    theta = float(sums.sum()) / total
+    return theta, (sums - theta * counts) / counts.mean()
+
+
+def linearised(stats: RoundStats, rounds: torch.Tensor) -> tuple[float, torch.Tensor]:
+    """The ratio estimator of a row's NLL per token on the rounds in `rounds` (R,) bool and
+    its residuals there (`ratio_residuals`), for the K kept rounds in order."""
+    return ratio_residuals(stats.nll_sum.double()[rounds], stats.n_tokens.double()[rounds])
 
 
 def studentized(value: float, residuals: torch.Tensor, confidence: float) -> Estimate:
@@ -191,15 +195,8 @@ class GapShare:
 
 
 def _per_byte(stats: RoundStats, rounds: torch.Tensor) -> tuple[float, torch.Tensor]:
-    """`linearised` in bits per byte: theta = sum nll / ln 2 / sum bytes on the kept rounds,
-    z_r = (nll_r / ln 2 - theta * bytes_r) / mean(bytes): (K,)."""
-    bits = stats.nll_sum.double()[rounds] / math.log(2.0)  # (K,)
-    n_bytes = stats.n_bytes.double()[rounds]  # (K,)
-    total = float(n_bytes.sum())
-    if not total:
-        return math.nan, bits[:0]
-    theta = float(bits.sum()) / total
-    return theta, (bits - theta * n_bytes) / n_bytes.mean()
+    """`linearised` in bits per byte: theta = sum nll / ln 2 / sum bytes on the kept rounds."""
+    return ratio_residuals(stats.nll_sum.double()[rounds] / math.log(2.0), stats.n_bytes.double()[rounds])
 
 
 def gap_share(best: RoundStats, collective: RoundStats, yardstick: RoundStats, confidence: float = 0.95) -> GapShare:
