@@ -27,6 +27,7 @@ from collective.run.prepared import RunError
 from collective.run.runner import prepare, run_prepared
 from collective.run.yardstick import encode_span
 from collective.scenario import load_scenario
+from tests.test_rundir import write_tiny_scenario
 from tests.tiny import pydoc_text, tiny_llama, tiny_tokenizer
 
 WARMUP, EVAL_ROUNDS, ROUND, CONTEXT = 1, 5, 8, 24
@@ -144,25 +145,13 @@ def _save(folder: Path, vocab_size: int, seed: int) -> Path:
 
 
 def _scenario(folder: Path, model_dir: Path, yardstick: str | None, name: str = "yard") -> Path:
+    """The run folder tests' tiny scenario, with this file's rounds and an optional yardstick."""
     evaluation = {"context_tokens": CONTEXT, "warmup_rounds": WARMUP, "top_k": 8} | ({"yardstick": yardstick} if yardstick else {})
-    data = {
-        "name": name,
-        "seed": 2,
-        "models": {"tiny": {"ref": str(model_dir), "dtype": "float32", "device": "cpu"}},
-        "corpus": {"source": "builtin:pydoc", "train_tokens": 48, "eval_tokens": ROUND * EVAL_ROUNDS},
-        "node_defaults": {"model": "tiny", "message": {"policy": "generate"}},
-        "nodes": [
-            {"id": "a", "view": {"kind": "window", "tokens": 16}},
-            {"id": "b", "view": {"kind": "lagged", "tokens": 8, "lag": 8}},
-            {"id": "c", "view": {"kind": "none"}, "message": {"policy": "relay"}},
-        ],
-        "topology": {"kind": "ring"},
-        "bus": {"round_tokens": ROUND, "max_message_tokens": 4},
-        "evaluation": evaluation,
-    }
-    path = folder / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
-    return path
+    return write_tiny_scenario(
+        folder, model_dir, name=name, evaluation=evaluation,
+        corpus={"source": "builtin:pydoc", "train_tokens": 48, "eval_tokens": ROUND * EVAL_ROUNDS},
+        bus={"round_tokens": ROUND, "max_message_tokens": 4},
+    )
 
 
 @pytest.fixture(scope="module")
