@@ -118,9 +118,17 @@ class Point:
 
 
 def _policy(overrides: dict[str, Any]) -> str:
+    """The cell's policy label: a written message's shuffled control and a replay are labels
+    of their own, never more replicates of `generate` (a sweep of shuffle=false,true put both
+    under one label)."""
     if overrides.get("node_defaults.controller.objective") == "speak":
         return "speak"
-    return str(overrides.get("node_defaults.message.policy", "?"))
+    policy = str(overrides.get("node_defaults.message.policy", "?"))
+    if policy == "replay":
+        return "replay-shuffle" if str(overrides.get("node_defaults.message.shuffle", True)).lower() != "false" else "replay"
+    if str(overrides.get("node_defaults.message.shuffle", False)).lower() == "true":
+        return f"{policy}-shuffle"
+    return policy
 
 
 def read_points(out: Path) -> list[Point]:

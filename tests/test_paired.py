@@ -148,3 +148,16 @@ def test_the_language_game_summary_pairs_relay_with_shuffle_replicate_by_replica
     spread = found.comparison.over_seeds
     half = 12.706204736174696 * (0.075 / math.sqrt(2)) / math.sqrt(2)  # t(0.975, 1) * sd / sqrt(2)
     assert (spread.mean, spread.low, spread.high) == pytest.approx((-0.1625, -0.1625 - half, -0.1625 + half), abs=1e-9)
+
+
+def test_the_language_game_summary_labels_a_written_messages_controls_apart_from_generate():
+    """A sweep of generate with shuffle=false,true (or a replay) must not count its control
+    cells as more replicates of `generate` (it did: one replicate read as two)."""
+    from bench.language_game import _policy
+
+    policy, shuffle = "node_defaults.message.policy", "node_defaults.message.shuffle"
+    assert _policy({policy: "generate"}) == _policy({policy: "generate", shuffle: False}) == "generate"
+    assert _policy({policy: "generate", shuffle: True}) == "generate-shuffle"
+    assert _policy({policy: "replay"}) == _policy({policy: "replay", shuffle: True}) == "replay-shuffle"
+    assert _policy({policy: "replay", shuffle: False}) == "replay"
+    assert _policy({policy: "relay"}) == "relay"
