@@ -21,7 +21,9 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 # attack objectives of MessageSearch; version 1 and 2 files still read (the new fields default empty)
 # events 4: adds NodeRound.shuffle_matched (a priming control read as its message's tokens); older files
 # still read (None: not recorded)
-EVENT_SCHEMA_VERSION = 4
+# events 5: adds RoundEvent.unit ("byte": a collective of several tokenizers, every NLL per byte of the text);
+# older files still read ("token")
+EVENT_SCHEMA_VERSION = 5
 # report 2: adds rejected_envelopes; 3: adds each row's n_rounds, each gain's n_rounds (the rounds its
 # two sides share), partial_members, best_member_rule and block_rule. Older reports still read: the
 # new fields default to None or empty, and `Report.is_partial` works from token counts.
@@ -33,11 +35,20 @@ EVENT_SCHEMA_VERSION = 4
 # 7: adds the optional yardstick row (row kind `yardstick`: a bigger model with the full view, its NLL per token of
 # its own tokenizer) and `yardstick` (the share of the best member's gap to it that the collective closes, in
 # bits/byte); None / absent in older reports and in runs without `evaluation.yardstick`.
-REPORT_SCHEMA_VERSION = 7
+# 8: adds unit ("byte": a collective of several tokenizers, every row scored on each next byte of the eval text, its
+# NLL and gains in nats per byte, its top-1 over bytes); older reports read as "token".
+REPORT_SCHEMA_VERSION = 8
 # controls 2: adds each search's validation_loss, initial_validation_loss and stopped_at_step (None in version 1)
 CONTROLS_SCHEMA_VERSION = 2
 
 Runtime = Literal["embedded", "mqtt"]  # where the nodes ran: this process, or volunteers over MQTT
+# what one scored position is: a token of the shared tokenizer, or (several tokenizers) a byte of the text
+Unit = Literal["token", "byte"]
+
+
+def nll_unit(unit: Unit) -> str:
+    """How an NLL of a run in `unit` is written: 'nats/token' or 'nats/byte'."""
+    return f"nats/{unit}"
 
 
 class _Record(BaseModel):
@@ -140,7 +151,7 @@ class ScreenRecord(_Record):
 
 
 class NodeRound(_Record):
-    """One node's round. NLLs are mean nats/token over the round; None when it missed it
+    """One node's round. NLLs are mean nats per token (per byte: the round's `unit`); None when it missed it
     (or, for isolated and plain, when it was not asked for that row)."""
 
     node_id: str
@@ -179,6 +190,7 @@ class RoundEvent(_Record):
     nll_reference: float
     wall_seconds: float
     elapsed_seconds: float
+    unit: Unit = Field("token", description="what the NLLs are per: a token, or a byte of the text (several tokenizers; events 5)")
 
 
 class RunEnd(_Record):
@@ -230,7 +242,7 @@ class RowReport(_Record):
     row: RowKind
     node_id: str | None = None
     model: str | None = None
-    nll: float = Field(description="mean nats per token")
+    nll: float = Field(description="mean nats per token (per byte in a byte-unit report)")
     nll_ci: Interval
     perplexity: float
     bits_per_byte: float
@@ -240,7 +252,7 @@ class RowReport(_Record):
 
 
 class Gain(_Record):
-    """NLL difference in nats/token with its paired CI: positive = the collective (for a
+    """NLL difference in nats/token (nats/byte in a byte-unit report) with its paired CI: positive = the collective (for a
     controller gain: the member with its prompt) is better than what it is compared with."""
 
     value: float
@@ -321,6 +333,9 @@ class Report(_Record):
     block_rounds: int | None = Field(None, description="bootstrap block length of reports before version 6 (None after)")
     n_boot: int | None = Field(None, description="bootstrap resamples of reports before version 6 (None after)")
     interval_method: str = Field("", description="how every CI was computed, in words ('' before version 6)")
+    unit: Unit = Field(
+        "token", description="byte: several tokenizers, every row's NLL, top-1 and gain per byte of the text ('token' before version 8)"
+    )
     rows: list[RowReport]
     best_member: str
     collective_gain: Gain
@@ -362,8 +377,9 @@ class Report(_Record):
     def is_partial(self, row: RowReport) -> bool:
         """The row scored fewer tokens than the eval part has: a node missed rounds (this
         reads reports of every version, which all carry token counts). The yardstick row counts
-        tokens of its own tokenizer: it is partial when it scored fewer rounds."""
-        if row.row == "yardstick":
+        tokens of its own tokenizer, and a byte-unit report's rows count bytes: they are partial
+        when they scored fewer rounds."""
+        if row.row == "yardstick" or self.unit == "byte":
             return row.n_rounds is not None and row.n_rounds < self.n_eval_rounds
         return row.n_tokens < self.n_eval_tokens
 

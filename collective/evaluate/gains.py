@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Generic
 
 from collective.evaluate.intervals import (
@@ -26,7 +26,8 @@ from collective.evaluate.intervals import (
     PairedIntervals,
     paired_intervals,
 )
-from collective.evaluate.metrics import Estimate, RoundStats, Row, summarize
+from collective.evaluate.metrics import LN2, Estimate, RoundStats, Row, summarize
+from collective.records import Unit
 
 TIE_NATS = 1e-5  # |gain| and CI within this many nats/token of 0: float rounding, not a difference
 
@@ -136,30 +137,40 @@ def _tie(estimate: Estimate) -> bool:
     return inside and (not estimate.has_interval or max(abs(estimate.low), abs(estimate.high)) <= TIE_NATS)
 
 
+def in_bits(estimate: Estimate) -> Estimate:
+    """The same estimate in bits (nats / ln 2): a byte-unit gain read in bits/byte."""
+    return replace(estimate, value=estimate.value / LN2, low=estimate.low / LN2, high=estimate.high / LN2)
+
+
 def verdict(
-    collective_gain: Estimate, communication_gain: Estimate, best_member: str | None = None, note: str = ""
+    collective_gain: Estimate, communication_gain: Estimate, best_member: str | None = None, note: str = "",
+    unit: Unit = "token",
 ) -> str:
     """One honest line: does the collective beat its best member, did communication matter.
 
     A gain whose CI lies entirely above +TIE_NATS is a win, entirely below -TIE_NATS a
-    loss, otherwise not distinguishable (also when there is no CI). Numbers are
-    nats/token. `note` (e.g. on missed rounds) is appended as its own sentence.
+    loss, otherwise not distinguishable (also when there is no CI). The gains come in nats
+    per `unit`; the sentence gives them in nats/token, or for a byte-unit run (several
+    tokenizers) in bits/byte, decided on the nats. `note` (e.g. on missed rounds) is
+    appended as its own sentence.
     """
     best = "its best member" if best_member is None else f"its best member ({best_member})"
-    g, c = collective_gain, communication_gain
-    tie = ": equal within float tolerance" if _tie(g) else ""
+    per = "bits/byte" if unit == "byte" else "nats/token"
+    shown = in_bits if unit == "byte" else (lambda estimate: estimate)
+    g, c = shown(collective_gain), shown(communication_gain)
+    tie = ": equal within float tolerance" if _tie(collective_gain) else ""
     first = {
-        1: f"The collective beats {best} by {g.value:.3f} nats/token ({_ci_text(g)})",
-        -1: f"The collective is worse than {best} by {-g.value:.3f} nats/token ({_ci_text(g)})",
-        0: f"The collective is not distinguishable from {best}{tie} (gain {signed(g.value)} nats/token, {_ci_text(g)})",
-    }[direction(g)]
-    tie = ", equal within float tolerance" if _tie(c) else ""
+        1: f"The collective beats {best} by {g.value:.3f} {per} ({_ci_text(g)})",
+        -1: f"The collective is worse than {best} by {-g.value:.3f} {per} ({_ci_text(g)})",
+        0: f"The collective is not distinguishable from {best}{tie} (gain {signed(g.value)} {per}, {_ci_text(g)})",
+    }[direction(collective_gain)]
+    tie = ", equal within float tolerance" if _tie(communication_gain) else ""
     second = {
-        1: f"communication mattered: {c.value:.3f} nats/token better than the silent ensemble ({_ci_text(c)})",
-        -1: f"communication hurt: {-c.value:.3f} nats/token worse than the silent ensemble ({_ci_text(c)})",
+        1: f"communication mattered: {c.value:.3f} {per} better than the silent ensemble ({_ci_text(c)})",
+        -1: f"communication hurt: {-c.value:.3f} {per} worse than the silent ensemble ({_ci_text(c)})",
         0: f"communication made no measurable difference over the silent ensemble{tie} "
-        f"(gain {signed(c.value)} nats/token, {_ci_text(c)})",
-    }[direction(c)]
+        f"(gain {signed(c.value)} {per}, {_ci_text(c)})",
+    }[direction(communication_gain)]
     return f"{first}; {second}." + (f" {note}" if note else "")
 
 
@@ -219,6 +230,7 @@ __all__ = [
     "controller_effect",
     "direction",
     "gains",
+    "in_bits",
     "missed_rounds_note",
     "signed",
     "verdict",

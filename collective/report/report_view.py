@@ -9,7 +9,9 @@ table come the gains: collective, communication, and each prompted node's contro
 (plain minus isolated), read in words with the verdict's float tolerance, then what each
 receiver's firewall did and cost. A run with a yardstick has its row (NLL per token of the
 yardstick's own tokenizer: rows compare in bits/byte) and the line "the collective closes X%
-of the gap between its best member and the yardstick", with its CI.
+of the gap between its best member and the yardstick", with its CI. A byte-unit report (a
+collective of several tokenizers, `Report.unit`) says so: every NLL, gain and perplexity is
+per byte of the eval text (nats/byte), and its verdict reads the gains in bits/byte.
 """
 
 from __future__ import annotations
@@ -27,7 +29,16 @@ from rich.text import Text
 from collective.evaluate.gains import controller_effect
 from collective.evaluate.intervals import TOO_FEW_ROUNDS
 from collective.evaluate.metrics import Estimate
-from collective.records import ROW_TITLES, FilterFit, FilterReport, Gain, Report, RowReport
+from collective.records import (
+    ROW_TITLES,
+    FilterFit,
+    FilterReport,
+    Gain,
+    Report,
+    RowReport,
+    Unit,
+    nll_unit,
+)
 
 SHORT_TITLES: dict[str, str] = {
     "member_plain": "plain",
@@ -67,11 +78,28 @@ def _ci(low: float, high: float, signed: bool = False, sep: str = " .. ") -> str
     return f"{low:.3f}{sep}{high:.3f}"
 
 
-def _gain(gain: Gain, n_rounds: int) -> str:
+def _gain(gain: Gain, n_rounds: int, unit: Unit = "token") -> str:
     shared = "" if gain.n_rounds is None or gain.n_rounds == n_rounds else f", on {gain.n_rounds}/{n_rounds} shared rounds"
+    per = nll_unit(unit)
     if math.isnan(gain.ci.low) or math.isnan(gain.ci.high):
-        return f"{_signed(gain.value)} nats/token (no 95% CI: {TOO_FEW_ROUNDS}) vs {gain.versus}{shared}"
-    return f"{_signed(gain.value)} nats/token (95% CI {_ci(gain.ci.low, gain.ci.high, signed=True)}) vs {gain.versus}{shared}"
+        return f"{_signed(gain.value)} {per} (no 95% CI: {TOO_FEW_ROUNDS}) vs {gain.versus}{shared}"
+    return f"{_signed(gain.value)} {per} (95% CI {_ci(gain.ci.low, gain.ci.high, signed=True)}) vs {gain.versus}{shared}"
+
+
+BYTE_UNIT_NOTE = (
+    "the members have different tokenizers: every row is scored on each next byte of the eval text (NLL in "
+    "nats/byte, perplexity per byte, top-1 over bytes; bits/byte = NLL / ln 2)"
+)
+
+
+def unit_lines(report: Report) -> list[tuple[str, str]]:
+    """(label, text): what a byte-unit report's numbers count; none for a token-unit one."""
+    return [("unit", BYTE_UNIT_NOTE)] if report.unit == "byte" else []
+
+
+def eval_size(report: Report) -> str:
+    """'320 eval tokens' or, for a byte-unit report, '1400 eval bytes'."""
+    return f"{report.eval_bytes} eval bytes" if report.unit == "byte" else f"{report.n_eval_tokens} eval tokens"
 
 
 def yardstick_lines(report: Report) -> list[tuple[str, str]]:
@@ -89,6 +117,8 @@ def yardstick_lines(report: Report) -> list[tuple[str, str]]:
             f"the collective closes {gap.share:.0%} of the gap between its best member ({gap.best_member}) and the "
             f"yardstick ({interval}; {size}, on {gap.n_rounds} rounds)"
         )
+    if report.unit == "byte":  # every row, the yardstick's too, is per byte of the same text
+        return [("yardstick", text)]
     row = next((r for r in report.rows if r.row == "yardstick"), None)
     count = "" if row is None else f" ({row.n_tokens} of its tokens for the {report.eval_bytes} eval bytes)"
     return [
@@ -101,7 +131,7 @@ def controller_lines(report: Report) -> list[tuple[str, str]]:
     """(label, text) per prompted node: its controller gain and what it means."""
     n = report.n_eval_rounds
     return [
-        (f"controller gain {node_id}", f"{_gain(gain, n)}: {controller_effect(_estimate(gain))}")
+        (f"controller gain {node_id}", f"{_gain(gain, n, report.unit)}: {controller_effect(_estimate(gain))}")
         for node_id, gain in report.controller_gains.items()
     ]
 
@@ -171,7 +201,8 @@ def partial_note(report: Report) -> str:
     seen: dict[str, str] = {}
     for row in partial:
         who = row.node_id or _label(row)
-        seen.setdefault(who, f"{who} {report.coverage(row)} ({row.n_tokens}/{report.n_eval_tokens} tokens)")
+        scored = f"{row.n_tokens}/{report.eval_bytes} bytes" if report.unit == "byte" else f"{row.n_tokens}/{report.n_eval_tokens} tokens"
+        seen.setdefault(who, f"{who} {report.coverage(row)} ({scored})")
     return (
         f"{PARTIAL_MARK} partial rows, scored on fewer than all eval rounds: {'; '.join(seen.values())}. "
         "Each gain pairs the rounds both its sides were scored on."
@@ -194,12 +225,13 @@ LAYOUTS = (_Layout(False), _Layout(True), _Layout(True, model=False), _Layout(Tr
 def _table(report: Report, layout: _Layout) -> Table:
     partial = any(report.is_partial(row) for row in report.rows)
     title = (
-        f"{report.scenario}: {report.n_eval_tokens} eval tokens in {report.n_eval_rounds} rounds "
+        f"{report.scenario}: {eval_size(report)} in {report.n_eval_rounds} rounds "
         f"(seed {report.seed}, aggregator {report.aggregator})"
     )
     table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD if layout.short else box.HEAVY_HEAD)
     columns = [("row", "left"), ("model", "left")] if layout.model else [("row", "left")]
-    columns += [("NLL", "right"), ("95% CI", "right")] if layout.short else [("NLL nats/tok", "right"), ("95% CI", "right")]
+    full_nll = "NLL nats/byte" if report.unit == "byte" else "NLL nats/tok"
+    columns += [("NLL", "right"), ("95% CI", "right")] if layout.short else [(full_nll, "right"), ("95% CI", "right")]
     columns += [] if layout.short else [("ppl", "right")]
     columns += [("bits/byte", "right")] if layout.bits else []
     columns += [("top-1", "right")]
@@ -235,10 +267,10 @@ def pooled_top1_note(report: Report) -> str:
 def _footer(report: Report) -> list[Text]:
     n = report.n_eval_rounds
     lines = [
-        Text(f"collective gain     {_gain(report.collective_gain, n)}"),
-        Text(f"communication gain  {_gain(report.communication_gain, n)}"),
+        Text(f"collective gain     {_gain(report.collective_gain, n, report.unit)}"),
+        Text(f"communication gain  {_gain(report.communication_gain, n, report.unit)}"),
     ]
-    extra = yardstick_lines(report) + controller_lines(report) + message_search_lines(report) + firewall_lines(report)
+    extra = unit_lines(report) + yardstick_lines(report) + controller_lines(report) + message_search_lines(report) + firewall_lines(report)
     lines += [Text(f"{label:<19} {text}") for label, text in extra]
     if note := pooled_top1_note(report):
         lines.append(Text(note))
@@ -297,18 +329,30 @@ def interval_text(report: Report) -> str:
     return f"95% CIs paired over rounds: {report.interval_method or 'method not recorded'}"
 
 
+def _markdown_size(report: Report) -> str:
+    """'320 eval tokens (1400 bytes)', or for a byte-unit report '1400 eval bytes'."""
+    return eval_size(report) if report.unit == "byte" else f"{report.n_eval_tokens} eval tokens ({report.eval_bytes} bytes)"
+
+
+def _rate(report: Report) -> str:
+    """'1.9 eval tokens/s', or for a byte-unit report the eval bytes per second."""
+    if report.unit == "byte":
+        return f"{report.eval_bytes / report.wall_seconds if report.wall_seconds > 0 else 0.0:.1f} eval bytes/s"
+    return f"{report.tokens_per_second:.1f} eval tokens/s"
+
+
 def report_markdown(report: Report, images: list[tuple[str, str]] | None = None) -> str:
     n = report.n_eval_rounds
     out = [
         f"# {report.scenario}",
         "",
         f"Run `{report.run_id}`, seed {report.seed}, {report.runtime} runtime, aggregator {report.aggregator}; "
-        f"{report.n_eval_tokens} eval tokens ({report.eval_bytes} bytes) in {n} rounds of "
-        f"{report.round_tokens}; {interval_text(report)}.",
+        f"{_markdown_size(report)} in {n} rounds of {report.round_tokens}{' stream tokens' if report.unit == 'byte' else ''}; "
+        f"{interval_text(report)}.",
         "",
         f"**{report.verdict}**",
         "",
-        "| row | model | NLL (nats/token) | 95% CI | perplexity | bits/byte | top-1 | scored |",
+        f"| row | model | NLL ({nll_unit(report.unit)}) | 95% CI | perplexity | bits/byte | top-1 | scored |",
         "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for row in report.rows:
@@ -320,10 +364,10 @@ def report_markdown(report: Report, images: list[tuple[str, str]] | None = None)
         out += ["", note]
     out += [
         "",
-        f"- collective gain: {_gain(report.collective_gain, n)}",
-        f"- communication gain: {_gain(report.communication_gain, n)}",
+        f"- collective gain: {_gain(report.collective_gain, n, report.unit)}",
+        f"- communication gain: {_gain(report.communication_gain, n, report.unit)}",
     ]
-    extra = yardstick_lines(report) + controller_lines(report) + message_search_lines(report) + firewall_lines(report)
+    extra = unit_lines(report) + yardstick_lines(report) + controller_lines(report) + message_search_lines(report) + firewall_lines(report)
     out += [f"- {label}: {text}" for label, text in extra]
     if report.best_member_rule:
         out.append(f"- best member: {report.best_member or 'none'} ({report.best_member_rule})")
@@ -332,7 +376,7 @@ def report_markdown(report: Report, images: list[tuple[str, str]] | None = None)
     out += [
         f"- messages: {report.messages_sent} sent, {report.messages_dropped} dropped, "
         f"{report.messages_truncated} cut to the budget",
-        f"- wall time {report.wall_seconds:.1f} s ({report.tokens_per_second:.1f} eval tokens/s)",
+        f"- wall time {report.wall_seconds:.1f} s ({_rate(report)})",
     ]
     if report.missed_rounds:
         out.append("- missed rounds: " + ", ".join(f"{k} {v}" for k, v in report.missed_rounds.items()))
