@@ -181,3 +181,38 @@ def test_a_version_1_report_without_rejected_envelopes_still_reads():
     del data["rejected_envelopes"]
     old = Report.model_validate(data)
     assert old.rejected_envelopes == {} and old.schema_version == 1
+
+
+# ---------------------------------------------------------------------------- units (issue 20)
+
+
+def as_bytes(report: Report) -> Report:
+    """The same report as a run of several tokenizers writes it: every NLL per byte."""
+    return report.model_copy(update={"unit": "byte"})
+
+
+def test_reports_in_nats_per_token_and_nats_per_byte_are_not_compared():
+    from collective.evaluate.compare import UnitMismatchError
+
+    reports = [make_report(0, 3.3), as_bytes(make_report(1, 3.2)), make_report(2, 3.1)]
+    with pytest.raises(UnitMismatchError, match=r"different units \(per token \(nats/token\): seed 0, seed 2; per byte \(nats/byte\): seed 1\)"):
+        compare_reports(reports)
+
+
+def test_the_cli_refuses_a_mixed_comparison_in_one_line_naming_the_runs(tmp_path, capsys):
+    runs = [str(save(tmp_path / "t", make_report(0, 3.3))), str(save(tmp_path / "b", as_bytes(make_report(1, 3.2))))]
+    assert main(["report", *runs]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "cannot compare these runs" in err and "per byte (nats/byte): seed 1" in err and "Traceback" not in err
+
+
+def test_byte_reports_compare_with_each_other_in_nats_per_byte():
+    comparison = compare_reports([as_bytes(make_report(s, 3.3 - 0.05 * s)) for s in range(3)])
+    assert comparison.unit == "byte"
+    console = Console(file=io.StringIO(), width=160, color_system=None)
+    console.print(comparison_table(comparison))
+    text = console.file.getvalue()  # type: ignore[attr-defined]
+    assert "(NLL in nats/byte)" in text and "collective gain: mean +0.250 nats/byte" in text and "nats/token" not in text
+    assert "- communication gain: mean +0.150 nats/byte" in comparison_markdown(comparison)
+    token = compare_reports([make_report(s, 3.3 - 0.05 * s) for s in range(3)])
+    assert token.unit == "token" and "nats/byte" not in comparison_markdown(token)

@@ -4,7 +4,9 @@
 and their two gains, and, across the runs, gives each the mean and a 95% t-interval
 (`mean_ci`): for a seed sweep that is the spread of the result over seeds, which each
 run's own CIs (paired over the eval rounds inside one run, the method its report names)
-do not show. `comparison_table` and `comparison_markdown` render it.
+do not show. `comparison_table` and `comparison_markdown` render it. Runs scored per token and
+runs scored per byte (several tokenizers, `Report.unit`) are not compared: their NLLs and gains
+are in different units (`UnitMismatchError`).
 """
 
 from __future__ import annotations
@@ -18,12 +20,17 @@ from rich.table import Table
 from rich.text import Text
 
 from collective.evaluate.tdist import t_critical
-from collective.records import ROW_TITLES, Report
+from collective.records import ROW_TITLES, Report, Unit, nll_unit
 from collective.report.report_view import PARTIAL_MARK, interval_text
+from collective.run.prepared import RunError
 
 MAX_RUN_COLUMNS = 6
 
 LineKey = tuple[str, str | None]  # a line of the comparison: a report row (kind, node id) or a gain (name, None)
+
+
+class UnitMismatchError(RunError):
+    """Reports scored per token and per byte given together; the message names the runs of each."""
 
 
 @dataclass(frozen=True)
@@ -66,9 +73,10 @@ class ComparedRow:
 class Comparison:
     labels: tuple[str, ...]  # one per run
     scenarios: tuple[str, ...]
-    rows: tuple[ComparedRow, ...]  # NLL rows (nats/token)
+    rows: tuple[ComparedRow, ...]  # NLL rows (nats per unit)
     gains: tuple[ComparedRow, ...]  # collective gain, communication gain
     interval_methods: tuple[str, ...] = ()  # how the runs' own CIs were computed: each distinct one, in run order
+    unit: Unit = "token"  # every run's: a token, or a byte of the text (several tokenizers)
 
     @property
     def seed_sweep(self) -> bool:
@@ -90,9 +98,27 @@ def run_labels(reports: Sequence[Report]) -> tuple[str, ...]:
     return tuple(labels) if len(set(labels)) == len(labels) else tuple(r.run_id for r in reports)
 
 
+def check_one_unit(reports: Sequence[Report], labels: Sequence[str]) -> Unit:
+    """The unit every report is scored in; a UnitMismatchError naming the runs of each unit when
+    some are per token and some per byte (their NLLs and gains cannot be set side by side)."""
+    by_unit: dict[str, list[str]] = {}
+    for report, label in zip(reports, labels):
+        by_unit.setdefault(report.unit, []).append(label)
+    if len(by_unit) > 1:
+        runs = "; ".join(f"per {unit} ({nll_unit(unit)}): {', '.join(names)}" for unit, names in by_unit.items())
+        raise UnitMismatchError(
+            f"cannot compare these runs: their NLLs and gains are in different units ({runs}); a run whose nodes have "
+            "different tokenizers is scored per byte of the text. Compare runs of one unit, or read each report's "
+            "bits/byte column, which every report gives"
+        )
+    return reports[0].unit
+
+
 def compare_reports(reports: Sequence[Report], labels: Sequence[str] | None = None) -> Comparison:
     if not reports:
         raise ValueError("compare_reports needs at least one report")
+    names = tuple(labels) if labels is not None else run_labels(reports)
+    unit = check_one_unit(reports, names)
     keys: list[LineKey] = []
     for report in reports:
         for row in report.rows:
@@ -118,11 +144,12 @@ def compare_reports(reports: Sequence[Report], labels: Sequence[str] | None = No
         gain_values = tuple(getattr(r, name).value for r in reports)
         gains.append(ComparedRow(name.replace("_", " "), (name, None), gain_values, mean_ci(gain_values)))
     return Comparison(
-        labels=tuple(labels) if labels is not None else run_labels(reports),
+        labels=names,
         scenarios=tuple(r.scenario for r in reports),
         rows=tuple(rows),
         gains=tuple(gains),
         interval_methods=tuple(dict.fromkeys(interval_text(r) for r in reports)),
+        unit=unit,
     )
 
 
@@ -150,12 +177,12 @@ def _range_text(spread: Spread, signed: bool = False) -> str:
     return f"{_num(spread.low, signed)} .. {_num(spread.high, signed)}"
 
 
-def gain_summary(row: ComparedRow) -> str:
+def gain_summary(row: ComparedRow, unit: Unit = "token") -> str:
     """'collective gain: mean +0.120 nats/token (95% CI -0.030 .. +0.270 across 5 runs), positive in 4 of 5'."""
     finite = [v for v in row.values if v is not None and math.isfinite(v)]
     positive = sum(v > 0 for v in finite)
     return (
-        f"{row.label}: mean {_num(row.spread.mean, True)} nats/token "
+        f"{row.label}: mean {_num(row.spread.mean, True)} {nll_unit(unit)} "
         f"(95% CI {_range_text(row.spread, True)} across {len(finite)} runs), positive in {positive} of {len(finite)}"
     )
 
@@ -169,7 +196,7 @@ def comparison_table(comparison: Comparison) -> Group:
         if comparison.seed_sweep
         else f"{len(comparison.labels)} runs: " + ", ".join(dict.fromkeys(comparison.scenarios))
     )
-    table = Table(title=title + " (NLL in nats/token)", title_justify="left")
+    table = Table(title=title + f" (NLL in {nll_unit(comparison.unit)})", title_justify="left")
     table.add_column("row", no_wrap=True)
     if per_run:
         for label in comparison.labels:
@@ -191,7 +218,7 @@ def comparison_table(comparison: Comparison) -> Group:
             Text(row.label), *cells, _num(row.spread.mean, signed), _range_text(row.spread, signed),
             style=style, end_section=index == len(comparison.rows) - 1,
         )
-    lines = [Text(gain_summary(gain)) for gain in comparison.gains]
+    lines = [Text(gain_summary(gain, comparison.unit)) for gain in comparison.gains]
     if note := _partial_note(comparison):
         lines.append(Text(note))
     methods = "; ".join(comparison.interval_methods)
@@ -208,7 +235,7 @@ def comparison_markdown(comparison: Comparison) -> str:
         out.append(
             "| " + " | ".join([row.label, *cells, _num(row.spread.mean, signed), _range_text(row.spread, signed)]) + " |"
         )
-    out += ["", *(f"- {gain_summary(gain)}" for gain in comparison.gains)]
+    out += ["", *(f"- {gain_summary(gain, comparison.unit)}" for gain in comparison.gains)]
     if note := _partial_note(comparison):
         out.append(f"- {note}")
     return "\n".join(out) + "\n"
