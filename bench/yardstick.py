@@ -20,12 +20,12 @@ from pathlib import Path
 
 import torch
 
-from collective.lm.byte_vocab import byte_vocab
+from collective.lm.byte_vocab import byte_vocab, encode_span
 from collective.lm.codec import start_token
 from collective.lm.corpus import load_corpus_text, token_byte_lengths, tokenize_stream
 from collective.lm.models import LoadedModel, ModelPool
 from collective.lm.scoring import ScoreItem, score_items
-from collective.run.yardstick import Yardstick, encode_span
+from collective.run.yardstick import Yardstick
 
 
 def sequence_nll(lm: LoadedModel, ids: list[int]) -> float:

@@ -390,6 +390,11 @@ class EvaluationSpec(Frozen):
     n_boot: int = Field(
         2000, ge=100, description="unused since report version 6 (the CIs are no longer a block bootstrap); remove it"
     )
-    top_k: int = Field(64, ge=1, description="candidates kept per position for pooling")
+    top_k: int = Field(64, ge=1, description="candidates kept per position for pooling (a byte-unit run keeps all 256)")
+    unit: Literal["auto", "token", "byte"] = Field(
+        "auto",
+        description="what every row is scored on: the next token (one tokenizer), or the next byte (models with "
+        "different tokenizers); auto: byte exactly when the nodes' and the reference's models do not share a tokenizer",
+    )
     batch_tokens: int = Field(8192, ge=256, description="padded tokens per forward pass (memory bound)")
 

@@ -18,14 +18,13 @@ from collective.cli import main
 from collective.evaluate.gains import yardstick_line
 from collective.evaluate.intervals import critical_value, gap_share, lag1_variance
 from collective.evaluate.metrics import LN2, RoundStats, summarize
-from collective.lm.byte_vocab import byte_vocab
+from collective.lm.byte_vocab import byte_vocab, encode_span
 from collective.lm.models import ModelPool
 from collective.records import Report
 from collective.report.report_view import report_markdown
 from collective.run.engine import EmbeddedExecutor
 from collective.run.prepared import RunError
 from collective.run.runner import prepare, run_prepared
-from collective.run.yardstick import encode_span
 from collective.scenario import load_scenario
 from tests.test_rundir import write_tiny_scenario
 from tests.tiny import pydoc_text, tiny_llama, tiny_tokenizer

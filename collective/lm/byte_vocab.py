@@ -211,3 +211,16 @@ def encode_prefix(tokenizer: Any, vocab: ByteVocab, data: bytes) -> list[int]:
     if min(tail, default=0) < 0:
         raise ByteVocabError(f"the vocabulary has no one-byte token for a byte of {data[cut:]!r}")
     return ids + tail
+
+
+def encode_span(tokenizer: object, vocab: ByteVocab, data: bytes) -> list[int]:
+    """Token ids that spell `data` exactly, which may start or end inside a UTF-8 character:
+    leading continuation bytes as one-byte tokens, then `encode_prefix` (complete characters
+    canonically, an unfinished last character as byte tokens)."""
+    lead = 0
+    while lead < len(data) and 0x80 <= data[lead] < 0xC0:
+        lead += 1
+    head = [vocab.byte_token[b] for b in data[:lead]]
+    if min(head, default=0) < 0:
+        raise ValueError(f"the vocabulary has no one-byte token for a byte of {data[:lead]!r}")
+    return head + encode_prefix(tokenizer, vocab, data[lead:])

@@ -137,6 +137,49 @@ def model_tree_scorer(model: Any) -> TreeScorer:
     return score
 
 
+def batch_tree_scorer(model: Any, trees: list[TokenTree]) -> list[NodeLogprobs]:
+    """`model_tree_scorer` for several trees in one batched forward pass: tree b is row b,
+    padded to the largest (a padding node attends to itself only and is never read)."""
+    config = model.config
+    device = next(model.parameters()).device
+    dtype = next(model.parameters()).dtype
+    floor = torch.finfo(dtype).min
+    size = max(len(tree) for tree in trees)
+
+    def additive(window: int | None) -> torch.Tensor:  # (B, 1, K, K)
+        allowed = torch.eye(size, dtype=torch.bool).repeat(len(trees), 1, 1)
+        for b, tree in enumerate(trees):
+            allowed[b, : len(tree), : len(tree)] = tree_attention_mask(tree, window)
+        return torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, floor)[:, None].to(device)
+
+    tokens = torch.zeros((len(trees), size), dtype=torch.long)
+    depths = torch.zeros((len(trees), size), dtype=torch.long)
+    for b, tree in enumerate(trees):
+        tokens[b, : len(tree)] = tree.tokens
+        depths[b, : len(tree)] = tree.depths
+    mask: Any = additive(None)
+    if "sliding_attention" in set(getattr(config, "layer_types", None) or []):
+        mask = {"full_attention": mask, "sliding_attention": additive(int(config.sliding_window))}
+    with torch.no_grad():
+        hidden = model.model(
+            input_ids=tokens.to(device), attention_mask=mask, position_ids=depths.to(device), use_cache=False
+        ).last_hidden_state  # (B, K, H)
+    head = model.get_output_embeddings()
+    cap = getattr(config, "final_logit_softcapping", None)
+
+    def scorer(b: int) -> NodeLogprobs:
+        @torch.no_grad()
+        def logprobs(nodes: torch.Tensor) -> torch.Tensor:
+            logits = head(hidden[b, nodes.to(device)])  # (k, V)
+            if cap is not None:
+                logits = torch.tanh(logits / cap) * cap
+            return torch.log_softmax(logits.float(), dim=-1).cpu()
+
+        return logprobs
+
+    return [scorer(b) for b in range(len(trees))]
+
+
 def path_scorer(next_logprobs: Callable[[list[int]], torch.Tensor]) -> TreeScorer:
     """A TreeScorer from a plain function: token prefix -> (V,) next-token log-probabilities,
     called once per node (slow; the reference the tree pass is checked against)."""
@@ -240,13 +283,42 @@ def next_byte_distributions(
     prefix -> its token ids (`encode_prefix`). root_token starts every path (the start token).
     Returns N = end - start rows.
     """
+    plan = plan_fronts(data, start, end, vocab)
+    tree, front_node = build_tree(root_token, [encode(data[:j]) for j in plan.fronts])
+    return assemble(plan, tree, front_node, scorer(tree), vocab, chunk_nodes=chunk_nodes)
+
+
+@dataclass(frozen=True)
+class FrontPlan:
+    """What a span needs scored: the byte offsets j of its fronts and, per front, the positions
+    a token starting at j covers (`_Pair`); it depends on the text and the vocabulary only."""
+
+    data: bytes
+    start: int
+    end: int
+    fronts: list[int]
+    pairs: list[list[_Pair]]
+
+
+def plan_fronts(data: bytes, start: int, end: int, vocab: ByteVocab) -> FrontPlan:
     if not 0 <= start < end <= len(data):
         raise ValueError(f"need 0 <= start < end <= len(data), got {start}, {end}, {len(data)}")
     fronts = _front_starts(data, start, end, vocab)
-    tree, front_node = build_tree(root_token, [encode(data[:j]) for j in fronts])
-    pairs = _pairs(data, start, end, vocab, fronts)
-    node_pairs = {node: pairs[i] for i, node in enumerate(front_node)}
-    logprobs_of = scorer(tree)
+    return FrontPlan(data, start, end, fronts, _pairs(data, start, end, vocab, fronts))
+
+
+def assemble(
+    plan: FrontPlan,
+    tree: TokenTree,
+    front_node: list[int],
+    logprobs_of: NodeLogprobs,
+    vocab: ByteVocab,
+    *,
+    chunk_nodes: int = 128,
+) -> ByteDistributions:
+    """The span's next-byte distributions from a scored tree whose node `front_node[i]` ends the
+    tokens of front `plan.fronts[i]`."""
+    node_pairs = {node: plan.pairs[i] for i, node in enumerate(front_node)}
     order = torch.from_numpy(vocab.order)
     edge = torch.zeros(len(tree), dtype=torch.float64)  # log P(token of node | parent's path)
     masses: dict[int, list[torch.Tensor]] = {}
@@ -262,12 +334,13 @@ def next_byte_distributions(
     path = edge.clone()
     for node in range(1, len(tree)):
         path[node] += path[int(parents[node])]  # log P(path of node), root excluded
+    start, end = plan.start, plan.end
     joint = torch.full((end - start, 256), -torch.inf, dtype=torch.float64)  # log P(x[:n] b)
     for i, node in enumerate(front_node):
-        for pair, mass in zip(pairs[i], masses.get(node, []), strict=True):
+        for pair, mass in zip(plan.pairs[i], masses.get(node, []), strict=True):
             row = pair.position - start
             joint[row] = torch.logaddexp(joint[row], path[node] + mass.log())
     probs = torch.softmax(joint, dim=-1)  # (N, 256)
-    targets = torch.tensor(list(data[start:end]))
+    targets = torch.tensor(list(plan.data[start:end]))
     target_logprob = joint.gather(1, targets[:, None]).squeeze(1) - torch.logsumexp(joint, dim=-1)
-    return ByteDistributions(probs, target_logprob, len(tree), len(fronts))
+    return ByteDistributions(probs, target_logprob, len(tree), len(plan.fronts))

@@ -11,7 +11,7 @@ they deliver the same inboxes.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import networkx as nx
@@ -207,10 +207,13 @@ def render_messages(messages: Sequence[MessageRecord], template: str, header: st
 class InMemoryBus:
     """The embedded runtime's bus: every node's inbox in one process."""
 
-    def __init__(self, graph: nx.DiGraph, bus: BusSpec, codec: TextCodec, seed: int) -> None:
+    def __init__(
+        self, graph: nx.DiGraph, bus: BusSpec, codec: TextCodec, seed: int, codecs: Mapping[str, TextCodec] | None = None
+    ) -> None:
         self.graph = graph
         self.spec = bus
-        self.codec = codec
+        self.codec = codec  # counts a link's tokens ...
+        self.codecs = dict(codecs or {})  # ... unless the sender has its own (node id -> its model's tokenizer)
         self.seed = seed
         self.policies = link_policies(bus, graph.edges())
         self.inboxes = {
@@ -222,7 +225,7 @@ class InMemoryBus:
 
     def send(self, sender: str, text: str, round_index: int) -> list[MessageRecord]:
         records = outgoing_messages(
-            sender, text, round_index, self.receivers(sender), self.policies, self.codec, self.seed
+            sender, text, round_index, self.receivers(sender), self.policies, self.codecs.get(sender, self.codec), self.seed
         )
         for record in records:
             self.inboxes[record.receiver].deliver(record)

@@ -27,7 +27,7 @@ import networkx as nx
 import torch
 
 from collective.evaluate.book import RoundBook
-from collective.evaluate.metrics import RoundStats
+from collective.evaluate.metrics import RoundStats, member_round_stats
 from collective.lm.codec import start_token
 from collective.lm.models import LoadedModel
 from collective.lm.predictions import TokenPredictions
@@ -40,6 +40,7 @@ from collective.run.bus import (
     message_token_budgets,
     render_messages,
 )
+from collective.run.byte_mode import ByteMode, Unit, round_targets
 from collective.run.messages import ReceiverContext, message_frame
 from collective.run.node import NodeRoundRequest, NodeRoundResult, compute_rounds
 from collective.run.observation import Observer
@@ -67,6 +68,7 @@ class EngineResult:
     eval_bytes: int
     message_searches: dict[str, list[MessageSearch]] = field(default_factory=dict)  # node -> every round's search
     screened: dict[str, list[ScreenRecord]] = field(default_factory=dict)  # receiver -> its firewall's records, every round
+    unit: Unit = "token"  # what the book's positions are: tokens, or bytes (`collective.run.byte_mode`)
 
 
 class Executor(Protocol):
@@ -86,7 +88,9 @@ class EmbeddedExecutor:
     @classmethod
     def from_prepared(cls, prepared: Prepared) -> EmbeddedExecutor:
         scenario = prepared.scenario
-        return cls(scenario, prepared.models, InMemoryBus(prepared.graph, scenario.bus, prepared.tokenizer, scenario.seed))
+        codecs = {n.id: prepared.node_tokenizer(n.id) for n in scenario.nodes} if prepared.byte_mode is not None else None
+        bus = InMemoryBus(prepared.graph, scenario.bus, prepared.tokenizer, scenario.seed, codecs=codecs)
+        return cls(scenario, prepared.models, bus)
 
     def with_inboxes(self, round_index: int, requests: list[NodeRoundRequest]) -> list[NodeRoundRequest]:
         """The requests with each node's inbox this round: the messages it reads (which its
@@ -181,8 +185,10 @@ class RoundEngine:
         firewalls: dict[str, tuple[FirewallFilter, ...]] | None = None,
         yardstick: Yardstick | None = None,
         replay_texts: dict[str, dict[int, str | None]] | None = None,
+        byte_mode: ByteMode | None = None,
     ) -> None:
         self.scenario = scenario
+        self.byte_mode = byte_mode  # a byte-unit run: rows are next-byte distributions
         self.replay_texts = replay_texts or {}  # node -> round -> its replayed text (`Prepared.replay_texts`)
         self.yardstick = yardstick  # scored on eval rounds only (`Prepared.yardstick`)
         self.firewalls = firewalls or {}  # node -> its fitted filters (`Prepared.firewalls`)
@@ -223,6 +229,7 @@ class RoundEngine:
             scenario, prepared.graph, prepared.stream, prepared.byte_lengths, executor,
             prepared.models[scenario.reference_model], prepared.control_ids, prepared.placeholder_ids, run_id,
             firewalls=prepared.firewalls, yardstick=prepared.yardstick, replay_texts=prepared.replay_texts,
+            byte_mode=prepared.byte_mode,
         )
 
     @property
@@ -264,6 +271,8 @@ class RoundEngine:
                     replay_text=self.replay_texts.get(node.id, {}).get(round_index),
                 )
             )
+            if self.byte_mode is not None:
+                requests[-1] = self.byte_mode.request(requests[-1], node.model)
         return requests
 
     def _receivers(self, node: NodeSpec, start: int, n_seen: int) -> tuple[ReceiverContext, ...]:
@@ -298,8 +307,7 @@ class RoundEngine:
                 break
             round_began = time.perf_counter()
             start = self.round_start(round_index)
-            targets = self.observer.targets(start)
-            token_bytes = self.byte_lengths[start : start + self.round_tokens]
+            targets, token_bytes = self._targets(start)
             results = self.executor.run_round(round_index, self.requests(round_index))
             pools = self.pool(start, targets, results)
             if self.phase(round_index) == "eval":
@@ -324,7 +332,16 @@ class RoundEngine:
             eval_bytes=tally.eval_bytes,
             message_searches=tally.searches,
             screened=tally.screened,
+            unit="token" if self.byte_mode is None else "byte",
         )
+
+    def _targets(self, start: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(T,) what every row of the round at `start` is scored on and (T,) their UTF-8
+        lengths: the stream's tokens, or in a byte-unit run the round's bytes."""
+        targets = self.observer.targets(start)
+        if self.byte_mode is not None:
+            return round_targets(self.byte_mode.text(targets))
+        return targets, self.byte_lengths[start : start + self.round_tokens]
 
     def pool(self, start: int, targets: torch.Tensor, results: Results) -> RoundPools:
         """The round's pooled rows. A node without a row (it missed the round, or was not
@@ -335,6 +352,10 @@ class RoundEngine:
 
     def _reference(self, start: int, targets: torch.Tensor) -> TokenPredictions:
         seen = self.observer.reference(start)
+        if self.byte_mode is not None:
+            alias = self.scenario.reference_model
+            reads = self.byte_mode.reads_stream(alias)
+            return self.byte_mode.full_view_row(self.reference, reads, seen.prefix_ids, self.byte_mode.text(seen.round_inputs))
         bos = torch.tensor([start_token(self.reference.tokenizer)])
         pad = getattr(self.reference.tokenizer, "pad_token_id", None)
         return score_items(
@@ -352,6 +373,10 @@ class RoundEngine:
             return None
         seen = self.observer.reference(start)
         evaluation = self.scenario.evaluation
+        if self.byte_mode is not None:
+            data = self.byte_mode.text(seen.round_inputs)
+            row = self.byte_mode.full_view_row(self.yardstick.lm, self.yardstick.same_tokenizer, seen.prefix_ids, data)
+            return member_round_stats(row, 0, *round_targets(data))
         return self.yardstick.score(
             seen.prefix_ids, seen.round_inputs, token_bytes, top_k=evaluation.top_k, batch_tokens=evaluation.batch_tokens
         )

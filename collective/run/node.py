@@ -20,11 +20,12 @@ Every context starts with the tokenizer's BOS (or EOS) token, then:
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import torch
 
+from collective.lm.byte_rows import byte_rows
 from collective.lm.codec import TextCodec, pad_id, start_token, stop_ids
 from collective.lm.models import LoadedModel
 from collective.lm.predictions import TokenPredictions
@@ -79,6 +80,9 @@ class NodeRoundRequest:
     inbox_header: str = ""
     placeholder_id: int | None = None  # a masked view's token for a hidden one: a searched message does not score it
     replay_text: str | None = None  # `replay`: the text the node sent in this round of the replayed run
+    # a byte-unit run (`collective.run.byte_mode`): the round's bytes; every row is then the
+    # node's next-byte distribution at each of them (prefix_ids, round_inputs: its own tokens)
+    round_bytes: bytes | None = None
 
 
 @dataclass
@@ -147,10 +151,12 @@ def compute_rounds(
     speakers = [i for i, r in enumerate(requests) if _writes(r.message)]
     listeners = {i: sequences.add(collective_contexts[i], r) for i, r in enumerate(requests) if i not in speakers}
     parts = (sequences.items[:n_without_bus], sequences.items[n_without_bus:])
-    scored = TokenPredictions.stack(
-        [score_items(model, part, pad_id=pad, top_k=top_k, batch_tokens=batch_tokens) for part in parts if part]
-    )
-    collective_rows = {i: scored.select([slot]) for i, slot in listeners.items()}
+    scored = None
+    if all(r.round_bytes is None for r in requests):  # else byte rows, by `_row_reader`
+        scored = TokenPredictions.stack(
+            [score_items(model, part, pad_id=pad, top_k=top_k, batch_tokens=batch_tokens) for part in parts if part]
+        )
+    collective_rows = {} if scored is None else {i: scored.select([slot]) for i, slot in listeners.items()}
     said: dict[int, list[int]] = {}
     if speakers:
         spoken_preds, spoken = score_and_speak(
@@ -159,17 +165,19 @@ def compute_rounds(
             [_speak(requests[i], tokenizer) for i in speakers],
             pad_id=pad, top_k=top_k, stop_ids=stop_ids(tokenizer), batch_tokens=batch_tokens,
         )
-        collective_rows |= {i: spoken_preds.select([k]) for k, i in enumerate(speakers)}
+        if scored is not None:  # a byte-unit run reads every row from its byte rows
+            collective_rows |= {i: spoken_preds.select([k]) for k, i in enumerate(speakers)}
         said = dict(zip(speakers, spoken))
     searched = _searched(model, tokenizer, requests, said, int(bos.item()), batch_tokens, search_models)
     texts = {i: _message_text(r, said.get(i), tokenizer) for i, r in enumerate(requests) if i not in searched}
+    row = _row_reader(model, tokenizer, requests, sequences, collective_contexts, scored, batch_tokens)
     return [
         NodeRoundResult(
             node_id=request.node_id,
             round_index=request.round_index,
-            collective=collective_rows[index],
-            isolated=None if isolated is None else scored.select([isolated]),
-            plain=None if plain is None else scored.select([plain]),
+            collective=collective_rows[index] if index in collective_rows else row(index, None),
+            isolated=None if isolated is None else row(index, isolated),
+            plain=None if plain is None else row(index, plain),
             message_text=searched[index][0] if index in searched else _text(texts[index]),
             inbox_tokens=len(inboxes[index]),
             message_search=searched[index][1] if index in searched else None,
@@ -178,6 +186,38 @@ def compute_rounds(
         )
         for index, (request, (isolated, plain)) in enumerate(zip(requests, without_bus))
     ]
+
+
+RowReader = Callable[[int, int | None], TokenPredictions]
+
+
+def _row_reader(
+    model: torch.nn.Module, tokenizer: TextCodec, requests: list[NodeRoundRequest], sequences: _Sequences,
+    collective_contexts: list[torch.Tensor], scored: TokenPredictions | None, batch_tokens: int,
+) -> RowReader:
+    """(request index, slot of a sequence, or None for the request's collective context) ->
+    its row: the scored token row, or in a byte-unit run the byte row of that context (every
+    distinct context of the call in batched tree passes, `byte_rows`)."""
+    if scored is not None:
+        def token_row(index: int, slot: int | None) -> TokenPredictions:
+            assert slot is not None, "a token row's collective row comes from its scoring pass"
+            return scored.select([slot])
+
+        return token_row
+    data = {r.round_bytes for r in requests}
+    if len(data) != 1 or None in data:
+        raise ValueError("the requests of one call must all score the same round's bytes")
+
+    def context(index: int, slot: int | None) -> tuple[int, ...]:
+        return tuple((sequences.items[slot].context if slot is not None else collective_contexts[index]).tolist())
+
+    keys: dict[tuple[int, ...], int] = {}
+    for item in sequences.items:
+        keys.setdefault(tuple(item.context.tolist()), len(keys))
+    for index in range(len(requests)):
+        keys.setdefault(context(index, None), len(keys))
+    rows = byte_rows(model, tokenizer, [torch.tensor(k) for k in keys], data.pop() or b"", batch_nodes=batch_tokens)
+    return lambda index, slot: rows[keys[context(index, slot)]]
 
 
 def _text(message: str | ShuffledMessage | None) -> str | None:

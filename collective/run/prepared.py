@@ -12,6 +12,7 @@ controllers' search and the distributed coordinator.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,6 +31,7 @@ from collective.lm.models import (
 )
 from collective.records import FilterFit
 from collective.run.bus import link_policies
+from collective.run.byte_mode import ByteMode, ByteUnitError, Unit, byte_mode_for, run_unit
 from collective.run.firewall_fit import fit_firewalls
 from collective.run.replay import ReplayError, replay_texts
 from collective.run.yardstick import Yardstick
@@ -65,11 +67,20 @@ class Prepared:
     firewall_fits: dict[str, dict[int, FilterFit]] = field(default_factory=dict)  # node -> filter index -> fit
     yardstick: Yardstick | None = None  # `evaluation.yardstick`, loaded once (None: none, or a controllers' training run)
     replay_texts: dict[str, dict[int, str | None]] = field(default_factory=dict)  # `replay` nodes: round -> text
+    byte_mode: ByteMode | None = None  # a byte-unit run (`collective.run.byte_mode`); None: token unit
+
+    @property
+    def unit(self) -> Unit:
+        return "token" if self.byte_mode is None else "byte"
 
     @property
     def tokenizer(self) -> TextCodec:
-        """The one tokenizer every model shares."""
+        """The stream tokenizer: the first model's (in a token-unit run, the one every model shares)."""
         return next(iter(self.models.values())).tokenizer
+
+    def node_tokenizer(self, node_id: str) -> TextCodec:
+        """The tokenizer of the node's model (its control prompt's, its messages')."""
+        return self.models[self.scenario.node(node_id).model].tokenizer
 
 
 LINKS_SHOWN = 24  # links listed in the error about an override of a link that does not exist
@@ -236,7 +247,11 @@ def check_transfer_models(scenario: Scenario, models: dict[str, LoadedModel]) ->
             ) from None
 
 
-def load_models(scenario: Scenario, pool: ModelPool, only: set[str] | None = None) -> dict[str, LoadedModel]:
+def load_models(
+    scenario: Scenario, pool: ModelPool, only: set[str] | None = None, *, one_tokenizer: bool = True
+) -> dict[str, LoadedModel]:
+    """One loaded copy of each model the run uses; one_tokenizer: they must share a tokenizer
+    (`prepare` checks that itself, after reading `evaluation.unit`)."""
     searched_on = {n.message.search_model for n in scenario.nodes if isinstance(n.message, AttackMessage)} - {None}
     used = {node.model for node in scenario.nodes} | {scenario.reference_model} | searched_on
     if only is not None:
@@ -247,15 +262,18 @@ def load_models(scenario: Scenario, pool: ModelPool, only: set[str] | None = Non
             spec = scenario.models[alias]
             models[alias] = pool.get(spec.ref, device=spec.device, dtype=spec.dtype)
     check_transfer_models(scenario, models)
-    check_same_tokenizer(models)
+    if one_tokenizer:
+        check_same_tokenizer(models)
     return models
 
 
-def control_ids_for(scenario: Scenario, tokenizer: TextCodec) -> dict[str, list[int]]:
-    """Prompts that need no search: none and fixed controllers."""
+def control_ids_for(scenario: Scenario, tokenizers: TextCodec | Mapping[str, TextCodec]) -> dict[str, list[int]]:
+    """Prompts that need no search: none and fixed controllers, in the tokenizer every model
+    shares, or per model alias (a byte-unit run)."""
     controls = {}
     for node in scenario.nodes:
         if isinstance(node.controller, FixedController):
+            tokenizer = tokenizers[node.model] if isinstance(tokenizers, Mapping) else tokenizers
             controls[node.id] = list(tokenizer.encode(node.controller.text, add_special_tokens=False))
         else:
             controls[node.id] = []
@@ -279,7 +297,8 @@ def placeholder_ids_for(scenario: Scenario, tokenizer: TextCodec) -> dict[str, i
 
 def prepare(scenario: Scenario, pool: ModelPool, *, base_dir: Path) -> Prepared:
     graph = build_graph(scenario)
-    models = load_models(scenario, pool)
+    models = load_models(scenario, pool, one_tokenizer=False)
+    mode = _byte_mode(scenario, models)
     tokenizer: TextCodec = next(iter(models.values())).tokenizer
     check_attack_targets(scenario, tokenizer)
     corpus = scenario.corpus
@@ -292,12 +311,24 @@ def prepare(scenario: Scenario, pool: ModelPool, *, base_dir: Path) -> Prepared:
         fitted = fit_firewalls(scenario, models, graph, stream, placeholders)
     except ValueError as exc:
         raise RunError(str(exc)) from None
+    controls = control_ids_for(scenario, tokenizer if mode is None else {a: lm.tokenizer for a, lm in models.items()})
     return Prepared(
-        scenario, models, graph, stream, byte_lengths, placeholders,
-        control_ids_for(scenario, tokenizer), firewalls=fitted.filters, firewall_fits=fitted.fits,
+        scenario, models, graph, stream, byte_lengths, placeholders, controls,
+        firewalls=fitted.filters, firewall_fits=fitted.fits,
         yardstick=load_yardstick(scenario, pool, models, stream, byte_lengths),
-        replay_texts=_replays(scenario, base_dir),
+        replay_texts=_replays(scenario, base_dir), byte_mode=mode,
     )
+
+
+def _byte_mode(scenario: Scenario, models: dict[str, LoadedModel]) -> ByteMode | None:
+    """The run's byte mode (None: a token-unit run, whose models must share a tokenizer)."""
+    try:
+        if run_unit(scenario, models) == "token":
+            check_same_tokenizer(models)
+            return None
+        return byte_mode_for(scenario, models, next(iter(models)))
+    except ByteUnitError as exc:
+        raise RunError(str(exc)) from None
 
 
 def _replays(scenario: Scenario, base_dir: Path) -> dict[str, dict[int, str | None]]:
