@@ -115,6 +115,7 @@ def test_a_mixed_run_books_bytes_and_its_messages_count_the_senders_tokens(mixed
         assert row.bits_per_byte == pytest.approx(row.nll / math.log(2), rel=1e-6)
     lines = (folders["root"] / "run-mixed" / "events.jsonl").read_text(encoding="utf-8").splitlines()
     events = [e for e in map(parse_event, lines) if isinstance(e, RoundEvent)]
+    assert report.unit == "byte" and {e.unit for e in events} == {"byte"}
     sent = [m for e in events for m in e.messages if m.sender == "c" and not m.dropped]
     assert sent
     gemma, small = mixed.models["gemma"].tokenizer, mixed.models["small"].tokenizer

@@ -422,6 +422,7 @@ class RoundEngine:
             nll_reference=float(-pools.reference.target_logprob.mean()),
             wall_seconds=now - round_began,
             elapsed_seconds=now - began,
+            unit="token" if self.byte_mode is None else "byte",
         )
 
 
