@@ -307,6 +307,24 @@ def plan_fronts(data: bytes, start: int, end: int, vocab: ByteVocab) -> FrontPla
     return FrontPlan(data, start, end, fronts, _pairs(data, start, end, vocab, fronts))
 
 
+def _below_trunk(tree: TokenTree, front_node: list[int]) -> torch.Tensor:
+    """(k,) in order: the deepest node every front passes through (their common ancestor) and
+    every node below it. The tokens above it are in every front's path, so their probability
+    is a common factor of every P(x[:n] b) that the normalisation cancels: never scored."""
+    below = torch.zeros(len(tree), dtype=torch.long)  # fronts in each node's subtree
+    for node in front_node:
+        below[node] += 1
+    parents = tree.parents.tolist()
+    for node in range(len(tree) - 1, 0, -1):
+        below[parents[node]] += below[node]
+    trunk = torch.nonzero(below == len(front_node)).squeeze(1)  # the root down to the common ancestor
+    common = int(trunk[tree.depths[trunk].argmax()])
+    keep = below > 0
+    keep[trunk] = False
+    keep[common] = True
+    return torch.nonzero(keep).squeeze(1)
+
+
 def assemble(
     plan: FrontPlan,
     tree: TokenTree,
@@ -323,11 +341,14 @@ def assemble(
     edge = torch.zeros(len(tree), dtype=torch.float64)  # log P(token of node | parent's path)
     masses: dict[int, list[torch.Tensor]] = {}
     parents = tree.parents
-    for lo in range(0, len(tree), chunk_nodes):
-        nodes = torch.arange(lo, min(lo + chunk_nodes, len(tree)))
+    scored = _below_trunk(tree, front_node)  # (k,) the nodes whose next-token distribution matters
+    at = torch.full((len(tree),), -1, dtype=torch.long)
+    at[scored] = torch.arange(len(scored))
+    for lo in range(0, len(scored), chunk_nodes):
+        nodes = scored[lo : lo + chunk_nodes]
         logprobs = logprobs_of(nodes)  # (k, V)
-        kids = torch.nonzero((parents >= lo) & (parents < lo + len(nodes))).squeeze(1)
-        edge[kids] = logprobs[parents[kids] - lo, tree.tokens[kids]].double()
+        kids = torch.nonzero((at[parents.clamp(min=0)] >= lo) & (at[parents.clamp(min=0)] < lo + len(nodes)) & (parents >= 0)).squeeze(1)
+        edge[kids] = logprobs[at[parents[kids]] - lo, tree.tokens[kids]].double()
         for row, node in enumerate(nodes.tolist()):
             if node in node_pairs:
                 masses[node] = _front_masses(logprobs[row], node_pairs[node], order)
