@@ -27,7 +27,9 @@ SCENARIO = {
 }
 
 
-def write_run(folder: Path, nlls: list[float], tokens: list[int], *, seed: int = 0, warmup: int = 1, **changes) -> Path:
+def write_run(
+    folder: Path, nlls: list[float], tokens: list[int], *, seed: int = 0, warmup: int = 1, unit: str = "token", **changes
+) -> Path:
     """A finished run folder: a resolved scenario, one warm-up round, eval rounds with these
     collective NLLs (mean nats/token of the round; NaN: no collective prediction) and tokens."""
     folder.mkdir(parents=True)
@@ -47,7 +49,7 @@ def write_run(folder: Path, nlls: list[float], tokens: list[int], *, seed: int =
         lines.append(RoundEvent(
             run_id=folder.name, round_index=index, phase=phase, eval_round=None if phase == "warmup" else eval_index,
             start_token=first + 8 * eval_index, n_tokens=n_tokens, nodes=[], messages=[], nll_collective=nll,
-            nll_silent=3.0, nll_reference=2.0, wall_seconds=0.1, elapsed_seconds=0.1 * index,
+            nll_silent=3.0, nll_reference=2.0, wall_seconds=0.1, elapsed_seconds=0.1 * index, unit=unit,  # type: ignore[arg-type]
         ).model_dump_json())
     (folder / "events.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
     (folder / "report.json").write_text("{}", encoding="utf-8")
@@ -161,3 +163,23 @@ def test_the_language_game_summary_labels_a_written_messages_controls_apart_from
     assert _policy({policy: "replay"}) == _policy({policy: "replay", shuffle: True}) == "replay-shuffle"
     assert _policy({policy: "replay", shuffle: False}) == "replay"
     assert _policy({policy: "relay"}) == "relay"
+
+
+def test_a_run_scored_per_byte_does_not_pair_with_one_scored_per_token(tmp_path):
+    a = read_cell_run(write_run(tmp_path / "token-cell", [3.0, 2.0, 4.0, 3.0], [8, 8, 8, 8]))
+    b = read_cell_run(write_run(tmp_path / "byte-cell", [1.0, 0.8, 1.2, 1.0], [8, 8, 8, 8], unit="byte"))
+    assert (a.unit, b.unit) == ("token", "byte")
+    with pytest.raises(PairingError, match="NLL in nats/token vs nats/byte") as error:
+        compare_cells([(a, b)], label_a="token", label_b="byte")
+    assert "token-cell" in str(error.value) and "byte-cell" in str(error.value)
+
+
+def test_two_runs_scored_per_byte_pair_and_read_in_nats_per_byte(tmp_path):
+    from collective.report.sweep_view import paired_markdown
+
+    a = read_cell_run(write_run(tmp_path / "a", [1.0, 0.8, 1.2, 1.0], [30, 28, 31, 30], unit="byte"))
+    b = read_cell_run(write_run(tmp_path / "b", [1.1, 0.9, 1.2, 1.2], [30, 28, 31, 30], unit="byte"))
+    comparison = compare_cells([(a, b)], label_a="relay", label_b="silent")
+    assert comparison.unit == "byte" and summary_line(comparison).startswith("relay - silent: -0.099 nats/byte (")  # byte-weighted
+    text = paired_markdown(comparison)
+    assert "collective NLL in nats/byte on the rounds both scored" in text and "nats/token" not in text

@@ -218,3 +218,25 @@ def test_report_paired_gives_each_seeds_difference_and_the_t_interval_over_seeds
     # a cell that names no combination of the sweep
     assert main(["report", str(out), "--paired", "node_defaults.message.policy=search", shuffle]) == 2
     assert "matches no combination" in " ".join(capsys.readouterr().err.split())
+
+
+def test_a_cells_summary_carries_its_reports_unit_into_the_json_the_csv_and_the_mean():
+    from collective.evaluate.sweep import (
+        Cell,
+        cell_summary,
+        mean_over_seeds,
+        summary_csv,
+        summary_json,
+    )
+    from tests.test_compare import make_report
+
+    byte = make_report(0, 3.3).model_copy(update={"unit": "byte"})
+    cells = [
+        cell_summary(Cell((("models", "mixed"),), seed, None), byte, []) for seed in (0, 1)  # type: ignore[arg-type]
+    ] + [cell_summary(Cell((("models", "smol"),), 0, None), make_report(0, 3.3), [])]  # type: ignore[arg-type]
+    assert [c.unit for c in cells] == ["byte", "byte", "token"]
+    assert [m.unit for m in mean_over_seeds(cells)] == ["byte", "token"]
+    data = summary_json(cells)
+    assert [c["unit"] for c in data["cells"]] == ["byte", "byte", "token"] and [m["unit"] for m in data["means"]] == ["byte", "token"]
+    rows = summary_csv(cells).splitlines()
+    assert rows[0].endswith(",bytes_per_link_round,unit") and rows[1].endswith(",byte") and rows[3].endswith(",token")

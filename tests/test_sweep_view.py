@@ -40,3 +40,24 @@ def test_the_table_fits_100_columns_and_names_every_seed():
     text = console.file.getvalue()  # type: ignore[attr-defined]
     assert all(len(line) <= 100 for line in text.splitlines())
     assert "+0.080" in text and "mean" in text and "42.0" in text
+
+
+def _title(summary: dict) -> str:
+    console = Console(file=io.StringIO(), width=200, color_system=None)
+    console.print(sweep_table(summary))
+    return console.file.getvalue().splitlines()[0]  # type: ignore[attr-defined]
+
+
+def test_a_sweep_of_byte_cells_gives_its_gains_in_nats_per_byte_and_an_older_summary_in_nats_per_token():
+    assert _title(SUMMARY).startswith("sweep: gains in nats/token;")  # no unit: a summary before byte units
+    byte = {key: [{**cell, "unit": "byte"} for cell in cells] if isinstance(cells, list) else cells for key, cells in SUMMARY.items()}
+    assert _title(byte).startswith("sweep: gains in nats/byte;")
+    assert "(per byte)" not in sweep_markdown(byte)  # one unit: nothing to mark
+
+
+def test_a_sweep_of_token_and_byte_cells_marks_the_per_byte_ones():
+    mixed = {**SUMMARY, "cells": [SUMMARY["cells"][0], {**_cell("models=mixed", 0, 0.05, 40.0), "unit": "byte"}]}
+    assert _title(mixed).startswith("sweep: gains in nats/token (nats/byte where marked (per byte));")
+    lines = sweep_markdown(mixed).splitlines()
+    assert any(line.startswith("| models=mixed (per byte) | 0 | +0.050") for line in lines)
+    assert any(line.startswith("| policy=relay | 0 | +0.120") for line in lines)

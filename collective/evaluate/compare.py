@@ -101,7 +101,7 @@ def run_labels(reports: Sequence[Report]) -> tuple[str, ...]:
 def check_one_unit(reports: Sequence[Report], labels: Sequence[str]) -> Unit:
     """The unit every report is scored in; a UnitMismatchError naming the runs of each unit when
     some are per token and some per byte (their NLLs and gains cannot be set side by side)."""
-    by_unit: dict[str, list[str]] = {}
+    by_unit: dict[Unit, list[str]] = {}
     for report, label in zip(reports, labels):
         by_unit.setdefault(report.unit, []).append(label)
     if len(by_unit) > 1:

@@ -13,7 +13,9 @@ share eval tokens or seed; `seed_difference` gives, for one seed, each run's col
 and the paired difference A - B on the rounds both scored, with the project's per-run
 interval (`_per_run_interval`, the one place that names it); `compare_cells` does that for
 every pair (one per seed or replicate) and adds the t interval over the pairs' differences
-(n - 1 degrees of freedom, `tdist.t_critical`). Rendering: `collective.report.sweep_view`.
+(n - 1 degrees of freedom, `tdist.t_critical`). A run scored per byte (several tokenizers: its
+round records' `unit`) pairs only with another scored per byte, and its NLLs read in nats/byte.
+Rendering: `collective.report.sweep_view`.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from collective.evaluate.hostile import collective_rounds, eval_rounds
 from collective.evaluate.intervals import paired_intervals
 from collective.evaluate.metrics import Estimate, RoundStats
 from collective.evaluate.sweep import Cell, cell_folder
-from collective.records import RunStart, parse_event
+from collective.records import RunStart, Unit, nll_unit, parse_event
 from collective.run.prepared import RunError
 
 
@@ -45,13 +47,14 @@ class CellRun:
 
     eval_setting: what fixes the eval tokens (corpus spec, round length, stream tokenizer);
     starts: (R,) each eval round's first stream token; collective: the collective row per
-    eval round (summed NLL and scored tokens)."""
+    eval round (summed NLL and scored tokens, or bytes: `unit`)."""
 
     folder: Path
     seed: int
     eval_setting: dict[str, Any]
     starts: tuple[int, ...]
     collective: RoundStats
+    unit: Unit = "token"  # what its NLLs are per: a token, or a byte of the text (several tokenizers)
 
 
 def eval_setting(scenario: dict[str, Any]) -> dict[str, Any]:
@@ -80,7 +83,10 @@ def read_cell_run(folder: Path) -> CellRun:
     if start is None:
         raise PairingError(f"{folder}: events.jsonl has no run start record")
     rounds = eval_rounds(records)
-    return CellRun(folder, start.seed, eval_setting(scenario), tuple(r.start_token for r in rounds), collective_rounds(rounds))
+    unit: Unit = "byte" if any(r.unit == "byte" for r in rounds) else "token"
+    return CellRun(
+        folder, start.seed, eval_setting(scenario), tuple(r.start_token for r in rounds), collective_rounds(rounds), unit
+    )
 
 
 def check_pairable(a: CellRun, b: CellRun) -> None:
@@ -92,6 +98,8 @@ def check_pairable(a: CellRun, b: CellRun) -> None:
     ]
     if a.seed != b.seed:
         differ.append(f"seed {a.seed} vs {b.seed}")
+    if a.unit != b.unit:
+        differ.append(f"NLL in {nll_unit(a.unit)} vs {nll_unit(b.unit)} (a run of several tokenizers is scored per byte)")
     if not differ and a.starts != b.starts:
         differ.append(f"eval rounds starting at {list(a.starts[:4])}... vs {list(b.starts[:4])}...")
     if differ:
@@ -110,7 +118,7 @@ def _per_run_interval(a: RoundStats, b: RoundStats, *, confidence: float) -> tup
 
 @dataclass(frozen=True)
 class SeedDifference:
-    """One pair: each run's collective NLL (nats/token) and A - B, each with its interval."""
+    """One pair: each run's collective NLL (nats per the runs' unit) and A - B, each with its interval."""
 
     seed: int
     folder_a: str
@@ -130,6 +138,7 @@ class PairedComparison:
     pairs: tuple[SeedDifference, ...]
     over_seeds: Spread
     confidence: float = 0.95
+    unit: Unit = "token"  # every pair's: check_pairable refuses two runs of different units
 
 
 def seed_difference(a: CellRun, b: CellRun, *, confidence: float = 0.95) -> SeedDifference:
@@ -146,7 +155,7 @@ def compare_cells(
         raise PairingError(f"no pair of runs to compare ({label_a} against {label_b})")
     found = tuple(seed_difference(a, b, confidence=confidence) for a, b in pairs)
     values = [p.difference.value for p in found]
-    return PairedComparison(label_a, label_b, found, mean_ci(values, confidence=confidence), confidence)
+    return PairedComparison(label_a, label_b, found, mean_ci(values, confidence=confidence), confidence, pairs[0][0].unit)
 
 
 # ---------------------------------------------------------------------------- cells of a sweep folder
@@ -199,7 +208,7 @@ def summary_line(comparison: PairedComparison) -> str:
     per = ", ".join(
         f"seed {p.seed} {p.difference.value:+.3f} [{p.difference.low:+.3f}, {p.difference.high:+.3f}]" for p in comparison.pairs
     )
-    return f"{comparison.label_a} - {comparison.label_b}: {spread.mean:+.3f} nats/token ({over}); per pair: {per}"
+    return f"{comparison.label_a} - {comparison.label_b}: {spread.mean:+.3f} {nll_unit(comparison.unit)} ({over}); per pair: {per}"
 
 
 __all__ = [

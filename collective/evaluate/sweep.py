@@ -11,7 +11,8 @@ message drops its `speak_prompt`), and a setting the final document does not hol
 error. Repeated paths, values and seeds are refused, and `seed` is set by `--seeds` only.
 A finished cell folder is reused only when its scenario is the one the cell would run
 (`reuse_difference`). `read_cell` reads a finished cell's report and events into one
-`CellSummary`, and `mean_over_seeds` their mean per combination.
+`CellSummary`, and `mean_over_seeds` their mean per combination. A cell's gains are in nats
+per its report's unit (token, or byte for a collective of several tokenizers: `unit`).
 """
 
 from __future__ import annotations
@@ -30,13 +31,13 @@ from typing import Any
 
 import yaml
 
-from collective.records import Report, RoundEvent, RunRecord, RunStart, parse_event
+from collective.records import Report, RoundEvent, RunRecord, RunStart, Unit, parse_event
 from collective.scenario import Scenario, ScenarioError, parse_scenario
 
 _DISCRIMINATORS = ("policy", "kind")
 SUMMARY_COLUMNS = (  # after "combination", one column per --set path
     "seed", "communication_gain", "communication_low", "communication_high",
-    "collective_gain", "collective_low", "collective_high", "bytes_per_link_round",
+    "collective_gain", "collective_low", "collective_high", "bytes_per_link_round", "unit",
 )
 
 
@@ -273,12 +274,13 @@ class CellSummary:
     collective_gain: float
     collective_ci: tuple[float, float]
     bytes_per_link_round: float
+    unit: Unit = "token"  # what the gains are per (the report's unit)
 
     def row(self) -> list[Any]:
         return [
             self.combination, *self.settings.values(), "mean" if self.seed is None else self.seed,
             self.communication_gain, *self.communication_ci, self.collective_gain, *self.collective_ci,
-            self.bytes_per_link_round,
+            self.bytes_per_link_round, self.unit,
         ]
 
 
@@ -295,7 +297,7 @@ def cell_summary(cell: Cell, report: Report, records: Sequence[RunRecord]) -> Ce
     com, col = report.communication_gain, report.collective_gain
     return CellSummary(
         cell.combination, dict(cell.settings), cell.seed, com.value, (com.ci.low, com.ci.high),
-        col.value, (col.ci.low, col.ci.high), bytes_per_link_round(records),
+        col.value, (col.ci.low, col.ci.high), bytes_per_link_round(records), report.unit,
     )
 
 
@@ -369,6 +371,7 @@ def mean_over_seeds(cells: Sequence[CellSummary]) -> list[CellSummary]:
             mean([c.collective_gain for c in group]),
             (mean([c.collective_ci[0] for c in group]), mean([c.collective_ci[1] for c in group])),
             mean([c.bytes_per_link_round for c in group]),
+            group[0].unit,  # one combination, one scenario: one unit
         )
         for name, group in groups.items()
     ]
@@ -390,6 +393,7 @@ def summary_json(cells: Sequence[CellSummary]) -> dict[str, Any]:
             "communication_gain": {"value": cell.communication_gain, "ci": list(cell.communication_ci)},
             "collective_gain": {"value": cell.collective_gain, "ci": list(cell.collective_ci)},
             "bytes_per_link_round": cell.bytes_per_link_round,
+            "unit": cell.unit,  # absent in older summaries: token
         }
 
     return {"schema_version": 1, "cells": [one(c) for c in cells], "means": [one(c) for c in mean_over_seeds(cells)]}

@@ -23,6 +23,8 @@ def plot_gain_vs_bandwidth(cells: Sequence[CellSummary], out_path: Path) -> Path
     lines: dict[str, list[CellSummary]] = {}
     for mean in mean_over_seeds(cells):
         lines.setdefault(policy_of(mean), []).append(mean)
+    units = sorted({cell.unit for cell in cells})
+    per = "nats/token or nats/byte (cells of several tokenizers)" if len(units) > 1 else f"nats/{units[0] if units else 'token'}"
     figure = _figure(11, 4.2)
     panels = figure.subplots(1, 2, sharex=True)
     for panel, title in zip(panels, ("communication gain", "collective gain")):
@@ -35,7 +37,7 @@ def plot_gain_vs_bandwidth(cells: Sequence[CellSummary], out_path: Path) -> Path
             panel.errorbar(x, gain, yerr=error, fmt="o-", capsize=3, label=policy)
         panel.axhline(0, color="black", lw=0.8)
         panel.set_xlabel("bytes delivered per link per round")
-        panel.set_ylabel("nats/token (positive: better), mean over seeds")
+        panel.set_ylabel(f"{per} (positive: better), mean over seeds")
         panel.set_title(f"{title}: mean; bars: mean of the seeds' CI ends, not a CI")
         panel.grid(alpha=0.3)
     panels[0].legend(title="message policy", fontsize=8)

@@ -3,6 +3,8 @@
 Both are pure functions of the `summary.json` that `collective sweep` writes (schema 1):
 one row per cell and one per combination's mean over seeds, each with the communication
 and collective gains, their 95% CIs, and the bytes actually delivered per link and round.
+Gains are in nats/token, or nats/byte for cells whose nodes have different tokenizers (a cell's
+`unit`; absent in older summaries: token); a sweep of both marks its per-byte cells.
 A paired comparison of two cells (`collective report SWEEP --paired A B`,
 `collective.evaluate.paired`) renders as `paired_table` / `paired_markdown`.
 """
@@ -18,15 +20,32 @@ from rich.text import Text
 
 from collective.evaluate.metrics import Estimate
 from collective.evaluate.paired import PairedComparison, summary_line
+from collective.records import nll_unit
+
+BYTE_MARK = " (per byte)"
+
+
+def _units(summary: dict[str, Any]) -> set[str]:
+    return {cell.get("unit", "token") for cell in [*summary.get("cells", []), *summary.get("means", [])]}
 
 
 def _rows(summary: dict[str, Any]) -> list[list[str]]:
+    mixed = len(_units(summary)) > 1
     rows = []
     for cell in [*summary.get("cells", []), *summary.get("means", [])]:
         seed = "mean" if cell["seed"] is None else str(cell["seed"])
-        rows.append([cell["combination"], seed, _gain(cell["communication_gain"]), _gain(cell["collective_gain"]),
+        mark = BYTE_MARK if mixed and cell.get("unit") == "byte" else ""
+        rows.append([cell["combination"] + mark, seed, _gain(cell["communication_gain"]), _gain(cell["collective_gain"]),
                      f"{cell['bytes_per_link_round']:.1f}"])
     return rows
+
+
+def gain_units(summary: dict[str, Any]) -> str:
+    """'nats/token', 'nats/byte', or for a sweep of both 'nats/token (nats/byte where marked (per byte))'."""
+    units = _units(summary)
+    if len(units) > 1:
+        return f"nats/token (nats/byte where marked{BYTE_MARK})"
+    return f"nats/{units.pop()}" if units else "nats/token"
 
 
 def _gain(gain: dict[str, Any]) -> str:
@@ -44,7 +63,8 @@ HEADERS = ("cell", "seed", "communication gain [95% CI]", "collective gain [95% 
 def sweep_table(summary: dict[str, Any]) -> Table:
     """Every cell, then each combination's mean over seeds (its CI the mean of the seeds' ends)."""
     table = Table(
-        title="sweep: gains in nats/token; mean rows average the seeds' CI ends (not a CI of the mean)", title_justify="left"
+        title=f"sweep: gains in {gain_units(summary)}; mean rows average the seeds' CI ends (not a CI of the mean)",
+        title_justify="left",
     )
     for header in HEADERS:
         table.add_column(header, justify="left" if header == "cell" else "right")
@@ -84,7 +104,7 @@ def _paired_rows(comparison: PairedComparison) -> list[list[str]]:
 
 def paired_title(comparison: PairedComparison) -> str:
     return (
-        f"paired: A = {comparison.label_a}, B = {comparison.label_b}; collective NLL in nats/token on the rounds both "
+        f"paired: A = {comparison.label_a}, B = {comparison.label_b}; collective NLL in {nll_unit(comparison.unit)} on the rounds both "
         f"scored, {100 * comparison.confidence:g}% intervals (A - B < 0: A predicts better)"
     )
 
