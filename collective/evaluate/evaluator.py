@@ -46,7 +46,6 @@ from collective.records import (
     RowReport,
     Runtime,
     ScreenRecord,
-    Unit,
     YardstickGap,
 )
 from collective.run.engine import EngineResult
@@ -85,7 +84,6 @@ def build_report(
     missed = unscored_rounds(scenario, stats)
     note = missed_rounds_note(missed, result.eval_rounds_done, cg, mg, headline.best_member_rule)
     gap = yardstick_gap(scenario, stats, headline)
-    unit = run_unit(result)
     return Report(
         run_id=run_id,
         scenario=scenario.name,
@@ -97,12 +95,12 @@ def build_report(
         round_tokens=scenario.bus.round_tokens,
         eval_bytes=result.eval_bytes,
         interval_method=headline.intervals.method,
-        unit=unit,
+        unit=result.unit,
         rows=row_reports(scenario, stats, headline.intervals),
         best_member=best_member,
         collective_gain=_gain(cg, f"best isolated member ({best_member or 'none'})"),
         communication_gain=_gain(mg, "silent ensemble"),
-        verdict=verdict(cg, mg, best_member or None, note, unit) + (f" {gap[1]}" if gap else ""),
+        verdict=verdict(cg, mg, best_member or None, note, result.unit) + (f" {gap[1]}" if gap else ""),
         yardstick=gap[0] if gap else None,
         controller_gains={
             key.node_id or "": _gain(estimate, "plain member (no prompt)") for key, estimate in headline.controller_gains.items()
@@ -116,15 +114,6 @@ def build_report(
         rejected_envelopes={k: dict(v) for k, v in (rejected_envelopes or {}).items() if v},
         **_counts(result),
     )
-
-
-def run_unit(result: EngineResult) -> Unit:
-    """What the run's rows are scored per: 'token', or 'byte' for a collective of several
-    tokenizers (`EngineResult.unit`; 'token' for a result without one)."""
-    unit = getattr(result, "unit", "token")
-    if unit not in ("token", "byte"):
-        raise ValueError(f"EngineResult.unit {unit!r}: expected 'token' or 'byte'")
-    return "byte" if unit == "byte" else "token"
 
 
 def yardstick_gap(
