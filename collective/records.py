@@ -21,8 +21,8 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 # attack objectives of MessageSearch; version 1 and 2 files still read (the new fields default empty)
 # events 4: adds NodeRound.shuffle_matched (a priming control read as its message's tokens); older files
 # still read (None: not recorded)
-# events 5: adds RoundEvent.unit ("byte": a collective of several tokenizers, every NLL per byte of the text);
-# older files still read ("token")
+# events 5: adds RoundEvent.unit ("byte": a collective of several tokenizers, every NLL per byte of the text) and
+# RoundEvent.n_bytes (the bytes a byte-unit round's means are over); older files still read ("token", None)
 EVENT_SCHEMA_VERSION = 5
 # report 2: adds rejected_envelopes; 3: adds each row's n_rounds, each gain's n_rounds (the rounds its
 # two sides share), partial_members, best_member_rule and block_rule. Older reports still read: the
@@ -191,6 +191,9 @@ class RoundEvent(_Record):
     wall_seconds: float
     elapsed_seconds: float
     unit: Unit = Field("token", description="what the NLLs are per: a token, or a byte of the text (several tokenizers; events 5)")
+    n_bytes: int | None = Field(
+        None, description="a byte-unit round: the eval bytes its NLLs are means over (None: a token-unit round, or not recorded)"
+    )
 
 
 class RunEnd(_Record):

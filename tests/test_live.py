@@ -368,3 +368,45 @@ def test_an_attacker_and_its_messages_are_marked_and_firewall_drops_are_shown():
     assert " fw " in table.splitlines()[0] + " "
     legend = render(topology_view(state, 80, 12))
     assert "attack (!)" in legend and "firewall drop" in legend
+
+
+# ---------------------------------------------------------------------------- byte-unit runs (events 5)
+
+
+def byte_run(**kwargs) -> list[RunRecord]:  # type: ignore[no-untyped-def]
+    """The synthetic run as a collective of several tokenizers writes it: every round's NLLs per byte."""
+    return [e.model_copy(update={"unit": "byte"}) if isinstance(e, RoundEvent) else e for e in synthetic_run(**kwargs)]
+
+
+def test_a_byte_round_event_round_trips_and_an_events_4_line_reads_as_token():
+    from collective.records import EVENT_SCHEMA_VERSION, parse_event
+
+    event = byte_run()[1]
+    assert isinstance(event, RoundEvent) and event.unit == "byte" and event.schema_version == EVENT_SCHEMA_VERSION == 5
+    assert parse_event(event.model_dump_json()) == event
+    old = event.model_dump(mode="json")
+    del old["unit"]
+    old["schema_version"] = 4  # what events 4 wrote: no unit
+    parsed = parse_event(__import__("json").dumps(old))
+    assert isinstance(parsed, RoundEvent) and parsed.unit == "token" and parsed.schema_version == 4
+
+
+def test_the_live_view_labels_a_byte_run_per_byte_and_a_token_run_as_before():
+    byte, token = LiveState.fold(byte_run()[:-1]), LiveState.fold(synthetic_run()[:-1])
+    assert byte.unit == "byte" and token.unit == "token"
+    assert header_view(byte).plain.splitlines()[0].endswith("pool mean  NLL in nats/byte")
+    assert header_view(token).plain.splitlines()[0].endswith("pool mean")
+    assert "NLL/byte " in render(topology_view(byte, 60, 16), width=60)
+    assert "NLL/byte" not in render(topology_view(token, 60, 16), width=60)
+    text = render(dashboard(byte, 100, 40))
+    assert widest_line(text) <= 100 and len(text.splitlines()) <= 40 and "nats/byte" in text
+
+
+def test_watch_of_a_byte_run_ends_each_plain_line_with_its_unit():
+    console = Console(file=io.StringIO(), width=100, color_system=None)
+    watch(byte_run(), console)
+    lines = console.file.getvalue().splitlines()  # type: ignore[attr-defined]
+    assert all(line.endswith(" unit=byte") for line in lines if line.startswith("round "))
+    console = Console(file=io.StringIO(), width=100, color_system=None)
+    watch(synthetic_run(), console)
+    assert "unit=" not in console.file.getvalue()  # type: ignore[attr-defined]

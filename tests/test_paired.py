@@ -28,7 +28,8 @@ SCENARIO = {
 
 
 def write_run(
-    folder: Path, nlls: list[float], tokens: list[int], *, seed: int = 0, warmup: int = 1, unit: str = "token", **changes
+    folder: Path, nlls: list[float], tokens: list[int], *, seed: int = 0, warmup: int = 1, unit: str = "token",
+    n_bytes: list[int] | None = None, **changes,
 ) -> Path:
     """A finished run folder: a resolved scenario, one warm-up round, eval rounds with these
     collective NLLs (mean nats/token of the round; NaN: no collective prediction) and tokens."""
@@ -50,6 +51,7 @@ def write_run(
             run_id=folder.name, round_index=index, phase=phase, eval_round=None if phase == "warmup" else eval_index,
             start_token=first + 8 * eval_index, n_tokens=n_tokens, nodes=[], messages=[], nll_collective=nll,
             nll_silent=3.0, nll_reference=2.0, wall_seconds=0.1, elapsed_seconds=0.1 * index, unit=unit,  # type: ignore[arg-type]
+            n_bytes=None if n_bytes is None or phase == "warmup" else n_bytes[eval_index],
         ).model_dump_json())
     (folder / "events.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
     (folder / "report.json").write_text("{}", encoding="utf-8")
@@ -183,3 +185,11 @@ def test_two_runs_scored_per_byte_pair_and_read_in_nats_per_byte(tmp_path):
     assert comparison.unit == "byte" and summary_line(comparison).startswith("relay - silent: -0.099 nats/byte (")  # byte-weighted
     text = paired_markdown(comparison)
     assert "collective NLL in nats/byte on the rounds both scored" in text and "nats/token" not in text
+
+
+def test_a_byte_unit_rounds_weigh_by_the_bytes_their_means_are_over_not_the_stream_tokens(tmp_path):
+    # two rounds of 8 stream tokens, 10 and 30 bytes: A is worse by 1 nat/byte on the second only
+    a = read_cell_run(write_run(tmp_path / "a", [1.0, 2.0], [8, 8], unit="byte", n_bytes=[10, 30]))
+    b = read_cell_run(write_run(tmp_path / "b", [1.0, 1.0], [8, 8], unit="byte", n_bytes=[10, 30]))
+    assert seed_difference(a, b).difference.value == pytest.approx(30 / 40)  # by tokens it would be 0.5
+    assert int(a.collective.n_tokens.sum()) == 40

@@ -153,3 +153,15 @@ def test_the_live_watch_draws_the_dashboard_on_a_terminal(tmp_path):
     console = Console(file=io.StringIO(), width=100, height=40, color_system=None, force_terminal=True)
     state = watch(list(run_events(write_run(tmp_path, synthetic_run()))), console, live=True)
     assert state.finished and "round 6/6" in console.file.getvalue()  # type: ignore[attr-defined]
+
+
+def test_a_run_file_of_events_4_and_5_lines_reads_whole(tmp_path):
+    """An older run's rounds (events 4: no unit, read as token) beside events 5 byte rounds."""
+    events = synthetic_run(rounds=3)
+    old = [e.model_copy(update={"schema_version": 4}) for e in events[:2]]
+    new = [e.model_copy(update={"unit": "byte"}) if isinstance(e, RoundEvent) else e for e in events[2:]]
+    lines = [e.model_dump_json(exclude={"unit"}) for e in old] + [e.model_dump_json() for e in new]
+    (tmp_path / "events.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    read = read_events(tmp_path / "events.jsonl")
+    assert [getattr(e, "unit", None) for e in read if isinstance(e, RoundEvent)] == ["token", "byte", "byte"]
+    assert [e.schema_version for e in read][:2] == [4, 4]

@@ -134,7 +134,7 @@ def _round_progress(console: Console, total: int) -> tuple[Progress, OnRound]:
             task,
             advance=1,
             description=f"round {event.round_index + 1}/{total} ({event.phase})",
-            nll=f"collective {event.nll_collective:.3f} silent {event.nll_silent:.3f} nats/tok",
+            nll=f"collective {event.nll_collective:.3f} silent {event.nll_silent:.3f} nats/{'byte' if event.unit == 'byte' else 'tok'}",
         )
 
     return progress, tick

@@ -20,6 +20,7 @@ Rendering: `collective.report.sweep_view`.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -33,8 +34,10 @@ from collective.evaluate.hostile import collective_rounds, eval_rounds
 from collective.evaluate.intervals import paired_intervals
 from collective.evaluate.metrics import Estimate, RoundStats
 from collective.evaluate.sweep import Cell, cell_folder
-from collective.records import RunStart, Unit, nll_unit, parse_event
+from collective.records import RoundEvent, RunStart, Unit, nll_unit, parse_event
 from collective.run.prepared import RunError
+
+logger = logging.getLogger(__name__)
 
 
 class PairingError(RunError):
@@ -85,8 +88,20 @@ def read_cell_run(folder: Path) -> CellRun:
     rounds = eval_rounds(records)
     unit: Unit = "byte" if any(r.unit == "byte" for r in rounds) else "token"
     return CellRun(
-        folder, start.seed, eval_setting(scenario), tuple(r.start_token for r in rounds), collective_rounds(rounds), unit
+        folder, start.seed, eval_setting(scenario), tuple(r.start_token for r in rounds), collective_rounds(per_position(rounds)), unit
     )
+
+
+def per_position(rounds: Sequence[RoundEvent]) -> list[RoundEvent]:
+    """The rounds with `n_tokens` the positions their mean NLLs are over: a byte-unit round's
+    bytes (`n_bytes`), so that the collective's row weights each round by its bytes; a round
+    that did not record them keeps its tokens (the weights are then approximate, and logged)."""
+    if not any(r.unit == "byte" for r in rounds):
+        return list(rounds)
+    if any(r.n_bytes is None for r in rounds):
+        logger.warning("byte-unit rounds without n_bytes: the paired comparison weights rounds by their stream tokens")
+        return list(rounds)
+    return [r.model_copy(update={"n_tokens": r.n_bytes}) for r in rounds]
 
 
 def check_pairable(a: CellRun, b: CellRun) -> None:

@@ -92,25 +92,30 @@ def _printable(text: str) -> str:
 
 
 def round_line(event: RoundEvent, total_rounds: int) -> str:
-    """One plain, parseable line per round (for pipes and logs): `key=value` after the counter."""
+    """One plain, parseable line per round (for pipes and logs): `key=value` after the counter;
+    a byte-unit round (several tokenizers: NLLs per byte) ends with `unit=byte`."""
     return (
         f"round {event.round_index + 1}/{total_rounds} {event.phase} collective={event.nll_collective:.4f} "
         f"silent={event.nll_silent:.4f} reference={event.nll_reference:.4f} wall={event.wall_seconds:.2f}s"
-    )
+    ) + (" unit=byte" if event.unit == "byte" else "")
 
 
 # ---------------------------------------------------------------------------- header
 
 
 def header_view(state: LiveState) -> Text:
-    """Two lines: what runs, and how far it is."""
+    """Two lines: what runs (and, for a run of several tokenizers, that its NLLs are per byte),
+    and how far it is."""
     if state.start is None:
         return Text("waiting for the run to start …", style="bold")
     start = state.start
     text = Text(no_wrap=True, overflow="ellipsis")
     text.append("collective ", style="bold")
     text.append(start.scenario, style="bold cyan")
-    text.append(f"  run {start.run_id}  seed {start.seed}  {start.runtime}  pool {start.aggregator}\n")
+    text.append(f"  run {start.run_id}  seed {start.seed}  {start.runtime}  pool {start.aggregator}")
+    if state.unit == "byte":  # several tokenizers: every NLL below is per byte of the text
+        text.append("  NLL in nats/byte", style="bold")
+    text.append("\n")
     total = state.total_rounds or 0
     text.append(f"round {state.rounds_done}/{total} ", style="bold")
     text.append_text(_bar(state.rounds_done, total, 20))

@@ -7,7 +7,9 @@ half-updated state, and a replay reaches exactly the state the live run showed.
 Running means ("so far") cover the eval rounds, as the report does; while the run is
 still warming up they cover the warm-up rounds, and they restart at the first eval round.
 Every round has the same number of tokens, so the mean of round means is the token mean
-and the collective's "so far" number converges to the report's collective row.
+and the collective's "so far" number converges to the report's collective row. In a run of
+several tokenizers (`unit` byte) every NLL is per byte and rounds hold unequal numbers of
+bytes: the mean of round means then approximates the report's row (which weights by bytes).
 
 A view that starts late (a watcher attached to a distributed run mid-run) sees the start
 record and then rounds from some round k on: the round counter, the tokens done and the
@@ -21,7 +23,7 @@ import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 
-from collective.records import NodeInfo, RoundEvent, RunEnd, RunRecord, RunStart
+from collective.records import NodeInfo, RoundEvent, RunEnd, RunRecord, RunStart, Unit
 
 # Rounds of per-round history kept for sparklines; older rounds only live in the running means.
 HISTORY_ROUNDS = 120
@@ -122,6 +124,7 @@ class LiveState:
     dropped_links: frozenset[tuple[str, str]] = field(default_factory=frozenset)
     screened_links: frozenset[tuple[str, str]] = field(default_factory=frozenset)  # the receiver's firewall dropped it
     end: RunEnd | None = None
+    unit: Unit = "token"  # what the NLLs are per: the last round's (a run of several tokenizers: byte)
 
     # ------------------------------------------------------------------ building
 
@@ -198,6 +201,7 @@ class LiveState:
             active_links=frozenset((m.sender, m.receiver) for m in event.messages if not m.dropped),
             dropped_links=frozenset((m.sender, m.receiver) for m in event.messages if m.dropped),
             screened_links=frozenset((s.sender, s.receiver) for s in event.screened if s.action == "drop"),
+            unit=event.unit,
         )
 
     # ------------------------------------------------------------------ derived numbers

@@ -187,7 +187,7 @@ def _legend(state: LiveState) -> Text:
     legend = Text(no_wrap=True, overflow="ellipsis")
     if finite:
         low, high = min(finite), max(finite)
-        legend.append("NLL ")
+        legend.append("NLL/byte " if state.unit == "byte" else "NLL ")
         legend.append(f"{low:.2f}", nll_style(low, low, high))
         legend.append("→")
         legend.append(f"{high:.2f}", nll_style(high, low, high))
