@@ -232,7 +232,7 @@ def test_a_node_that_meets_a_coordinator_of_another_protocol_stops_at_once_namin
     asyncio.run(volunteer._handle(Topics("run-1").scenario, old))
     assert volunteer.rejections.as_dict() == {"wrong_schema": 1}
     assert isinstance(volunteer._failure, DistributedError)
-    assert "speaks another protocol: protocol schema 2, this side speaks 4" in str(volunteer._failure)
+    assert "speaks another protocol: protocol schema 2, this side speaks 5" in str(volunteer._failure)
     assert "same collective version on the coordinator, every node" in str(volunteer._failure)
 
 

@@ -177,8 +177,8 @@ def test_a_result_carries_whether_its_shuffle_matched_at_the_receiver():
 
 
 def test_another_protocol_version_is_refused_naming_both_versions_and_what_to_do():
-    with pytest.raises(Rejected, match="protocol schema 2, this side speaks 4 .*placeholder.*same collective version") as caught:
-        decode_envelope(b'{"schema_version": 2, "run_id": "r", "kind": "request"}', 1000)
+    with pytest.raises(Rejected, match="protocol schema 4, this side speaks 5 .*in bytes.*same collective version") as caught:
+        decode_envelope(b'{"schema_version": 4, "run_id": "r", "kind": "request"}', 1000)
     assert caught.value.reason == "wrong_schema"
 
 
@@ -191,6 +191,7 @@ def test_another_protocol_version_is_refused_naming_both_versions_and_what_to_do
         (b'{"run_id": "r", "sender": "a"}', "malformed"),
         (b'{"schema_version": 1, "run_id": "r"}', "wrong_schema"),  # protocol 1: before searched messages
         (b'{"schema_version": 2, "run_id": "r"}', "wrong_schema"),  # protocol 2: before receiver firewalls
+        (b'{"schema_version": 4, "run_id": "r"}', "wrong_schema"),  # protocol 4: before byte-unit rounds
         (b"x" * 2000, "oversized"),
     ],
 )

@@ -36,9 +36,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from collective.distributed.protocol import (
+    BYTES_PER_TOKEN_BOUND,
     COORDINATOR,
     WATCHER,
     firewall_bytes_bound,
+    may_score_bytes,
     message_bytes_bound,
     request_bytes_bound,
     result_bytes_bound,
@@ -103,14 +105,23 @@ def link_count(scenario: Scenario) -> int:
 
 
 def max_packet_size_for(scenario: Scenario) -> int:
-    """Twice the largest envelope a run of this scenario sends, at least 1 MiB."""
+    """Twice the largest envelope a run of this scenario sends, at least 1 MiB. A run that may
+    score bytes (`may_score_bytes`) is sized for rounds and views of BYTES_PER_TOKEN_BOUND bytes
+    a stream token (the broker is configured before the stream is read)."""
     bus = scenario.bus
     max_bytes = max([bus.max_message_bytes] + [link.max_message_bytes or 0 for link in bus.links])
     max_tokens = max([bus.max_message_tokens] + [link.max_message_tokens or 0 for link in bus.links])
     n_nodes, n_links = len(scenario.nodes), link_count(scenario)
     yaml_bytes = len(scenario.resolved_yaml().encode("utf-8"))
-    result = result_bytes_bound(bus.round_tokens, scenario.evaluation.top_k, max_bytes, n_nodes, screened_bytes_bound(scenario, n_nodes))
-    request = request_bytes_bound(scenario.max_reach, bus.round_tokens, 4_096, 4 * n_nodes, firewall_bytes_bound(scenario))
+    round_bytes = BYTES_PER_TOKEN_BOUND * bus.round_tokens if may_score_bytes(scenario) else None
+    result = result_bytes_bound(
+        bus.round_tokens, scenario.evaluation.top_k, max_bytes, n_nodes, screened_bytes_bound(scenario, n_nodes), round_bytes=round_bytes
+    )
+    if round_bytes is None:
+        request = request_bytes_bound(scenario.max_reach, bus.round_tokens, 4_096, 4 * n_nodes, firewall_bytes_bound(scenario))
+    else:
+        view_bytes = BYTES_PER_TOKEN_BOUND * scenario.max_reach
+        request = request_bytes_bound(view_bytes, round_bytes, 4_096, 4 * n_nodes, firewall_bytes_bound(scenario), round_bytes)
     scenario_bytes = 64 * 1024 + 2 * yaml_bytes
     round_event = round_event_bytes_bound(n_nodes, n_links, max_tokens, max_bytes, screened_bytes_bound(scenario, n_links))
     events = max(round_event, start_event_bytes_bound(n_nodes, n_links, yaml_bytes))

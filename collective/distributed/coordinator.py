@@ -56,6 +56,7 @@ from collective.distributed.protocol import (
     open_envelope,
     result_bytes_bound,
     screened_bytes_bound,
+    span_bytes_max,
     tokenizer_digest,
 )
 from collective.distributed.roster import WILLS_BEFORE_OUTAGE_S, NodeSnapshot, Roster
@@ -102,8 +103,15 @@ class MqttExecutor:
         max_links = max([len(v) for v in self.out_neighbours.values()] + [1])
         max_bytes = max([p.max_message_bytes for p in policies.values()] + [scenario.bus.max_message_bytes])
         max_in_links = max([len(v) for v in self.in_neighbours.values()] + [1])
+        # a byte-unit run: the longest round and view of the stream in bytes (its requests carry
+        # the round's bytes and each node's tokens of them, its results byte rows)
+        self.unit = prepared.unit
+        in_bytes = self.unit == "byte"
+        self.round_bytes_max = span_bytes_max(prepared.byte_lengths, scenario.bus.round_tokens) if in_bytes else 0
+        self.view_bytes_max = span_bytes_max(prepared.byte_lengths, scenario.max_reach) if in_bytes else 0
         self.result_limit = 2 * result_bytes_bound(
-            scenario.bus.round_tokens, scenario.evaluation.top_k, max_bytes, max_links, screened_bytes_bound(scenario, max_in_links)
+            scenario.bus.round_tokens, scenario.evaluation.top_k, max_bytes, max_links, screened_bytes_bound(scenario, max_in_links),
+            round_bytes=self.round_bytes_max if in_bytes else None,
         )
         self.rejections = Rejections(COORDINATOR)
         self.closing = False
@@ -118,6 +126,7 @@ class MqttExecutor:
             in_neighbours=self.in_neighbours,
             firewalls=prepared.firewalls,
             retain=scenario.bus.retain,
+            codecs={n: prepared.node_tokenizer(n) for n in scenario.node_ids},  # a link's tokens are its sender's
         )
         self.rounds = RoundCollector(
             self.roster, check, self._send_request, round_deadline_s=round_deadline_s, first_round_deadline_s=first_round_deadline_s
@@ -204,8 +213,11 @@ class MqttExecutor:
             scenario_yaml=self.scenario.resolved_yaml(),
             in_neighbours=self.in_neighbours,
             out_neighbours=self.out_neighbours,
-            tokenizer_digest=next(iter(self.roster.digests.values())),
+            tokenizer_digests=self.roster.digests,
             session=self.session,
+            unit=self.unit,
+            round_bytes_max=self.round_bytes_max,
+            view_bytes_max=self.view_bytes_max,
         )
         control = ControlPayload(state="open", session=self.session)
         published = await self._publish(self.topics.scenario, scenario, retain=True)

@@ -39,9 +39,13 @@ class Mailbox:
     scenario: Scenario
     in_neighbours: list[str]
     policies: dict[tuple[str, str], LinkPolicy]  # this node's links, in and out
-    codec: TextCodec
+    codec: TextCodec  # this node's tokenizer
     rejections: Rejections
     topics: Topics
+    # a link's token budget counts the sender's tokens: a sender listed here with None has
+    # another tokenizer, so only its bytes are checked here (the coordinator counted its
+    # tokens before it booked the message, and only booked messages are read)
+    sender_codecs: dict[str, TextCodec | None] = field(default_factory=dict)
     missing_messages: int = field(default=0, init=False)
     expected_unread: int = field(default=0, init=False)  # sent to this node before this process was taken back
     due: list[MessageKey] = field(default_factory=list, init=False)  # booked by the requests so far, not yet read
@@ -68,7 +72,8 @@ class Mailbox:
         if now >= 0 and not now - policy.latency_rounds - self.scenario.bus.retain - 2 <= record.round_sent <= now + 1:
             raise Rejected("wrong_round", f"a message of round {record.round_sent}; this node is at round {now}")
         n_bytes = len(record.text.encode("utf-8"))
-        n_tokens = len(self.codec.encode(record.text, add_special_tokens=False))
+        codec = self.sender_codecs.get(sender, self.codec)
+        n_tokens = 0 if codec is None else len(codec.encode(record.text, add_special_tokens=False))
         if n_bytes > policy.max_message_bytes or n_tokens > policy.max_message_tokens:
             raise Rejected(
                 "over_budget",

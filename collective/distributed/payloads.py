@@ -3,135 +3,56 @@
 Each payload names its `kind`, the discriminator the envelope is parsed by. What a node
 needs of a round (`RequestPayload`: its own view, the keys of the messages it may read and
 its fitted firewall) goes out; what the evaluator needs of it (`ResultPayload`: predictions,
-messages, and what its firewall did to each message it read) comes back. Predictions
-travel as base64 of little-endian float32/int32 arrays (`TensorBlob`): exact round trips.
+messages, and what its firewall did to each message it read) comes back. Prediction rows
+travel as `wire` has them: token rows as they are, byte rows (a byte-unit run, where a request
+also carries the round's bytes) as 256 log-probabilities a byte, exact either way.
 """
 
 from __future__ import annotations
 
-import base64
-import math
-import sys
 from collections.abc import Sequence
 from typing import Annotated, Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field
 
+from collective.distributed.wire import (
+    BASE64,
+    ByteRowsWire,
+    PredictionsWire,
+    WireModel,
+    bytes_wire,
+    wire_bytes,
+)
+from collective.distributed.wire import (
+    TensorBlob as TensorBlob,  # re-exported: the wire's names, where they always were
+)
+from collective.distributed.wire import check_predictions as check_predictions
 from collective.lm.predictions import TokenPredictions
 from collective.records import Event, MessageRecord, MessageSearch, ScreenRecord
 from collective.run.node import NodeRoundRequest, NodeRoundResult
 from collective.scenario import BusSpec, FirewallFilter, MessageSpec, PerplexityFilter
 
-
-class WireModel(BaseModel):
-    """A record on the wire: unknown fields are refused, nothing changes after parsing."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-# ---------------------------------------------------------------------------- tensors
-
-
-_DTYPES: dict[str, tuple[torch.dtype, int]] = {"float32": (torch.float32, 4), "int32": (torch.int32, 4)}
-
-
-class TensorBlob(WireModel):
-    """A tensor as base64 of its little-endian bytes (float32 and int32 round-trip exactly)."""
-
-    dtype: Literal["float32", "int32"]
-    shape: list[Annotated[int, Field(ge=0, le=1 << 24)]] = Field(max_length=4)
-    data: str = Field(pattern=r"^[A-Za-z0-9+/]*={0,2}$")
-
-    @model_validator(mode="after")
-    def _size_matches(self) -> TensorBlob:
-        expected = math.prod(self.shape) * _DTYPES[self.dtype][1]
-        # base64 of n bytes is 4 * ceil(n / 3) characters
-        if len(self.data) != 4 * ((expected + 2) // 3):
-            raise ValueError(f"data holds {len(self.data)} base64 characters, shape {self.shape} needs {expected} bytes")
-        return self
-
-    @staticmethod
-    def from_tensor(tensor: torch.Tensor, dtype: Literal["float32", "int32"]) -> TensorBlob:
-        torch_dtype = _DTYPES[dtype][0]
-        array = tensor.detach().to("cpu", torch_dtype).contiguous()
-        raw = array.numpy().tobytes() if sys.byteorder == "little" else array.numpy().byteswap().tobytes()
-        return TensorBlob(dtype=dtype, shape=list(array.shape), data=base64.b64encode(raw).decode("ascii"))
-
-    def to_tensor(self) -> torch.Tensor:
-        raw = bytearray(base64.b64decode(self.data, validate=True))
-        torch_dtype = _DTYPES[self.dtype][0]
-        if not raw:
-            return torch.zeros(self.shape, dtype=torch_dtype)
-        tensor = torch.frombuffer(raw, dtype=torch_dtype).reshape(self.shape).clone()
-        return tensor if sys.byteorder == "little" else tensor.byteswap()  # type: ignore[attr-defined]
-
-
-class PredictionsWire(WireModel):
-    """A `TokenPredictions` record on the wire. Shapes: (N, T), (N, T, K), (N, T, K)."""
-
-    target_logprob: TensorBlob
-    topk_ids: TensorBlob
-    topk_logprobs: TensorBlob
-    vocab_size: int = Field(ge=1, lt=1 << 31)
-
-    @model_validator(mode="after")
-    def _shapes_agree(self) -> PredictionsWire:
-        n_t = self.target_logprob.shape
-        if len(n_t) != 2 or self.topk_ids.shape != self.topk_logprobs.shape or self.topk_ids.shape[:2] != n_t:
-            raise ValueError(
-                f"inconsistent shapes {self.target_logprob.shape}, {self.topk_ids.shape}, {self.topk_logprobs.shape}"
-            )
-        if len(self.topk_ids.shape) != 3 or self.target_logprob.dtype != "float32" or self.topk_ids.dtype != "int32":
-            raise ValueError("expected float32 (N, T) log-probs and int32 (N, T, K) ids")
-        return self
-
-    @staticmethod
-    def from_predictions(preds: TokenPredictions) -> PredictionsWire:
-        return PredictionsWire(
-            target_logprob=TensorBlob.from_tensor(preds.target_logprob, "float32"),
-            topk_ids=TensorBlob.from_tensor(preds.topk_ids, "int32"),
-            topk_logprobs=TensorBlob.from_tensor(preds.topk_logprobs, "float32"),
-            vocab_size=preds.vocab_size,
-        )
-
-    def to_predictions(self) -> TokenPredictions:
-        return TokenPredictions(
-            self.target_logprob.to_tensor(),
-            self.topk_ids.to_tensor().long(),
-            self.topk_logprobs.to_tensor(),
-            self.vocab_size,
-        )
-
-
-def check_predictions(preds: TokenPredictions, *, n_positions: int, top_k: int, vocab_size: int) -> str | None:
-    """Why a received record cannot be one member's round of this run, or None when it can."""
-    if preds.n_members != 1 or preds.n_positions != n_positions:
-        return f"expected 1 member x {n_positions} positions, got {preds.n_members} x {preds.n_positions}"
-    if preds.vocab_size != vocab_size:
-        return f"vocabulary of {preds.vocab_size} tokens, the run's model has {vocab_size}"
-    if preds.topk_ids.shape[-1] != min(top_k, vocab_size):
-        return f"{preds.topk_ids.shape[-1]} candidates per position, the run keeps {min(top_k, vocab_size)}"
-    if bool(((preds.topk_ids < 0) | (preds.topk_ids >= vocab_size)).any()):
-        return "a candidate token id outside the vocabulary"
-    for name, values in (("target", preds.target_logprob), ("top-k", preds.topk_logprobs)):
-        if bool(torch.isnan(values).any()) or bool((values > 1e-3).any()):
-            return f"{name} log-probabilities that are NaN or above 0"
-    return None
-
-
 # ---------------------------------------------------------------------------- run and presence
 
 
 class ScenarioPayload(WireModel):
-    """What a volunteer needs to know of the run: the scenario and its node's links."""
+    """What a volunteer needs to know of the run: the scenario, its node's links, its models'
+    tokenizers (by digest) and, in a byte-unit run, how long a round and a view can be in bytes
+    (a node's tokens of them are at most as many: its size limits)."""
 
     kind: Literal["scenario"] = "scenario"
     scenario_yaml: str
     in_neighbours: dict[str, list[str]] = Field(description="receiver -> senders, in inbox order")
     out_neighbours: dict[str, list[str]] = Field(description="sender -> receivers, in send order")
-    tokenizer_digest: str = Field(description="what a node's tokenizer must hash to (see tokenizer_digest)")
+    tokenizer_digests: dict[str, str] = Field(
+        description="model alias -> what its tokenizer hashes to (tokenizer_digest); a node counts a sender's tokens "
+        "itself only when the sender's model has its tokenizer (protocol 5)"
+    )
     session: str
+    unit: Literal["token", "byte"] = Field("token", description="a byte-unit run's requests carry the round's bytes (protocol 5)")
+    round_bytes_max: int = Field(0, ge=0, description="byte unit: the most bytes a round of the stream has")
+    view_bytes_max: int = Field(0, ge=0, description="byte unit: the most bytes a node's view before a round has")
 
 
 class ControlPayload(WireModel):
@@ -233,6 +154,9 @@ class RequestPayload(WireModel):
     seed: int
     placeholder_id: int | None = Field(None, description="a masked view's hidden-token id: a searched message does not score it")
     replay_text: str | None = Field(None, description="`replay`: the text the node sent in this round of the replayed run (protocol 4)")
+    round_bytes: str | None = Field(
+        None, pattern=BASE64, description="a byte-unit run: the round's bytes (base64); the ids are the node's own tokens (protocol 5)"
+    )
     want_plain: bool = True
     want_isolated: bool = True
     inbox: list[MessageKey] = Field(default_factory=list, description="messages that become readable this round")
@@ -248,7 +172,12 @@ class RequestPayload(WireModel):
         return RequestPayload(
             **same, **ids, control_ids=list(request.control_ids), message_frame=request.message_frame, inbox=inbox,
             firewall=request.firewall, deadline_s=deadline_s,
+            round_bytes=None if request.round_bytes is None else bytes_wire(request.round_bytes),
         )
+
+    def round_data(self) -> bytes | None:
+        """The round's bytes (a byte-unit run), or None."""
+        return None if self.round_bytes is None else wire_bytes(self.round_bytes)
 
     def to_request(self, round_index: int, inbox: Sequence[MessageRecord] = (), bus: BusSpec | None = None) -> NodeRoundRequest:
         """The node's round: `inbox` is what it reads this round (`Inbox.visible`, as the embedded
@@ -261,6 +190,7 @@ class RequestPayload(WireModel):
             **same, **ids, round_index=round_index, control_ids=list(self.control_ids),
             message_frame=self.message_frame,
             inbox_messages=tuple(inbox), firewall=self.firewall, inbox_template=bus.inbox_template, inbox_header=bus.inbox_header,
+            round_bytes=self.round_data(),
         )
 
     def firewall_problem(self, scenario_filters: Sequence[FirewallFilter]) -> str | None:
@@ -283,12 +213,25 @@ class RequestPayload(WireModel):
         return any(t < 0 or t >= vocab_size for t in every)
 
 
-def _wire(preds: TokenPredictions | None) -> PredictionsWire | None:
-    return None if preds is None else PredictionsWire.from_predictions(preds)
+RowWire = PredictionsWire | ByteRowsWire  # a token row, or a byte row (told apart by their fields)
 
 
-def _unwire(wire: PredictionsWire | None) -> TokenPredictions | None:
-    return None if wire is None else wire.to_predictions()
+def _wire(preds: TokenPredictions | None, in_bytes: bool) -> RowWire | None:
+    if preds is None:
+        return None
+    return ByteRowsWire.from_predictions(preds) if in_bytes else PredictionsWire.from_predictions(preds)
+
+
+def _unwire(wire: RowWire | None, data: bytes | None) -> TokenPredictions | None:
+    if wire is None:
+        return None
+    if isinstance(wire, ByteRowsWire):
+        if data is None:
+            raise ValueError("byte rows for a round asked in tokens")
+        return wire.to_predictions(data)
+    if data is not None:
+        raise ValueError("token rows for a round asked in bytes")
+    return wire.to_predictions()
 
 
 class ResultPayload(WireModel):
@@ -296,9 +239,9 @@ class ResultPayload(WireModel):
 
     kind: Literal["result"] = "result"
     session: str
-    collective: PredictionsWire
-    isolated: PredictionsWire | None
-    plain: PredictionsWire | None
+    collective: RowWire = Field(description="a token row, or in a byte-unit run a byte row (protocol 5)")
+    isolated: RowWire | None
+    plain: RowWire | None
     message_text: str | None
     inbox_tokens: int = Field(ge=0)
     messages: list[MessageRecord]
@@ -313,13 +256,17 @@ class ResultPayload(WireModel):
 
     @staticmethod
     def from_result(
-        result: NodeRoundResult, session: str, compute_seconds: float, rejected: dict[str, int], missing_messages: int
+        result: NodeRoundResult, session: str, compute_seconds: float, rejected: dict[str, int], missing_messages: int,
+        in_bytes: bool = False,
     ) -> ResultPayload:
+        """in_bytes: the round was asked in bytes (its request carried them): byte rows go out."""
+        collective = _wire(result.collective, in_bytes)
+        assert collective is not None
         return ResultPayload(
             session=session,
-            collective=PredictionsWire.from_predictions(result.collective),
-            isolated=_wire(result.isolated),
-            plain=_wire(result.plain),
+            collective=collective,
+            isolated=_wire(result.isolated, in_bytes),
+            plain=_wire(result.plain, in_bytes),
             message_text=result.message_text,
             inbox_tokens=result.inbox_tokens,
             messages=list(result.messages),
@@ -331,13 +278,17 @@ class ResultPayload(WireModel):
             shuffle_matched=result.shuffle_matched,
         )
 
-    def to_result(self, node_id: str, round_index: int) -> NodeRoundResult:
+    def to_result(self, node_id: str, round_index: int, round_bytes: bytes | None = None) -> NodeRoundResult:
+        """The node's round; round_bytes: the bytes a byte-unit round scored (its byte rows'
+        targets). Raises ValueError when the rows are not of the round's unit or length."""
+        collective = _unwire(self.collective, round_bytes)
+        assert collective is not None
         return NodeRoundResult(
             node_id=node_id,
             round_index=round_index,
-            collective=self.collective.to_predictions(),
-            isolated=_unwire(self.isolated),
-            plain=_unwire(self.plain),
+            collective=collective,
+            isolated=_unwire(self.isolated, round_bytes),
+            plain=_unwire(self.plain, round_bytes),
             message_text=self.message_text,
             inbox_tokens=self.inbox_tokens,
             messages=list(self.messages),

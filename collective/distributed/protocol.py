@@ -35,6 +35,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
+import torch
 from pydantic import ConfigDict, Field, ValidationError, model_validator
 
 from collective.distributed.payloads import Kind, Payload, WireModel
@@ -46,10 +47,11 @@ log = logging.getLogger(__name__)
 
 # protocol 2: requests carry message_bytes and message_frame, results a message_search (searched messages)
 # protocol 3: requests carry the node's fitted firewall, results its screen records (receiver firewalls)
-PROTOCOL_SCHEMA_VERSION = 4
+# protocol 4: a masked node's placeholder id, whether a shuffled message matched, evaluation.yardstick
+PROTOCOL_SCHEMA_VERSION = 5
 PROTOCOL_CHANGES = (
-    "4 carries a masked node's placeholder id in its request (searched messages leave those labels out) "
-    "and whether a shuffled message matched at the receiver in its result; its scenario has evaluation.yardstick"
+    "5 runs collectives of models with different tokenizers in bytes: a request may carry the round's bytes "
+    "and a result byte rows (256 log-probabilities a byte); the scenario names every model's tokenizer digest"
 )
 COORDINATOR = "coordinator"
 WATCHER = "watcher"  # the read-only login of `collective watch --broker` (see broker.acl_text)
@@ -76,7 +78,7 @@ class Envelope(WireModel):
     # a round record's NaN (a round every node missed) must survive, as it does in events.jsonl
     model_config = ConfigDict(extra="forbid", frozen=True, ser_json_inf_nan="constants")
 
-    schema_version: Literal[4] = 4
+    schema_version: Literal[5] = 5
     run_id: str = Field(pattern=RUN_ID_PATTERN)
     round_index: int = Field(-1, ge=-1, description="-1 for envelopes that belong to no round")
     sender: str = Field(max_length=64)
@@ -279,19 +281,47 @@ def tokenizer_digest(tokenizer: Vocabulary) -> str:
     return hashlib.blake2b(blob, digest_size=12).hexdigest()
 
 
-def result_bytes_bound(round_tokens: int, top_k: int, max_message_bytes: int, n_links: int, screened_bytes: int = 0) -> int:
+def result_bytes_bound(
+    round_tokens: int, top_k: int, max_message_bytes: int, n_links: int, screened_bytes: int = 0, *, round_bytes: int | None = None
+) -> int:
     """An upper bound on a result envelope's size: 3 rows of (T) + 2 x (T, K) 4-byte values in
-    base64, the message text and its per-link records (JSON may escape a byte as 6), and the
+    base64 (a byte-unit run, round_bytes = B: 3 rows of (B, 256) 4-byte values, `ByteRowsWire`),
+    the message text and its per-link records (JSON may escape a byte as 6), and the
     firewall's screen records (`screened_bytes_bound`)."""
-    arrays = 3 * (round_tokens * 4 + 2 * round_tokens * top_k * 4) * 4 // 3
+    if round_bytes is None:
+        arrays = 3 * (round_tokens * 4 + 2 * round_tokens * top_k * 4) * 4 // 3
+    else:
+        arrays = 3 * (4 * ((round_bytes * 256 * 4 + 2) // 3) + 256)
     text = 6 * max(max_message_bytes, 1) * (n_links + 2)
     return 16_384 + arrays + text + 512 * n_links + screened_bytes
 
 
-def request_bytes_bound(prefix_tokens: int, round_tokens: int, control_tokens: int, n_inbox: int, firewall_bytes: int = 0) -> int:
-    """An upper bound on a request envelope: token ids are at most 11 characters in JSON, and
-    the node's firewall (`firewall_bytes_bound`)."""
-    return 16_384 + 12 * (prefix_tokens + 2 * round_tokens + control_tokens) + 200 * n_inbox + firewall_bytes
+def request_bytes_bound(
+    prefix_tokens: int, round_tokens: int, control_tokens: int, n_inbox: int, firewall_bytes: int = 0, round_bytes: int = 0
+) -> int:
+    """An upper bound on a request envelope: token ids are at most 11 characters in JSON, the
+    node's firewall (`firewall_bytes_bound`) and a byte-unit round's bytes in base64 (there a
+    node's tokens of a span are at most its bytes: pass the spans' bytes as their tokens)."""
+    base64_chars = 4 * ((round_bytes + 2) // 3)
+    return 16_384 + 12 * (prefix_tokens + 2 * round_tokens + control_tokens) + 200 * n_inbox + firewall_bytes + base64_chars
+
+
+def span_bytes_max(byte_lengths: torch.Tensor, n_tokens: int) -> int:
+    """The most bytes any n_tokens consecutive tokens hold; byte_lengths: (S,) each token's bytes."""
+    if n_tokens <= 0 or len(byte_lengths) == 0:
+        return 0
+    ends = torch.cat([torch.zeros(1, dtype=torch.long), byte_lengths.long().cumsum(0)])  # (S + 1,)
+    n = min(n_tokens, len(byte_lengths))
+    return int((ends[n:] - ends[:-n]).max())
+
+
+def may_score_bytes(scenario: Scenario) -> bool:
+    """Whether a run of the scenario may be byte-unit without loading its models: asked for, or
+    `auto` with nodes (or the reference) on models of different references."""
+    if scenario.evaluation.unit != "auto":
+        return scenario.evaluation.unit == "byte"
+    used = {node.model for node in scenario.nodes} | {scenario.reference_model}
+    return len({scenario.models[alias].ref for alias in used}) > 1
 
 
 def firewall_bytes_bound(scenario: Scenario) -> int:

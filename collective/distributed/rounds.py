@@ -143,8 +143,12 @@ class RoundCollector:
         state = self.roster.nodes[node_id]
         if result.session != state.session:
             raise Rejected("unexpected", f"a result from an earlier session of {node_id}")
-        decoded = result.to_result(node_id, round_index)
-        self.check.rows(node_id, decoded, self._requests[node_id])
+        request = self._requests[node_id]
+        try:  # a byte-unit round's rows are read at the round's bytes
+            decoded = result.to_result(node_id, round_index, request.round_data())
+        except ValueError as exc:
+            raise Rejected("malformed", f"{node_id}'s rows: {exc}") from None
+        self.check.rows(node_id, decoded, request)
         decoded.messages = self.check.messages(node_id, round_index, result)
         decoded.screened = self.check.screened(node_id, round_index, result.screened)
         self._results[node_id] = decoded

@@ -1,10 +1,11 @@
 """What the coordinator checks of a node's result before it counts.
 
 Its prediction rows must fit the run (one member, the round's positions, the model's
-vocabulary, the kept candidates, log-probabilities that are log-probabilities), and its
-message records must be exactly what the link policies make of its message text: the
-coordinator recomputes them, so a node cannot claim a budget, a drop or a delivery round
-the topology does not give it. Its screen records (what its firewall did to the messages it
+vocabulary, the kept candidates, log-probabilities that are log-probabilities; in a
+byte-unit round: every byte of the round, all 256 values, summing to 1), and its
+message records must be exactly what the link policies make of its message text, its
+tokens counted in the sender's tokenizer: the coordinator recomputes them, so a node cannot
+claim a budget, a drop or a delivery round the topology does not give it. Its screen records (what its firewall did to the messages it
 read) must be about its own inbox: messages from its in-neighbours, sent before the round,
 at most `bus.retain` per in-link, each action one its firewall can take (a drop by one of
 its filters, a rewrite by its rewriting filters, a perplexity score held to the threshold
@@ -17,8 +18,9 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from collective.distributed.payloads import RequestPayload, ResultPayload, check_predictions
+from collective.distributed.payloads import RequestPayload, ResultPayload
 from collective.distributed.protocol import Rejected
+from collective.distributed.wire import check_byte_row, check_predictions
 from collective.lm.codec import TextCodec
 from collective.records import MessageRecord, ScreenRecord
 from collective.run.bus import LinkPolicy, outgoing_messages
@@ -58,6 +60,7 @@ class ResultCheck:
     in_neighbours: dict[str, list[str]] = field(default_factory=dict)  # receiver -> senders
     firewalls: dict[str, tuple[FirewallFilter, ...]] = field(default_factory=dict)  # node -> the filters it was sent
     retain: int = 1  # messages a receiver reads per in-link (bus.retain)
+    codecs: dict[str, TextCodec] = field(default_factory=dict)  # sender node -> its tokenizer, where not `codec`
 
     def rows(self, node_id: str, decoded: NodeRoundResult, request: RequestPayload) -> None:
         """Every row the request asked for is there and fits the run."""
@@ -70,9 +73,13 @@ class ResultCheck:
                 if wanted:
                     raise Rejected("malformed", f"{node_id}'s result lacks the {name} row")
                 continue
-            problem = check_predictions(
-                preds, n_positions=len(request.targets), top_k=self.top_k, vocab_size=self.vocab_sizes[node_id]
-            )
+            data = request.round_data()
+            if data is not None:
+                problem = check_byte_row(preds, n_bytes=len(data))
+            else:
+                problem = check_predictions(
+                    preds, n_positions=len(request.targets), top_k=self.top_k, vocab_size=self.vocab_sizes[node_id]
+                )
             if problem is not None:
                 raise Rejected("malformed", f"{node_id}'s {name} row: {problem}")
 
@@ -82,7 +89,7 @@ class ResultCheck:
             if result.messages:
                 raise Rejected("malformed", f"{node_id} reported messages but no message text")
             return []
-        codec = EncodeOnce(self.codec)
+        codec = EncodeOnce(self.codecs.get(node_id, self.codec))
         expected = outgoing_messages(
             node_id, result.message_text, round_index, self.out_neighbours[node_id], self.policies, codec, self.seed
         )

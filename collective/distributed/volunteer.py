@@ -58,9 +58,12 @@ from collective.distributed.protocol import (
     Topics,
     encode,
     envelope,
+    firewall_bytes_bound,
     message_bytes_bound,
     open_envelope,
+    request_bytes_bound,
 )
+from collective.lm.codec import TextCodec
 from collective.run.bus import link_policies, outgoing_messages
 from collective.scenario import Scenario
 
@@ -100,6 +103,7 @@ class Volunteer:
         self.rejections = Rejections(f"node {config.node_id}")
         self.rounds_served = 0
         self.scenario: Scenario | None = None
+        self.published: ScenarioPayload | None = None  # the run as the coordinator published it
         self._request_limit = CONTROL_BYTES  # the largest request envelope, once the scenario is known
         self.out_neighbours: list[str] = []
         self.mailbox: Mailbox | None = None
@@ -239,7 +243,12 @@ class Volunteer:
                 )
             )
             return
-        self.scenario, self._request_limit = scenario, request_limit
+        if payload.unit == "byte":  # a node's tokens of a span are at most its bytes
+            request_limit = request_bytes_bound(
+                payload.view_bytes_max, payload.round_bytes_max, 4_096, 4 * len(scenario.nodes), firewall_bytes_bound(scenario),
+                payload.round_bytes_max,
+            )
+        self.scenario, self._request_limit, self.published = scenario, request_limit, payload
         spec = scenario.models[scenario.node(self.node_id).model]
         ref = self.config.model_ref or spec.ref
         device = self.config.device or spec.device
@@ -253,9 +262,15 @@ class Volunteer:
         self.out_neighbours = list(payload.out_neighbours.get(self.node_id, []))
         edges = [(s, self.node_id) for s in in_neighbours] + [(self.node_id, r) for r in self.out_neighbours]
         policies = link_policies(scenario.bus, edges)
-        self.mailbox = Mailbox(self.node_id, scenario, in_neighbours, policies, self.loaded.tokenizer, self.rejections, self.topics)
-        if self.loaded.vocab_size and self.loaded.digest != payload.tokenizer_digest:
-            self.report("warning: this tokenizer differs from the coordinator's first model; the coordinator decides")
+        # a link's token budget counts the sender's tokens: this node counts them itself only for
+        # senders of its own tokenizer; the others' the coordinator counts (it books what we read)
+        digests = payload.tokenizer_digests
+        foreign: dict[str, TextCodec | None] = {s: None for s in in_neighbours if digests.get(scenario.node(s).model) != self.loaded.digest}
+        self.mailbox = Mailbox(
+            self.node_id, scenario, in_neighbours, policies, self.loaded.tokenizer, self.rejections, self.topics, foreign
+        )
+        if self.loaded.vocab_size and self.loaded.digest != digests.get(scenario.node(self.node_id).model):
+            self.report("warning: this tokenizer differs from the one the coordinator loaded for this node's model; the coordinator decides")
         self.report(f"loaded {self.loaded.name} on {self.loaded.device}")
         await self._join()
 
@@ -312,9 +327,9 @@ class Volunteer:
             return
         if round_index < self._last_round:
             raise Rejected("wrong_round", f"a request for round {round_index} after round {self._last_round}")
-        round_tokens = scenario.bus.round_tokens
-        if len(request.round_inputs) != round_tokens or len(request.targets) != round_tokens:
-            raise Rejected("malformed", f"a round of {len(request.round_inputs)} tokens, the run's rounds have {round_tokens}")
+        problem = self._round_problem(request)
+        if problem is not None:
+            raise Rejected("malformed", problem)
         if request.ids_out_of_range(loaded.vocab_size):
             raise Rejected("malformed", "token ids outside the model's vocabulary")
         firewall_problem = request.firewall_problem(scenario.node(self.node_id).firewall)
@@ -324,6 +339,24 @@ class Volunteer:
         mailbox.due.extend(request.inbox)
         self._request = (round_index, request)
         self._wake.set()
+
+    def _round_problem(self, request: RequestPayload) -> str | None:
+        """Why the request's round is not one of this run's, or None: R stream tokens, or in a
+        byte-unit run at most the run's longest round in bytes, read in at most as many tokens."""
+        assert self.scenario is not None
+        data, published = request.round_data(), self.published
+        if published is None or published.unit == "token":
+            round_tokens = self.scenario.bus.round_tokens
+            if data is not None:
+                return "a round in bytes in a run scored in tokens"
+            if len(request.round_inputs) != round_tokens or len(request.targets) != round_tokens:
+                return f"a round of {len(request.round_inputs)} tokens, the run's rounds have {round_tokens}"
+            return None
+        if data is None or not 1 <= len(data) <= published.round_bytes_max:
+            return f"a round of {'no' if data is None else len(data)} bytes, the run's rounds have 1 to {published.round_bytes_max}"
+        if request.round_inputs != request.targets or not 1 <= len(request.round_inputs) <= len(data):
+            return f"a reading of a {len(data)}-byte round in {len(request.round_inputs)} tokens, targets {len(request.targets)}"
+        return None
 
     def _on_message(self, sender: str, env: Envelope) -> None:
         if not isinstance(env.payload, MessagePayload):
@@ -370,7 +403,9 @@ class Volunteer:
             for record in result.messages
             if not record.dropped
         ]
-        reply = ResultPayload.from_result(result, self.session, compute_s, self.rejections.as_dict(), mailbox.missing_messages)
+        reply = ResultPayload.from_result(
+            result, self.session, compute_s, self.rejections.as_dict(), mailbox.missing_messages, in_bytes=request.round_bytes is not None
+        )
         sent.append((self.topics.result(self.node_id), self._wire(reply, round_index)))
         self._last_sent = (round_index, sent)
         self._last_round, self._computing = round_index, None
