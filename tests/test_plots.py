@@ -16,9 +16,11 @@ from collective.report.plots import (
     GAINS_PLOT,
     NLL_PLOT,
     TOPOLOGY_PLOT,
+    forest_rows,
     member_gains,
     messages_carried,
     node_positions,
+    plot_gains,
     plot_reach,
     plot_topology,
     write_run_plots,
@@ -174,3 +176,13 @@ def test_the_nll_plot_covers_every_round_of_the_run(tiny_run):
     rounds = [e for e in events if isinstance(e, RoundEvent)]
     assert len(rounds) == 1 + 3  # one warm-up and three eval rounds of 16 tokens
     assert all(math.isfinite(e.nll_collective) for e in rounds)
+
+
+def test_the_gains_plot_draws_a_byte_reports_yardstick_and_leaves_out_one_of_another_tokenizer(tmp_path):
+    from tests.report_fixtures import as_byte_report, full_token_report
+
+    token = full_token_report()  # its yardstick scored 300 of its own tokens for 320 eval tokens
+    assert "yardstick" not in [row.row for row in forest_rows(token)]
+    byte = as_byte_report(token)  # every row, the yardstick's too, per byte of the same text
+    assert [row.row for row in forest_rows(byte)][-1] == "yardstick"
+    assert_real_png(plot_gains(byte, tmp_path / "gains.png"))

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 import networkx as nx
 
-from collective.records import Gain, Report, RoundEvent, RowReport, RunStart
+from collective.records import Gain, Report, RoundEvent, RowReport, RunStart, nll_unit
 from collective.report.report_view import row_label
 
 if TYPE_CHECKING:
@@ -167,7 +167,7 @@ def plot_nll_per_round(start: RunStart, rounds: Sequence[RoundEvent], out_path: 
         axes.set_xlabel("round")
         axes.xaxis.set_major_locator(MaxNLocator(integer=True))
         axes.grid(alpha=0.3)
-    per_round.set_ylabel("NLL (nats/token)")
+    per_round.set_ylabel(f"NLL ({nll_unit('byte' if any(e.unit == 'byte' for e in rounds) else 'token')})")
     running.legend(fontsize=7, loc="upper right", ncol=1 if not many or len(summary) < 5 else 2)
     figure.suptitle(f"{start.scenario}: NLL per round (seed {start.seed}, {start.aggregator})")
     return _save(figure, out_path)
@@ -188,12 +188,9 @@ def _ci_color(low: float, high: float) -> str:
 
 
 def plot_gains(report: Report, out_path: Path) -> Path:
-    """Left: every row's NLL with its 95% CI (members' isolated rows only when there are
-    many; a yardstick of another tokenizer is left out: its nats are per token of its own). Right:
-    the collective and communication gains with their CIs against zero."""
-    n_members = len({row.node_id for row in report.rows if row.node_id})
-    rows = [row for row in report.rows if row.node_id is None or n_members <= 6 or row.row == "member_isolated"]
-    rows = [row for row in rows if row.row != "yardstick" or row.n_tokens == report.n_eval_tokens]
+    """Left: the NLL of each of `forest_rows` with its 95% CI. Right: the collective and
+    communication gains with their CIs against zero (in the report's unit)."""
+    rows, per = forest_rows(report), nll_unit(report.unit)
     labels = gains_plot_labels(report, rows)
     figure = _figure(11, max(3.2, 0.26 * len(rows) + 1.4))
     forest, gains = figure.subplots(1, 2, width_ratios=(3, 2))
@@ -205,7 +202,7 @@ def plot_gains(report: Report, out_path: Path) -> Path:
             fmt="o", color=color, ms=4, capsize=2, mfc="white" if report.is_partial(row) else color,  # hollow: partial
         )
     forest.set_yticks(y, labels, fontsize=7 if len(rows) > 12 else 9)
-    forest.set_xlabel("NLL (nats/token), 95% CI")
+    forest.set_xlabel(f"NLL ({per}), 95% CI")
     forest.grid(axis="x", alpha=0.3)
     forest.set_title("rows" if len(rows) == len(report.rows) else "rows (members: isolated only)")
     names = [
@@ -222,11 +219,19 @@ def plot_gains(report: Report, out_path: Path) -> Path:
     gains.axvline(0, color="black", lw=0.8)
     gains.set_yticks([1, 0], names, fontsize=8)
     gains.set_ylim(-0.7, 1.7)
-    gains.set_xlabel("nats/token (positive: the collective is better)")
+    gains.set_xlabel(f"{per} (positive: the collective is better)")
     gains.set_title("gains, 95% CI")
     gains.grid(axis="x", alpha=0.3)
     figure.suptitle(_wrap(report.verdict, 120), fontsize=9)
     return _save(figure, out_path)
+
+
+def forest_rows(report: Report) -> list[RowReport]:
+    """The gains plot's rows: members' isolated rows only past 6 members; the yardstick where its NLL
+    is in the rows' unit (a byte-unit report, or one tokenizer: as many tokens as the eval part)."""
+    n_members = len({row.node_id for row in report.rows if row.node_id})
+    rows = [row for row in report.rows if row.node_id is None or n_members <= 6 or row.row == "member_isolated"]
+    return [row for row in rows if row.row != "yardstick" or report.unit == "byte" or row.n_tokens == report.n_eval_tokens]
 
 
 def gains_plot_labels(report: Report, rows: Sequence[RowReport]) -> list[str]:
@@ -339,14 +344,14 @@ def plot_topology(start: RunStart, report: Report, out_path: Path, rounds: Seque
     _draw_links(axes, start, positions, carried)
     points = _draw_nodes(axes, node_ids, positions, member_gains(report))
     colorbar = figure.colorbar(points, ax=axes, shrink=0.7)
-    colorbar.set_label("gain from messages: isolated − in collective NLL (nats/token)", fontsize=8)
+    colorbar.set_label(f"gain from messages: isolated − in collective NLL ({nll_unit(report.unit)})", fontsize=8)
     axes.set_xlim(-0.1, 1.1)
     axes.set_ylim(-0.1, 1.1)
     axes.set_aspect("equal")
     axes.axis("off")
     axes.set_title(
         f"{start.scenario}: collective gain {report.collective_gain.value:+.3f}, "
-        f"communication gain {report.communication_gain.value:+.3f} nats/token\n"
+        f"communication gain {report.communication_gain.value:+.3f} {nll_unit(report.unit)}\n"
         f"link width: messages delivered ({sum(carried.values())} in all)",
         fontsize=9,
     )
