@@ -108,3 +108,9 @@ def test_build_report_takes_the_unit_from_the_engine_result_and_its_verdict_spea
     assert Report.model_validate_json(byte.model_dump_json()) == byte
     markdown = report_markdown(byte)
     assert "| NLL (nats/byte) |" in markdown and f"**{byte.verdict}**" in markdown
+
+
+def test_a_byte_report_does_not_call_its_pooled_top1_approximate():
+    token = full_token_report()  # a mean pool over recorded top-K tokens: approximate top-1
+    assert token.aggregator == "mean" and "approximate where tail mass decides" in renderings(token)
+    assert "approximate" not in renderings(as_byte_report(token))  # all 256 byte values recorded: exact

@@ -255,8 +255,9 @@ def pooled_top1_note(report: Report) -> str:
 
     A linear pool's NLL is exact, but its top-1 is the argmax of the mixture of the members'
     *recorded* (top-K plus uniform tail) distributions: the full distributions are not at
-    hand in every runtime (scenarios/README.md, aggregator)."""
-    if not (report.aggregator == "mean" or report.aggregator.startswith("weighted")):
+    hand in every runtime (scenarios/README.md, aggregator). A byte-unit run records all 256
+    byte values: its pooled top-1 is exact."""
+    if report.unit == "byte" or not (report.aggregator == "mean" or report.aggregator.startswith("weighted")):
         return ""
     return (
         "top-1 of the pooled rows (ensemble, collective) is the argmax of the members' recorded "
