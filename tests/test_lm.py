@@ -48,6 +48,13 @@ def test_chunks_keep_each_padded_group_under_the_token_budget():
         assert len(group) == 1 or max(lengths[i] for i in group) * len(group) <= 80
 
 
+def test_chunks_bucket_rows_by_length_so_that_padding_is_not_paid():
+    lengths = [100, 9, 98, 10, 50, 50]
+    assert _chunks(lengths, batch_tokens=100_000, pass_tokens=16) == [[0, 2], [4, 5], [3, 1]]
+    assert _chunks([50] * 6, batch_tokens=100_000) == [list(range(6))]  # no padding: one pass
+    assert _chunks([12, 11, 10], batch_tokens=100_000, pass_tokens=16) == [[0, 1, 2]]  # a pass costs more than 3 pads
+
+
 @pytest.mark.parametrize("batch_tokens", [1, 40, 100_000])
 def test_batched_left_padded_scoring_equals_one_at_a_time_forward_passes(tiny_lm, tiny_tok, batch_tokens):
     vocab = len(tiny_tok)

@@ -10,17 +10,17 @@ Shapes: B sequences, L padded length, R round tokens, V vocabulary.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
+from collective.lm import decoding
+from collective.lm.decoding import merge_caches, output_cache
 from collective.lm.predictions import TokenPredictions, predictions_from_logits
 from controllers.objectives import cache_kwarg as _cache_kwarg
-
-
-def _output_cache(out: object) -> object:
-    return getattr(out, "cache", None) or getattr(out, "past_key_values", None)
 
 
 @dataclass(frozen=True)
@@ -48,16 +48,33 @@ def left_pad(rows: Sequence[torch.Tensor], pad_id: int) -> tuple[torch.Tensor, t
     return ids, mask, positions
 
 
-def _chunks(lengths: Sequence[int], batch_tokens: int) -> list[list[int]]:
-    """Group indices (longest first) so that each group's padded size stays under batch_tokens."""
+PASS_TOKENS = 16  # what one more forward pass costs, in padded tokens of work (CPU, ~135M model)
+
+
+def _chunks(lengths: Sequence[int], batch_tokens: int, pass_tokens: int = PASS_TOKENS) -> list[list[int]]:
+    """Group indices into forward passes, bucketed by length: the groups that minimise padded
+    tokens plus `pass_tokens` per pass, each group's padded size (rows x longest) at most
+    batch_tokens (a row longer than that goes alone). Rows are sorted longest first, so a
+    group is a run of neighbours in that order; an exact dynamic program over the cut points
+    (O(n^2) for n rows). Each group lists its indices longest first."""
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    n_rows = len(order)
+    best = [0.0] + [math.inf] * n_rows  # best[j]: the cheapest grouping of order[:j]
+    cut = [0] * (n_rows + 1)
+    for end in range(1, n_rows + 1):
+        for start in range(end - 1, -1, -1):
+            padded = lengths[order[start]] * (end - start)  # the longest row of the run is its first
+            if padded > batch_tokens and end - start > 1:
+                break
+            cost = best[start] + padded + pass_tokens
+            if cost < best[end]:
+                best[end], cut[end] = cost, start
     groups: list[list[int]] = []
-    for index in order:
-        if groups and lengths[groups[-1][0]] * (len(groups[-1]) + 1) <= batch_tokens:
-            groups[-1].append(index)
-        else:
-            groups.append([index])
-    return groups
+    end = n_rows
+    while end > 0:
+        groups.append(order[cut[end] : end])
+        end = cut[end]
+    return groups[::-1]
 
 
 @torch.no_grad()
@@ -117,57 +134,10 @@ def generate(
     ids, mask, positions = left_pad(prompts, pad_id)
     ids, mask, positions = ids.to(device), mask.to(device), positions.to(device)
     out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
-    return _decode(
-        model, _output_cache(out), out.logits[:, -1, :], mask, positions[:, -1:] + 1,
-        max_new_tokens=max_new_tokens, stop_ids=stop_ids, generators=generators, temperatures=temperatures,
+    return decoding.decode(
+        model, output_cache(out), out.logits[:, -1, :], mask, positions[:, -1:] + 1,
+        budgets=[max_new_tokens] * len(prompts), stop_ids=stop_ids, generators=generators, temperatures=temperatures,
     )
-
-
-def _decode(
-    model: torch.nn.Module,
-    cache: object,
-    logits: torch.Tensor,
-    mask: torch.Tensor,
-    next_position: torch.Tensor,
-    *,
-    max_new_tokens: int,
-    stop_ids: Sequence[int],
-    generators: Sequence[torch.Generator | None],
-    temperatures: Sequence[float],
-) -> list[list[int]]:
-    """Decode from a filled cache. logits (B, V) predict the first new token; mask (B, L)
-    covers the cache; next_position (B, 1) is each row's next position id."""
-    device = logits.device
-    n_rows = logits.shape[0]
-    cache_kwarg = _cache_kwarg(model)
-    stop = torch.tensor(list(stop_ids), dtype=torch.long, device=device)
-    new_ids: list[list[int]] = [[] for _ in range(n_rows)]
-    finished = torch.zeros(n_rows, dtype=torch.bool, device=device)
-    for step in range(max_new_tokens):
-        chosen = logits.float().argmax(-1)  # (B,)
-        for i, gen in enumerate(generators):
-            if gen is not None:
-                probs = torch.softmax(logits[i].float().cpu() / temperatures[i], dim=-1)
-                chosen[i] = torch.multinomial(probs, 1, generator=gen).item()
-        is_stop = torch.isin(chosen, stop) if len(stop) else torch.zeros_like(finished)
-        for i in range(n_rows):
-            if not finished[i] and not is_stop[i]:
-                new_ids[i].append(int(chosen[i]))
-        finished |= is_stop
-        if bool(finished.all()) or step == max_new_tokens - 1:
-            break
-        mask = torch.cat([mask, torch.ones((n_rows, 1), dtype=mask.dtype, device=device)], dim=1)
-        out = model(
-            input_ids=chosen.unsqueeze(1),
-            attention_mask=mask,
-            position_ids=next_position,
-            use_cache=True,
-            **{cache_kwarg: cache},
-        )
-        cache = _output_cache(out)
-        logits = out.logits[:, -1, :]
-        next_position = next_position + 1
-    return new_ids
 
 
 @dataclass(frozen=True)
@@ -197,44 +167,64 @@ def score_and_speak(
 
     The sequence scored is [context][round_inputs[:-1]]; the message is generated after
     [context][round_inputs][speak.continuation], so the continuation fed to the cache is
-    [round_inputs[-1]][speak.continuation], left-padded within the batch.
+    [round_inputs[-1]][speak.continuation], left-padded within the batch. The scoring passes
+    are bucketed by length (`_chunks`); their caches are then joined, so that every message is
+    decoded in one batch (`decoding.merge_caches`; per bucket where a cache cannot be joined).
     """
-    device = next(model.parameters()).device
-    rows = [item.input_ids() for item in items]
     n_round = len(items[0].targets)
     parts: dict[int, TokenPredictions] = {}
+    prefilled: list[_Prefilled] = []
+    for group in _chunks([len(item.input_ids()) for item in items], batch_tokens):
+        record, filled = _score_and_prefill(model, [items[i] for i in group], [speaks[i] for i in group], pad_id, top_k, n_round)
+        parts |= {index: record.select([j]) for j, index in enumerate(group)}
+        prefilled.append(filled._replace(rows=group))
+    merged_cache = merge_caches([p.cache for p in prefilled], [p.mask for p in prefilled]) if len(prefilled) > 1 else None
+    if merged_cache is not None:
+        prefilled = [_Prefilled(
+            [i for p in prefilled for i in p.rows], merged_cache[0], torch.cat([p.logits for p in prefilled]),
+            merged_cache[1], torch.cat([p.next_position for p in prefilled]),
+        )]
     spoken: dict[int, list[int]] = {}
-    for group in _chunks([len(r) for r in rows], batch_tokens):
-        ids, mask, positions = left_pad([rows[i] for i in group], pad_id)
-        ids, mask, positions = ids.to(device), mask.to(device), positions.to(device)
-        out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=n_round)
-        targets = torch.stack([items[i].targets for i in group]).to(device)  # (b, R)
-        record = predictions_from_logits(out.logits, targets, top_k)
-        for j, index in enumerate(group):
-            parts[index] = record.select([j])
-        tails = [torch.cat([items[i].round_inputs[-1:], speaks[i].continuation]) for i in group]
-        cont, cont_mask, cont_pos = left_pad(tails, pad_id)  # (b, C) each
-        cont_pos = positions[:, -1:] + 1 + cont_pos.to(device)  # continue each row's positions
-        full_mask = torch.cat([mask, cont_mask.to(device)], dim=1)
-        out = model(
-            input_ids=cont.to(device),
-            attention_mask=full_mask,
-            position_ids=cont_pos,
-            use_cache=True,
-            logits_to_keep=1,
-            **{_cache_kwarg(model): _output_cache(out)},
+    for filled in prefilled:
+        new = decoding.decode(
+            model, filled.cache, filled.logits, filled.mask, filled.next_position,
+            budgets=[speaks[i].max_new_tokens for i in filled.rows], stop_ids=stop_ids,
+            generators=[speaks[i].generator for i in filled.rows], temperatures=[speaks[i].temperature for i in filled.rows],
         )
-        new = _decode(
-            model, _output_cache(out), out.logits[:, -1, :], full_mask, cont_pos[:, -1:] + 1,
-            max_new_tokens=max(speaks[i].max_new_tokens for i in group),
-            stop_ids=stop_ids,
-            generators=[speaks[i].generator for i in group],
-            temperatures=[speaks[i].temperature for i in group],
-        )
-        for j, index in enumerate(group):
-            spoken[index] = new[j][: speaks[index].max_new_tokens]
+        spoken |= dict(zip(filled.rows, new))
     merged = TokenPredictions.stack([parts[i] for i in range(len(items))])
     record = TokenPredictions(
         merged.target_logprob.cpu(), merged.topk_ids.cpu(), merged.topk_logprobs.cpu(), merged.vocab_size
     )
     return record, [spoken[i] for i in range(len(items))]
+
+
+class _Prefilled(NamedTuple):
+    """A batch ready to decode: its rows (indices into the items), KV cache, the logits of the
+    last position (b, V), the mask over the cache (b, L) and each row's next position id (b, 1)."""
+
+    rows: list[int]
+    cache: object
+    logits: torch.Tensor
+    mask: torch.Tensor
+    next_position: torch.Tensor
+
+
+def _score_and_prefill(
+    model: torch.nn.Module, items: Sequence[ScoreItem], speaks: Sequence[Speak], pad_id: int, top_k: int, n_round: int
+) -> tuple[TokenPredictions, _Prefilled]:
+    """One teacher-forced pass over the items (b rows), then the speak continuation fed onto its cache."""
+    device = next(model.parameters()).device
+    ids, mask, positions = (t.to(device) for t in left_pad([item.input_ids() for item in items], pad_id))  # (b, L)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=n_round)
+    targets = torch.stack([item.targets for item in items]).to(device)  # (b, R)
+    record = predictions_from_logits(out.logits, targets, top_k)
+    tails = [torch.cat([item.round_inputs[-1:], speak.continuation]) for item, speak in zip(items, speaks)]
+    cont, cont_mask, cont_pos = left_pad(tails, pad_id)  # (b, C) each
+    cont_pos = positions[:, -1:] + 1 + cont_pos.to(device)  # continue each row's positions
+    full_mask = torch.cat([mask, cont_mask.to(device)], dim=1)  # (b, L + C)
+    out = model(
+        input_ids=cont.to(device), attention_mask=full_mask, position_ids=cont_pos, use_cache=True, logits_to_keep=1,
+        **{_cache_kwarg(model): output_cache(out)},
+    )
+    return record, _Prefilled([], output_cache(out), out.logits[:, -1, :], full_mask, cont_pos[:, -1:] + 1)
