@@ -116,6 +116,7 @@ def test_a_mixed_run_books_bytes_and_its_messages_count_the_senders_tokens(mixed
     lines = (folders["root"] / "run-mixed" / "events.jsonl").read_text(encoding="utf-8").splitlines()
     events = [e for e in map(parse_event, lines) if isinstance(e, RoundEvent)]
     assert report.unit == "byte" and {e.unit for e in events} == {"byte"}
+    assert sum(e.n_bytes for e in events if e.phase == "eval") == eval_bytes
     sent = [m for e in events for m in e.messages if m.sender == "c" and not m.dropped]
     assert sent
     gemma, small = mixed.models["gemma"].tokenizer, mixed.models["small"].tokenizer

@@ -336,8 +336,7 @@ class RoundEngine:
         )
 
     def _targets(self, start: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(T,) what every row of the round at `start` is scored on and (T,) their UTF-8
-        lengths: the stream's tokens, or in a byte-unit run the round's bytes."""
+        """(T,) what the round's rows are scored on (tokens, or bytes) and (T,) their UTF-8 lengths."""
         targets = self.observer.targets(start)
         if self.byte_mode is not None:
             return round_targets(self.byte_mode.text(targets))
@@ -423,6 +422,7 @@ class RoundEngine:
             wall_seconds=now - round_began,
             elapsed_seconds=now - began,
             unit="token" if self.byte_mode is None else "byte",
+            n_bytes=None if self.byte_mode is None else pools.reference.n_positions,
         )
 
 
