@@ -99,9 +99,9 @@ def main(argv: list[str] | None = None) -> int:
 
     variants: dict[str, tuple[Callable[..., list[list[int]]], bool, dict[str, Any]]] = {
         "before": (decode_before, False, {}),
-        "+ own budgets": (decode, False, {"drop_finished": False}),
-        "+ drop finished": (decode, False, {"drop_finished": True}),
-        "+ packed linears": (decode, True, {"drop_finished": True}),
+        "+ own budgets": (decode, False, {"drop_finished": False, "packed": False}),
+        "+ drop finished": (decode, False, {"drop_finished": True, "packed": False}),
+        "+ packed linears": (decode, False, {"drop_finished": True, "packed": True}),
     }
     params = list(model.parameters())
 

@@ -33,12 +33,12 @@ def plain_loop(model, prompt: torch.Tensor, budget: int, stop: list[int], seed: 
 
 
 @torch.no_grad()
-def batched(model, prompts, budgets, stop, seeds, temperature=1.0, drop_finished=True) -> list[list[int]]:
+def batched(model, prompts, budgets, stop, seeds, temperature=1.0, drop_finished=True, packed=True) -> list[list[int]]:
     ids, mask, positions = left_pad(prompts, pad_id=0)
     out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
     gens = [None if s is None else torch.Generator().manual_seed(s) for s in seeds]
     return decode(model, output_cache(out), out.logits[:, -1, :], mask, positions[:, -1:] + 1, budgets=budgets,
-                  stop_ids=stop, generators=gens, temperatures=[temperature] * len(prompts), drop_finished=drop_finished)
+                  stop_ids=stop, generators=gens, temperatures=[temperature] * len(prompts), drop_finished=drop_finished, packed=packed)
 
 
 def _prompts(vocab: int, lengths: list[int], seed: int = 5) -> list[torch.Tensor]:
@@ -51,15 +51,15 @@ def model(tiny_tok):
     return tiny_llama(len(tiny_tok)).float().eval()
 
 
-@pytest.mark.parametrize("drop_finished", [True, False])
-def test_batched_decode_writes_what_a_plain_per_row_loop_writes(model, tiny_tok, drop_finished):
+@pytest.mark.parametrize(("drop_finished", "packed"), [(True, True), (False, True), (True, False)])
+def test_batched_decode_writes_what_a_plain_per_row_loop_writes(model, tiny_tok, drop_finished, packed):
     prompts = _prompts(len(tiny_tok), [3, 17, 1, 9, 25])
     budgets = [12, 4, 0, 9, 12]
     free = [plain_loop(model, p, b, []) for p, b in zip(prompts, budgets)]
     stop = [free[1][2], free[3][5]]  # rows 1 and 3 meet a stop token before their budget
     expected = [plain_loop(model, p, b, stop) for p, b in zip(prompts, budgets)]
     assert len(expected[1]) < 4 and expected[2] == []
-    assert batched(model, prompts, budgets, stop, [None] * 5, drop_finished=drop_finished) == expected
+    assert batched(model, prompts, budgets, stop, [None] * 5, drop_finished=drop_finished, packed=packed) == expected
 
 
 @pytest.mark.parametrize("drop_finished", [True, False])
@@ -108,8 +108,10 @@ def test_packed_linears_match_the_plain_linears_and_are_restored_after(model, ti
     assert not any("forward" in m.__dict__ for m in model.modules())
 
 
-def test_packed_decode_writes_what_the_plain_loop_writes(model, tiny_tok):
-    prompts = _prompts(len(tiny_tok), [6, 14])
-    expected = [plain_loop(model, p, 10, []) for p in prompts]
+def test_packed_linears_stay_off_where_they_do_not_apply(model, monkeypatch):
+    import collective.lm.packed_linear as packed_linear
+
+    monkeypatch.setattr(packed_linear, "MAX_PACKED_BYTES", 16)  # a model too big to copy
+    assert not packable(model)
     with packed_linears(model):
-        assert batched(model, prompts, [10, 10], [], [None, None]) == expected
+        assert not any("forward" in m.__dict__ for m in model.modules())

@@ -4,8 +4,9 @@
 mask over the cache, each row's next position id) and writes each row's message: greedy, or
 sampled at the row's temperature from the row's own seeded generator. A row stops at a stop
 token or at its own budget of new tokens; a finished row leaves the batch (`drop_finished`), so
-the later steps read the weights for the rows still writing only, and the loop ends when every
-row is done. The tokens chosen for a row never depend on the other rows of its batch beyond
+the later steps compute only the rows still writing, and the loop ends when every row is done.
+On CPU the steps run on packed linear weights (`packed_linear`): a step is bound by reading the
+weights. The tokens chosen for a row never depend on the other rows of its batch beyond
 floating-point rounding (tested against a plain per-row loop in tests/test_decode.py).
 
 `merge_caches` joins the caches of several prefill passes (rows bucketed by length, so that the
@@ -22,6 +23,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
+from collective.lm.packed_linear import packed_linears
 from controllers.objectives import cache_kwarg
 
 
@@ -85,10 +87,32 @@ def decode(
     generators: Sequence[torch.Generator | None],
     temperatures: Sequence[float],
     drop_finished: bool = True,
+    packed: bool = True,
 ) -> list[list[int]]:
     """Decode from a filled cache. logits (B, V) predict each row's first new token; mask (B, L)
     covers the cache; next_position (B, 1) is each row's next position id; row i writes at most
-    budgets[i] tokens. Returns each row's new ids, without the stop token."""
+    budgets[i] tokens. Returns each row's new ids, without the stop token. `packed`: the steps
+    run on oneDNN's packed linear weights where `packed_linear` applies (CPU, float32)."""
+    with packed_linears(model, enabled=packed):
+        return _decode_steps(
+            model, cache, logits, mask, next_position, budgets=budgets, stop_ids=stop_ids, generators=generators,
+            temperatures=temperatures, drop_finished=drop_finished,
+        )
+
+
+def _decode_steps(
+    model: torch.nn.Module,
+    cache: object,
+    logits: torch.Tensor,
+    mask: torch.Tensor,
+    next_position: torch.Tensor,
+    *,
+    budgets: Sequence[int],
+    stop_ids: Sequence[int],
+    generators: Sequence[torch.Generator | None],
+    temperatures: Sequence[float],
+    drop_finished: bool,
+) -> list[list[int]]:
     n_rows = logits.shape[0]
     stop = set(int(s) for s in stop_ids)
     new_ids: list[list[int]] = [[] for _ in range(n_rows)]

@@ -7,7 +7,8 @@ the model: the step is bound by reading the weights from memory. On CPU, PyTorch
 weights); oneDNN's linear on a weight reordered once into its blocked layout reads it at
 15.5 GB/s. `packed_linears(model)` swaps every `nn.Linear` of the model to that kernel for the
 duration of a `with` block and restores it after. The packed copies are made once per model
-and kept beside it (one more copy of the linear weights in memory).
+and kept beside it (one more copy of the linear weights in memory, so only for models whose
+linear weights take at most MAX_PACKED_BYTES). `decoding.decode` uses it by default.
 
 The results are the same product summed in another order: within float32 rounding of the plain
 `linear` (tests/test_decode.py), so a greedy or sampled token can differ only on a near-tie.
@@ -25,13 +26,17 @@ import torch
 
 _PACKED: weakref.WeakKeyDictionary[torch.nn.Module, list[tuple[torch.nn.Linear, torch.Tensor]]] = weakref.WeakKeyDictionary()
 BATCH_HINT = 4  # the batch size oneDNN lays the weights out for: a round's speakers
+MAX_PACKED_BYTES = 2 << 30  # a bigger model decodes with its plain linears: the copy would cost too much memory
 
 
 def packable(model: torch.nn.Module) -> bool:
-    """Whether the model's weights are float32 on the CPU and oneDNN's packed linear exists."""
+    """Whether the model's weights are float32 on the CPU, its linear weights at most
+    MAX_PACKED_BYTES, and oneDNN's packed linear exists."""
     weight = next(model.parameters())
+    linear_bytes = sum(m.weight.numel() * 4 for m in model.modules() if isinstance(m, torch.nn.Linear))
     return (
-        weight.device.type == "cpu"
+        linear_bytes <= MAX_PACKED_BYTES
+        and weight.device.type == "cpu"
         and weight.dtype == torch.float32
         and torch.backends.mkldnn.is_available()
         and hasattr(torch.ops.mkldnn, "_linear_pointwise")
