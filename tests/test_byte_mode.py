@@ -12,6 +12,7 @@ import torch
 from collective.lm.byte_rows import vocab_of
 from collective.lm.models import ModelPool
 from collective.records import RoundEvent, parse_event
+from collective.run.control import search_controls
 from collective.run.engine import EmbeddedExecutor, RoundEngine
 from collective.run.prepared import RunError
 from collective.run.runner import prepare, run_prepared
@@ -135,7 +136,10 @@ def test_unit_token_with_two_tokenizers_is_refused_naming_the_field(folders):
     [
         ({"view": {"kind": "masked", "tokens": 16, "keep": 0.5}}, r"nodes\[1\] \(node 'b'\)\.view"),
         ({"message": {"policy": "search", "steps": 1}}, r"nodes\[1\] \(node 'b'\)\.message"),
-        ({"controller": {"kind": "gcg", "steps": 1, "train_rounds": 1, "validation_rounds": 0}}, r"nodes\[1\] \(node 'b'\)\.controller"),
+        (
+            {"controller": {"kind": "gcg", "objective": "collective", "steps": 1, "train_rounds": 1, "validation_rounds": 0}},
+            r"nodes\[1\] \(node 'b'\)\.controller\.objective",
+        ),
     ],
 )
 def test_what_bytes_cannot_score_is_refused_naming_the_node_field(folders, change, field):
@@ -153,3 +157,26 @@ def test_a_same_tokenizer_run_asked_for_bytes_scores_bytes(folders):
     assert prepared.unit == "byte" and prepared.byte_mode.reads_stream("small")
     plain = _prepare(folders, "same-tokens", nodes=nodes)
     assert plain.unit == "token" and plain.byte_mode is None
+
+
+def test_a_local_gcg_search_in_a_mixed_run_scores_the_node_in_its_own_tokens(folders):
+    gcg = {"kind": "gcg", "objective": "local", "steps": 2, "search_width": 8, "topk": 8, "tokens": 3, "train_rounds": 1,
+           "validation_rounds": 0, "init": "x x x"}
+    nodes = [{"id": "a", "model": "small"}, {"id": "b", "model": "gemma", "controller": gcg}]
+    prepared = _prepare(folders, "gcg-local", nodes=nodes)
+    (found,) = search_controls(prepared)
+    gemma = prepared.models["gemma"].tokenizer
+    assert found.node_id == "b" and found.objective == "local"
+    assert prepared.control_ids["b"] == found.control_ids and max(found.control_ids) < len(gemma)
+    assert found.control_text == gemma.decode(found.control_ids)
+    # the initial prompt's loss is b's own NLL of the last train round, in gemma's tokens
+    engine = RoundEngine.from_prepared(prepared, EmbeddedExecutor.from_prepared(prepared), "t")
+    start = prepared.scenario.corpus.train_tokens - ROUND
+    seen = engine.observer.observe("b", start)
+    mode = prepared.byte_mode
+    ids = [gemma.bos_token_id] + gemma.encode("x x x", add_special_tokens=False) + mode.ids("gemma", seen.prefix_ids).tolist()
+    targets = mode.ids("gemma", seen.round_inputs).tolist()
+    with torch.no_grad():
+        logits = prepared.models["gemma"].model(input_ids=torch.tensor([ids + targets[:-1]])).logits[0, len(ids) - 1 :]
+    nll = -torch.log_softmax(logits.float(), -1).gather(1, torch.tensor(targets)[:, None]).mean()
+    assert found.initial_loss == pytest.approx(float(nll), abs=1e-4)

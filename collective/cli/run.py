@@ -167,14 +167,13 @@ def _controls(args: argparse.Namespace, prepared: Prepared, console: Console) ->
     with progress_bar(console, "GCG {task.description}", time_left=False, disable=args.quiet) as progress:
         tick = _search_ticker(progress, console, plain=not console.is_terminal and not args.quiet)
         searches = search_controls(prepared, progress=tick)
-    decode = prepared.tokenizer.decode
     for found in searches:
         held_out = "" if found.validation_loss is None else (
             f", validation {found.initial_validation_loss:.3f} -> {found.validation_loss:.3f}"
             + ("" if found.stopped_at_step is None else f" (stopped after step {found.stopped_at_step})")
         )
         console.print(
-            f"control for {found.node_id} ({found.objective}): {decode(found.control_ids)!r} "
+            f"control for {found.node_id} ({found.objective}): {prepared.node_tokenizer(found.node_id).decode(found.control_ids)!r} "
             f"train loss {found.initial_loss:.3f} -> {found.loss:.3f}{held_out} nats/token in {found.wall_seconds:.0f} s",
             highlight=False,
         )

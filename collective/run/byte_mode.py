@@ -14,8 +14,10 @@ byte`) is scored on the next byte of the text, so that every row means the same 
 - Messages stay text; a link's token budget counts the *sender's* tokens, its byte budget
   bytes; the receiver reads the text with its own tokenizer.
 
-Not in a byte-unit run (refused with the field named, `check_byte_unit`): masked views, searched
-and attack messages, firewalls and GCG controllers, which score token ids of one tokenizer.
+A GCG controller with `objective: local` searches as in any run, on the node's own NLL over its
+view of the train part in its own tokens (`collective.run.control`). Not in a byte-unit run
+(refused with the field named, `check_byte_unit`): masked views, searched and attack messages,
+firewalls and GCG objectives `collective` and `speak`, which score token ids of one tokenizer.
 """
 
 from __future__ import annotations
@@ -82,10 +84,11 @@ def check_byte_unit(scenario: Scenario) -> None:
                 f"{where}.firewall: the perplexity filters are fitted in tokens of one tokenizer; a byte-unit run "
                 "has none (remove it, or give every model the same tokenizer)"
             )
-        if isinstance(node.controller, GCGController):
+        if isinstance(node.controller, GCGController) and node.controller.objective != "local":
             raise ByteUnitError(
-                f"{where}.controller: a GCG search scores tokens of one tokenizer; in a byte-unit run give the "
-                "node a fixed prompt (`kind: fixed`), for example one a same-tokenizer run found"
+                f"{where}.controller.objective: `{node.controller.objective}` searches on the collective's pool of "
+                "token distributions of one tokenizer; in a byte-unit run a GCG search is `local` (the node's own "
+                "NLL in its own tokens), or give the node a fixed prompt"
             )
 
 

@@ -226,6 +226,16 @@ class _Training:
         return self._rounds(len(self.starts) - n_rounds, n_rounds)
 
 
+@dataclass(frozen=True)
+class _Seen:
+    """A view and a round as `ByteMode.request` re-encodes them (no round_bytes kept)."""
+
+    prefix_ids: torch.Tensor
+    round_inputs: torch.Tensor
+    targets: torch.Tensor
+    round_bytes: bytes | None = None
+
+
 def _objective_parts(
     prepared: Prepared, node: NodeSpec, training: _Training, rounds: list[tuple[int, int]], recorder: _Recorder | None
 ) -> list[SequenceObjective]:
@@ -241,6 +251,9 @@ def _objective_parts(
     for r, start in rounds:
         seen = training.observer.observe(node.id, start)
         targets = training.observer.targets(start)
+        if prepared.byte_mode is not None:  # a local search in a byte-unit run: the node's own tokens
+            request = prepared.byte_mode.request(_Seen(seen.prefix_ids, seen.round_inputs, targets), node.model)
+            seen, targets = request, request.targets
         inbox = recorder.inbox_ids(r, node.id, loaded.tokenizer) if recorder is not None else []
         pooled: LogProbLoss | None = None
         if recorder is not None and kind != "readout":

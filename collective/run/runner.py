@@ -71,7 +71,7 @@ def run_start_event(prepared: Prepared, run_id: str, runtime: Runtime = "embedde
                 view=node.view.describe(context_tokens),
                 message_policy=node.message.policy,
                 controller=node.controller.kind,
-                control_text=prepared.tokenizer.decode(prepared.control_ids.get(node.id, [])),
+                control_text=prepared.node_tokenizer(node.id).decode(prepared.control_ids.get(node.id, [])),
             )
             for node in scenario.nodes
         ],
@@ -89,7 +89,7 @@ def run_start_event(prepared: Prepared, run_id: str, runtime: Runtime = "embedde
 
 def controls_record(prepared: Prepared, searches: Sequence[ControlSearch] = ()) -> Controls:
     """What controls.json holds: every node's prompt (as text where it has one), and the searches."""
-    text = {node_id: prepared.tokenizer.decode(ids) for node_id, ids in prepared.control_ids.items() if ids}
+    text = {node_id: prepared.node_tokenizer(node_id).decode(ids) for node_id, ids in prepared.control_ids.items() if ids}
     return Controls(control_ids=prepared.control_ids, control_text=text, searches=list(searches))
 
 
