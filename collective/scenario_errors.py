@@ -105,7 +105,8 @@ def _key_hint(key: str, loc: tuple[Any, ...], known_keys: Collection[str]) -> st
         return f" (a topology's parameters go under `params:`, e.g. `params: {{{key}: ...}}`)"
     if len(loc) == 1 and ("template" in key or key in ("count", "node_count", "n_nodes")):
         return " (a template of N nodes is written `nodes: {count: N}`, shared settings go in `node_defaults`)"
-    close = difflib.get_close_matches(key, sorted(known_keys), n=1, cutoff=0.6)
+    # a key valid elsewhere (top_k of evaluation in a controller) is not its own suggestion
+    close = difflib.get_close_matches(key, sorted(set(known_keys) - {key}), n=1, cutoff=0.6)
     if close:
         return f" (did you mean {close[0]!r}? see scenarios/README.md)"
     return " (check its spelling and the docs in scenarios/README.md)"

@@ -191,6 +191,9 @@ def test_an_unknown_key_is_named_by_its_yaml_path_only_once():
 
 def test_a_misspelt_key_gets_the_closest_real_one_and_a_node_template_says_how_to_write_it():
     assert "bus.round_token: unknown key (did you mean 'round_tokens'?" in _error(_base(bus={"round_token": 16}))
+    # a key of another section is not suggested as itself
+    elsewhere = _error(_base(nodes=[{"id": "a", "controller": {"kind": "gcg", "top_k": 8}}]))
+    assert "controller.top_k: unknown key (did you mean 'topk'?" in elsewhere
     template = _error({**_base(), "node_template": {"count": 3}})
     assert "node_template: unknown key (a template of N nodes is written `nodes: {count: N}`" in template
     assert "colour: unknown key (check its spelling" in _error({**_base(), "colour": 1})
