@@ -180,3 +180,23 @@ def test_a_local_gcg_search_in_a_mixed_run_scores_the_node_in_its_own_tokens(fol
         logits = prepared.models["gemma"].model(input_ids=torch.tensor([ids + targets[:-1]])).logits[0, len(ids) - 1 :]
     nll = -torch.log_softmax(logits.float(), -1).gather(1, torch.tensor(targets)[:, None]).mean()
     assert found.initial_loss == pytest.approx(float(nll), abs=1e-4)
+
+
+def test_a_member_whose_token_bytes_cannot_be_read_is_named_by_its_models_field(folders, capsys):
+    from collective.cli import main
+    from tests.test_yardstick import _unreadable_tokenizer_model
+
+    root = folders["root"]
+    words = _unreadable_tokenizer_model(root / "words")
+    models = {
+        "small": {"ref": str(folders["small"]), "dtype": "float32", "device": "cpu"},
+        "words": {"ref": str(words), "dtype": "float32", "device": "cpu"},
+    }
+    nodes = [{"id": "a", "model": "small"}, {"id": "b", "model": "words"}]
+    with pytest.raises(RunError, match=r"^models\.words: a byte-unit run reads every model's tokens as bytes, but"):
+        _prepare(folders, "words", models=models, nodes=nodes)
+    path = root / "words.yaml"
+    assert main(["--cache-dir", str(root / "cache"), "validate", "--deep", str(path)]) == 2
+    err = capsys.readouterr()
+    assert f"{path}: models.words:" in " ".join((err.out + err.err).split())
+    assert not (root / "runs").exists()  # nothing written
