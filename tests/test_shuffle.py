@@ -15,7 +15,7 @@ import yaml
 
 from collective.distributed.payloads import RequestPayload
 from collective.lm.models import ModelPool
-from collective.records import RoundEvent, parse_event
+from collective.records import EVENT_SCHEMA_VERSION, RoundEvent, parse_event
 from collective.run.node import relay_text, relayed_ids
 from collective.run.runner import prepare, run_prepared
 from collective.run.shuffle import shuffle_message, split_framed
@@ -166,7 +166,7 @@ def test_events_record_whether_each_shuffle_matched(tiny_model_dir, tmp_path):
             flags.setdefault(node.node_id, set()).add(node.shuffle_matched)
     assert flags.pop("c") == {None}  # the tiny scenario's c relays: nothing shuffled
     assert flags and all(None not in seen and seen for seen in flags.values())  # the others shuffle every round
-    assert all(e.schema_version == 4 for e in rounds)
+    assert all(e.schema_version == EVENT_SCHEMA_VERSION for e in rounds)
 
 
 def test_a_shuffle_run_is_deterministic(tiny_model_dir, tmp_path):
