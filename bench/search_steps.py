@@ -75,9 +75,9 @@ def main() -> None:
         path, value = item.split("=", 1)
         set_dotted(data, path, yaml.safe_load(value))
     data["corpus"]["eval_tokens"] = args.eval_rounds * int(data["bus"]["round_tokens"])
-    for node in data["nodes"]:
-        if node.get("message", {}).get("policy") == "search":
-            node["message"].update(steps=args.steps, search_width=args.search_width)
+    for holder in [data.get("node_defaults", {}), *data["nodes"]]:
+        if holder.get("message", {}).get("policy") == "search":
+            holder["message"].update(steps=args.steps, search_width=args.search_width)
     scenario = out / "scenario.yaml"
     scenario.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
 
