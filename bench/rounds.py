@@ -5,9 +5,12 @@ pooling and evaluator); only the code that computes the members' rows and messag
 full-view reference differs:
 
 - batched (ours): `EmbeddedExecutor` -> `compute_rounds`: per round, every node sharing the
-  model in one left-padded teacher-forced pass (identical sequences scored once: with no
-  control prompt a node's isolated and plain rows are the same sequence), messages decoded
-  together with the scoring pass's KV cache; the reference in one pass.
+  model in left-padded teacher-forced passes bucketed by length (`scoring._chunks`: the
+  grouping with the fewest padded tokens plus a cost per pass; identical sequences scored
+  once: with no control prompt a node's isolated and plain rows are the same sequence),
+  messages decoded together from the scoring passes' KV caches (joined into one batch; each
+  row stops at its own budget, on packed linear weights: `collective.lm.decoding`); the
+  reference in one pass.
 - fair baseline: per node and per row (plain, isolated, in collective), one unbatched
   teacher-forced forward pass over the row's context and the round (`logits_to_keep`, no
   deduplication), then Hugging Face `generate` (greedy, its own KV cache) for the message
@@ -62,6 +65,9 @@ from collective.run.engine import EmbeddedExecutor, RoundEngine
 from collective.run.node import NodeRoundRequest, NodeRoundResult
 from collective.run.runner import Prepared, prepare
 from collective.scenario import GenerateMessage, RelayMessage, Scenario, parse_scenario
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench.round_work import distinct, engine_padding, padded_share  # noqa: E402
 
 ROWS = ("collective", "isolated", "plain")
 EVERY, DISTINCT = "limit, every row", "limit, distinct rows"
@@ -285,12 +291,6 @@ def run_engine(prepared: Prepared, name: str, rounds: int | None = None) -> Reco
     return record
 
 
-def padded_share(work: list[ScoreItem]) -> float:
-    """The share of a left-padded batch of `work` that is padding."""
-    lengths = [len(item.input_ids()) for item in work]
-    return 1 - sum(lengths) / (len(lengths) * max(lengths))
-
-
 @torch.no_grad()
 def limit_pass(model: torch.nn.Module, work: list[ScoreItem], pad_id: int, by_length: bool = False) -> tuple[float, float]:
     """(wall, cpu) seconds of scoring every sequence in `work`: one forward over all of them in
@@ -372,14 +372,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def distinct(work: list[ScoreItem]) -> list[ScoreItem]:
-    """The sequences of `work` that differ (input ids or targets), first occurrence kept."""
-    seen: dict[tuple[tuple[int, ...], tuple[int, ...]], ScoreItem] = {}
-    for item in work:
-        seen.setdefault((tuple(item.input_ids().tolist()), tuple(item.targets.tolist())), item)
-    return list(seen.values())
-
-
 def timing_table(runs: dict[str, list[Recorded]], limits: dict[str, list[tuple[float, float]]], scored: int,
                  n_rounds: int) -> None:
     """Median wall and CPU seconds per run, tokens scored per second, and the share of each limit
@@ -437,6 +429,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"limits, no generation, no pooling: every row, one left-padded forward pass over {len(work[EVERY])} "
           f"sequences ({100 * padded_share(work[EVERY]):.0f}% of it padding); distinct rows, the {len(work[DISTINCT])} "
           f"distinct ones in {len(lengths)} batches of equal length (no padding)")
+    one, bucketed = engine_padding(work[EVERY], n_rounds, args.nodes)
+    print(f"the batched engine's scoring passes: {100 * bucketed:.0f}% of their tokens are padding, bucketed by length "
+          f"(one pass per kind of row and round, before issue 24: {100 * one:.0f}%)")
     timing_table(runs, limits, scored, n_rounds)
     print(f"load average at the end: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores\n")
     batched = runs["batched"][-1]

@@ -168,30 +168,31 @@ def score_and_speak(
     The sequence scored is [context][round_inputs[:-1]]; the message is generated after
     [context][round_inputs][speak.continuation], so the continuation fed to the cache is
     [round_inputs[-1]][speak.continuation], left-padded within the batch. The scoring passes
-    are bucketed by length (`_chunks`); their caches are then joined, so that every message is
-    decoded in one batch (`decoding.merge_caches`; per bucket where a cache cannot be joined).
+    are bucketed by length (`_chunks`); their caches are then joined, so that the continuation
+    is fed and every message decoded in one batch (`decoding.merge_caches`; per bucket where a
+    cache cannot be joined).
     """
     n_round = len(items[0].targets)
     parts: dict[int, TokenPredictions] = {}
-    prefilled: list[_Prefilled] = []
+    scored: list[_Cached] = []
     for group in _chunks([len(item.input_ids()) for item in items], batch_tokens):
-        record, filled = _score_and_prefill(model, [items[i] for i in group], [speaks[i] for i in group], pad_id, top_k, n_round)
+        record, cached = _score_cached(model, [items[i] for i in group], pad_id, top_k, n_round)
         parts |= {index: record.select([j]) for j, index in enumerate(group)}
-        prefilled.append(filled._replace(rows=group))
-    merged_cache = merge_caches([p.cache for p in prefilled], [p.mask for p in prefilled]) if len(prefilled) > 1 else None
-    if merged_cache is not None:
-        prefilled = [_Prefilled(
-            [i for p in prefilled for i in p.rows], merged_cache[0], torch.cat([p.logits for p in prefilled]),
-            merged_cache[1], torch.cat([p.next_position for p in prefilled]),
-        )]
+        scored.append(cached._replace(rows=group))
+    joined = merge_caches([c.cache for c in scored], [c.mask for c in scored]) if len(scored) > 1 else None
+    if joined is not None:
+        rows = [i for c in scored for i in c.rows]
+        scored = [_Cached(rows, joined[0], joined[1], torch.cat([c.last_position for c in scored]))]
     spoken: dict[int, list[int]] = {}
-    for filled in prefilled:
+    for cached in scored:
+        speak = [speaks[i] for i in cached.rows]
+        tails = [torch.cat([items[i].round_inputs[-1:], sp.continuation]) for i, sp in zip(cached.rows, speak)]
+        cache, logits, mask, next_position = _feed(model, cached, tails, pad_id)
         new = decoding.decode(
-            model, filled.cache, filled.logits, filled.mask, filled.next_position,
-            budgets=[speaks[i].max_new_tokens for i in filled.rows], stop_ids=stop_ids,
-            generators=[speaks[i].generator for i in filled.rows], temperatures=[speaks[i].temperature for i in filled.rows],
+            model, cache, logits, mask, next_position, budgets=[sp.max_new_tokens for sp in speak], stop_ids=stop_ids,
+            generators=[sp.generator for sp in speak], temperatures=[sp.temperature for sp in speak],
         )
-        spoken |= dict(zip(filled.rows, new))
+        spoken |= dict(zip(cached.rows, new))
     merged = TokenPredictions.stack([parts[i] for i in range(len(items))])
     record = TokenPredictions(
         merged.target_logprob.cpu(), merged.topk_ids.cpu(), merged.topk_logprobs.cpu(), merged.vocab_size
@@ -199,32 +200,38 @@ def score_and_speak(
     return record, [spoken[i] for i in range(len(items))]
 
 
-class _Prefilled(NamedTuple):
-    """A batch ready to decode: its rows (indices into the items), KV cache, the logits of the
-    last position (b, V), the mask over the cache (b, L) and each row's next position id (b, 1)."""
+class _Cached(NamedTuple):
+    """Rows scored with a KV cache: their indices into the items, the cache, the mask over it
+    (b, L) and each row's last position id (b, 1)."""
 
     rows: list[int]
     cache: object
-    logits: torch.Tensor
     mask: torch.Tensor
-    next_position: torch.Tensor
+    last_position: torch.Tensor
 
 
-def _score_and_prefill(
-    model: torch.nn.Module, items: Sequence[ScoreItem], speaks: Sequence[Speak], pad_id: int, top_k: int, n_round: int
-) -> tuple[TokenPredictions, _Prefilled]:
-    """One teacher-forced pass over the items (b rows), then the speak continuation fed onto its cache."""
+def _score_cached(
+    model: torch.nn.Module, items: Sequence[ScoreItem], pad_id: int, top_k: int, n_round: int
+) -> tuple[TokenPredictions, _Cached]:
+    """One teacher-forced pass over the items (b rows) that keeps its KV cache."""
     device = next(model.parameters()).device
     ids, mask, positions = (t.to(device) for t in left_pad([item.input_ids() for item in items], pad_id))  # (b, L)
     out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=n_round)
     targets = torch.stack([item.targets for item in items]).to(device)  # (b, R)
-    record = predictions_from_logits(out.logits, targets, top_k)
-    tails = [torch.cat([item.round_inputs[-1:], speak.continuation]) for item, speak in zip(items, speaks)]
+    return predictions_from_logits(out.logits, targets, top_k), _Cached([], output_cache(out), mask, positions[:, -1:])
+
+
+def _feed(
+    model: torch.nn.Module, cached: _Cached, tails: Sequence[torch.Tensor], pad_id: int
+) -> tuple[object, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Feed each row's tail (left-padded to (b, C)) onto the cache. Returns the cache, the logits
+    of the last position (b, V), the mask over the cache (b, L + C) and the next position ids (b, 1)."""
+    device = cached.mask.device
     cont, cont_mask, cont_pos = left_pad(tails, pad_id)  # (b, C) each
-    cont_pos = positions[:, -1:] + 1 + cont_pos.to(device)  # continue each row's positions
-    full_mask = torch.cat([mask, cont_mask.to(device)], dim=1)  # (b, L + C)
+    cont_pos = cached.last_position + 1 + cont_pos.to(device)  # continue each row's positions
+    full_mask = torch.cat([cached.mask, cont_mask.to(device)], dim=1)  # (b, L + C)
     out = model(
         input_ids=cont.to(device), attention_mask=full_mask, position_ids=cont_pos, use_cache=True, logits_to_keep=1,
-        **{_cache_kwarg(model): output_cache(out)},
+        **{_cache_kwarg(model): cached.cache},
     )
-    return record, _Prefilled([], output_cache(out), out.logits[:, -1, :], full_mask, cont_pos[:, -1:] + 1)
+    return output_cache(out), out.logits[:, -1, :], full_mask, cont_pos[:, -1:] + 1
