@@ -12,6 +12,7 @@ the Llama node in its own process and the two Gemma nodes on a host, and must gi
 
 from __future__ import annotations
 
+import base64
 import math
 from pathlib import Path
 
@@ -84,6 +85,22 @@ def test_byte_rows_for_another_round_or_unit_are_refused():
         payload.to_result("a", 2, ROUND_BYTES + b"y")
     with pytest.raises(ValueError, match="asked in bytes"):
         ResultPayload.from_result(result, "s", 0.0, {}, 0).to_result("a", 2, ROUND_BYTES)
+
+
+def test_a_plain_row_that_is_the_isolated_one_travels_once_and_comes_back_as_both():
+    result = _byte_result(ROUND_BYTES)
+    twice = ResultPayload.from_result(result, "s", 0.0, {}, 0, in_bytes=True)
+    result.plain = result.isolated  # no control prompt: one context, one row
+    once = ResultPayload.from_result(result, "s", 0.0, {}, 0, in_bytes=True)
+    assert once.plain is None and once.plain_is_isolated and not twice.plain_is_isolated
+    back = decode_envelope(encode(envelope("r", "a", once, 2)), 1 << 22).payload
+    assert isinstance(back, ResultPayload)
+    decoded = back.to_result("a", 2, ROUND_BYTES)
+    assert decoded.plain is not None and result.isolated is not None
+    assert torch.equal(decoded.plain.topk_logprobs, result.isolated.topk_logprobs)
+    assert len(encode(envelope("r", "a", once, 2))) < 0.7 * len(encode(envelope("r", "a", twice, 2)))
+    with pytest.raises(ValueError, match="said to be the isolated one"):
+        twice.model_copy(update={"plain_is_isolated": True}).to_result("a", 2, ROUND_BYTES)
 
 
 def test_a_byte_row_that_does_not_sum_to_one_is_named():
@@ -182,3 +199,45 @@ def test_a_mixed_collective_on_machines_with_different_models_gives_the_embedded
     assert _messages(run_dir) == world.embedded_messages
     assert executor.rejections.total == 0 and not any(executor.node_rejections().values())
     assert "round 1: b, c in 1 batch(es)" in hosts.output("gemma")  # the host's two gemma nodes, one batch
+
+
+def test_a_node_takes_only_rounds_of_its_runs_unit_and_size():
+    from types import SimpleNamespace
+
+    from collective.distributed.mqtt import parse_broker_url
+    from collective.distributed.payloads import ScenarioPayload
+    from collective.distributed.volunteer import Volunteer, VolunteerConfig
+
+    volunteer = Volunteer(VolunteerConfig(parse_broker_url("mqtt://127.0.0.1:1"), "run-1", "a"))
+    volunteer.scenario = SimpleNamespace(bus=SimpleNamespace(round_tokens=2))  # type: ignore[assignment]
+
+    def request(round_bytes: bytes | None, ids: list[int]) -> RequestPayload:
+        data = None if round_bytes is None else base64.b64encode(round_bytes).decode()
+        return RequestPayload(node_id="a", control_ids=[], prefix_ids=[], round_inputs=ids, targets=ids, message=RelayMessage(),
+                              message_tokens=0, seed=0, round_bytes=data, deadline_s=1.0)
+
+    assert volunteer._round_problem(request(None, [1, 2])) is None  # before protocol 5 knew units: tokens
+    assert "in bytes in a run scored in tokens" in str(volunteer._round_problem(request(b"ab", [1, 2])))
+    volunteer.published = ScenarioPayload(scenario_yaml="", in_neighbours={}, out_neighbours={}, tokenizer_digests={},
+                                          session="s", unit="byte", round_bytes_max=6, view_bytes_max=12)
+    assert volunteer._round_problem(request(b"abc", [1, 2, 3])) is None  # a round of 3 bytes in 3 of its tokens
+    assert "no bytes" in str(volunteer._round_problem(request(None, [1, 2])))
+    assert "7 bytes" in str(volunteer._round_problem(request(b"abcdefg", [1])))  # longer than any round of the stream
+    assert "in 4 tokens" in str(volunteer._round_problem(request(b"abc", [1, 2, 3, 4])))  # a token is at least a byte
+
+
+def test_a_broker_for_a_scenario_of_several_models_takes_byte_rounds():
+    from collective.distributed.broker import max_packet_size_for
+    from collective.distributed.protocol import BYTES_PER_TOKEN_BOUND
+
+    def scenario(models: dict[str, str], unit: str = "auto"):
+        return parse_scenario({
+            "name": "m", "models": models, "corpus": {"train_tokens": 512, "eval_tokens": 64},
+            "nodes": [{"id": n, "model": m} for n, m in zip("ab", models)],
+            "bus": {"round_tokens": 32}, "evaluation": {"unit": unit, "top_k": 8},
+        })
+
+    needed = result_bytes_bound(32, 8, 1, 1, round_bytes=BYTES_PER_TOKEN_BOUND * 32)
+    assert max_packet_size_for(scenario({"m": "x", "g": "y"})) >= 2 * needed
+    assert max_packet_size_for(scenario({"m": "x"}, unit="byte")) >= 2 * needed
+    assert max_packet_size_for(scenario({"m": "x", "g": "x"})) < needed  # one model twice: tokens

@@ -234,6 +234,17 @@ def _unwire(wire: RowWire | None, data: bytes | None) -> TokenPredictions | None
     return wire.to_predictions()
 
 
+def _same_rows(a: TokenPredictions | None, b: TokenPredictions | None) -> bool:
+    """Whether two rows hold the same record (a node without a control prompt scores its isolated
+    and plain contexts once: the same row)."""
+    if a is None or b is None:
+        return False
+    return a is b or (
+        a.vocab_size == b.vocab_size and torch.equal(a.target_logprob, b.target_logprob)
+        and torch.equal(a.topk_ids, b.topk_ids) and torch.equal(a.topk_logprobs, b.topk_logprobs)
+    )
+
+
 class ResultPayload(WireModel):
     """What the evaluator needs of a node's round, plus the node's own counters."""
 
@@ -242,6 +253,9 @@ class ResultPayload(WireModel):
     collective: RowWire = Field(description="a token row, or in a byte-unit run a byte row (protocol 5)")
     isolated: RowWire | None
     plain: RowWire | None
+    plain_is_isolated: bool = Field(
+        False, description="the plain row is the isolated one, sent once (no control prompt: one context) (protocol 5)"
+    )
     message_text: str | None
     inbox_tokens: int = Field(ge=0)
     messages: list[MessageRecord]
@@ -266,7 +280,8 @@ class ResultPayload(WireModel):
             session=session,
             collective=collective,
             isolated=_wire(result.isolated, in_bytes),
-            plain=_wire(result.plain, in_bytes),
+            plain=None if _same_rows(result.isolated, result.plain) else _wire(result.plain, in_bytes),
+            plain_is_isolated=_same_rows(result.isolated, result.plain),
             message_text=result.message_text,
             inbox_tokens=result.inbox_tokens,
             messages=list(result.messages),
@@ -283,12 +298,15 @@ class ResultPayload(WireModel):
         targets). Raises ValueError when the rows are not of the round's unit or length."""
         collective = _unwire(self.collective, round_bytes)
         assert collective is not None
+        if self.plain_is_isolated and (self.plain is not None or self.isolated is None):
+            raise ValueError("a plain row said to be the isolated one, but sent too or without an isolated row")
+        isolated = _unwire(self.isolated, round_bytes)
         return NodeRoundResult(
             node_id=node_id,
             round_index=round_index,
             collective=collective,
-            isolated=_unwire(self.isolated, round_bytes),
-            plain=_unwire(self.plain, round_bytes),
+            isolated=isolated,
+            plain=isolated if self.plain_is_isolated else _unwire(self.plain, round_bytes),
             message_text=self.message_text,
             inbox_tokens=self.inbox_tokens,
             messages=list(self.messages),
