@@ -1,7 +1,7 @@
 """The distributed runtime: a coordinator and volunteer nodes talking through an MQTT broker.
 
-The wire: `protocol` (versioned envelopes, topics, size limits) and `payloads` (what the
-envelopes carry). The connection: `mqtt` (broker URLs, TLS, TCP_NODELAY), `connection`
+The wire: `protocol` (versioned envelopes, topics, size limits), `payloads` (what the
+envelopes carry) and `wire` (tensors and prediction rows, token or byte, on the wire). The connection: `mqtt` (broker URLs, TLS, TCP_NODELAY), `connection`
 (the one reconnecting connection every party holds), `loop_thread` (the asyncio loop that
 synchronous code drives), `preflight` (step-by-step connection checks). The coordinator:
 `coordinator` (the `Executor` the round engine drives, and `connect_executor`), `roster`

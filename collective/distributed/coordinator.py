@@ -14,6 +14,9 @@ survived by reconnecting; on reconnect the coordinator republishes its retained 
 the requests still unanswered. Every envelope that reaches it is validated (run, round,
 sender, predictions, message budgets, screen records) and dropped and counted when it fails.
 Each node's fitted firewall goes out in its requests: the receiving node screens its inbox.
+A byte-unit run (models with different tokenizers) works the same: the engine's requests are
+already in each node's own tokens with the round's bytes, results come back as byte rows, and a
+message's tokens are counted in its sender's tokenizer.
 `connect_executor` is the one entry point: it reports progress lines through `on_status`.
 """
 
