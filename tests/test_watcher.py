@@ -8,7 +8,7 @@ import pytest
 
 from collective.distributed.mqtt import parse_broker_url
 from collective.distributed.payloads import ControlPayload, EventPayload, MessagePayload
-from collective.distributed.protocol import Topics, encode, envelope
+from collective.distributed.protocol import PROTOCOL_SCHEMA_VERSION, Topics, encode, envelope
 from collective.distributed.watcher import EventSequencer, EventSubscription, NoSuchRun
 from collective.records import MessageRecord, NodeInfo, NodeRound, RoundEvent, RunEnd, RunStart
 
@@ -79,7 +79,7 @@ def test_invalid_payloads_are_skipped_and_counted_never_raised():
     record = MessageRecord(sender="a", receiver="b", round_sent=0, deliver_round=1, text="x", n_tokens=1, n_bytes=1)
     bad = [
         (TOPICS.event("start"), b"not json"),
-        (TOPICS.event("start"), b'{"schema_version": 4}'),  # this protocol's version, but no envelope
+        (TOPICS.event("start"), b'{"schema_version": %d}' % PROTOCOL_SCHEMA_VERSION),  # this protocol's version, but no envelope
         (TOPICS.event("start"), b'{"schema_version": 99, "kind": "event"}'),
         _wire(_start(), sender="a"),  # spoofed
         _wire(_start(), run_id="run-2"),  # another run's envelope
