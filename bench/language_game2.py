@@ -2,10 +2,9 @@
 
 For one shape (scenarios/language-game/*.yaml), text source and stretch of text (an offset
 into the stream; the stretch's index is the seed), it runs `collective sweep`s into
-`--out/<shape>-<source>-o<offset>/<sweep>`:
+`--out/<shape>-<source>-o<offset>/<policy>-b<budget>`, one cell each:
 
-- `policies`: `relay`, `shuffle` (the relay's matched priming control) and `generate`, at
-  every link budget of --budgets;
+- `relay`, `shuffle` (the relay's matched priming control) and `generate`;
 - `search`: a searched message (the scenario's `search` settings: `objective: receiver`,
   --steps steps of --search-width candidates);
 - `speak`: a generated message whose speak prompt is searched (`controller: gcg,
@@ -13,6 +12,8 @@ into the stream; the stretch's index is the seed), it runs `collective sweep`s i
 - `replay-generate`, `replay-search`, `replay-speak`: each written or searched cell's own
   messages, replayed round by round and shuffled as a relay is (`policy: replay`), at its
   budget: the matched priming control of a written message (same bytes, another order).
+
+Every policy runs at every link budget of --budgets.
 
 --policies chooses among relay, shuffle, generate, search, speak and replay-<policy>, in the
 order they run: put the most informative first. Finished cells are skipped (the sweeps
@@ -41,13 +42,12 @@ import sys
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from collective.evaluate.compare import mean_ci  # noqa: E402
-from collective.evaluate.paired import PairedComparison, compare_cells, read_cell_run, select_cells  # noqa: E402
+from collective.evaluate.paired import PairedComparison, compare_cells, read_cell_run  # noqa: E402
 from collective.evaluate.sweep import Cell, cell_folder  # noqa: E402
 
 SHAPES = {
@@ -91,32 +91,26 @@ def policy_sets(policy: str, args: argparse.Namespace) -> list[str]:
     raise ValueError(f"unknown policy {policy!r}")
 
 
-def source_sweep(policy: str) -> str:
-    """The sweep folder a policy's cells run in (relay, shuffle and generate share one)."""
-    return "policies" if policy in PLAIN else policy
-
-
-def replayed_cell(sweep: Path, policy: str, budget: int) -> Path:
-    """The finished cell of `policy` at `budget` in a stretch's `sweep` folder (to replay)."""
+def replayed_cell(sweep: Path) -> Path:
+    """The one finished cell of a (policy, budget) sweep folder (to replay)."""
     summary = json.loads((sweep / "summary.json").read_text(encoding="utf-8"))
-    selector = f"bus.max_message_tokens={budget}" + (f",{POLICY}={policy}" if policy == "generate" else "")
-    (name,) = select_cells(summary, selector, sweep).values()
-    return sweep / name
+    (cell,) = summary["cells"]
+    return cell_folder(sweep, Cell(tuple(cell["overrides"].items()), cell["seed"], None))  # type: ignore[arg-type]
 
 
 def run(args: argparse.Namespace) -> None:
-    budgets = [int(b) for b in args.budgets.split(",")]
+    """One sweep folder per stretch, policy and budget (`<policy>-b<budget>`, one cell), so
+    that a later call with other policies or budgets never rewrites a finished sweep's summary."""
     for seed, offset in enumerate(int(o) for o in args.offsets.split(",")):
         stretch = Path(args.out).resolve() / f"{args.shape}-{args.source}-o{offset}"
         for policy in args.policies.split(","):
-            if policy.startswith("replay-"):
-                replayed = policy.removeprefix("replay-")
-                for budget in budgets:
-                    cell = replayed_cell(stretch / source_sweep(replayed), replayed, budget)
+            for budget in (int(b) for b in args.budgets.split(",")):
+                if policy.startswith("replay-"):
+                    cell = replayed_cell(stretch / f"{policy.removeprefix('replay-')}-b{budget}")
                     sets = ["--set", f"{POLICY}=replay", "--set", f"node_defaults.message.run={cell}"]
-                    _call(sweep_command(args, seed, offset, str(budget), sets, stretch / f"{policy}-b{budget}"))
-                continue
-            _call(sweep_command(args, seed, offset, args.budgets, policy_sets(policy, args), stretch / source_sweep(policy)))
+                else:
+                    sets = policy_sets(policy, args)
+                _call(sweep_command(args, seed, offset, str(budget), sets, stretch / f"{policy}-b{budget}"))
 
 
 def _call(command: list[str]) -> None:
@@ -141,15 +135,10 @@ class Point:
     folder: Path
 
 
-def cell_policy(overrides: dict[str, Any], sweep_name: str) -> str:
-    """A cell's policy label: a replay is named by what it replays (its sweep folder,
-    `replay-<policy>-b<budget>`), a speak-prompt search is `speak`, else the message policy;
-    a searched cell's overrides may not name its policy (the scenario's own)."""
-    if sweep_name.startswith("replay-"):
-        return sweep_name.rsplit("-b", 1)[0]
-    if overrides.get("node_defaults.controller.objective") == "speak":
-        return "speak"
-    return str(overrides.get(POLICY, "search"))
+def cell_policy(sweep_name: str) -> str:
+    """A cell's policy label, from its sweep folder `<policy>-b<budget>` (a replay's policy is
+    `replay-<what it replays>`; a searched cell's overrides do not name its policy)."""
+    return sweep_name.rsplit("-b", 1)[0]
 
 
 def read_points(out: Path) -> list[Point]:
@@ -160,7 +149,7 @@ def read_points(out: Path) -> list[Point]:
             overrides, gain = cell["overrides"], cell["communication_gain"]
             folder = cell_folder(summary.parent, Cell(tuple(overrides.items()), cell["seed"], None))  # type: ignore[arg-type]
             points.append(Point(
-                shape, source, cell["seed"], cell_policy(overrides, summary.parent.name), int(overrides["bus.max_message_tokens"]),
+                shape, source, cell["seed"], cell_policy(summary.parent.name), int(overrides["bus.max_message_tokens"]),
                 gain["value"], gain["ci"][0], gain["ci"][1], cell["bytes_per_link_round"], folder,
             ))
     return points

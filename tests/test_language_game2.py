@@ -27,12 +27,11 @@ def test_each_policy_is_paired_with_its_own_matched_control_and_the_relay_at_twi
     assert not any(b.startswith("replay-speak") for _, b, _ in specs)  # speak did not run
 
 
-def test_a_replay_cell_is_labelled_by_what_it_replays_and_a_search_cell_by_its_scenario():
-    assert cell_policy({POLICY: "replay", "node_defaults.message.run": "/x/search/cell"}, "replay-search-b8") == "replay-search"
-    assert cell_policy({POLICY: "replay"}, "replay-generate-b16") == "replay-generate"
-    assert cell_policy({"node_defaults.message.steps": 10}, "search") == "search"
-    assert cell_policy({POLICY: "generate", "node_defaults.controller.objective": "speak"}, "speak") == "speak"
-    assert cell_policy({POLICY: "shuffle"}, "policies") == "shuffle"
+def test_a_cell_is_labelled_by_its_sweep_folder_a_replay_by_what_it_replays():
+    assert cell_policy("replay-search-b8") == "replay-search"
+    assert cell_policy("replay-generate-b16") == "replay-generate"
+    assert cell_policy("search-b32") == "search"
+    assert cell_policy("shuffle-b4") == "shuffle"
 
 
 def test_a_verdict_prefers_the_t_interval_and_says_when_only_the_stretches_support_it():
@@ -49,7 +48,7 @@ def _sweep(stretch: Path, name: str, seed: int, cells: dict[tuple[tuple[str, obj
     for overrides_items, nlls in cells.items():
         overrides = dict(overrides_items)
         folder = stretch / name / Cell(overrides_items, seed, None).folder_name  # type: ignore[arg-type]
-        write_run(folder, nlls, [8] * len(nlls), seed=seed, corpus={**SCENARIO["corpus"], "offset_tokens": 4096 * seed})
+        write_run(folder, nlls, [8] * len(nlls), seed=seed, corpus={**SCENARIO["corpus"], "offset_tokens": 4096 * seed})  # type: ignore[dict-item]
         gain = {"value": 0.1, "ci": [0.0, 0.2]}
         rows.append({"combination": ",".join(f"{k}={v}" for k, v in overrides.items()), "overrides": overrides, "seed": seed,
                      "communication_gain": gain, "collective_gain": gain, "bytes_per_link_round": 10.0})
@@ -60,8 +59,8 @@ def test_a_searched_message_is_paired_with_its_replay_and_the_relay_stretch_by_s
     for seed in (0, 1):
         stretch = tmp_path / f"lagged-wikitext2-o{4096 * seed}"
         offset = ("corpus.offset_tokens", 4096 * seed)
-        _sweep(stretch, "policies", seed, {(offset, ("bus.max_message_tokens", 8), (POLICY, "relay")): [3.0, 3.0, 3.0, 3.0]})
-        _sweep(stretch, "search", seed, {(offset, ("bus.max_message_tokens", 8)): [2.5, 2.5, 2.5, 2.5 + seed]})
+        _sweep(stretch, "relay-b8", seed, {(offset, ("bus.max_message_tokens", 8), (POLICY, "relay")): [3.0, 3.0, 3.0, 3.0]})
+        _sweep(stretch, "search-b8", seed, {(offset, ("bus.max_message_tokens", 8)): [2.5, 2.5, 2.5, 2.5 + seed]})
         _sweep(stretch, "replay-search-b8", seed, {
             (offset, ("bus.max_message_tokens", 8), (POLICY, "replay")): [2.75, 2.75, 2.75, 2.75],
         })
