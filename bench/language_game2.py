@@ -98,6 +98,12 @@ def replayed_cell(sweep: Path) -> Path:
     return cell_folder(sweep, Cell(tuple(cell["overrides"].items()), cell["seed"], None))  # type: ignore[arg-type]
 
 
+def replay_sets(cell: Path) -> list[str]:
+    """The --set options of a replay of `cell`; its path is quoted, since a cell folder's name
+    holds commas that `--set` would split into several values."""
+    return ["--set", f"{POLICY}=replay", "--set", f"node_defaults.message.run='{cell}'"]
+
+
 def run(args: argparse.Namespace) -> None:
     """One sweep folder per stretch, policy and budget (`<policy>-b<budget>`, one cell), so
     that a later call with other policies or budgets never rewrites a finished sweep's summary."""
@@ -107,7 +113,7 @@ def run(args: argparse.Namespace) -> None:
             for budget in (int(b) for b in args.budgets.split(",")):
                 if policy.startswith("replay-"):
                     cell = replayed_cell(stretch / f"{policy.removeprefix('replay-')}-b{budget}")
-                    sets = ["--set", f"{POLICY}=replay", "--set", f"node_defaults.message.run={cell}"]
+                    sets = replay_sets(cell)
                 else:
                     sets = policy_sets(policy, args)
                 _call(sweep_command(args, seed, offset, str(budget), sets, stretch / f"{policy}-b{budget}"))

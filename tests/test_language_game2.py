@@ -9,9 +9,16 @@ from pathlib import Path
 
 import pytest
 
-from bench.language_game2 import cell_policy, contrast_specs, contrasts, read_points, verdict
+from bench.language_game2 import (
+    cell_policy,
+    contrast_specs,
+    contrasts,
+    read_points,
+    replay_sets,
+    verdict,
+)
 from bench.search_steps import drop_curve, set_dotted
-from collective.evaluate.sweep import Cell
+from collective.evaluate.sweep import Cell, parse_set
 from tests.test_paired import SCENARIO, write_run
 
 POLICY = "node_defaults.message.policy"
@@ -85,3 +92,10 @@ def test_a_dotted_setting_indexes_lists_and_makes_missing_mappings():
     set_dotted(data, "nodes.1.message.policy", "relay")
     set_dotted(data, "bus.max_message_tokens", 8)
     assert data == {"nodes": [{"id": "a"}, {"id": "b", "message": {"policy": "relay"}}], "bus": {"max_message_tokens": 8}}
+
+
+def test_a_replayed_cells_folder_with_commas_in_its_name_is_one_value_of_the_sweeps_set():
+    cell = Path("/s/generate-b8/corpus.source=wikitext2,bus.max_message_tokens=8,seed=0-b90f")
+    policy, run = replay_sets(cell)[1::2]
+    assert parse_set(policy).values == ("replay",)
+    assert parse_set(run).values == (str(cell),)
