@@ -86,12 +86,12 @@ def main(argv: list[str] | None = None) -> int:
                for s, n in zip(starts, lengths)]
     ids, mask, positions = left_pad(prompts, start_token(tok))
 
-    def run(loop: Callable[..., list[list[int]]], packed: bool, **options: Any) -> tuple[float, list[list[int]], int]:
+    def run(loop: Callable[..., list[list[int]]], wrap: bool, **options: Any) -> tuple[float, list[list[int]], int]:
         with torch.no_grad():
             out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
             gens = [torch.Generator().manual_seed(i) for i in range(len(prompts))]
             began = time.perf_counter()
-            with packed_linears(model, enabled=packed):
+            with packed_linears(model, enabled=wrap):
                 said = loop(model, output_cache(out), out.logits[:, -1, :], mask, positions[:, -1:] + 1,
                             budgets=[args.budget] * len(prompts), stop_ids=stop_ids(tok), generators=gens,
                             temperatures=[0.7] * len(prompts), **options)
@@ -114,8 +114,8 @@ def main(argv: list[str] | None = None) -> int:
     times: dict[str, list[float]] = {name: [] for name in [*variants, "bound"]}
     said: dict[str, list[list[int]]] = {}
     for repeat in range(args.repeats + 1):  # the first round is a warm-up
-        for name, (loop, packed, options) in variants.items():
-            seconds, said[name], steps = run(loop, packed, **options)
+        for name, (loop, wrap, options) in variants.items():
+            seconds, said[name], steps = run(loop, wrap, **options)
             if repeat:
                 times[name].append(seconds / steps)
         seconds, _, _ = read_weights()
