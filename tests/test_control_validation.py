@@ -11,8 +11,9 @@ import torch
 
 from collective.records import Controls
 from collective.run import control
-from collective.run.control import _record, _Training, _Validation, search_controls
+from collective.run.control import _loss, _record, _Training, search_controls
 from collective.scenario import GCGController
+from controllers.held_out import HeldOut
 from controllers.objectives import Scores
 from tests.test_control import GCG, ROUND, _prepared, _training_nll
 
@@ -44,7 +45,7 @@ def test_the_validation_slice_is_the_train_parts_last_rounds_and_each_nodes_trai
     assert max(training.starts) + ROUND == end
 
 
-class _Recording(_Validation):
+class _Recording(HeldOut):
     """The validation callback, recording every prompt the search offered it (its candidates)."""
 
     offered: list[list[list[int]]] = []  # per instance, in the order the nodes are searched
@@ -64,7 +65,7 @@ def test_the_search_returns_the_prompt_lowest_on_the_validation_slice_and_reads_
 ):
     prepared = _prepared(tmp_path, tiny_model_dir, VALIDATED)
     monkeypatch.setattr(_Recording, "offered", [])
-    monkeypatch.setattr(control, "_Validation", _Recording)
+    monkeypatch.setattr(control, "HeldOut", _Recording)
     found = {s.node_id: s for s in search_controls(prepared)}
     offered = dict(zip(found, _Recording.offered))
     monkeypatch.undo()
@@ -145,7 +146,7 @@ def test_patience_ends_the_search_and_the_prompt_best_on_the_slice_is_returned_e
         held_out = _DistanceFrom(prepared.models[node.model].model, init)
         real = held_out.scores
         held_out.scores = lambda ids: (scored.append(ids[0].tolist()), real(ids))[1]  # type: ignore[method-assign]
-        return _Validation(held_out, init, spec.patience, spec.steps)  # type: ignore[arg-type]
+        return HeldOut(lambda ids: _loss(held_out, ids), init, spec.patience, spec.steps)  # type: ignore[arg-type]
 
     monkeypatch.setattr(control, "_validation", validation)
     init = control._initial_ids(GCGController.model_validate(VALIDATED), prepared.tokenizer)

@@ -20,6 +20,7 @@ from collective.run.prepared import RunError, build_graph
 from collective.run.runner import prepare
 from collective.run.speaker import SpeakObjective, relay_surrogate
 from collective.scenario import GCGController, load_scenario, parse_scenario
+from controllers import gcg as gcg_module
 from tests.test_control import _training_run
 from tests.test_rundir import write_tiny_scenario
 
@@ -103,7 +104,7 @@ def test_the_end_to_end_objective_decides_which_candidate_is_kept_not_the_surrog
     ]
     assert pairs, "no disagreeing pair among the prompts"
     a, b = pairs[0]
-    monkeypatch.setattr(speaker_module.Proposer, "propose", lambda self, current: prompts[[a, b]])
+    monkeypatch.setattr(gcg_module, "filter_candidates", lambda candidates, tokenizer, retokenize: prompts[[a, b]])
     (found,) = search_controls(prepared)
     assert found.control_ids == prompts[b].tolist()
     assert found.loss == pytest.approx(float(true[b]), abs=1e-5)
@@ -148,3 +149,42 @@ def test_a_speaker_without_out_links_or_that_does_not_write_is_refused_before_an
     assert main(["validate", str(path)]) == 2  # collective validate loads no model
     out = " ".join(capsys.readouterr().err.split())
     assert f"invalid {path}: nodes.n1.controller.objective:" in out and "no out-links" in out
+
+
+def test_the_validation_slice_scores_the_lowest_training_loss_prompt_so_far_not_each_steps_best(
+    tiny_model_dir, tmp_path, monkeypatch
+):
+    """Patience counts as `objective: local` and `collective` count it: after each step the slice
+    scores the best prompt so far. Steps whose best is worse than an earlier step's leave that
+    earlier prompt the one validated, and it is not scored again."""
+    spec = {**SPEAK, "steps": 3, "patience": 2}
+    prepared = _prepared(tmp_path, tiny_model_dir, spec)
+    init = _initial_ids(GCGController.model_validate(spec), prepared.tokenizer)
+    prepared.control_ids["a"] = init
+    training = _Training.of(prepared)
+    objective = SpeakObjective(prepared, "a", _record(prepared, training.scenario), [r for r, _ in training.last(3)], "x")
+    words = [prepared.tokenizer.encode(f" {w}", add_special_tokens=False) for w in ["the", "a", "of", "is", "to", "in", "and", "for"]]
+    prompts = torch.tensor([w1 + w2 + w3 for w1 in words[:4] for w2 in words[2:6] for w3 in words[4:]])  # (64, 3)
+    true = objective.losses(prompts)
+    best, worst = int(true.argmin()), int(true.argmax())
+    assert float(true[best]) < float(objective.losses(torch.tensor([init]))[0]) - 1e-3 < float(true[worst])
+    proposals = iter([prompts[[best]], prompts[[worst]], prompts[[worst]]])  # steps 1, 2, 3
+    monkeypatch.setattr(gcg_module, "filter_candidates", lambda candidates, tokenizer, retokenize: next(proposals))
+    monkeypatch.setattr(speaker_module, "filter_candidates", lambda candidates, tokenizer, retokenize: next(proposals), raising=False)
+    validated: list[list[int]] = []
+    built, losses = SpeakObjective.__init__, SpeakObjective.losses
+
+    def init_recording(self, prepared, speaker, recording, rounds, field):
+        built(self, prepared, speaker, recording, rounds, field)
+        self.on_slice = field.endswith("validation_rounds")
+
+    def losses_recording(self, candidates):
+        if self.on_slice:
+            validated.extend(candidates.tolist())
+        return losses(self, candidates)
+
+    monkeypatch.setattr(SpeakObjective, "__init__", init_recording)
+    monkeypatch.setattr(SpeakObjective, "losses", losses_recording)
+    (found,) = search_controls(prepared)
+    assert validated == [init, prompts[best].tolist()]  # the worse step-2 and step-3 prompt is never validated
+    assert found.loss == pytest.approx(float(true[best]) if found.control_ids != init else found.initial_loss, abs=1e-5)

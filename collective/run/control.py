@@ -12,9 +12,11 @@ view's placeholders included), and is scored on the round's true tokens.
 
 GCG lowers the objective on the training rounds. After each step, the same objective on
 the node's last `validation_rounds` rounds of the slice scores the lowest-loss
-prompt found so far (GCG's best, not the step's own best): the search returns the prompt with the lowest validation loss (the initial one
-included, so it never returns a prompt worse on the slice than the one it started from)
-and stops after `patience` steps without a validation improvement (`_Validation`).
+prompt found so far (GCG's best, not the step's own best): the search returns the prompt
+with the lowest validation loss (the initial one included, so it never returns a prompt
+worse on the slice than the one it started from) and stops after `patience` steps without
+a validation improvement (`controllers.held_out.HeldOut`; the speak objective's search
+stops and chooses the same way).
 
 - `objective: local`: node i's own NLL over the training rounds in its isolated context
   [bos][u_i][view] (no messages), one GCG search.
@@ -57,6 +59,7 @@ from collective.scenario import GCGController, NodeSpec, Scenario
 from collective.seeding import derive_seed
 from controllers import GCGConfig, MeanObjective, run_gcg, stream_objective
 from controllers.filters import retokenizes
+from controllers.held_out import HeldOut
 from controllers.objectives import LogProbLoss, SequenceObjective
 
 log = logging.getLogger(__name__)
@@ -274,39 +277,9 @@ def _loss(objective: MeanObjective, ids: list[int]) -> float:
     return float(objective.scores(torch.tensor([ids], device=objective.model.device)).loss[0])
 
 
-class _Validation:
-    """Early stopping and the choice of the returned prompt on the validation slice: called
-    after each GCG step with the lowest-loss prompt found so far (`controllers.gcg.OnStep`), it
-    keeps the prompt with the lowest validation loss, the initial one included, and ends
-    the search once `patience` steps in a row brought no validation improvement (before its
-    last step `steps`: `stopped_at` is None when the search ran every step)."""
-
-    def __init__(self, objective: MeanObjective, init: list[int], patience: int, steps: int) -> None:
-        self.objective = objective
-        self.patience, self.steps = patience, steps
-        self.initial_loss = _loss(objective, init)
-        self.best_ids, self.best_loss = list(init), self.initial_loss
-        self.last: tuple[list[int], float] = (self.best_ids, self.best_loss)
-        self.waited = 0
-        self.stopped_at: int | None = None
-
-    def __call__(self, step: int, ids: torch.Tensor) -> bool:
-        prompt = [int(i) for i in ids.tolist()]
-        loss = self.last[1] if prompt == self.last[0] else _loss(self.objective, prompt)  # unchanged: not scored again
-        self.last = (prompt, loss)
-        if loss < self.best_loss:
-            self.best_ids, self.best_loss, self.waited = prompt, loss, 0
-        else:
-            self.waited += 1
-        log.debug("step %d: validation loss %.4f (best %.4f)", step, loss, self.best_loss)
-        if self.waited >= self.patience and step < self.steps:
-            self.stopped_at = step
-        return self.stopped_at is not None
-
-
 def _validation(
     prepared: Prepared, node: NodeSpec, training: _Training, recorder: _Recorder | None, init: list[int]
-) -> _Validation | None:
+) -> HeldOut | None:
     """Node `node`'s objective on its validation rounds, as early stopping (None without any)."""
     spec = node.controller
     assert isinstance(spec, GCGController)
@@ -314,7 +287,7 @@ def _validation(
         return None
     rounds = training.validation(spec.validation_rounds)
     objective = MeanObjective(_objective_parts(prepared, node, training, rounds, recorder))
-    return _Validation(objective, init, spec.patience, spec.steps)
+    return HeldOut(lambda ids: _loss(objective, ids), init, spec.patience, spec.steps)
 
 
 def _search_node(

@@ -20,7 +20,7 @@ Every context starts with the tokenizer's BOS (or EOS) token, then:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -102,8 +102,21 @@ class NodeRoundResult:
     shuffle_matched: bool | None = None
 
 
-def _ids(values: list[int]) -> torch.Tensor:
-    return torch.tensor(values, dtype=torch.long)
+def token_ids(values: Sequence[int]) -> torch.Tensor:
+    """Token ids (n,) long, the dtype every context is built in."""
+    return torch.tensor(list(values), dtype=torch.long)
+
+
+def text_ids(tokenizer: TextCodec, text: str) -> list[int]:
+    """A text as a node reads it (a rendered inbox, a speak prompt): its tokens, no special
+    tokens added."""
+    return list(tokenizer.encode(text, add_special_tokens=False)) if text else []
+
+
+def context_ids(start: int, control_ids: Sequence[int], inbox: Sequence[int], prefix_ids: torch.Tensor) -> torch.Tensor:
+    """A row's context (T,): [start][control][inbox][view], the view prefix_ids (P,); the
+    isolated row has no inbox, the plain row neither control nor inbox."""
+    return torch.cat([token_ids([start, *control_ids, *inbox]), prefix_ids])
 
 
 class _Sequences:
@@ -129,23 +142,22 @@ def compute_rounds(
 ) -> list[NodeRoundResult]:
     """Score and speak for every request (all nodes must share this model; a transfer attack
     searches on `search_models`, which only the embedded runtime passes: see `_searched`)."""
-    bos = _ids([start_token(tokenizer)])
+    bos = start_token(tokenizer)
     pad = pad_id(tokenizer)
     read = _read_inboxes(model, tokenizer, requests, batch_tokens)
-    inboxes = [_ids(inbox.ids) for inbox in read]
     sequences = _Sequences()
     # The rows that cannot depend on messages (isolated, plain) are scored in their own
     # batches: a batch's shape (padding, size) changes the floating-point results a little,
     # and those rows must come out the same whatever the bus does.
     without_bus = [
         (
-            sequences.add(torch.cat([bos, _ids(r.control_ids), r.prefix_ids]), r) if r.want_isolated else None,
-            sequences.add(torch.cat([bos, r.prefix_ids]), r) if r.want_plain else None,
+            sequences.add(context_ids(bos, r.control_ids, [], r.prefix_ids), r) if r.want_isolated else None,
+            sequences.add(context_ids(bos, [], [], r.prefix_ids), r) if r.want_plain else None,
         )
         for r in requests
     ]
     n_without_bus = len(sequences.items)
-    collective_contexts = [torch.cat([bos, _ids(r.control_ids), inbox, r.prefix_ids]) for r, inbox in zip(requests, inboxes)]
+    collective_contexts = [context_ids(bos, r.control_ids, inbox.ids, r.prefix_ids) for r, inbox in zip(requests, read)]
     # Speakers' collective rows are scored together with the writing of their message, so
     # the message reuses the scoring pass's KV cache; they are never deduplicated.
     speakers = [i for i, r in enumerate(requests) if _writes(r.message)]
@@ -162,13 +174,13 @@ def compute_rounds(
         spoken_preds, spoken = score_and_speak(
             model,
             [ScoreItem(collective_contexts[i], requests[i].round_inputs, requests[i].targets) for i in speakers],
-            [_speak(requests[i], tokenizer) for i in speakers],
+            [speak_settings(requests[i], tokenizer) for i in speakers],
             pad_id=pad, top_k=top_k, stop_ids=stop_ids(tokenizer), batch_tokens=batch_tokens,
         )
         if scored is not None:  # a byte-unit run reads every row from its byte rows
             collective_rows |= {i: spoken_preds.select([k]) for k, i in enumerate(speakers)}
         said = dict(zip(speakers, spoken))
-    searched = _searched(model, tokenizer, requests, said, int(bos.item()), batch_tokens, search_models)
+    searched = _searched(model, tokenizer, requests, said, bos, batch_tokens, search_models)
     texts = {i: _message_text(r, said.get(i), tokenizer) for i, r in enumerate(requests) if i not in searched}
     row = _row_reader(model, tokenizer, requests, sequences, collective_contexts, scored, batch_tokens)
     return [
@@ -179,7 +191,7 @@ def compute_rounds(
             isolated=None if isolated is None else row(index, isolated),
             plain=None if plain is None else row(index, plain),
             message_text=searched[index][0] if index in searched else _text(texts[index]),
-            inbox_tokens=len(inboxes[index]),
+            inbox_tokens=len(read[index].ids),
             message_search=searched[index][1] if index in searched else None,
             screened=read[index].screened,
             shuffle_matched=texts[index].matched if isinstance(texts.get(index), ShuffledMessage) else None,  # type: ignore[union-attr]
@@ -236,7 +248,7 @@ def _read_inboxes(model: torch.nn.Module, tokenizer: TextCodec, requests: list[N
     screened = iter(read_inboxes(model, tokenizer, reads, batch_tokens=batch_tokens))
     return [
         next(screened) if r.inbox_messages
-        else ReadInbox(list(tokenizer.encode(r.inbox_text, add_special_tokens=False)) if r.inbox_text else [], [])
+        else ReadInbox(text_ids(tokenizer, r.inbox_text), [])
         for r in requests
     ]
 
@@ -335,11 +347,11 @@ def shuffled(request: NodeRoundRequest, text: str, tokenizer: TextCodec) -> Shuf
     return shuffle_message(text, tokenizer, request.message_frame, request.message_tokens, draw)
 
 
-def _speak(request: NodeRoundRequest, tokenizer: TextCodec) -> Speak:
+def speak_settings(request: NodeRoundRequest, tokenizer: TextCodec) -> Speak:
     """How the node writes: its generate settings, or a searched message's start (greedy)."""
     spec = request.message
     assert isinstance(spec, GenerateMessage | SearchMessage)
-    speak_ids = _ids(tokenizer.encode(spec.speak_prompt, add_special_tokens=False) if spec.speak_prompt else [])
+    speak_ids = token_ids(text_ids(tokenizer, spec.speak_prompt))
     if isinstance(spec, SearchMessage):
         return Speak(continuation=speak_ids, max_new_tokens=request.message_tokens)
     sampled = spec.sampling == "sample"

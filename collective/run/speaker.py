@@ -30,45 +30,48 @@ Proposals. Sampling a message leaves no gradient path from u to the receivers, s
 candidates come from the gradient of a surrogate, `relay_surrogate`: node i's NLL of
 writing its relay (the last B tokens it read, B its message budget) right after its speak
 prompt, [start][u][inbox][view][round][speak prompt][relay], i.e. "say what you just
-read", the message a reader without node i's view would most likely use. Each step
-samples `search_width` candidates, each with `n_replace` positions swapped to one of the
-`topk` allowed tokens of most negative one-hot gradient (`controllers.sample_candidates`,
-with GCG's token and re-tokenization filters), scores them all by the true objective and
-moves to the best (a buffer of `buffer_size` prompts, as GCG keeps). The surrogate only
-proposes; the true objective alone decides what is kept.
+read", the message a reader without node i's view would most likely use. The search is
+GCG's own loop (`controllers.run_gcg`) over `EndToEnd`, which takes its gradient from the
+surrogate and scores candidates by the true objective: each step samples `search_width`
+candidates around the buffer's best, filters them as GCG does, scores them all end to end
+and keeps the best (a buffer of `buffer_size` prompts). The surrogate only proposes; the
+true objective alone decides what is kept.
 
-Validation. Each step's best is scored on the validation rounds by the same end-to-end
-objective; the prompt returned is the one with the lowest validation loss, the initial
-prompt included, and the search stops after `patience` steps without a validation
-improvement. With `validation_rounds: 0` the search runs every step and returns the
-prompt with the lowest training loss.
+Validation. After each step, the lowest-training-loss prompt found so far is scored on the
+validation rounds by the same end-to-end objective (`controllers.held_out.HeldOut`, as
+`objective: local` and `collective` do): the prompt returned is the one with the lowest
+validation loss, the initial prompt included, and the search stops after `patience` steps
+in a row without a validation improvement. With `validation_rounds: 0` the search runs
+every step and returns the prompt with the lowest training loss.
 """
 
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Protocol
 
 import torch
+from transformers import PreTrainedModel
 
-from collective.lm.codec import TextCodec, pad_id, start_token, stop_ids
+from collective.lm.codec import pad_id, start_token, stop_ids
 from collective.lm.scoring import ScoreItem, score_and_speak, score_items
 from collective.records import ControlSearch, MessageRecord
 from collective.run.bus import LinkPolicy, enforce_budget, link_policies, render_messages
-from collective.run.node import NodeRoundRequest, NodeRoundResult, _speak, relayed_ids
+from collective.run.node import (
+    NodeRoundRequest,
+    NodeRoundResult,
+    context_ids,
+    relayed_ids,
+    speak_settings,
+    text_ids,
+)
 from collective.run.prepared import Prepared, RunError
 from collective.scenario import NodeSpec
-from controllers import (
-    GCGConfig,
-    MeanObjective,
-    one_hot_gradient,
-    sample_candidates,
-    stream_objective,
-)
-from controllers.filters import filter_candidates, model_token_mask
+from controllers import GCGConfig, MeanObjective, run_gcg, stream_objective
+from controllers.held_out import HeldOut
+from controllers.objectives import Scores
 
 log = logging.getLogger(__name__)
 
@@ -86,14 +89,6 @@ class Recording(Protocol):
 
 def _request(recording: Recording, index: int, node_id: str) -> NodeRoundRequest:
     return next(q for q in recording.rounds[index][0] if q.node_id == node_id)
-
-
-def _ids(values: list[int]) -> torch.Tensor:
-    return torch.tensor(values, dtype=torch.long)
-
-
-def _encode(tokenizer: TextCodec, text: str) -> list[int]:
-    return list(tokenizer.encode(text, add_special_tokens=False)) if text else []
 
 
 @dataclass(frozen=True)
@@ -138,12 +133,12 @@ class SpeakObjective:
         """What node i writes with each candidate (B, k): per candidate, round sent -> text."""
         tokenizer = self.loaded.tokenizer
         bos = start_token(tokenizer)
-        inboxes = [_encode(tokenizer, q.inbox_text) for q in self.writes]
+        inboxes = [text_ids(tokenizer, q.inbox_text) for q in self.writes]
         items, speaks = [], []
         for ids in candidates.tolist():
             for q, inbox in zip(self.writes, inboxes, strict=True):
-                items.append(ScoreItem(torch.cat([_ids([bos, *ids, *inbox]), q.prefix_ids]), q.round_inputs, q.targets))
-                speaks.append(_speak(q, tokenizer))
+                items.append(ScoreItem(context_ids(bos, ids, inbox, q.prefix_ids), q.round_inputs, q.targets))
+                speaks.append(speak_settings(q, tokenizer))
         _, spoken = score_and_speak(
             self.loaded.model, items, speaks, pad_id=pad_id(tokenizer), top_k=1, stop_ids=stop_ids(tokenizer),
             batch_tokens=self.prepared.scenario.evaluation.batch_tokens,
@@ -187,8 +182,8 @@ class SpeakObjective:
             items = []
             for key in keys:
                 q = reads[key].request
-                context = _ids([start_token(tokenizer), *q.control_ids, *_encode(tokenizer, key[2])])
-                items.append(ScoreItem(torch.cat([context, q.prefix_ids]), q.round_inputs, q.targets))
+                context = context_ids(start_token(tokenizer), q.control_ids, text_ids(tokenizer, key[2]), q.prefix_ids)
+                items.append(ScoreItem(context, q.round_inputs, q.targets))
             scored = score_items(
                 loaded.model, items, pad_id=pad_id(tokenizer), top_k=1,
                 batch_tokens=self.prepared.scenario.evaluation.batch_tokens,
@@ -206,67 +201,40 @@ def relay_surrogate(objective: SpeakObjective) -> MeanObjective:
     parts = []
     for q in objective.writes:
         relay = relayed_ids(q)
-        rest = _encode(tokenizer, q.inbox_text) + q.prefix_ids.tolist() + q.round_inputs.tolist()
-        rest += _speak(q, tokenizer).continuation.tolist() + relay
+        rest = text_ids(tokenizer, q.inbox_text) + q.prefix_ids.tolist() + q.round_inputs.tolist()
+        rest += speak_settings(q, tokenizer).continuation.tolist() + relay
         parts.append(stream_objective(loaded.model, rest, offset=len(rest) - len(relay), prefix_ids=[start_token(tokenizer)]))
     return MeanObjective(parts)
 
 
-@dataclass
-class Proposer:
-    """Candidate prompts from the surrogate's one-hot gradient, filtered as GCG filters them."""
+class EndToEnd:
+    """The speak objective as GCG's `Objective`: candidates (B, k) scored end to end
+    (`SpeakObjective.losses`), the one-hot gradient taken through `relay_surrogate`. No
+    candidate meets a success condition (there is no argmax target), so GCG never stops
+    early. `seen` keeps the training loss of every prompt scored (prompt ids -> loss)."""
 
-    objective: SpeakObjective
-    config: GCGConfig
-    surrogate: MeanObjective = field(init=False)
-    allowed: torch.Tensor = field(init=False)  # (V,) bool
-    generator: torch.Generator = field(init=False)
+    def __init__(self, objective: SpeakObjective) -> None:
+        self.objective = objective
+        self.surrogate = relay_surrogate(objective)
+        self.seen: dict[tuple[int, ...], float] = {}
 
-    def __post_init__(self) -> None:
-        loaded = self.objective.loaded
-        self.surrogate = relay_surrogate(self.objective)
-        self.allowed = model_token_mask(loaded.model, loaded.tokenizer, self.config)
-        self.generator = torch.Generator().manual_seed(self.config.seed)
+    @property
+    def model(self) -> PreTrainedModel:
+        return self.surrogate.model
 
-    def propose(self, current: torch.Tensor) -> torch.Tensor:
-        """Candidates (W', k) around the prompt current (k,)."""
-        config = self.config
-        grad = one_hot_gradient(self.objective.loaded.model, self.surrogate, current)  # (k, V)
-        candidates = sample_candidates(
-            current, grad, config.search_width, config.topk, config.n_replace, ~self.allowed, self.generator
-        )  # (W, k)
-        return filter_candidates(candidates.cpu(), self.objective.loaded.tokenizer, retokenize=config.filter_retokenize)
+    def scores(self, control_ids: torch.Tensor) -> Scores:
+        loss = self.objective.losses(control_ids.cpu())  # (B,)
+        self.seen |= {tuple(ids): value for ids, value in zip(control_ids.tolist(), loss.tolist(), strict=True)}
+        return Scores(loss=loss, success=torch.zeros(len(loss), dtype=torch.bool))
 
+    def embed_loss(self, control_embeds: torch.Tensor) -> torch.Tensor:
+        return self.surrogate.embed_loss(control_embeds)
 
-@dataclass
-class _Chosen:
-    """The prompt to return: the lowest validation loss seen (the training loss without a
-    validation slice), the initial prompt included."""
+    def check_control_length(self, k: int) -> None:
+        self.surrogate.check_control_length(k)
 
-    ids: torch.Tensor  # (k,)
-    loss: float
-    validation_loss: float | None
-
-    def consider(self, ids: torch.Tensor, loss: float, validation: SpeakObjective | None) -> bool:
-        """Fold in a step's best; returns whether it is the new choice."""
-        if validation is None:
-            if loss >= self.loss:
-                return False
-            self.ids, self.loss = ids, loss
-            return True
-        held_out = float(validation.losses(ids[None])[0])
-        assert self.validation_loss is not None
-        if held_out >= self.validation_loss:
-            return False
-        self.ids, self.loss, self.validation_loss = ids, loss, held_out
-        return True
-
-
-def _keep(buffer: list[tuple[float, torch.Tensor]], loss: float, ids: torch.Tensor, size: int) -> list[tuple[float, torch.Tensor]]:
-    """GCG's buffer: the `size` lowest-loss prompts (0: only the latest step's best)."""
-    if size == 0:
-        return [(loss, ids)]
-    return sorted([*buffer, (loss, ids)], key=lambda item: item[0])[:size]
+    def confirm(self, control_ids: torch.Tensor) -> bool:
+        return False
 
 
 def search_speaker(
@@ -282,39 +250,31 @@ def search_speaker(
     """Search node `node`'s prompt from `init` for the speak objective on the recorded
     (training, validation) rounds; updates prepared.control_ids. `config` carries the steps,
     width, top-k, filters, buffer size and seed."""
-    began = time.perf_counter()
     train, held_out = rounds
     path = f"nodes.{node.id}.controller"
-    objective = SpeakObjective(prepared, node.id, recording, train, f"{path}.train_rounds")
-    validation = SpeakObjective(prepared, node.id, recording, held_out, f"{path}.validation_rounds") if held_out else None
-    proposer = Proposer(objective, config)
-    start = torch.tensor(init, dtype=torch.long)
-    initial_loss = float(objective.losses(start[None])[0])
-    initial_validation = None if validation is None else float(validation.losses(start[None])[0])
-    chosen = _Chosen(start, initial_loss, initial_validation)
-    buffer = [(initial_loss, start)]
-    waited, step, stopped = 0, 0, None
-    while step < config.num_steps:
-        step += 1
-        candidates = proposer.propose(buffer[0][1])
-        improved = False
-        if len(candidates):
-            losses = objective.losses(candidates)
-            best = int(losses.argmin())
-            buffer = _keep(buffer, float(losses[best]), candidates[best], config.buffer_size)
-            improved = chosen.consider(candidates[best], float(losses[best]), validation)
-        waited = 0 if improved else waited + 1
+    objective = EndToEnd(SpeakObjective(prepared, node.id, recording, train, f"{path}.train_rounds"))
+    validation = None
+    if held_out:
+        slice_objective = SpeakObjective(prepared, node.id, recording, held_out, f"{path}.validation_rounds")
+        validation = HeldOut(
+            lambda ids: float(slice_objective.losses(torch.tensor([ids]))[0]), init, patience, config.num_steps
+        )
+
+    def tick(step: int, total: int) -> None:
         if progress is not None:
-            progress(node.id, step, config.num_steps)
-        if validation is not None and waited >= patience and step < config.num_steps:
-            stopped = step
-            break
-    ids = [int(i) for i in chosen.ids.tolist()]
+            progress(node.id, step, total)
+
+    loaded = objective.objective.loaded
+    result = run_gcg(loaded.model, loaded.tokenizer, objective, config, init_ids=init, progress=tick, on_step=validation)
+    ids = result.best_ids if validation is None else validation.best_ids
+    loss, initial_loss = objective.seen[tuple(ids)], objective.seen[tuple(init)]
     prepared.control_ids[node.id] = ids
-    text = objective.loaded.tokenizer.decode(ids)
-    log.info("node %s (speak): control %r, receivers' train NLL %.4f -> %.4f", node.id, text, initial_loss, chosen.loss)
+    text = loaded.tokenizer.decode(ids)
+    log.info("node %s (speak): control %r, receivers' train NLL %.4f -> %.4f", node.id, text, initial_loss, loss)
     return ControlSearch(
-        node_id=node.id, objective="speak", control_ids=ids, control_text=text, loss=chosen.loss,
-        initial_loss=initial_loss, steps=step, wall_seconds=time.perf_counter() - began,
-        validation_loss=chosen.validation_loss, initial_validation_loss=initial_validation, stopped_at_step=stopped,
+        node_id=node.id, objective="speak", control_ids=ids, control_text=text, loss=loss,
+        initial_loss=initial_loss, steps=result.steps, wall_seconds=result.wall_time_s,
+        validation_loss=None if validation is None else validation.best_loss,
+        initial_validation_loss=None if validation is None else validation.initial_loss,
+        stopped_at_step=None if validation is None else validation.stopped_at,
     )
