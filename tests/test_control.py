@@ -13,6 +13,7 @@ import torch
 from collective.cli import main
 from collective.lm.models import ModelPool
 from collective.records import Report, RoundEvent
+from collective.run import control
 from collective.run import node as node_module
 from collective.run.control import (
     _initial_ids,
@@ -26,6 +27,7 @@ from collective.run.engine import EmbeddedExecutor, RoundEngine
 from collective.run.prepared import Prepared
 from collective.run.runner import RunError, prepare, run_prepared
 from collective.scenario import GCGController, load_scenario
+from controllers import GCGResult
 from tests.test_rundir import write_tiny_scenario
 
 # no validation slice: the search returns the lowest training loss it found, as before validation_rounds
@@ -149,6 +151,35 @@ def test_collective_search_is_coordinate_descent_on_the_collectives_training_nll
     assert second["a"].initial_loss == pytest.approx(after_first_sweep, abs=1e-4)
     assert second["a"].initial_loss != pytest.approx(first["a"].initial_loss, abs=1e-3)
     assert second["c"].loss == pytest.approx(_training_nll(two, "c", 2, "collective"), abs=1e-4)
+
+
+def test_a_recording_computes_only_the_rows_in_collective_and_runs_again_only_when_a_prompt_changed(
+    tiny_model_dir, tmp_path, monkeypatch
+):
+    """Searches that return the prompt they started from change nothing after the first sweep
+    has set every prompt: the later nodes of the second sweep read the recording again."""
+    prepared = _prepared(tmp_path, tiny_model_dir, {**GCG, "objective": "collective", "sweeps": 2})
+    recorded: list[tuple[dict[str, list[int]], object]] = []
+
+    def counted(prepared, train):
+        recorder = _record(prepared, train)
+        recorded.append((dict(prepared.control_ids), recorder))
+        return recorder
+
+    def unchanged(model, tokenizer, objective, config, init_ids, progress, on_step):
+        return GCGResult(best_ids=list(init_ids), best_text="", best_loss=0.0, success=False, steps=1)
+
+    monkeypatch.setattr(control, "_record", counted)
+    monkeypatch.setattr(control, "run_gcg", unchanged)
+    searches = search_controls(prepared)
+    assert len(searches) == 3  # a, b, c, each searched in both sweeps
+    init = _initial_ids(GCGController.model_validate(GCG), prepared.tokenizer)
+    # sweep 1: a (no prompt set yet), b (a's), c (a's and b's); sweep 2: a with all three, then b and c read it again
+    assert [sorted(n for n, ids in prompts.items() if ids) for prompts, _ in recorded] == [[], ["a"], ["a", "b"], ["a", "b", "c"]]
+    assert all(ids in ([], init) for prompts, _ in recorded for ids in prompts.values())
+    for _, recorder in recorded:  # only the rows the controllers read: no isolated or plain row
+        rows = [result for _, results in recorder.rounds for result in results.values()]  # type: ignore[attr-defined]
+        assert rows and all(r is not None and r.isolated is None and r.plain is None for r in rows)
 
 
 def test_prompts_enter_the_isolated_and_collective_rows_but_not_the_plain_ones(tiny_model_dir, tmp_path):

@@ -22,8 +22,9 @@ stops and chooses the same way).
   [bos][u_i][view] (no messages), one GCG search.
 - `objective: collective`: coordinate descent. For each sweep, for each such node in
   order: run the collective over the training rounds with every current prompt, record
-  node i's inbox and every other member's predictions, then search u_i to minimise the
-  collective's NLL with those held fixed. The pool in the objective is the run's own pool
+  node i's inbox and every other member's predictions in collective (only those rows and
+  the messages are computed; a recording is run again only when a prompt changed since
+  the last one), then search u_i to minimise the collective's NLL with those held fixed. The pool in the objective is the run's own pool
   (`collective.run.pools`) with uniform weights: a linear pool for mean and weighted, a
   geometric one for logpool, applied to the members' records with node i's record built
   from its live log-probabilities (its top-K and its exact target log-probability, which
@@ -40,7 +41,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -175,17 +176,37 @@ class _Recorder(EmbeddedExecutor):
 
 
 def _record(prepared: Prepared, train: Scenario) -> _Recorder:
-    """Run the collective over the training rounds with the current prompts, recording it."""
+    """Run the collective over the training rounds with the current prompts, recording it.
+    Only what the controllers read is computed: each node's row in collective and its
+    message (no isolated or plain rows, no reference, no pools)."""
     span = train.corpus.train_tokens + train.corpus.eval_tokens
     sub = Prepared(
         train, prepared.models, prepared.graph, prepared.stream[:span], prepared.byte_lengths[:span],
         prepared.placeholder_ids, prepared.control_ids,
     )
     recorder = _Recorder(EmbeddedExecutor.from_prepared(sub))
-    RoundEngine.from_prepared(sub, recorder, "controller-training").run()
+    engine = RoundEngine.from_prepared(sub, recorder, "controller-training")
+    for round_index in range(engine.total_rounds):
+        requests = [replace(q, want_isolated=False, want_plain=False) for q in engine.requests(round_index)]
+        recorder.run_round(round_index, requests)
     recorder.rounds = recorder.rounds[train.evaluation.warmup_rounds :]
     recorder.visible = recorder.visible[train.evaluation.warmup_rounds :]
     return recorder
+
+
+@dataclass
+class _Recordings:
+    """The latest recording and the prompts it ran with: a search whose prompts are the same
+    (no search in between changed one) reads it again instead of running the rounds again."""
+
+    prompts: dict[str, tuple[int, ...]] | None = None
+    recorder: _Recorder | None = None
+
+    def of(self, prepared: Prepared, train: Scenario) -> _Recorder:
+        prompts = {node_id: tuple(ids) for node_id, ids in prepared.control_ids.items()}
+        if self.recorder is None or prompts != self.prompts:
+            self.recorder, self.prompts = _record(prepared, train), prompts
+        return self.recorder
 
 
 @dataclass(frozen=True)
@@ -291,7 +312,7 @@ def _validation(
 
 
 def _search_node(
-    prepared: Prepared, node: NodeSpec, sweep: int, training: _Training, progress: Progress | None
+    prepared: Prepared, node: NodeSpec, sweep: int, training: _Training, recordings: _Recordings, progress: Progress | None
 ) -> ControlSearch:
     """One GCG search of node `node`'s prompt; updates prepared.control_ids."""
     scenario = prepared.scenario
@@ -300,7 +321,7 @@ def _search_node(
     collective = spec.objective == "collective" and not (
         scenario.aggregator.kind == "readout" and scenario.aggregator.node != node.id
     )
-    recorder = _record(prepared, training.scenario) if collective else None
+    recorder = recordings.of(prepared, training.scenario) if collective else None
     objective = MeanObjective(_objective_parts(prepared, node, training, training.last(spec.train_rounds), recorder))
     loaded = prepared.models[node.model]
     init = prepared.control_ids.get(node.id) or _initial_ids(spec, loaded.tokenizer, node.id)
@@ -343,7 +364,7 @@ def _log_search(search: ControlSearch) -> None:
 
 
 def _search_speaker(
-    prepared: Prepared, node: NodeSpec, sweep: int, training: _Training, progress: Progress | None
+    prepared: Prepared, node: NodeSpec, sweep: int, training: _Training, recordings: _Recordings, progress: Progress | None
 ) -> ControlSearch:
     """A speaker's search (`collective.run.speaker`), on the collective recorded with its
     current prompt (its initial one at first) and every other prompt in place."""
@@ -353,7 +374,7 @@ def _search_speaker(
     prepared.control_ids[node.id] = init
     rounds = ([r for r, _ in training.last(spec.train_rounds)], [r for r, _ in training.validation(spec.validation_rounds)])
     config = _gcg_config(spec, derive_seed(prepared.scenario.seed, "gcg", node.id, sweep) % (2**31))
-    recorder = _record(prepared, training.scenario)
+    recorder = recordings.of(prepared, training.scenario)
     return search_speaker(prepared, node, recorder, rounds, init, config, spec.patience, progress)
 
 
@@ -366,13 +387,14 @@ def search_controls(prepared: Prepared, progress: Progress | None = None) -> lis
     training = _Training.of(prepared)
     sweeps = max(n.controller.sweeps for n in gcg_nodes if isinstance(n.controller, GCGController))
     found: dict[str, ControlSearch] = {}
+    recordings = _Recordings()
     for sweep in range(sweeps):
         for node in gcg_nodes:
             spec = node.controller
             assert isinstance(spec, GCGController)
             if sweep < spec.sweeps and (spec.objective != "local" or sweep == 0):
                 search = _search_speaker if spec.objective == "speak" else _search_node
-                found[node.id] = search(prepared, node, sweep, training, progress)
+                found[node.id] = search(prepared, node, sweep, training, recordings, progress)
     return list(found.values())
 
 

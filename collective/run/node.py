@@ -163,11 +163,12 @@ def compute_rounds(
     speakers = [i for i, r in enumerate(requests) if _writes(r.message)]
     listeners = {i: sequences.add(collective_contexts[i], r) for i, r in enumerate(requests) if i not in speakers}
     parts = (sequences.items[:n_without_bus], sequences.items[n_without_bus:])
-    scored = None
-    if all(r.round_bytes is None for r in requests):  # else byte rows, by `_row_reader`
-        scored = TokenPredictions.stack(
-            [score_items(model, part, pad_id=pad, top_k=top_k, batch_tokens=batch_tokens) for part in parts if part]
-        )
+    token_rows = _token_rows(requests)  # else byte rows, by `_row_reader`
+    scored_parts = [
+        score_items(model, part, pad_id=pad, top_k=top_k, batch_tokens=batch_tokens) for part in parts if part and token_rows
+    ]
+    # None also when only speakers' rows are asked for (every node speaks, no isolated or plain row)
+    scored = TokenPredictions.stack(scored_parts) if scored_parts else None
     collective_rows = {} if scored is None else {i: scored.select([slot]) for i, slot in listeners.items()}
     said: dict[int, list[int]] = {}
     if speakers:
@@ -177,7 +178,7 @@ def compute_rounds(
             [speak_settings(requests[i], tokenizer) for i in speakers],
             pad_id=pad, top_k=top_k, stop_ids=stop_ids(tokenizer), batch_tokens=batch_tokens,
         )
-        if scored is not None:  # a byte-unit run reads every row from its byte rows
+        if token_rows:  # a byte-unit run reads every row from its byte rows
             collective_rows |= {i: spoken_preds.select([k]) for k, i in enumerate(speakers)}
         said = dict(zip(speakers, spoken))
     searched = _searched(model, tokenizer, requests, said, bos, batch_tokens, search_models)
@@ -210,9 +211,9 @@ def _row_reader(
     """(request index, slot of a sequence, or None for the request's collective context) ->
     its row: the scored token row, or in a byte-unit run the byte row of that context (every
     distinct context of the call in batched tree passes, `byte_rows`)."""
-    if scored is not None:
+    if _token_rows(requests):
         def token_row(index: int, slot: int | None) -> TokenPredictions:
-            assert slot is not None, "a token row's collective row comes from its scoring pass"
+            assert slot is not None and scored is not None, "a token row's collective row comes from its scoring pass"
             return scored.select([slot])
 
         return token_row
@@ -230,6 +231,11 @@ def _row_reader(
         keys.setdefault(context(index, None), len(keys))
     rows = byte_rows(model, tokenizer, [torch.tensor(k) for k in keys], data.pop() or b"", batch_nodes=batch_tokens)
     return lambda index, slot: rows[keys[context(index, slot)]]
+
+
+def _token_rows(requests: list[NodeRoundRequest]) -> bool:
+    """Whether the rows are token rows (else, in a byte-unit run, byte rows)."""
+    return all(r.round_bytes is None for r in requests)
 
 
 def _text(message: str | ShuffledMessage | None) -> str | None:
