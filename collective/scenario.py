@@ -181,15 +181,29 @@ class Scenario(Frozen):
     aggregator: AggregatorSpec
     evaluation: EvaluationSpec
 
+    def _order(self) -> tuple[list[str], dict[str, int]]:
+        """The node ids in order and id -> position, computed on first use. Kept in the
+        instance's __dict__ as a cached_property would be (not a field: equality, dumps and
+        the schema ignore it) with the `nodes` list they came from: a copy with other nodes
+        (`model_copy(update=...)` copies the __dict__) holds another list and computes its own."""
+        cached = self.__dict__.get("_node_order")
+        if cached is None or cached[0] is not self.nodes:
+            ids = [node.id for node in self.nodes]
+            cached = (self.nodes, ids, {node_id: i for i, node_id in enumerate(ids)})
+            self.__dict__["_node_order"] = cached
+        return cached[1], cached[2]
+
     @property
     def node_ids(self) -> list[str]:
-        return [node.id for node in self.nodes]
+        """The node ids in order, computed once (a shared list: do not modify it)."""
+        return self._order()[0]
+
+    def node_index(self, node_id: str) -> int:
+        """The position of node `node_id` in `nodes` (KeyError: no such node)."""
+        return self._order()[1][node_id]
 
     def node(self, node_id: str) -> NodeSpec:
-        for node in self.nodes:
-            if node.id == node_id:
-                return node
-        raise KeyError(node_id)
+        return self.nodes[self.node_index(node_id)]
 
     @property
     def reference_model(self) -> str:

@@ -55,6 +55,22 @@ def _error(data: dict[str, Any], source: str = "s.yaml") -> str:
 # ---------------------------------------------------------------------------- what a valid file becomes
 
 
+def test_the_node_ids_and_positions_are_computed_once_and_a_copy_with_other_nodes_has_its_own():
+    scenario = parse_scenario(_base(nodes=[{"id": "a"}, {"id": "b"}, {"id": "c"}]))
+    assert scenario.node_ids is scenario.node_ids == ["a", "b", "c"]  # one list, not one per call
+    assert [scenario.node_index(n) for n in "cab"] == [2, 0, 1] and scenario.node("b").id == "b"
+    with pytest.raises(KeyError):
+        scenario.node("zz")
+    fewer = scenario.model_copy(update={"nodes": scenario.nodes[::2]})  # the copy carries the first one's cache
+    assert fewer.node_ids == ["a", "c"] and fewer.node_index("c") == 1 and scenario.node_ids == ["a", "b", "c"]
+    with pytest.raises(KeyError):
+        fewer.node("b")
+    # the cache is no field: equality, dumps and copies of the same nodes see no difference
+    fresh = type(scenario).model_validate(scenario.model_dump())
+    assert fresh == scenario and "_node_order" not in scenario.model_dump()
+    assert scenario.model_copy(update={"seed": 9}).node_ids == ["a", "b", "c"]
+
+
 def test_a_node_list_takes_unset_fields_from_node_defaults():
     data = _base(nodes=[{"id": "a"}, {"id": "b", "view": {"kind": "lagged", "tokens": 8, "lag": 4}}])
     scenario = parse_scenario(data)

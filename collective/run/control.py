@@ -282,7 +282,7 @@ def _objective_parts(
         pooled: LogProbLoss | None = None
         if recorder is not None and kind != "readout":
             members = recorder.members(r, scenario.node_ids)
-            pooled = _pool_loss(kind, scenario.node_ids.index(node.id), members, targets)
+            pooled = _pool_loss(kind, scenario.node_index(node.id), members, targets)
         rest = inbox + seen.prefix_ids.tolist() + seen.round_inputs.tolist()
         parts.append(
             stream_objective(
