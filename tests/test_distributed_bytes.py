@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from collective.distributed.limits import request_bytes_bound, result_bytes_bound, span_bytes_max
 from collective.distributed.payloads import RequestPayload, ResultPayload
 from collective.distributed.protocol import (
     COORDINATOR,
@@ -28,9 +29,6 @@ from collective.distributed.protocol import (
     decode_envelope,
     encode,
     envelope,
-    request_bytes_bound,
-    result_bytes_bound,
-    span_bytes_max,
 )
 from collective.distributed.wire import ByteRowsWire, PredictionsWire, check_byte_row
 from collective.lm.byte_rows import as_predictions
@@ -228,7 +226,7 @@ def test_a_node_takes_only_rounds_of_its_runs_unit_and_size():
 
 def test_a_broker_for_a_scenario_of_several_models_takes_byte_rounds():
     from collective.distributed.broker import max_packet_size_for
-    from collective.distributed.protocol import BYTES_PER_TOKEN_BOUND
+    from collective.distributed.limits import BYTES_PER_TOKEN_BOUND
 
     def scenario(models: dict[str, str], unit: str = "auto"):
         return parse_scenario({

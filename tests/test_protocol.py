@@ -8,6 +8,14 @@ import math
 import pytest
 import torch
 
+from collective.distributed.limits import (
+    firewall_bytes_bound,
+    message_bytes_bound,
+    request_bytes_bound,
+    result_bytes_bound,
+    round_event_bytes_bound,
+    screened_bytes_bound,
+)
 from collective.distributed.payloads import (
     EventPayload,
     JoinPayload,
@@ -27,13 +35,7 @@ from collective.distributed.protocol import (
     decode_envelope,
     encode,
     envelope,
-    firewall_bytes_bound,
-    message_bytes_bound,
     open_envelope,
-    request_bytes_bound,
-    result_bytes_bound,
-    round_event_bytes_bound,
-    screened_bytes_bound,
     text_digest,
     tokenizer_digest,
 )
@@ -177,8 +179,8 @@ def test_a_result_carries_whether_its_shuffle_matched_at_the_receiver():
 
 
 def test_another_protocol_version_is_refused_naming_both_versions_and_what_to_do():
-    with pytest.raises(Rejected, match="protocol schema 4, this side speaks 5 .*in bytes.*same collective version") as caught:
-        decode_envelope(b'{"schema_version": 4, "run_id": "r", "kind": "request"}', 1000)
+    with pytest.raises(Rejected, match="protocol schema 5, this side speaks 6 .*one request.*per|protocol schema 5, this side speaks 6 .*host.*same collective version") as caught:
+        decode_envelope(b'{"schema_version": 5, "run_id": "r", "kind": "request"}', 1000)
     assert caught.value.reason == "wrong_schema"
 
 
@@ -192,6 +194,7 @@ def test_another_protocol_version_is_refused_naming_both_versions_and_what_to_do
         (b'{"schema_version": 1, "run_id": "r"}', "wrong_schema"),  # protocol 1: before searched messages
         (b'{"schema_version": 2, "run_id": "r"}', "wrong_schema"),  # protocol 2: before receiver firewalls
         (b'{"schema_version": 4, "run_id": "r"}', "wrong_schema"),  # protocol 4: before byte-unit rounds
+        (b'{"schema_version": 5, "run_id": "r"}', "wrong_schema"),  # protocol 5: before host envelopes
         (b"x" * 2000, "oversized"),
     ],
 )

@@ -1,7 +1,7 @@
 """Where a volunteer's model comes from and where its rounds are computed (`NodeBackend`).
 
 `SoloBackend` is one node in its own process: its own copy of the model, its one request
-per round; a host's shared models and batched rounds are `host.HostBackend`. The published
+per round; a host's shared models and batched rounds are `host_batch.HostBackend`. The published
 scenario is parsed here once per process (`published_scenario`), however many of a host's
 nodes receive it.
 """
@@ -14,12 +14,8 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from collective.distributed.compute_thread import on_compute_thread
-from collective.distributed.protocol import (
-    Rejected,
-    firewall_bytes_bound,
-    request_bytes_bound,
-    tokenizer_digest,
-)
+from collective.distributed.limits import node_request_bound
+from collective.distributed.protocol import Rejected, tokenizer_digest
 from collective.run.node import NodeRoundRequest, NodeRoundResult, compute_rounds
 from collective.scenario import EvaluationSpec, Scenario, ScenarioError, parse_scenario
 
@@ -58,10 +54,7 @@ def published_scenario(scenario_yaml: str, run_id: str) -> tuple[Scenario, int]:
         scenario = parse_scenario(yaml.safe_load(scenario_yaml), source=f"run {run_id}")
     except (ScenarioError, ValueError) as exc:
         raise Rejected("malformed", f"the published scenario does not validate: {exc}") from None
-    limit = request_bytes_bound(
-        scenario.max_reach, scenario.bus.round_tokens, 4_096, 4 * len(scenario.nodes), firewall_bytes_bound(scenario)
-    )
-    return scenario, limit
+    return scenario, node_request_bound(scenario)
 
 
 class NodeBackend(Protocol):

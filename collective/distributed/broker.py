@@ -7,8 +7,9 @@
                       PBKDF2-SHA512 format written here)
     acl               each node may publish only under collective/<run>/nodes/<its id>/ and
                       read only its own requests and the messages addressed to it; a host
-                      login may do so for each node id of its list (`--hosts FILE`), and
-                      only those; the coordinator may do anything under collective/; the
+                      login may publish as each node id of its list (`--hosts FILE`) and
+                      read their messages, and only those (its requests and results travel
+                      on its own login's topics); the coordinator may do anything under collective/; the
                       watcher may only read the runs' event records and control state
     credentials.txt   the plain passwords, for the host to hand out (mode 600)
 
@@ -35,23 +36,14 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from collective.distributed.protocol import (
-    BYTES_PER_TOKEN_BOUND,
-    COORDINATOR,
-    WATCHER,
-    firewall_bytes_bound,
-    may_score_bytes,
-    message_bytes_bound,
-    request_bytes_bound,
-    result_bytes_bound,
-    round_event_bytes_bound,
-    screened_bytes_bound,
-    start_event_bytes_bound,
+from collective.distributed.limits import DEFAULT_MAX_PACKET_BYTES as DEFAULT_MAX_PACKET_BYTES
+from collective.distributed.limits import MIN_MAX_PACKET_BYTES as MIN_MAX_PACKET_BYTES
+from collective.distributed.limits import link_count as link_count
+from collective.distributed.limits import (
+    max_packet_size_for as max_packet_size_for,  # `collective broker` sizes with it
 )
+from collective.distributed.protocol import COORDINATOR, WATCHER
 from collective.scenario import Scenario
-
-DEFAULT_MAX_PACKET_BYTES = 8 << 20
-MIN_MAX_PACKET_BYTES = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -83,49 +75,6 @@ class BrokerFiles:
     passwd: Path | None
     acl: Path | None
     credentials: Path | None
-
-
-def link_count(scenario: Scenario) -> int:
-    """How many directed links the scenario's topology has (at most n * (n - 1))."""
-    n = len(scenario.nodes)
-    most = n * (n - 1)
-    spec = scenario.topology
-    if spec.kind == "edges":
-        pairs = {(a, b) for a, b in spec.edges or []} | (set() if spec.directed else {(b, a) for a, b in spec.edges or []})
-        return min(most, len(pairs))
-    if spec.kind == "file":  # its path is relative to where the run starts: count the worst case
-        return most
-    try:
-        from topologies import build_topology
-
-        graph = build_topology(spec.kind, scenario.node_ids, seed=scenario.seed, directed=spec.directed, **spec.params)
-    except Exception:  # the run itself says what is wrong with the topology
-        return most
-    return min(most, graph.number_of_edges() * (1 if graph.is_directed() else 2))
-
-
-def max_packet_size_for(scenario: Scenario) -> int:
-    """Twice the largest envelope a run of this scenario sends, at least 1 MiB. A run that may
-    score bytes (`may_score_bytes`) is sized for rounds and views of BYTES_PER_TOKEN_BOUND bytes
-    a stream token (the broker is configured before the stream is read)."""
-    bus = scenario.bus
-    max_bytes = max([bus.max_message_bytes] + [link.max_message_bytes or 0 for link in bus.links])
-    max_tokens = max([bus.max_message_tokens] + [link.max_message_tokens or 0 for link in bus.links])
-    n_nodes, n_links = len(scenario.nodes), link_count(scenario)
-    yaml_bytes = len(scenario.resolved_yaml().encode("utf-8"))
-    round_bytes = BYTES_PER_TOKEN_BOUND * bus.round_tokens if may_score_bytes(scenario) else None
-    result = result_bytes_bound(
-        bus.round_tokens, scenario.evaluation.top_k, max_bytes, n_nodes, screened_bytes_bound(scenario, n_nodes), round_bytes=round_bytes
-    )
-    if round_bytes is None:
-        request = request_bytes_bound(scenario.max_reach, bus.round_tokens, 4_096, 4 * n_nodes, firewall_bytes_bound(scenario))
-    else:
-        view_bytes = BYTES_PER_TOKEN_BOUND * scenario.max_reach
-        request = request_bytes_bound(view_bytes, round_bytes, 4_096, 4 * n_nodes, firewall_bytes_bound(scenario), round_bytes)
-    scenario_bytes = 64 * 1024 + 2 * yaml_bytes
-    round_event = round_event_bytes_bound(n_nodes, n_links, max_tokens, max_bytes, screened_bytes_bound(scenario, n_links))
-    events = max(round_event, start_event_bytes_bound(n_nodes, n_links, yaml_bytes))
-    return max(MIN_MAX_PACKET_BYTES, 2 * max(result, request, scenario_bytes, events, message_bytes_bound(max_bytes)))
 
 
 def users_for(scenario: Scenario, passwords: dict[str, str] | None = None) -> dict[str, str]:
@@ -213,7 +162,9 @@ def acl_text(users: list[str], hosts: dict[str, list[str]] | None = None) -> str
     event records and control state; every other login (%u = its username = its node id)
     publishes only under its own node topics and reads only the run's scenario and control,
     its own requests, and the messages addressed to it; a host login (`hosts`) may in addition
-    do so for each node id of its list, and no other. (The patterns apply to the watcher and
+    publish as each node id of its list (its join and its messages) and read the messages to
+    it, and no other: the host's requests and results go on its own login's topics (two lines
+    a node, where a node served alone through its own topics would need four). (The patterns apply to the watcher and
     the hosts too: under nodes/<login>/ a host publishes its claims and its preflight echo;
     the watcher could publish there, which every party drops: no node has that id.)"""
     from collective.scenario import check_node_id
@@ -236,13 +187,8 @@ def acl_text(users: list[str], hosts: dict[str, list[str]] | None = None) -> str
             lines += ["", f"user {user}", "topic read collective/+/coord/events/#", "topic read collective/+/coord/control"]
         elif user != COORDINATOR:
             lines += ["", f"user {user}", "topic read collective/+/coord/scenario", "topic read collective/+/coord/control"]
-            for node in (hosts or {}).get(user, []):
-                lines += [
-                    f"topic write collective/+/nodes/{node}/#",
-                    f"topic read collective/+/nodes/{node}/echo",
-                    f"topic read collective/+/coord/to/{node}",
-                    f"topic read collective/+/nodes/+/msg/{node}",
-                ]
+            for node in (hosts or {}).get(user, []):  # its requests and results travel under its own login's topics
+                lines += [f"topic write collective/+/nodes/{node}/#", f"topic read collective/+/nodes/+/msg/{node}"]
     return "\n".join(lines) + "\n"
 
 

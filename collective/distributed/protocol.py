@@ -1,4 +1,4 @@
-"""What travels over the broker: versioned envelopes, the topic layout, and the size limits.
+"""What travels over the broker: versioned envelopes and the topic layout (sizes: `limits`).
 
 Every MQTT payload is one JSON `Envelope` (schema version, run id, round, sender, kind,
 payload; the payloads are in `payloads`). Topics live under `collective/<run_id>/`; the
@@ -8,10 +8,14 @@ broker ACL can let each user publish under its own topics and nothing else:
     coord/scenario             retained  the resolved scenario and every node's links
     coord/control              retained  open (with the coordinator's session) or ended
     coord/to/<node>                      request (that node's view only), welcome, refuse
-    nodes/<node>/status                  join; the node's last will says leave
-    nodes/<node>/result                  the node's predictions and messages of a round
+    coord/to/<host>                      host_request (its nodes' requests), welcome/refuse per node
+    nodes/<node>/status                  join (`via`: the host serving it); a lone node's will says leave
+    nodes/<host>/status                  a host's claim; its last will says leave for all its nodes
+    nodes/<node>/result                  a lone node's predictions and messages of a round
+    nodes/<host>/result                  host_result: its nodes' results of a round (split if large)
     nodes/<node>/msg/<receiver>          one message on the link node -> receiver
     coord/echo, nodes/<node>/echo        the preflight publish/subscribe echo
+    nodes/<node>/msg/<host>              a host's check that it may write as <node> (no node reads it)
     coord/events/start         retained  the run's RunStart record   } every record the
     coord/events/round                   each RoundEvent, in order     } coordinator writes
     coord/events/end           retained  the RunEnd record            } to events.jsonl
@@ -20,7 +24,10 @@ The `coord/events/` records are for read-only watchers (`collective watch --brok
 no node subscribes to them, so their `event` kind was added without a schema bump.
 A received payload goes through `open_envelope` (size, JSON, schema, run, sender) and then
 the receiver's own checks (round, neighbour, budget); anything that fails is dropped and
-counted in `Rejections` (`Rejections.dropping`), never raised to the round logic.
+counted in `Rejections` (`Rejections.dropping`), never raised to the round logic. A
+host's node is joined on its own status topic (the ACL's proof that the login may act for
+it), then served through the host's topics: one request and one result envelope a round
+for all of its nodes, each node's part checked as strictly as a lone node's envelope.
 """
 
 from __future__ import annotations
@@ -31,27 +38,28 @@ import json
 import logging
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import Literal, Protocol, TypeVar
 
-import torch
 from pydantic import ConfigDict, Field, ValidationError, model_validator
 
 from collective.distributed.payloads import Kind, Payload, WireModel
 from collective.lm.codec import TextCodec
 from collective.records import RunRecord
-from collective.scenario import Scenario
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 # protocol 2: requests carry message_bytes and message_frame, results a message_search (searched messages)
 # protocol 3: requests carry the node's fitted firewall, results its screen records (receiver firewalls)
 # protocol 4: a masked node's placeholder id, whether a shuffled message matched, evaluation.yardstick
-PROTOCOL_SCHEMA_VERSION = 5
+# protocol 5: byte-unit rounds (a request may carry the round's bytes, a result byte rows), tokenizer digests
+PROTOCOL_SCHEMA_VERSION = 6
 PROTOCOL_CHANGES = (
-    "5 runs collectives of models with different tokenizers in bytes: a request may carry the round's bytes "
-    "and a result byte rows (256 log-probabilities a byte); the scenario names every model's tokenizer digest"
+    "6 sends a host one request and takes one result envelope a round for all its nodes (coord/to/<host>, "
+    "nodes/<host>/result): a join names the host that serves the node (via), a welcome or refusal the node"
 )
 COORDINATOR = "coordinator"
 WATCHER = "watcher"  # the read-only login of `collective watch --broker` (see broker.acl_text)
@@ -78,7 +86,7 @@ class Envelope(WireModel):
     # a round record's NaN (a round every node missed) must survive, as it does in events.jsonl
     model_config = ConfigDict(extra="forbid", frozen=True, ser_json_inf_nan="constants")
 
-    schema_version: Literal[5] = 5
+    schema_version: Literal[6] = 6
     run_id: str = Field(pattern=RUN_ID_PATTERN)
     round_index: int = Field(-1, ge=-1, description="-1 for envelopes that belong to no round")
     sender: str = Field(max_length=64)
@@ -101,6 +109,22 @@ def envelope(run_id: str, sender: str, payload: Payload, round_index: int = -1) 
 
 def encode(env: Envelope) -> bytes:
     return env.model_dump_json().encode("utf-8")
+
+
+def encode_packed(
+    run_id: str, sender: str, round_index: int, parts: Sequence[T], pack: Callable[[Sequence[T]], Payload], max_bytes: int
+) -> list[bytes]:
+    """The envelopes that carry `parts` (a host's nodes' requests or results), each at most
+    `max_bytes`: all in one when they fit, else split in halves until each fits. One part
+    that alone is over `max_bytes` goes alone (the receiver rejects it as oversized)."""
+    raw = encode(envelope(run_id, sender, pack(parts), round_index))
+    if len(raw) <= max_bytes or len(parts) <= 1:
+        return [raw]
+    half = len(parts) // 2
+    return [
+        *encode_packed(run_id, sender, round_index, parts[:half], pack, max_bytes),
+        *encode_packed(run_id, sender, round_index, parts[half:], pack, max_bytes),
+    ]
 
 
 class Rejected(Exception):
@@ -238,6 +262,10 @@ class Topics:
         # control first: a node that arrives after the run ended learns it before loading a model
         return [self.control, self.scenario, self.to_node(node_id), f"{self.root}/nodes/+/msg/{node_id}"]
 
+    def host_subscriptions(self, host_id: str, node_ids: Sequence[str]) -> list[str]:
+        """A host's one connection: the run, its own request topic, the messages to each of its nodes."""
+        return [self.control, self.scenario, self.to_node(host_id), *(f"{self.root}/nodes/+/msg/{n}" for n in node_ids)]
+
     def parse(self, topic: str) -> TopicInfo | None:
         prefix = self.root + "/"
         if not topic.startswith(prefix):
@@ -280,95 +308,6 @@ def tokenizer_digest(tokenizer: Vocabulary) -> str:
     blob = json.dumps([vocab, encodings], ensure_ascii=True).encode("ascii")
     return hashlib.blake2b(blob, digest_size=12).hexdigest()
 
-
-def result_bytes_bound(
-    round_tokens: int, top_k: int, max_message_bytes: int, n_links: int, screened_bytes: int = 0, *, round_bytes: int | None = None
-) -> int:
-    """An upper bound on a result envelope's size: 3 rows of (T) + 2 x (T, K) 4-byte values in
-    base64 (a byte-unit run, round_bytes = B: 3 rows of (B, 256) 4-byte values, `ByteRowsWire`),
-    the message text and its per-link records (JSON may escape a byte as 6), and the
-    firewall's screen records (`screened_bytes_bound`)."""
-    if round_bytes is None:
-        arrays = 3 * (round_tokens * 4 + 2 * round_tokens * top_k * 4) * 4 // 3
-    else:
-        arrays = 3 * (4 * ((round_bytes * 256 * 4 + 2) // 3) + 256)
-    text = 6 * max(max_message_bytes, 1) * (n_links + 2)
-    return 16_384 + arrays + text + 512 * n_links + screened_bytes
-
-
-def request_bytes_bound(
-    prefix_tokens: int, round_tokens: int, control_tokens: int, n_inbox: int, firewall_bytes: int = 0, round_bytes: int = 0
-) -> int:
-    """An upper bound on a request envelope: token ids are at most 11 characters in JSON, the
-    node's firewall (`firewall_bytes_bound`) and a byte-unit round's bytes in base64 (there a
-    node's tokens of a span are at most its bytes: pass the spans' bytes as their tokens)."""
-    base64_chars = 4 * ((round_bytes + 2) // 3)
-    return 16_384 + 12 * (prefix_tokens + 2 * round_tokens + control_tokens) + 200 * n_inbox + firewall_bytes + base64_chars
-
-
-def span_bytes_max(byte_lengths: torch.Tensor, n_tokens: int) -> int:
-    """The most bytes any n_tokens consecutive tokens hold; byte_lengths: (S,) each token's bytes."""
-    if n_tokens <= 0 or len(byte_lengths) == 0:
-        return 0
-    ends = torch.cat([torch.zeros(1, dtype=torch.long), byte_lengths.long().cumsum(0)])  # (S + 1,)
-    n = min(n_tokens, len(byte_lengths))
-    return int((ends[n:] - ends[:-n]).max())
-
-
-def may_score_bytes(scenario: Scenario) -> bool:
-    """Whether a run of the scenario may be byte-unit without loading its models: asked for, or
-    `auto` with nodes (or the reference) on models of different references."""
-    if scenario.evaluation.unit != "auto":
-        return scenario.evaluation.unit == "byte"
-    used = {node.model for node in scenario.nodes} | {scenario.reference_model}
-    return len({scenario.models[alias].ref for alias in used}) > 1
-
-
-def firewall_bytes_bound(scenario: Scenario) -> int:
-    """The largest firewall a request carries: a node's filters as JSON (ASCII-escaped, so at
-    least as long as the envelope's), each with room for its fitted threshold."""
-    return max(
-        (len(json.dumps([f.model_dump(mode="json") for f in node.firewall])) + 64 * len(node.firewall) for node in scenario.nodes),
-        default=0,
-    )
-
-
-def screened_bytes_bound(scenario: Scenario, n_in_links: int) -> int:
-    """A round's screen records at a receiver with `n_in_links` in-links (none without a
-    firewall in the scenario): one per message it reads (at most `bus.retain` per in-link),
-    each its fields and a rewrite's text (a paraphrase writes as many tokens as the message
-    had, counted at BYTES_PER_TOKEN_BOUND bytes a token; JSON may escape a byte as 6)."""
-    if not any(node.firewall for node in scenario.nodes):
-        return 0
-    bus = scenario.bus
-    max_tokens = max([bus.max_message_tokens] + [link.max_message_tokens or 0 for link in bus.links])
-    max_bytes = max([bus.max_message_bytes] + [link.max_message_bytes or 0 for link in bus.links])
-    return n_in_links * bus.retain * (512 + 6 * max(BYTES_PER_TOKEN_BOUND * max_tokens, max_bytes))
-
-
-def message_bytes_bound(max_message_bytes: int) -> int:
-    """A message envelope: the text (JSON escapes a byte as at most 6 characters) and fields."""
-    return 2_048 + 6 * max_message_bytes
-
-
-BYTES_PER_TOKEN_BOUND = 64  # a node's message text is counted at this many UTF-8 bytes per token
-
-
-def round_event_bytes_bound(
-    n_nodes: int, n_links: int, max_message_tokens: int, max_message_bytes: int, screened_bytes: int = 0
-) -> int:
-    """An upper bound on a round record's event envelope: per node its numbers and its message
-    text before the link budgets cut it (at most max_message_tokens tokens), per link one
-    message record (at most max_message_bytes; JSON may escape a byte as 6 characters), and
-    every receiver's screen records (`screened_bytes`)."""
-    node_text = 6 * max(BYTES_PER_TOKEN_BOUND * max_message_tokens, max_message_bytes)
-    return 16_384 + n_nodes * (768 + node_text) + n_links * (640 + 6 * max_message_bytes) + screened_bytes
-
-
-def start_event_bytes_bound(n_nodes: int, n_links: int, scenario_yaml_bytes: int) -> int:
-    """A start record's envelope: names, views and policies (all in the scenario), each node's
-    control text (a fixed one is in the scenario, a searched one at most 64 tokens), the edges."""
-    return 16_384 + 2 * scenario_yaml_bytes + n_nodes * (768 + 6 * BYTES_PER_TOKEN_BOUND * 64) + n_links * 640
 
 
 def event_record_topic(record: RunRecord) -> tuple[Literal["start", "round", "end"], bool]:
