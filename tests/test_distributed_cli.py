@@ -74,9 +74,10 @@ def test_a_host_file_gives_each_host_login_its_nodes_topics_and_no_others(tmp_pa
     assert "logins (7, passwords in" in " ".join(capsys.readouterr().out.split())
     assert "\nbox:" in "\n" + (tmp_path / "conf" / "credentials.txt").read_text(encoding="utf-8")
     box = (tmp_path / "conf" / "acl").read_text(encoding="utf-8").split("user box\n")[1].split("\n\n")[0]
-    for node in ("a", "b"):
-        assert f"topic write collective/+/nodes/{node}/#" in box and f"topic read collective/+/coord/to/{node}" in box
-        assert f"topic read collective/+/nodes/+/msg/{node}" in box
+    for node in ("a", "b"):  # two lines a node: act as it (join, messages), read its messages
+        assert f"topic write collective/+/nodes/{node}/#" in box and f"topic read collective/+/nodes/+/msg/{node}" in box
+    # its requests come on coord/to/box (the %u pattern), none on its nodes' request topics
+    assert "coord/to" not in box and "/echo" not in box and len(box.splitlines()) == 2 + 2 * 2
     assert "/c/" not in box and "/to/c" not in box and "/d" not in box
 
 

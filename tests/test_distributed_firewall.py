@@ -26,7 +26,7 @@ from collective.distributed.backend import NodeModel
 from collective.distributed.coordinator import MqttExecutor
 from collective.distributed.mqtt import DistributedError, parse_broker_url
 from collective.distributed.payloads import RequestPayload, ResultPayload
-from collective.distributed.protocol import Rejected, Topics
+from collective.distributed.protocol import PROTOCOL_SCHEMA_VERSION, Rejected, Topics
 from collective.distributed.rounds import RoundCollector
 from collective.distributed.validation import ResultCheck
 from collective.distributed.volunteer import Volunteer, VolunteerConfig
@@ -232,7 +232,7 @@ def test_a_node_that_meets_a_coordinator_of_another_protocol_stops_at_once_namin
     asyncio.run(volunteer._handle(Topics("run-1").scenario, old))
     assert volunteer.rejections.as_dict() == {"wrong_schema": 1}
     assert isinstance(volunteer._failure, DistributedError)
-    assert "speaks another protocol: protocol schema 2, this side speaks 5" in str(volunteer._failure)
+    assert f"speaks another protocol: protocol schema 2, this side speaks {PROTOCOL_SCHEMA_VERSION}" in str(volunteer._failure)
     assert "same collective version on the coordinator, every node" in str(volunteer._failure)
 
 

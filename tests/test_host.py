@@ -21,8 +21,10 @@ import pytest
 from collective.cli import main
 from collective.distributed.broker import users_for
 from collective.distributed.coordinator import MqttExecutor
-from collective.distributed.protocol import Topics
+from collective.distributed.limits import PacketLimit
+from collective.distributed.protocol import Topics, decode_envelope, encode
 from collective.records import RoundEvent, parse_event
+from tests.envelope_tap import EnvelopeTap
 from tests.mosquitto import running_broker
 from tests.test_distributed import (
     NODES,
@@ -61,17 +63,28 @@ def _host(nodes: Nodes, key: str, url: str, run_id: str, *which: str) -> subproc
     return process
 
 
-def test_a_host_with_every_node_behind_a_host_login_gives_the_embedded_numbers_in_one_batch_a_round(world, nodes, tmp_path):
+def test_a_host_with_every_node_sends_one_envelope_each_way_a_round_and_gives_the_embedded_numbers_to_the_bit(world, nodes, tmp_path):
     users = {**users_for(world.prepared.scenario), "box": "box-pass"}
     run_dir = tmp_path / "run-host"
-    with running_broker(tmp_path / "broker", users=users, hosts={"box": list(NODES)}) as broker:
+    with (
+        running_broker(tmp_path / "broker", users=users, hosts={"box": list(NODES)}) as broker,
+        EnvelopeTap(broker.url("coordinator"), run_dir.name) as tap,
+    ):
         _host(nodes, "box", broker.url("box"), run_dir.name, "--nodes", ",".join(NODES))
         result, executor, _ = _run(world, broker.url("coordinator"), run_dir)
         assert nodes.wait_all() == {"box": 0}
     report = result.report
     assert result.status == "complete" and report is not None and report.missed_rounds == {}
-    _assert_same_evaluation(world.embedded, report)  # rows and gains within 1e-5
+    # the host computes a round as the embedded runtime does (one batch of every node, in the
+    # scenario's order) and the rows cross the wire bit for bit: the same report, exactly
+    assert report.rows == world.embedded.rows
+    assert report.collective_gain == world.embedded.collective_gain and report.communication_gain == world.embedded.communication_gain
     assert _messages(run_dir) == world.embedded_messages
+    rounds_asked = sorted({r for (_, r) in tap.kinds if r >= 0})
+    assert len(rounds_asked) == len(_rounds(run_dir))
+    for r in rounds_asked:  # one request and one result envelope a round, for all three nodes
+        assert tap.kinds[("to/box", r)] == ["host_request"] and tap.kinds[("result/box", r)] == ["host_result"], r
+    assert not any(topic in tap.kinds_by_topic for topic in ("to/a", "to/b", "to/c", "result/a", "result/b", "result/c"))
     output = nodes.output("box")
     rounds = len([line for line in (run_dir / "events.jsonl").read_text().splitlines() if '"kind":"round"' in line])
     assert all(f"round {r}: a, b, c in 1 batch(es)" in output for r in range(rounds)), output
@@ -79,7 +92,7 @@ def test_a_host_with_every_node_behind_a_host_login_gives_the_embedded_numbers_i
     assert executor.rejections.total == 0
 
 
-def test_a_host_that_dies_takes_all_its_nodes_out_and_they_rejoin_when_it_comes_back(world, nodes, tmp_path):
+def test_a_host_envelope_killed_mid_run_takes_all_its_nodes_out_and_they_rejoin_when_it_comes_back(world, nodes, tmp_path):
     run_dir = tmp_path / "run-host-kill"
     with running_broker(tmp_path / "broker") as broker:
         nodes.start(broker.url(), run_dir.name, "a")
@@ -104,6 +117,89 @@ def test_a_host_that_dies_takes_all_its_nodes_out_and_they_rejoin_when_it_comes_
     kept = {("member_plain", "a"), ("member_isolated", "a"), ("reference", None)}
     _assert_same_evaluation(world.embedded, report, rows=kept)
     assert report.row("member_plain", "b").n_tokens == world.embedded.row("member_plain", "b").n_tokens - 16
+
+
+def _rounds(run_dir) -> list[RoundEvent]:
+    events = [parse_event(line) for line in (run_dir / "events.jsonl").read_text().splitlines()]
+    return [e for e in events if isinstance(e, RoundEvent)]
+
+
+def _forge(raw: bytes, round_index: int, results: dict) -> bytes:
+    """A host's real result envelope, with another round and other node parts."""
+    env = decode_envelope(raw, 1 << 24)
+    payload = env.payload.model_copy(update={"results": results})
+    return encode(env.model_copy(update={"round_index": round_index, "payload": payload}))
+
+
+def test_forged_parts_of_a_host_envelope_are_dropped_per_node_and_change_nothing(world, nodes, tmp_path):
+    """A lone node a and a host box of b and c, behind logins; box publishes (with its own login)
+    envelopes whose parts are for a node it does not serve, for no node of the run, or of an
+    earlier round, and garbage: each dropped for its reason, and the run gives the embedded numbers."""
+    users = {**users_for(world.prepared.scenario), "box": "box-pass"}
+    run_dir = tmp_path / "run-host-forged"
+    with (
+        running_broker(tmp_path / "broker", users=users, hosts={"box": ["b", "c"]}) as broker,
+        EnvelopeTap(broker.url("coordinator"), run_dir.name) as tap,
+    ):
+        nodes.start(broker.url("a"), run_dir.name, "a")
+        _host(nodes, "box", broker.url("box"), run_dir.name, "--nodes", "b,c")
+        topic = Topics(run_dir.name).result("box")
+
+        def on_event(executor: MqttExecutor, event: RoundEvent) -> None:
+            if event.round_index != 1:
+                return
+            _wait_until(lambda: ("result/box", 1) in tap.raw, 10, "the tap to hear box's result of round 1")
+            honest = decode_envelope(tap.raw[("result/box", 1)][0], 1 << 24).payload.results  # type: ignore[union-attr]
+            forged = [
+                _forge(tap.raw[("result/box", 1)][0], 2, {"a": honest["b"]}),  # a is served alone: spoofed
+                _forge(tap.raw[("result/box", 1)][0], 2, {"zz": honest["b"]}),  # no such node: unknown_node
+                _forge(tap.raw[("result/box", 1)][0], 0, dict(honest)),  # round 0 again, both parts: wrong_round x2
+                b"{not json",  # malformed
+            ]
+
+            async def publish() -> None:
+                async with aiomqtt.Client(broker.host, broker.port, username="box", password="box-pass") as box:
+                    for raw in forged:
+                        await box.publish(topic, raw, qos=1)
+
+            asyncio.run(publish())
+            _wait_until(lambda: executor.rejections.total >= 5, 30, "the forged envelopes to be dropped")
+
+        result, executor, _ = _run(world, broker.url("coordinator"), run_dir, on_event)
+        assert nodes.wait_all() == {"a": 0, "box": 0}
+    assert executor.rejections.as_dict() == {"malformed": 1, "spoofed": 1, "unknown_node": 1, "wrong_round": 2}
+    assert result.report is not None and result.report.missed_rounds == {}
+    _assert_same_evaluation(world.embedded, result.report)  # a is scored alone: within 1e-5
+    assert _messages(run_dir) == world.embedded_messages
+
+
+def test_a_host_envelope_over_the_packet_limit_is_split_and_the_run_gives_the_embedded_numbers(world, tmp_path, monkeypatch):
+    """A packet limit that holds one node's result but not three: the coordinator's request and
+    the host's result are split into envelopes under it, on a broker that drops (and disconnects)
+    anything larger; the host runs in this process, so that it reads the same limit."""
+    import threading
+
+    from collective.distributed.host import Host, HostConfig
+    from collective.distributed.mqtt import parse_broker_url
+
+    limit = 16_384
+    monkeypatch.setattr(PacketLimit, "of", staticmethod(lambda scenario: PacketLimit(limit)))
+    run_dir = tmp_path / "run-host-split"
+    with running_broker(tmp_path / "broker", max_packet_size=limit) as broker, EnvelopeTap(broker.url(), run_dir.name) as tap:
+        host = Host(HostConfig(parse_broker_url(broker.url()), run_dir.name, node_ids=NODES, scenario_timeout_s=120))
+        ended: list[object] = []
+        thread = threading.Thread(target=lambda: ended.append(asyncio.run(host.run())), daemon=True)
+        thread.start()
+        result, executor, _ = _run(world, broker.url(), run_dir)
+        thread.join(30)
+    assert ended and result.report is not None and result.report.missed_rounds == {}
+    assert result.report.rows == world.embedded.rows  # one batch of every node, as embedded: exactly
+    assert _messages(run_dir) == world.embedded_messages
+    results = {r: n for (where, r), n in tap.sizes.items() if where == f"result/{host.host_id}" and r >= 0}
+    assert results and all(len(sizes) >= 2 for sizes in results.values()), results  # split every round
+    every = [size for (where, _), sizes in tap.sizes.items() for size in sizes if where.endswith(host.host_id)]
+    assert max(every) <= PacketLimit(limit).envelope_bytes
+    assert executor.rejections.total == 0
 
 
 def _fails_at_once(nodes: Nodes, key: str, url: str, run_id: str, *which: str) -> str:
@@ -152,9 +248,12 @@ def test_a_host_login_acts_only_for_its_nodes_and_is_told_which_node_it_may_not_
                 broker.host, broker.port, username="coordinator", password=users["coordinator"]
             ) as coordinator:
                 await coordinator.subscribe(f"{topics.root}/nodes/#", qos=1)
-                for node in ("a", "c"):
-                    await box.subscribe(topics.to_node(node), qos=1)
-                    await coordinator.publish(topics.to_node(node), b"{}", qos=1)
+                for target in ("a", "c", "box"):  # a host's requests come on its own topic, none on its nodes'
+                    await box.subscribe(topics.to_node(target), qos=1)
+                    await coordinator.publish(topics.to_node(target), b"{}", qos=1)
+                for node in ("a", "c"):  # the messages to its nodes, and not to another
+                    await box.subscribe(f"{topics.root}/nodes/+/msg/{node}", qos=1)
+                    await coordinator.publish(topics.message("x", node), b"{}", qos=1)
                 for topic in (topics.status("c"), topics.result("c"), topics.message("c", "a"), topics.status("a"), topics.status("box")):
                     await box.publish(topic, b"{}", qos=1)
                 for client, heard in ((box, by_box), (coordinator, by_coordinator)):
@@ -165,8 +264,9 @@ def test_a_host_login_acts_only_for_its_nodes_and_is_told_which_node_it_may_not_
             return by_box, by_coordinator
 
         by_box, by_coordinator = asyncio.run(try_everything())
-        assert by_box == [topics.to_node("a")]  # its own node's requests, not another's
-        assert by_coordinator == [topics.status("a"), topics.status("box")]  # what it published for c never arrived
+        assert by_box == [topics.to_node("box"), topics.message("x", "a")]  # its own requests, its node's messages
+        published_by_box = [t for t in by_coordinator if "/nodes/x/" not in t]  # not the coordinator's own messages
+        assert published_by_box == [topics.status("a"), topics.status("box")]  # what it published for c never arrived
         code = main(["node", "--broker", broker.url("box"), "--run", "r1", "--nodes", "a,c", "--scenario-timeout", "20"])
     captured = capsys.readouterr()
     err = " ".join(captured.err.split())  # errors go to stderr, progress to stdout

@@ -43,13 +43,15 @@ class Round:
             out_neighbours={"a": ["b"], "b": ["c"], "c": ["a"]}, policies=POLICIES, codec=tokenizer,
         )
         self.sent: list[tuple[str, RequestPayload, int]] = []
+        self.targets: list[str] = []  # where each envelope went: a lone node's id or a host's
         self.collector = RoundCollector(self.roster, check, self._send, round_deadline_s=deadline_s)
 
     def join(self, node_id: str) -> JoinPayload:
         return JoinPayload(session=f"s-{node_id}", model="m", vocab_size=self.vocab_size, tokenizer_digest="d" * 24, device="cpu")
 
-    async def _send(self, node_id: str, payload: RequestPayload, round_index: int) -> None:
-        self.sent.append((node_id, payload, round_index))
+    async def _send(self, target: str, payloads: list[RequestPayload], round_index: int) -> None:
+        self.targets.append(target)
+        self.sent.extend((payload.node_id, payload, round_index) for payload in payloads)
 
     def result(self, node_id: str, round_index: int, text: str | None = None) -> ResultPayload:
         gen = torch.Generator().manual_seed(round_index)

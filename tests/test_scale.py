@@ -14,7 +14,7 @@ import yaml
 from bench.scale import host_groups, scenario_spec
 from bench.scale_fit import growth, linear_fit, segment_exponents, top_segment_range
 from collective.distributed import backend as node_backend
-from collective.distributed.host import HostBackend
+from collective.distributed.host_batch import HostBackend
 from collective.distributed.protocol import Rejected
 from collective.distributed.volunteer import NodeModel, SoloBackend, published_scenario
 from collective.scenario import EvaluationSpec

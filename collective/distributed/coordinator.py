@@ -32,14 +32,16 @@ from typing import Any
 
 import aiomqtt
 
-from collective.distributed.broker import max_packet_size_for
 from collective.distributed.connection import Connection
 from collective.distributed.event_feed import EVENT_DRAIN_S, EventFeed
+from collective.distributed.limits import PacketLimit, node_result_bound, span_bytes_max
 from collective.distributed.loop_thread import LoopThread
 from collective.distributed.mqtt import BrokerAddress, DistributedError, parse_broker_url
 from collective.distributed.payloads import (
     ClaimPayload,
     ControlPayload,
+    HostRequestPayload,
+    HostResultPayload,
     JoinPayload,
     LeavePayload,
     Payload,
@@ -55,11 +57,9 @@ from collective.distributed.protocol import (
     Rejections,
     Topics,
     encode,
+    encode_packed,
     envelope,
     open_envelope,
-    result_bytes_bound,
-    screened_bytes_bound,
-    span_bytes_max,
     tokenizer_digest,
 )
 from collective.distributed.roster import WILLS_BEFORE_OUTAGE_S, NodeSnapshot, Roster
@@ -104,7 +104,6 @@ class MqttExecutor:
         digests = {alias: tokenizer_digest(model.tokenizer) for alias, model in prepared.models.items()}
         vocab_sizes = {alias: model.vocab_size for alias, model in prepared.models.items()}
         max_links = max([len(v) for v in self.out_neighbours.values()] + [1])
-        max_bytes = max([p.max_message_bytes for p in policies.values()] + [scenario.bus.max_message_bytes])
         max_in_links = max([len(v) for v in self.in_neighbours.values()] + [1])
         # a byte-unit run: the longest round and view of the stream in bytes (its requests carry
         # the round's bytes and each node's tokens of them, its results byte rows)
@@ -112,10 +111,8 @@ class MqttExecutor:
         in_bytes = self.unit == "byte"
         self.round_bytes_max = span_bytes_max(prepared.byte_lengths, scenario.bus.round_tokens) if in_bytes else 0
         self.view_bytes_max = span_bytes_max(prepared.byte_lengths, scenario.max_reach) if in_bytes else 0
-        self.result_limit = 2 * result_bytes_bound(
-            scenario.bus.round_tokens, scenario.evaluation.top_k, max_bytes, max_links, screened_bytes_bound(scenario, max_in_links),
-            round_bytes=self.round_bytes_max if in_bytes else None,
-        )
+        self.result_limit = node_result_bound(scenario, max_links, max_in_links, self.round_bytes_max if in_bytes else None)
+        self.packet = PacketLimit.of(scenario)  # what a `collective broker` broker accepts: host envelopes are packed to it
         self.rejections = Rejections(COORDINATOR)
         self.closing = False
         self.roster = Roster(scenario, digests, vocab_sizes)
@@ -137,7 +134,7 @@ class MqttExecutor:
         subscriptions = self.topics.coordinator_subscriptions()
         self.connection = Connection(address, COORDINATOR, subscriptions, self._handle, on_connect=self._on_connect)
         # what a `collective broker` broker accepts, less room for the envelope's own fields
-        self.events = EventFeed(self.connection, run_id, max_packet_size_for(scenario) - 1_024)
+        self.events = EventFeed(self.connection, run_id, self.packet.envelope_bytes)
         self._thread = LoopThread("collective-mqtt")
         self._background: set[asyncio.Future[Any]] = set()
 
@@ -229,14 +226,23 @@ class MqttExecutor:
             raise aiomqtt.MqttError("could not publish the run's retained state")
         if self.connection.lost_at is not None:
             self.roster.expect_back(self.connection.lost_at)
-        for node_id in self.rounds.awaiting:
-            await self.rounds.send_again(node_id)
+        await self.rounds.send_all_again()
 
     async def _publish(self, topic: str, payload: Payload, round_index: int = -1, retain: bool = False) -> bool:
         return await self.connection.publish(topic, encode(envelope(self.run_id, COORDINATOR, payload, round_index)), retain=retain)
 
-    async def _send_request(self, node_id: str, payload: RequestPayload, round_index: int) -> None:
-        await self._publish(self.topics.to_node(node_id), payload, round_index)
+    async def _send_request(self, target: str, payloads: list[RequestPayload], round_index: int) -> None:
+        """A lone node's request in its own envelope; a host's nodes' requests in one envelope
+        (several when they do not fit one packet), on coord/to/<host>."""
+        topic = self.topics.to_node(target)
+        if len(payloads) == 1 and payloads[0].node_id == target:
+            await self._publish(topic, payloads[0], round_index)
+            return
+        packed = encode_packed(
+            self.run_id, COORDINATOR, round_index, payloads, lambda part: HostRequestPayload(requests=list(part)),
+            self.packet.envelope_bytes,
+        )
+        await asyncio.gather(*(self.connection.publish(topic, raw) for raw in packed))
 
     async def _end(self, status: str, detail: str) -> None:
         if self.connection.lost_at is None and not self.connection.connected.is_set():
@@ -280,20 +286,29 @@ class MqttExecutor:
         if info is None or info.channel not in ("status", "result"):
             return  # our own subscriptions only deliver these
         with self.rejections.dropping(topic):
-            limit = self.result_limit if info.channel == "result" else STATUS_BYTES
+            is_node = info.owner in self.roster.nodes
+            if info.channel == "result":  # a host's envelope is packed to the packet limit
+                limit = self.result_limit if is_node else self.packet.packet_bytes
+            else:
+                limit = STATUS_BYTES
             env = open_envelope(raw, limit, run_id=self.run_id, sender=info.owner)
-            if info.channel == "status" and isinstance(env.payload, ClaimPayload):
-                self._on_claim(info.owner, env.payload)
-                return
-            if info.owner not in self.roster.nodes:
+            payload = env.payload
+            if info.channel == "status" and isinstance(payload, ClaimPayload):
+                self._on_claim(info.owner, payload)
+            elif not is_node and info.channel == "status" and isinstance(payload, LeavePayload):
+                for node_id in self.roster.host_leave(info.owner, payload, expected=self.closing):
+                    self.rounds.left(node_id)
+            elif not is_node and info.channel == "result" and isinstance(payload, HostResultPayload):
+                self.rounds.accept_host(info.owner, env.round_index, payload, self.rejections, topic)
+            elif not is_node:
                 raise Rejected("unknown_node", f"{info.owner!r} is not a node of this scenario")
-            if info.channel == "status" and isinstance(env.payload, JoinPayload):
-                self._on_join(info.owner, env.payload)
-            elif info.channel == "status" and isinstance(env.payload, LeavePayload):
-                if self.roster.leave(info.owner, env.payload, expected=self.closing):
+            elif info.channel == "status" and isinstance(payload, JoinPayload):
+                self._on_join(info.owner, payload)
+            elif info.channel == "status" and isinstance(payload, LeavePayload):
+                if self.roster.leave(info.owner, payload, expected=self.closing):
                     self.rounds.left(info.owner)
-            elif info.channel == "result" and isinstance(env.payload, ResultPayload):
-                self.rounds.accept(info.owner, env.round_index, env.payload)
+            elif info.channel == "result" and isinstance(payload, ResultPayload):
+                self.rounds.accept(info.owner, env.round_index, payload, via=info.owner)
             else:
                 raise Rejected("unexpected", f"a {env.kind!r} envelope on a {info.channel} topic")
 
@@ -309,7 +324,7 @@ class MqttExecutor:
         reconnected mid-round is also sent again the request it may have lost)."""
         new_process = self.roster.nodes[node_id].session not in (None, join.session)
         reply = self.roster.answer(node_id, join)
-        self._spawn(self._publish(self.topics.to_node(node_id), reply))
+        self._spawn(self._publish(self.topics.to_node(join.via or node_id), reply))
         if isinstance(reply, RefusePayload):
             raise Rejected("refused", reply.reason)
         if new_process:

@@ -74,6 +74,9 @@ class JoinPayload(WireModel):
     tokenizer_digest: str = Field(max_length=64)
     device: str = Field(max_length=64)
     host: str = Field("", max_length=255)
+    via: str | None = Field(
+        None, max_length=64, description="the host whose topics serve this node (coord/to/<via>, nodes/<via>/result) (protocol 6)"
+    )
 
 
 class LeavePayload(WireModel):
@@ -89,6 +92,7 @@ class WelcomePayload(WireModel):
 
     kind: Literal["welcome"] = "welcome"
     session: str = Field(description="the session of the join it answers")
+    node_id: str | None = Field(None, description="the node it welcomes (a host's joins share its session) (protocol 6)")
 
 
 class RefusePayload(WireModel):
@@ -97,6 +101,7 @@ class RefusePayload(WireModel):
     kind: Literal["refuse"] = "refuse"
     session: str
     reason: str
+    node_id: str | None = Field(None, description="the node it refuses, when it answers a join (protocol 6)")
 
 
 class ClaimPayload(WireModel):
@@ -316,6 +321,21 @@ class ResultPayload(WireModel):
         )
 
 
+class HostRequestPayload(WireModel):
+    """A host's round: each of its nodes' own request, as a lone node would get it (protocol 6)."""
+
+    kind: Literal["host_request"] = "host_request"
+    requests: list[RequestPayload]
+
+
+class HostResultPayload(WireModel):
+    """A host's nodes' results of a round (all of them, or a part when they do not fit one
+    packet), each as a lone node would send it (protocol 6)."""
+
+    kind: Literal["host_result"] = "host_result"
+    results: dict[str, ResultPayload] = Field(description="node id -> its result")
+
+
 class MessagePayload(WireModel):
     """One message on the link sender -> receiver, held by the receiver until it is booked."""
 
@@ -351,11 +371,14 @@ Payload = Annotated[
     | AssignPayload
     | RequestPayload
     | ResultPayload
+    | HostRequestPayload
+    | HostResultPayload
     | MessagePayload
     | EchoPayload
     | EventPayload,
     Field(discriminator="kind"),
 ]
 Kind = Literal[
-    "scenario", "control", "join", "leave", "welcome", "refuse", "claim", "assign", "request", "result", "message", "echo", "event"
+    "scenario", "control", "join", "leave", "welcome", "refuse", "claim", "assign", "request", "result", "host_request", "host_result",
+    "message", "echo", "event",
 ]

@@ -47,6 +47,10 @@ class VolunteerStatus:
     rejected: dict[str, int] = field(default_factory=dict)  # what the node dropped, as it last reported
     missing_messages: int = 0
     left_at: float | None = None  # loop time of its last leave
+    via: str = ""  # whose topics serve it: its own id (a lone node) or its host's id
+
+    def __post_init__(self) -> None:
+        self.via = self.via or self.node_id
 
 
 @dataclass(frozen=True)
@@ -82,6 +86,8 @@ class Roster:
                 f"node {node_id} loaded {join.model!r} whose tokenizer (vocabulary {join.vocab_size}) differs from "
                 f"the run's model {alias!r} ({self.vocab_sizes[alias]} tokens): load the model the scenario names"
             )
+        if join.via is not None and join.via != node_id and join.via in self.nodes:
+            return f"node {node_id} names node {join.via!r} as its host: a host id is never a node id"
         if state.present and join.session != state.session:
             return (
                 f"node {node_id} is already served by another process (on {state.host or 'an unnamed host'}); "
@@ -93,9 +99,9 @@ class Roster:
         """Admit the join and welcome it, or refuse it with the reason."""
         reason = self.refusal(node_id, join)
         if reason is not None:
-            return RefusePayload(session=join.session, reason=reason)
+            return RefusePayload(session=join.session, reason=reason, node_id=node_id)
         self.admit(node_id, join)
-        return WelcomePayload(session=join.session)
+        return WelcomePayload(session=join.session, node_id=node_id)
 
     def claim(self, host_id: str, claim: ClaimPayload) -> AssignPayload | RefusePayload:
         """Assign `claim.count` free nodes to the host, or refuse with the reason."""
@@ -126,6 +132,7 @@ class Roster:
         state = self.nodes[node_id]
         rejoined = state.session is not None and not state.present
         state.session, state.present, state.host, state.device = join.session, True, join.host, join.device
+        state.via = join.via or node_id
         log.info("node %s %s (%s on %s, %s)", node_id, "rejoined" if rejoined else "joined", join.model, join.host, join.device)
         self.changed.set()
 
@@ -140,6 +147,23 @@ class Roster:
         log.log(logging.INFO if expected else logging.WARNING, "node %s left: %s", node_id, leave.reason or "disconnected")
         self.changed.set()
         return True
+
+    def host_leave(self, host_id: str, leave: LeavePayload, *, expected: bool) -> list[str]:
+        """A host's leave (or last will): every node it serves in that session is absent; returns them."""
+        gone = [n for n, s in self.nodes.items() if s.via == host_id and s.via != n and s.session == leave.session and s.present]
+        now = asyncio.get_running_loop().time()
+        for node_id in gone:
+            state = self.nodes[node_id]
+            state.present, state.left_at = False, now
+        if gone:
+            level = logging.INFO if expected else logging.WARNING
+            log.log(level, "host %s left with node(s) %s: %s", host_id, ", ".join(gone), leave.reason or "disconnected")
+            self.changed.set()
+        return gone
+
+    def via(self, node_id: str) -> str:
+        """Where the node's requests go and its results come from: its own id or its host's."""
+        return self.nodes[node_id].via
 
     def snapshot(self) -> list[NodeSnapshot]:
         return [NodeSnapshot(s.node_id, s.present, s.host, s.device) for s in self.nodes.values()]

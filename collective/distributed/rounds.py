@@ -1,7 +1,8 @@
 """A round on volunteer machines, from the coordinator's side.
 
     send each present node only its own request (its view, the keys of the messages it
-    must read this round, its fitted firewall) -> collect results until every asked node
+    must read this round, its fitted firewall), a host's nodes' requests together in one
+    envelope to the host (`send` gets the target and its requests) -> collect results until every asked node
     answered or left, or the round's deadline passed -> each result checked (`validation`,
     its screen records too) before it counts -> book the messages the accepted results
     carry (receivers read exactly those next rounds)
@@ -21,8 +22,13 @@ from collections.abc import Awaitable, Callable
 from dataclasses import KW_ONLY, dataclass, field
 
 from collective.distributed.mqtt import DistributedError
-from collective.distributed.payloads import MessageKey, RequestPayload, ResultPayload
-from collective.distributed.protocol import Rejected, text_digest
+from collective.distributed.payloads import (
+    HostResultPayload,
+    MessageKey,
+    RequestPayload,
+    ResultPayload,
+)
+from collective.distributed.protocol import Rejected, Rejections, text_digest
 from collective.distributed.roster import Roster
 from collective.distributed.validation import ResultCheck
 from collective.run.node import NodeRoundRequest, NodeRoundResult
@@ -33,7 +39,8 @@ FIRST_ROUND_DEADLINE_S = 600.0  # the first round includes every node's warm-up
 MIN_ROUND_DEADLINE_S = 30.0
 DEADLINE_PER_FIRST_ROUND = 10.0  # later rounds: this many times the first round's wall time
 
-SendRequest = Callable[[str, RequestPayload, int], Awaitable[object]]  # node id, its request, the round
+# the target (a lone node's id or a host's), its nodes' requests, the round
+SendRequest = Callable[[str, list[RequestPayload], int], Awaitable[object]]
 
 
 @dataclass(eq=False)
@@ -69,8 +76,7 @@ class RoundCollector:
         began = loop.time()
         deadline_s = self.deadline_s()
         self._open(round_index, requests, deadline_s)
-        # concurrently: each QoS 1 publish waits for the broker's acknowledgement
-        await asyncio.gather(*(self.send_again(node_id) for node_id in sorted(self._awaiting)))
+        await self.send_all_again()
         while self._awaiting:
             left = began + deadline_s - loop.time()
             if left <= 0:
@@ -120,7 +126,17 @@ class RoundCollector:
         """Send `node_id` its request of the current round (again: a reconnect may have lost it)."""
         payload = self._requests.get(node_id)
         if payload is not None and self._round is not None and node_id in self._awaiting:
-            await self.send(node_id, payload, self._round)
+            await self.send(self.roster.via(node_id), [payload], self._round)
+
+    async def send_all_again(self) -> None:
+        """Send every node still awaited its request, a host's nodes in one envelope (first, or
+        again after a reconnect), concurrently: each QoS 1 publish waits for its acknowledgement."""
+        if self._round is None:
+            return
+        by_target: dict[str, list[RequestPayload]] = {}
+        for node_id in sorted(self._awaiting):
+            by_target.setdefault(self.roster.via(node_id), []).append(self._requests[node_id])
+        await asyncio.gather(*(self.send(target, payloads, self._round) for target, payloads in by_target.items()))
 
     def left(self, node_id: str) -> None:
         """A node that left is no longer waited for."""
@@ -132,8 +148,21 @@ class RoundCollector:
         Returns how many were booked."""
         return len(self._booked.pop(node_id, []))
 
-    def accept(self, node_id: str, round_index: int, result: ResultPayload) -> None:
-        """Take a node's result for the current round; raises `Rejected` when it cannot count."""
+    def accept_host(self, host_id: str, round_index: int, payload: HostResultPayload, rejections: Rejections, topic: str) -> None:
+        """A host's envelope: each node's result is taken or dropped (and counted in `rejections`)
+        on its own, with every check of a lone node's result; a node the host does not serve
+        is `spoofed`, a node id the run does not have `unknown_node`."""
+        for node_id, result in payload.results.items():
+            with rejections.dropping(f"{topic} ({node_id})"):
+                if node_id not in self.roster.nodes:
+                    raise Rejected("unknown_node", f"{host_id}'s envelope carries {node_id!r}, not a node of this scenario")
+                self.accept(node_id, round_index, result, via=host_id)
+
+    def accept(self, node_id: str, round_index: int, result: ResultPayload, via: str | None = None) -> None:
+        """Take a node's result for the current round, which came on `via`'s result topic (its
+        own, or in its host's envelope: default its own); raises `Rejected` when it cannot count."""
+        if via is not None and via != self.roster.via(node_id):
+            raise Rejected("spoofed", f"{node_id}'s result from {via!r}; it is served through {self.roster.via(node_id)!r}")
         if self._round is None or round_index != self._round:
             raise Rejected("wrong_round", f"a result for round {round_index}, the current round is {self._round}")
         if node_id in self._results:

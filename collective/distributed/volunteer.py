@@ -27,15 +27,16 @@ import logging
 import platform
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import aiomqtt
 
 from collective.distributed.backend import NodeBackend, NodeModel, SoloBackend, published_scenario
 from collective.distributed.connection import Connection
+from collective.distributed.limits import message_bytes_bound, node_request_bound
 from collective.distributed.mailbox import Mailbox
 from collective.distributed.mqtt import BrokerAddress, DistributedError
 from collective.distributed.payloads import (
@@ -55,13 +56,11 @@ from collective.distributed.protocol import (
     Envelope,
     Rejected,
     Rejections,
+    TopicInfo,
     Topics,
     encode,
     envelope,
-    firewall_bytes_bound,
-    message_bytes_bound,
     open_envelope,
-    request_bytes_bound,
 )
 from collective.lm.codec import TextCodec
 from collective.run.bus import link_policies, outgoing_messages
@@ -85,20 +84,39 @@ class VolunteerConfig:
     preflight_timeout_s: float = 10.0
     preflight: bool = True  # False: a host checks the broker once for all its nodes
     report_rounds: bool = True  # False: a host reports each round once for all its nodes
+    via: str | None = None  # a host's node: the host whose topics serve it
+    session: str | None = None  # a host's node: the host's session (its last will speaks for all its nodes)
+
+
+class NodeLink(Protocol):
+    """How a node talks to the broker: its own `Connection`, or its host's (`host.MemberLink`)."""
+
+    async def run(self) -> None: ...
+
+    def stop(self) -> None: ...
+
+    async def publish(self, topic: str, payload: bytes, *, retain: bool = False) -> bool: ...
+
+
+Sent = list[tuple[str, bytes]]  # (topic, envelope) of a round's messages
+# a host's node hands its round to the host: the round, the node, its messages, its result
+ResultSink = Callable[[int, str, Sent, ResultPayload], Awaitable[None]]
 
 
 class Volunteer:
     """Serves one node's rounds until the run ends; `report` gets one line per event."""
 
     def __init__(
-        self, config: VolunteerConfig, report: Callable[[str], None] | None = None, backend: NodeBackend | None = None
+        self, config: VolunteerConfig, report: Callable[[str], None] | None = None, backend: NodeBackend | None = None,
+        link: NodeLink | None = None, sink: ResultSink | None = None,
     ) -> None:
         self.config = config
         self.backend = backend or SoloBackend(config.cache_dir)
         self.node_id = config.node_id
         self.run_id = config.run_id
         self.topics = Topics(config.run_id)
-        self.session = uuid.uuid4().hex[:12]
+        self.session = config.session or uuid.uuid4().hex[:12]
+        self.sink = sink
         self.report = report or (lambda line: None)
         self.rejections = Rejections(f"node {config.node_id}")
         self.rounds_served = 0
@@ -115,10 +133,13 @@ class Volunteer:
         self._computing: int | None = None
         self._last_round = -1  # the last round served
         self._latest_round = -1  # the last round requested
-        self._last_sent: tuple[int, list[tuple[str, bytes]]] | None = None
+        self._last_sent: tuple[int, Sent, ResultPayload] | None = None
         self._wake = asyncio.Event()
         self._failure: BaseException | None = None
         self._background: set[asyncio.Future[Any]] = set()
+        if link is not None:
+            self.connection: NodeLink = link
+            return
         will = aiomqtt.Will(self.topics.status(self.node_id), self._leave("disconnected"), qos=1)
         self.connection = Connection(
             config.address, self.node_id, self.topics.node_subscriptions(self.node_id), self._handle,
@@ -221,16 +242,21 @@ class Volunteer:
                 if rejected.reason == "wrong_schema" and info.channel in ("scenario", "control"):
                     self._fail(DistributedError(f"run {self.run_id}'s coordinator speaks another protocol: {rejected.detail}"))
                 raise
-            if info.channel == "msg":
-                self._on_message(info.owner, env)
-            elif info.channel == "scenario" and isinstance(env.payload, ScenarioPayload):
-                await self._on_scenario(env.payload)
-            elif info.channel == "control" and isinstance(env.payload, ControlPayload):
-                await self._on_control(env.payload)
-            elif info.channel == "to" and info.target == self.node_id:
-                await self._on_direct(env)
-            else:
-                raise Rejected("unexpected", f"a {env.kind!r} envelope on a {info.channel} topic")
+            await self.dispatch(info, env)
+
+    async def dispatch(self, info: TopicInfo, env: Envelope) -> None:
+        """An envelope that passed `open_envelope`, to what its topic and kind ask (a host
+        opens the run's envelopes once and hands them to each of its nodes here)."""
+        if info.channel == "msg":
+            self._on_message(info.owner, env)
+        elif info.channel == "scenario" and isinstance(env.payload, ScenarioPayload):
+            await self._on_scenario(env.payload)
+        elif info.channel == "control" and isinstance(env.payload, ControlPayload):
+            await self._on_control(env.payload)
+        elif info.channel == "to" and info.target in (self.node_id, self.config.via):
+            await self._on_direct(env)
+        else:
+            raise Rejected("unexpected", f"a {env.kind!r} envelope on a {info.channel} topic")
 
     async def _on_scenario(self, payload: ScenarioPayload) -> None:
         if self.scenario is not None or self.ended is not None:
@@ -244,10 +270,7 @@ class Volunteer:
             )
             return
         if payload.unit == "byte":  # a node's tokens of a span are at most its bytes
-            request_limit = request_bytes_bound(
-                payload.view_bytes_max, payload.round_bytes_max, 4_096, 4 * len(scenario.nodes), firewall_bytes_bound(scenario),
-                payload.round_bytes_max,
-            )
+            request_limit = node_request_bound(scenario, view_bytes=payload.view_bytes_max, round_bytes=payload.round_bytes_max)
         self.scenario, self._request_limit, self.published = scenario, request_limit, payload
         spec = scenario.models[scenario.node(self.node_id).model]
         ref = self.config.model_ref or spec.ref
@@ -295,17 +318,18 @@ class Volunteer:
             tokenizer_digest=self.loaded.digest,
             device=self.loaded.device,
             host=platform.node(),
+            via=self.config.via,
         )
         await self.connection.publish(self.topics.status(self.node_id), self._wire(join))
 
     async def _on_direct(self, env: Envelope) -> None:
         payload = env.payload
         if isinstance(payload, WelcomePayload):
-            if payload.session == self.session and not self.welcomed:
+            if payload.session == self.session and payload.node_id in (None, self.node_id) and not self.welcomed:
                 self.welcomed = True
                 self.report(f"joined run {self.run_id} as node {self.node_id}")
         elif isinstance(payload, RefusePayload):
-            if payload.session == self.session:
+            if payload.session == self.session and payload.node_id in (None, self.node_id):
                 self.ended = "refused"
                 self._fail(DistributedError(f"the coordinator refused node {self.node_id}: {payload.reason}"))
         elif isinstance(payload, RequestPayload):
@@ -322,8 +346,7 @@ class Volunteer:
         if round_index == self._last_round or round_index == self._computing:
             # the coordinator sent it again after a reconnect: answer again if done
             if round_index == self._last_round and self._last_sent is not None and self._last_sent[0] == round_index:
-                for topic, payload in self._last_sent[1]:
-                    self._spawn(self.connection.publish(topic, payload))
+                self._spawn(self._send(*self._last_sent))
             return
         if round_index < self._last_round:
             raise Rejected("wrong_round", f"a request for round {round_index} after round {self._last_round}")
@@ -367,6 +390,15 @@ class Volunteer:
 
     # ------------------------------------------------------------------ rounds
 
+    async def _send(self, round_index: int, sent: Sent, reply: ResultPayload) -> None:
+        """The round's messages, then its result: in this node's own envelope, or handed to its host."""
+        if self.sink is not None:
+            await self.sink(round_index, self.node_id, sent, reply)
+            return
+        every = [*sent, (self.topics.result(self.node_id), self._wire(reply, round_index))]
+        # gather keeps the order: each publish hands its packet to the client before it awaits
+        await asyncio.gather(*(self.connection.publish(topic, data) for topic, data in every))
+
     async def _serve_rounds(self) -> None:
         while True:
             await self._wake.wait()
@@ -406,11 +438,9 @@ class Volunteer:
         reply = ResultPayload.from_result(
             result, self.session, compute_s, self.rejections.as_dict(), mailbox.missing_messages, in_bytes=request.round_bytes is not None
         )
-        sent.append((self.topics.result(self.node_id), self._wire(reply, round_index)))
-        self._last_sent = (round_index, sent)
+        self._last_sent = (round_index, sent, reply)
         self._last_round, self._computing = round_index, None
-        # gather keeps the order: each publish hands its packet to the client before it awaits
-        await asyncio.gather(*(self.connection.publish(topic, data) for topic, data in sent))
+        await self._send(round_index, sent, reply)
         self.rounds_served += 1
         if self.rounds_served == 1 and round_index > 0:  # taken back mid-run (a restart, a late process)
             unread = f"; {mailbox.expected_unread} message(s) sent to it before are not read" if mailbox.expected_unread else ""

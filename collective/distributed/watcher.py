@@ -74,6 +74,7 @@ class EventSequencer:
         self.control: ControlPayload | None = None
         self.last_round = -1
         self.rejections = Rejections("watcher")
+        self.mismatch: str | None = None  # the coordinator speaks another protocol (its envelopes cannot be read)
         self._early: list[RoundEvent] = []
         self._early_end: RunEnd | None = None
 
@@ -93,7 +94,12 @@ class EventSequencer:
             return []  # not ours, or an empty payload that cleared a retained record
         shown: list[RunRecord] = []
         with self.rejections.dropping(topic):
-            env = open_envelope(raw, MAX_EVENT_BYTES, run_id=self.run_id, sender=COORDINATOR)
+            try:
+                env = open_envelope(raw, MAX_EVENT_BYTES, run_id=self.run_id, sender=COORDINATOR)
+            except Rejected as rejected:
+                if rejected.reason == "wrong_schema":  # the watcher stops at once (`__next__`), as a node does
+                    self.mismatch = rejected.detail
+                raise
             payload = env.payload
             if info.channel == "control":
                 if not isinstance(payload, ControlPayload):
@@ -249,6 +255,8 @@ class EventSubscription:
                 raise first
             if kind == "message":
                 shown = sequencer.feed(first, second)
+                if sequencer.mismatch is not None:
+                    raise DistributedError(f"run {self.run_id}'s coordinator speaks another protocol: {sequencer.mismatch}")
                 if shown:
                     last_news = time.monotonic()
                 self._pending += shown
