@@ -12,7 +12,7 @@ import torch
 
 from collective.cli import main
 from collective.lm.models import ModelPool
-from collective.records import Report, RoundEvent
+from collective.records import Controls, Report, RoundEvent
 from collective.run import control
 from collective.run import node as node_module
 from collective.run.control import (
@@ -25,7 +25,7 @@ from collective.run.control import (
 )
 from collective.run.engine import EmbeddedExecutor, RoundEngine
 from collective.run.prepared import Prepared
-from collective.run.runner import RunError, prepare, run_prepared
+from collective.run.runner import RunError, prepare, run_prepared, search_and_run
 from collective.scenario import GCGController, load_scenario
 from controllers import GCGResult
 from tests.test_rundir import write_tiny_scenario
@@ -180,6 +180,22 @@ def test_a_recording_computes_only_the_rows_in_collective_and_runs_again_only_wh
     for _, recorder in recorded:  # only the rows the controllers read: no isolated or plain row
         rows = [result for _, results in recorder.rounds for result in results.values()]  # type: ignore[attr-defined]
         assert rows and all(r is not None and r.isolated is None and r.plain is None for r in rows)
+
+
+def test_search_and_run_searches_then_runs_and_with_known_prompts_only_runs(tiny_model_dir, tmp_path, monkeypatch):
+    """What a sweep's cell and a hostile comparison's variants do: the first run searches and
+    writes its searches; a run given those prompts searches nothing and writes the same."""
+    first = _prepared(tmp_path / "first", tiny_model_dir, GCG)
+    searches = search_and_run(first, tmp_path / "one")
+    assert [s.node_id for s in searches] == ["a", "b", "c"]
+    written = Controls.model_validate_json((tmp_path / "one" / "controls.json").read_text(encoding="utf-8"))
+    assert written.searches == searches and written.control_ids == first.control_ids
+    monkeypatch.setattr(control, "search_controls", lambda *args, **kwargs: pytest.fail("searched with known prompts"))
+    second = _prepared(tmp_path / "second", tiny_model_dir, GCG)
+    again = search_and_run(second, tmp_path / "two", (dict(first.control_ids), searches))
+    assert again == searches and second.control_ids == first.control_ids
+    reused = Controls.model_validate_json((tmp_path / "two" / "controls.json").read_text(encoding="utf-8"))
+    assert reused == written
 
 
 def test_prompts_enter_the_isolated_and_collective_rows_but_not_the_plain_ones(tiny_model_dir, tmp_path):

@@ -23,6 +23,7 @@ from collective.evaluate.hostile import (
     hostile_report,
     hostile_variants,
     pin_thresholds,
+    read_variant,
     screen_counts,
     seed_result,
     silent_ensemble_spread,
@@ -36,6 +37,7 @@ from collective.evaluate.hostile_record import (
     read_hostile,
 )
 from collective.evaluate.intervals import METHOD, difference
+from collective.evaluate.sweep import BrokenCell
 from collective.records import Report, RoundEvent, RunEnd, ScreenRecord
 from collective.run.prepared import RunError
 from collective.scenario import (
@@ -530,3 +532,15 @@ def test_collective_hostile_on_a_tiny_ring_with_an_attacker_and_a_fitted_firewal
     events = [parse_event(line) for line in (out / "attack-nofw" / "events.jsonl").read_text().splitlines()]
     searches = [n.message_search for e in events if isinstance(e, RoundEvent) for n in e.nodes if n.node_id == "m"]
     assert searches and all(s is not None and s.objective == "untargeted" for s in searches)  # the attack ran
+
+
+def test_a_variant_folder_is_read_as_a_sweep_cell_is_and_a_missing_or_cut_file_is_named(tmp_path):
+    folder = tmp_path / "variant"
+    folder.mkdir()
+    (folder / "events.jsonl").write_text("", encoding="utf-8")
+    with pytest.raises(BrokenCell, match=r"variant: report.json is missing"):
+        read_variant(folder, ["m"])
+    (folder / "report.json").write_text(make_report(0, 1.0).model_dump_json(), encoding="utf-8")
+    (folder / "events.jsonl").write_text('{"kind": "round", "run_id"', encoding="utf-8")  # cut short
+    with pytest.raises(BrokenCell, match=r"variant: events.jsonl is not whole"):
+        read_variant(folder, ["m"])

@@ -188,9 +188,9 @@ class _Controls:
 
 def _run_variant(variant: Variant, folder: Path, pool: ModelPool, controls: _Controls, args: argparse.Namespace) -> bool:
     """One variant as `collective run` runs it; True when a finished run of it was reused."""
-    from collective.run.control import load_controls, search_controls
+    from collective.run.control import load_controls
     from collective.run.rundir import is_complete
-    from collective.run.runner import needs_search, prepare, run_prepared
+    from collective.run.runner import needs_search, prepare, search_and_run
 
     try:
         if _reusable(variant, folder):
@@ -199,11 +199,10 @@ def _run_variant(variant: Variant, folder: Path, pool: ModelPool, controls: _Con
             return True
         (folder / "report.json").unlink(missing_ok=True)  # an earlier attempt killed after writing it
         prepared = prepare(variant.scenario, pool, base_dir=Path(args.scenario).parent)
+        known = None if controls.ids is None else (controls.ids, controls.searches)
+        searches = search_and_run(prepared, folder, known)
         if controls.ids is None:
-            controls.searches = search_controls(prepared) if needs_search(prepared.scenario) else []
-            controls.ids = dict(prepared.control_ids)
-        prepared.control_ids.update(controls.ids)
-        run_prepared(prepared, folder, control_searches=controls.searches)
+            controls.ids, controls.searches = dict(prepared.control_ids), searches
     except Exception as exc:  # KeyboardInterrupt passes: the folder is marked incomplete
         raise _failure(args, f"variant {variant.name} (seed {variant.scenario.seed}, {folder})", exc) from exc
     if not is_complete(folder):  # pragma: no cover - run_prepared raises or finishes

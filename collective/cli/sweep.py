@@ -38,7 +38,6 @@ from collective.cli.common import (
 
 if TYPE_CHECKING:
     from collective.evaluate.sweep import Cell, CellSummary
-    from collective.run.prepared import Prepared
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -116,7 +115,7 @@ def _run_cells(cells: list[Cell], out: Path, args: argparse.Namespace, console: 
     """Run every unfinished cell; the summaries of the cells that read back whole, in grid
     order, and one line per cell that did not."""
     from collective.evaluate.sweep import BrokenCell, cell_folder, read_cell
-    from collective.run.runner import RunError, prepare
+    from collective.run.runner import RunError, prepare, search_and_run
 
     pool = model_pool(args)
     started = time.monotonic()
@@ -134,7 +133,7 @@ def _run_cells(cells: list[Cell], out: Path, args: argparse.Namespace, console: 
                     prepared = prepare(cell.scenario, pool, base_dir=Path(args.scenario).parent)
                 except RunError as exc:  # name the file and the cell, as collective run names the file
                     raise RunError(f"{args.scenario} ({cell.combination}, seed {cell.seed}): {exc}") from None
-                _run_cell(prepared, folder)
+                search_and_run(prepared, folder)
                 line = f"cell {index + 1}/{len(cells)} {cell.folder_name}: done ({minutes(time.monotonic() - started)} so far)"
             progress.advance(task)
             if not console.is_terminal:
@@ -168,16 +167,6 @@ def _reusable_folder(cell: Cell, out: Path, source: str) -> Path | None:
     if legacy != own and not own.exists() and is_complete(legacy) and reuse_difference(cell, legacy) is None:
         return legacy  # named by an older sweep; a run of another cell there is not this cell's
     return None
-
-
-def _run_cell(prepared: Prepared, folder: Path) -> None:
-    """One cell as `collective run` does it: its controllers searched on the train part
-    first (their prompts and searches go into the cell's controls.json), then the rounds."""
-    from collective.run.control import search_controls
-    from collective.run.runner import needs_search, run_prepared
-
-    searches = search_controls(prepared) if needs_search(prepared.scenario) else []
-    run_prepared(prepared, folder, control_searches=searches)
 
 
 def _write_summary(out: Path, summaries: list[CellSummary]) -> None:

@@ -44,8 +44,8 @@ from collective.evaluate.hostile_record import (
 )
 from collective.evaluate.intervals import paired_intervals
 from collective.evaluate.metrics import Estimate, RoundStats
-from collective.evaluate.sweep import apply_override
-from collective.records import FilterFit, Report, RoundEvent, RunRecord, parse_event
+from collective.evaluate.sweep import apply_override, read_finished
+from collective.records import FilterFit, RoundEvent, RunRecord
 from collective.run.prepared import RunError
 from collective.scenario import (
     AttackMessage,
@@ -202,10 +202,10 @@ def screen_counts(rounds: Sequence[RoundEvent], hostile: Sequence[str]) -> Scree
 
 
 def read_variant(folder: Path, hostile: Sequence[str]) -> VariantRun:
-    """A finished run folder (events.jsonl, report.json) as the comparison needs it."""
-    lines = (folder / "events.jsonl").read_text(encoding="utf-8").splitlines()
-    rounds = eval_rounds([parse_event(line) for line in lines if line.strip()])
-    report = Report.model_validate_json((folder / "report.json").read_text(encoding="utf-8"))
+    """A finished run folder (events.jsonl, report.json) as the comparison needs it; a
+    BrokenCell naming the folder and file when one is missing or cut short."""
+    report, records = read_finished(folder)
+    rounds = eval_rounds(records)
     return VariantRun(
         collective_rounds(rounds), tuple(r.start_token for r in rounds), report.row("ensemble_silent").nll,
         screen_counts(rounds, hostile),

@@ -305,9 +305,9 @@ class BrokenCell(Exception):
     """A finished cell folder whose report or events cannot be read; the message says which file and why."""
 
 
-def read_cell(cell: Cell, folder: Path) -> CellSummary:
-    """The summary of a finished cell's run folder (its report.json and events.jsonl); a
-    BrokenCell naming the folder and file when one is missing or cut short."""
+def read_finished(folder: Path) -> tuple[Report, list[RunRecord]]:
+    """A finished run folder's report.json and events.jsonl records; a BrokenCell naming
+    the folder and file when one is missing or cut short."""
     try:
         report = Report.model_validate_json((folder / "report.json").read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
@@ -317,7 +317,12 @@ def read_cell(cell: Cell, folder: Path) -> CellSummary:
         records = [parse_event(line) for line in lines if line.strip()]
     except (OSError, ValueError) as exc:
         raise BrokenCell(f"{folder}: events.jsonl {_why(exc)}") from None
-    return cell_summary(cell, report, records)
+    return report, records
+
+
+def read_cell(cell: Cell, folder: Path) -> CellSummary:
+    """The summary of a finished cell's run folder (`read_finished`)."""
+    return cell_summary(cell, *read_finished(folder))
 
 
 def _why(exc: Exception) -> str:

@@ -3,14 +3,15 @@ evaluator, and the run folder.
 
 `run_prepared(prepared, run_dir)` writes the control prompts, runs the rounds (every round
 record goes to events.jsonl as it happens, and onto the broker for a distributed run),
-evaluates, and writes the report, its plots and its markdown. An interruption or a failure
+evaluates, and writes the report, its plots and its markdown; `search_and_run` searches
+the controllers' prompts first (a sweep's cell, a hostile comparison's variant). An interruption or a failure
 leaves the folder marked incomplete, with a run-end record that says why.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Protocol, runtime_checkable
@@ -52,6 +53,7 @@ __all__ = [
     "prepare",
     "run_prepared",
     "run_start_event",
+    "search_and_run",
 ]
 
 log = logging.getLogger(__name__)
@@ -193,6 +195,25 @@ def run_prepared(
     folder.close()
     folder.finish()
     return RunResult(run_dir, report, result, "complete")
+
+
+def search_and_run(
+    prepared: Prepared, run_dir: Path, known: tuple[Mapping[str, list[int]], Sequence[ControlSearch]] | None = None
+) -> list[ControlSearch]:
+    """A run as `collective run` makes it: the gcg controllers searched on the train part
+    (their prompts and searches go into controls.json), then `run_prepared`. With `known`
+    (prompts and the searches that found them, another run's), nothing is searched and
+    those prompts are used. Returns the searches written."""
+    from collective.run.control import search_controls
+
+    if known is None:
+        searches = search_controls(prepared) if needs_search(prepared.scenario) else []
+    else:
+        prompts, found = known
+        prepared.control_ids.update(prompts)
+        searches = list(found)
+    run_prepared(prepared, run_dir, control_searches=searches)
+    return searches
 
 
 def _write_report(folder: RunDir, report: Report, hooks: list[Callable[[Path, Report], None]]) -> None:
