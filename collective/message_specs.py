@@ -4,6 +4,7 @@ and the filters a receiver applies to a message before reading it (`FirewallFilt
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Annotated, Literal
 
 from pydantic import Field, field_validator, model_validator
@@ -206,3 +207,21 @@ class ParaphraseFilter(Frozen):
 FirewallFilter = Annotated[
     PerplexityFilter | RetokenizeFilter | CharsetFilter | ParaphraseFilter, Field(discriminator="kind")
 ]
+
+
+def filter_labels(filters: Sequence[FirewallFilter]) -> list[str]:
+    """Each filter's name in records and the report: its kind, numbered (`perplexity#2`) when
+    the kind comes more than once in the firewall."""
+    kinds = [f.kind for f in filters]
+    return [kind if kinds.count(kind) == 1 else f"{kind}#{i + 1}" for i, kind in enumerate(kinds)]
+
+
+def describe_filter(spec: FirewallFilter) -> str:
+    """A filter's settings in words (the threshold apart)."""
+    if isinstance(spec, PerplexityFilter):
+        return f"windows of {spec.window} tokens" if spec.window else "whole message"
+    if isinstance(spec, RetokenizeFilter):
+        return f"split rate {spec.split_rate:g}"
+    if isinstance(spec, CharsetFilter):
+        return f"{spec.allow}, {spec.action}"
+    return f"prompt {spec.prompt!r}"

@@ -42,6 +42,8 @@ REPORT_SCHEMA_VERSION = 8
 CONTROLS_SCHEMA_VERSION = 2
 
 Runtime = Literal["embedded", "mqtt"]  # where the nodes ran: this process, or volunteers over MQTT
+INCOMPLETE = "INCOMPLETE"  # the file in a run folder that marks it unfinished (and says why)
+PARTIAL_MARK = "*"  # how every rendering marks a partial row (`Report.is_partial`)
 # what one scored position is: a token of the shared tokenizer, or (several tokenizers) a byte of the text
 Unit = Literal["token", "byte"]
 
@@ -385,6 +387,14 @@ class Report(_Record):
         if row.row == "yardstick" or self.unit == "byte":
             return row.n_rounds is not None and row.n_rounds < self.n_eval_rounds
         return row.n_tokens < self.n_eval_tokens
+
+    def interval_text(self) -> str:
+        """How the CIs were computed: the method in words (version 6 on), or, before 6, the
+        block bootstrap used, with its blocks and resamples."""
+        if self.schema_version < 6:
+            rule = f": {self.block_rule}" if self.block_rule else ""
+            return f"95% CIs from a paired block bootstrap over rounds (blocks of {self.block_rounds} rounds{rule}, {self.n_boot} resamples)"
+        return f"95% CIs paired over rounds: {self.interval_method or 'method not recorded'}"
 
     def coverage(self, row: RowReport) -> str:
         """What a row was scored on: '3/10 rounds', or '96/320 tokens' in an older report."""

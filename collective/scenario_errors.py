@@ -129,3 +129,7 @@ def format_validation_error(source: str, error: ValidationError, data: Any, know
             shown = "nothing"
         lines.append(f"  - {format_loc(loc)}: {message}; found {shown}")
     return "\n".join(lines)
+
+
+class RunError(Exception):
+    """A run cannot start or go on; the message is meant for the user."""

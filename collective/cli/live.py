@@ -202,7 +202,7 @@ def _load_report(run_dir: Path) -> Report:
     """The report.json of a run folder; a missing or unreadable one is a WatchError that says why."""
     from pydantic import ValidationError
 
-    from collective.run.rundir import INCOMPLETE
+    from collective.records import INCOMPLETE
 
     path = run_dir / "report.json"
     if not path.exists():

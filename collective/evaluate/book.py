@@ -15,6 +15,7 @@ report sorts them.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import torch
@@ -26,9 +27,16 @@ from collective.evaluate.metrics import (
     pooled_round_stats,
 )
 from collective.lm.predictions import TokenPredictions
-from collective.records import MEMBER_ROWS, POOLED_ROWS, MemberRow, RowKind
-from collective.run.node import NodeRoundResult
-from collective.run.pools import PooledPrediction
+from collective.outcomes import NodeRoundResult, PooledPrediction
+from collective.records import (
+    MEMBER_ROWS,
+    POOLED_ROWS,
+    MemberRow,
+    MessageSearch,
+    RowKind,
+    ScreenRecord,
+    Unit,
+)
 
 
 class RowKey(NamedTuple):
@@ -104,3 +112,22 @@ class RoundBook:
     def stats(self) -> dict[RowKey, RoundStats]:
         """Each row's rounds as one RoundStats, in booking order."""
         return {key: RoundStats.concat(parts) for key, parts in self._rounds.items()}
+
+
+@dataclass
+class EngineResult:
+    """What the round engine hands the evaluator: the book and the run's totals."""
+
+    book: RoundBook
+    rounds_done: int
+    eval_rounds_done: int
+    missed_rounds: dict[str, int]
+    messages_sent: int
+    messages_dropped: int
+    messages_truncated: int
+    wall_seconds: float
+    eval_tokens: int
+    eval_bytes: int
+    message_searches: dict[str, list[MessageSearch]] = field(default_factory=dict)  # node -> every round's search
+    screened: dict[str, list[ScreenRecord]] = field(default_factory=dict)  # receiver -> its firewall's records, every round
+    unit: Unit = "token"  # what the book's positions are: tokens, or bytes (`collective.run.byte_mode`)

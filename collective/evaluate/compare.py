@@ -20,9 +20,8 @@ from rich.table import Table
 from rich.text import Text
 
 from collective.evaluate.tdist import t_critical
-from collective.records import ROW_TITLES, Report, Unit, nll_unit
-from collective.report.report_view import PARTIAL_MARK, interval_text
-from collective.run.prepared import RunError
+from collective.records import PARTIAL_MARK, ROW_TITLES, Report, Unit, nll_unit
+from collective.scenario_errors import RunError
 
 MAX_RUN_COLUMNS = 6
 
@@ -148,7 +147,7 @@ def compare_reports(reports: Sequence[Report], labels: Sequence[str] | None = No
         scenarios=tuple(r.scenario for r in reports),
         rows=tuple(rows),
         gains=tuple(gains),
-        interval_methods=tuple(dict.fromkeys(interval_text(r) for r in reports)),
+        interval_methods=tuple(dict.fromkeys(r.interval_text() for r in reports)),
         unit=unit,
     )
 

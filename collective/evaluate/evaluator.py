@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from collective.evaluate.book import RowKey
+from collective.evaluate.book import EngineResult, RowKey
 from collective.evaluate.gains import (
     RULE_COMPLETE,
     Gains,
@@ -33,6 +33,7 @@ from collective.evaluate.gains import (
 )
 from collective.evaluate.intervals import PairedIntervals, gap_share
 from collective.evaluate.metrics import Estimate, RoundStats, summarize
+from collective.message_specs import describe_filter, filter_labels
 from collective.records import (
     MEMBER_ROWS,
     ROW_ORDER,
@@ -48,8 +49,6 @@ from collective.records import (
     ScreenRecord,
     YardstickGap,
 )
-from collective.run.engine import EngineResult
-from collective.run.firewall import describe_filter, filter_labels
 from collective.scenario import FirewallFilter, PerplexityFilter, Scenario
 
 

@@ -46,7 +46,6 @@ from collective.evaluate.intervals import paired_intervals
 from collective.evaluate.metrics import Estimate, RoundStats
 from collective.evaluate.sweep import apply_override, read_finished
 from collective.records import FilterFit, RoundEvent, RunRecord
-from collective.run.prepared import RunError
 from collective.scenario import (
     AttackMessage,
     FirewallFilter,
@@ -55,6 +54,7 @@ from collective.scenario import (
     ScenarioError,
     parse_scenario,
 )
+from collective.scenario_errors import RunError
 
 SILENT_TOLERANCE = 1e-4  # nats/token: how far two variants' silent ensembles may differ (float rounding)
 NO_FIREWALL_NOTE = (

@@ -19,7 +19,7 @@ from typing import TypeVar
 import torch
 
 from collective.lm.predictions import TokenPredictions
-from collective.run.pools import PooledPrediction
+from collective.outcomes import PooledPrediction
 
 LN2 = math.log(2.0)
 

@@ -35,7 +35,7 @@ from collective.evaluate.intervals import paired_intervals
 from collective.evaluate.metrics import Estimate, RoundStats
 from collective.evaluate.sweep import Cell, cell_folder
 from collective.records import RoundEvent, RunStart, Unit, nll_unit, parse_event
-from collective.run.prepared import RunError
+from collective.scenario_errors import RunError
 
 logger = logging.getLogger(__name__)
 

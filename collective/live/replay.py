@@ -22,8 +22,7 @@ from typing import IO
 
 from pydantic import ValidationError
 
-from collective.records import EVENT_SCHEMA_VERSION, RunEnd, RunRecord, parse_event
-from collective.run.rundir import INCOMPLETE
+from collective.records import EVENT_SCHEMA_VERSION, INCOMPLETE, RunEnd, RunRecord, parse_event
 
 log = logging.getLogger(__name__)
 

@@ -30,6 +30,7 @@ from collective.evaluate.gains import controller_effect
 from collective.evaluate.intervals import TOO_FEW_ROUNDS
 from collective.evaluate.metrics import Estimate
 from collective.records import (
+    PARTIAL_MARK,
     ROW_TITLES,
     FilterFit,
     FilterReport,
@@ -49,7 +50,6 @@ SHORT_TITLES: dict[str, str] = {
     "reference": "reference",
     "yardstick": "yardstick",
 }
-PARTIAL_MARK = "*"
 
 
 def _label(row: RowReport, short: bool = False) -> str:
@@ -321,15 +321,6 @@ def _rejected(rejected: dict[str, dict[str, int]]) -> str:
 # ---------------------------------------------------------------------------- markdown
 
 
-def interval_text(report: Report) -> str:
-    """How the report's CIs were computed: the method in words (version 6 on), or, for a
-    report older than 6, the block bootstrap it used, with its blocks and resamples."""
-    if report.schema_version < 6:
-        rule = f": {report.block_rule}" if report.block_rule else ""
-        return f"95% CIs from a paired block bootstrap over rounds (blocks of {report.block_rounds} rounds{rule}, {report.n_boot} resamples)"
-    return f"95% CIs paired over rounds: {report.interval_method or 'method not recorded'}"
-
-
 def _markdown_size(report: Report) -> str:
     """'320 eval tokens (1400 bytes)', or for a byte-unit report '1400 eval bytes'."""
     return eval_size(report) if report.unit == "byte" else f"{report.n_eval_tokens} eval tokens ({report.eval_bytes} bytes)"
@@ -349,7 +340,7 @@ def report_markdown(report: Report, images: list[tuple[str, str]] | None = None)
         "",
         f"Run `{report.run_id}`, seed {report.seed}, {report.runtime} runtime, aggregator {report.aggregator}; "
         f"{_markdown_size(report)} in {n} rounds of {report.round_tokens}{' stream tokens' if report.unit == 'byte' else ''}; "
-        f"{interval_text(report)}.",
+        f"{report.interval_text()}.",
         "",
         f"**{report.verdict}**",
         "",

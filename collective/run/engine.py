@@ -26,7 +26,7 @@ from typing import Literal, Protocol
 import networkx as nx
 import torch
 
-from collective.evaluate.book import RoundBook
+from collective.evaluate.book import EngineResult, RoundBook
 from collective.evaluate.metrics import RoundStats, member_round_stats
 from collective.lm.codec import start_token
 from collective.lm.models import LoadedModel
@@ -40,7 +40,7 @@ from collective.run.bus import (
     message_token_budgets,
     render_messages,
 )
-from collective.run.byte_mode import ByteMode, Unit, round_targets
+from collective.run.byte_mode import ByteMode, round_targets
 from collective.run.messages import ReceiverContext, message_frame
 from collective.run.node import NodeRoundRequest, NodeRoundResult, compute_rounds
 from collective.run.observation import Observer
@@ -52,23 +52,6 @@ from collective.scenario import AttackMessage, FirewallFilter, NodeSpec, Scenari
 log = logging.getLogger(__name__)
 
 Results = dict[str, NodeRoundResult | None]  # node id -> its part of a round (None: missed)
-
-
-@dataclass
-class EngineResult:
-    book: RoundBook
-    rounds_done: int
-    eval_rounds_done: int
-    missed_rounds: dict[str, int]
-    messages_sent: int
-    messages_dropped: int
-    messages_truncated: int
-    wall_seconds: float
-    eval_tokens: int
-    eval_bytes: int
-    message_searches: dict[str, list[MessageSearch]] = field(default_factory=dict)  # node -> every round's search
-    screened: dict[str, list[ScreenRecord]] = field(default_factory=dict)  # receiver -> its firewall's records, every round
-    unit: Unit = "token"  # what the book's positions are: tokens, or bytes (`collective.run.byte_mode`)
 
 
 class Executor(Protocol):

@@ -31,6 +31,7 @@ import torch
 
 from collective.lm.codec import TextCodec, pad_id, start_token, stop_ids
 from collective.lm.scoring import ScoreItem, generate, score_items
+from collective.message_specs import filter_labels
 from collective.records import MessageRecord, ScreenRecord
 from collective.run.bus import render_messages
 from collective.scenario import (
@@ -97,24 +98,6 @@ class Screened:
             sender=m.sender, receiver=self.receiver, round_sent=m.round_sent, action=action, filter=by,
             score=self.score, threshold=self.threshold, text=self.text if action == "rewrite" else None, seconds=self.seconds,
         )
-
-
-def filter_labels(filters: Sequence[FirewallFilter]) -> list[str]:
-    """Each filter's name in records and the report: its kind, numbered (`perplexity#2`) when
-    the kind comes more than once in the firewall."""
-    kinds = [f.kind for f in filters]
-    return [kind if kinds.count(kind) == 1 else f"{kind}#{i + 1}" for i, kind in enumerate(kinds)]
-
-
-def describe_filter(spec: FirewallFilter) -> str:
-    """A filter's settings in words (the threshold apart)."""
-    if isinstance(spec, PerplexityFilter):
-        return f"windows of {spec.window} tokens" if spec.window else "whole message"
-    if isinstance(spec, RetokenizeFilter):
-        return f"split rate {spec.split_rate:g}"
-    if isinstance(spec, CharsetFilter):
-        return f"{spec.allow}, {spec.action}"
-    return f"prompt {spec.prompt!r}"
 
 
 # ---------------------------------------------------------------------------- the filters, pure

@@ -21,7 +21,7 @@ Every context starts with the tokenizer's BOS (or EOS) token, then:
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -30,7 +30,8 @@ from collective.lm.codec import TextCodec, pad_id, start_token, stop_ids
 from collective.lm.models import LoadedModel
 from collective.lm.predictions import TokenPredictions
 from collective.lm.scoring import ScoreItem, Speak, score_and_speak, score_items
-from collective.records import MessageRecord, MessageSearch, ScreenRecord
+from collective.outcomes import NodeRoundResult
+from collective.records import MessageRecord, MessageSearch
 from collective.run.bus import enforce_budget
 from collective.run.firewall import InboxRead, ReadInbox, read_inboxes
 from collective.run.messages import (
@@ -83,23 +84,6 @@ class NodeRoundRequest:
     # a byte-unit run (`collective.run.byte_mode`): the round's bytes; every row is then the
     # node's next-byte distribution at each of them (prefix_ids, round_inputs: its own tokens)
     round_bytes: bytes | None = None
-
-
-@dataclass
-class NodeRoundResult:
-    node_id: str
-    round_index: int
-    collective: TokenPredictions  # one member row each
-    isolated: TokenPredictions | None
-    plain: TokenPredictions | None
-    message_text: str | None
-    inbox_tokens: int
-    messages: list[MessageRecord] = field(default_factory=list)
-    message_search: MessageSearch | None = None
-    screened: list[ScreenRecord] = field(default_factory=list)  # what its firewall did to each inbox message
-    # a shuffled message (`shuffle`, `generate` with `shuffle: true`): whether its receivers read
-    # the unshuffled message's tokens, as many (`collective.run.shuffle`); None: not shuffled
-    shuffle_matched: bool | None = None
 
 
 def token_ids(values: Sequence[int]) -> torch.Tensor:

@@ -44,6 +44,7 @@ from dataclasses import dataclass
 import torch
 
 from collective.lm.predictions import TokenPredictions
+from collective.outcomes import PooledPrediction
 
 # Upper bound on the elements of one (chunk, C) temporary of the candidate pools: 1M
 # float64 = 8 MB, so that the handful of such temporaries stays well under 100 MB; at
@@ -54,25 +55,6 @@ _CHUNK_ELEMENTS = 1 << 20
 # float32 top-K log-probabilities resolve next to 1. Without it a member whose top-K seems
 # to hold all its mass would give the realized token probability 0 under the log pool.
 MIN_TAIL_MASS = float(torch.finfo(torch.float32).eps)
-
-
-@dataclass(frozen=True)
-class PooledPrediction:
-    """The pooled (collective) prediction at T positions.
-
-    target_logprob: (T,) float32, log p(y_t) of the realized token under the pool.
-    top1: (T,) int64, the pool's most likely token (-1 where there is no prediction).
-    weights: (T, N) float32 member weights used at each position (0 for absent members),
-        or None.
-    """
-
-    target_logprob: torch.Tensor
-    top1: torch.Tensor
-    weights: torch.Tensor | None = None
-
-    @property
-    def n_positions(self) -> int:
-        return int(self.target_logprob.shape[0])
 
 
 @dataclass(frozen=True)

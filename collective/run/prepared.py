@@ -45,11 +45,8 @@ from collective.scenario import (
     Scenario,
     SearchMessage,
 )
+from collective.scenario_errors import RunError
 from topologies import build_topology
-
-
-class RunError(Exception):
-    """A run cannot start or go on; the message is meant for the user."""
 
 
 @dataclass

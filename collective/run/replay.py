@@ -12,8 +12,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from collective.records import RoundEvent, parse_event
-from collective.run.rundir import INCOMPLETE
+from collective.records import INCOMPLETE, RoundEvent, parse_event
 from collective.scenario import ReplayMessage, Scenario, ScenarioError, load_scenario
 
 # what must be equal for round r of the replayed run to be round r of this one

@@ -17,7 +17,7 @@ from typing import IO
 
 from pydantic import BaseModel
 
-INCOMPLETE = "INCOMPLETE"
+from collective.records import INCOMPLETE
 
 
 def default_run_dir(scenario_name: str, root: Path = Path("runs")) -> Path:
