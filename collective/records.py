@@ -361,7 +361,9 @@ class Report(_Record):
         None, description="the gap to `evaluation.yardstick` the collective closes (None: no yardstick, or before version 7)"
     )
     best_member_rule: str = Field("", description="how the best member was chosen ('' before version 3)")
-    partial_members: list[str] = Field(default_factory=list, description="members not scored on every eval round")
+    partial_members: list[str] = Field(
+        default_factory=list, description="members with a partial row (`partial_nodes`: the rows `is_partial` marks)"
+    )
     block_rule: str = Field("", description="why the bootstrap blocks are `block_rounds` long ('' before version 3)")
     control_prompts: dict[str, str] = Field(default_factory=dict)
     missed_rounds: dict[str, int] = Field(default_factory=dict)
@@ -387,6 +389,12 @@ class Report(_Record):
         if row.row == "yardstick" or self.unit == "byte":
             return row.n_rounds is not None and row.n_rounds < self.n_eval_rounds
         return row.n_tokens < self.n_eval_tokens
+
+    def partial_nodes(self) -> list[str]:
+        """The members with a partial member row, in row order: the one definition of a
+        partial member (what `partial_members` stores)."""
+        rows = [row for row in self.rows if row.node_id is not None and row.row in MEMBER_ROWS]
+        return list(dict.fromkeys(row.node_id for row in rows if row.node_id is not None and self.is_partial(row)))
 
     def interval_text(self) -> str:
         """How the CIs were computed: the method in words (version 6 on), or, before 6, the

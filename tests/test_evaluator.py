@@ -155,6 +155,22 @@ def test_the_intervals_do_not_depend_on_the_seed_or_the_old_bootstrap_settings()
     assert first.communication_gain == other.communication_gain and first.rows == other.rows
 
 
+def test_a_partial_member_is_one_with_a_row_the_report_marks_partial_whatever_it_missed():
+    """One definition: a node whose plain row lost a position of one round (no round missed)
+    is a partial member, as its row is marked partial; a node with complete rows is not."""
+    rows = _rows()
+    result = _result(rows)
+    tokens = {key: list(TOKENS) for key in rows}
+    tokens[("member_plain", "a")][3] -= 1
+    result.book = RoundBook.from_rounds(
+        {key: [_stats([v], [tokens[key][r]]) for r, v in enumerate(values)] for key, values in rows.items()}
+    )
+    report = build_report(_scenario(), result, run_id="r")
+    marked = [(row.row, row.node_id) for row in report.rows if report.is_partial(row)]
+    assert marked == [("member_plain", "a")] and report.row("member_plain", "a").n_rounds == len(TOKENS)
+    assert report.partial_members == report.partial_nodes() == ["a"]
+
+
 def test_a_member_that_missed_rounds_is_marked_left_out_of_the_best_member_and_named_in_the_verdict():
     rows = _rows(a=2.0, b=2.5, collective=2.3)  # a, the lowest NLL, misses rounds 2 and 5
     result = _result(rows, missed={"a": 2, "b": 0})

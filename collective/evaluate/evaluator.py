@@ -83,7 +83,7 @@ def build_report(
     missed = unscored_rounds(scenario, stats)
     note = missed_rounds_note(missed, result.eval_rounds_done, cg, mg, headline.best_member_rule)
     gap = yardstick_gap(scenario, stats, headline)
-    return Report(
+    report = Report(
         run_id=run_id,
         scenario=scenario.name,
         seed=scenario.seed,
@@ -107,12 +107,12 @@ def build_report(
         message_searches={node_id: MessageSearchSummary.of(found) for node_id, found in result.message_searches.items() if found},
         firewalls=firewall_reports(result, firewalls or {}, firewall_fits or {}),
         best_member_rule=best_member_rule(headline, missed, result.eval_rounds_done),
-        partial_members=[node_id for node_id in scenario.node_ids if missed.get(node_id)],
         control_prompts=control_prompts or {},
         missed_rounds={k: v for k, v in result.missed_rounds.items() if v},
         rejected_envelopes={k: dict(v) for k, v in (rejected_envelopes or {}).items() if v},
         **_counts(result),
     )
+    return report.model_copy(update={"partial_members": report.partial_nodes()})
 
 
 def yardstick_gap(

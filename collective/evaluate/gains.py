@@ -44,7 +44,6 @@ class Gains(Generic[Row]):
     communication_gain: NLL(silent ensemble) - NLL(collective); > 0: messages helped.
     Each `Estimate.n_rounds` is the rounds its two sides share.
     best_member: the isolated row chosen by `best_member_rule` (None: no member was scored).
-    partial_members: the isolated rows not scored on every eval round.
     intervals: every row's CI and every gain's (one call of `paired_intervals`).
     controller_gains: per prompted member's isolated row, NLL(its plain row) - NLL(it); > 0:
     its control prompt helps it.
@@ -54,7 +53,6 @@ class Gains(Generic[Row]):
     communication_gain: Estimate
     best_member: Row | None
     best_member_rule: str
-    partial_members: tuple[Row, ...]
     intervals: PairedIntervals[Row]
     controller_gains: dict[Row, Estimate] = field(default_factory=dict)
 
@@ -98,7 +96,6 @@ def gains(
         communication_gain=result.differences[(silent, collective)],
         best_member=best,
         best_member_rule=rule,
-        partial_members=tuple(name for name in isolated if not rows[name].complete),
         intervals=result,
         controller_gains={prompted: result.differences[(plain, prompted)] for plain, prompted in controlled},
     )
