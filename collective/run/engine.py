@@ -130,17 +130,19 @@ class _Tally:
     searches: dict[str, list[MessageSearch]] = field(default_factory=dict)
     screened: dict[str, list[ScreenRecord]] = field(default_factory=dict)
 
-    def add(self, results: Results) -> list[MessageRecord]:
-        """Count one round; returns its messages."""
+    def add(self, results: Results, node_ids: list[str]) -> tuple[list[MessageRecord], list[ScreenRecord]]:
+        """Count one round; returns its messages and its screen records (receivers in node
+        order), which its event carries as they are."""
         messages = [m for r in results.values() if r is not None for m in r.messages]
         self.messages.extend(messages)
         for node_id, result in results.items():
             if result is not None and result.message_search is not None:
                 self.searches.setdefault(node_id, []).append(result.message_search)
-            if result is not None and result.screened:
-                self.screened.setdefault(node_id, []).extend(result.screened)
+        screened = [s for node_id in node_ids if (r := results.get(node_id)) is not None for s in r.screened]
+        for record in screened:
+            self.screened.setdefault(record.receiver, []).append(record)
         self.rounds_done += 1
-        return messages
+        return messages, screened
 
     def add_eval(self, results: Results, targets: torch.Tensor, token_bytes: torch.Tensor) -> None:
         """Count what an eval round scored, and who missed it."""
@@ -299,9 +301,9 @@ class RoundEngine:
                     targets=targets, token_bytes=token_bytes, yardstick=self._yardstick(start, token_bytes),
                 )
                 tally.add_eval(results, targets, token_bytes)
-            messages = tally.add(results)
+            messages, screened = tally.add(results, self.scenario.node_ids)
             if on_event is not None:
-                on_event(self._event(round_index, results, messages, pools, round_began, began))
+                on_event(self._event(round_index, results, (messages, screened), pools, round_began, began))
         return EngineResult(
             book=book,
             rounds_done=tally.rounds_done,
@@ -382,11 +384,12 @@ class RoundEngine:
         self,
         round_index: int,
         results: Results,
-        messages: list[MessageRecord],
+        sent: tuple[list[MessageRecord], list[ScreenRecord]],
         pools: RoundPools,
         round_began: float,
         began: float,
     ) -> RoundEvent:
+        """The round's event; `sent`: its messages and screen records, as the tally took them."""
         phase = self.phase(round_index)
         now = time.perf_counter()
         return RoundEvent(
@@ -397,8 +400,8 @@ class RoundEngine:
             start_token=self.round_start(round_index),
             n_tokens=self.round_tokens,
             nodes=[node_round(node_id, results.get(node_id)) for node_id in self.scenario.node_ids],
-            messages=messages,
-            screened=[s for node_id in self.scenario.node_ids if (r := results.get(node_id)) is not None for s in r.screened],
+            messages=sent[0],
+            screened=sent[1],
             nll_collective=_nanmean_nll(pools.collective.target_logprob),
             nll_silent=_nanmean_nll(pools.silent.target_logprob),
             nll_reference=float(-pools.reference.target_logprob.mean()),
