@@ -13,6 +13,7 @@ from collective.run.bus import (
     is_dropped,
     link_policies,
     message_token_budgets,
+    outgoing_messages,
 )
 from collective.scenario import BusSpec, LinkOverride
 
@@ -215,3 +216,41 @@ def test_a_dropped_message_never_reaches_the_inbox(tiny_tok):
             assert f"m{round_index}\n" not in shown
         else:
             assert shown == f"a: m{round_index}\n"
+
+
+class _CountingCodec:
+    """A tokenizer that counts its encode calls."""
+
+    def __init__(self, codec) -> None:
+        self.codec, self.encoded = codec, 0
+
+    def encode(self, text, add_special_tokens=True):
+        self.encoded += 1
+        return self.codec.encode(text, add_special_tokens=add_special_tokens)
+
+    def decode(self, ids, skip_special_tokens=False):
+        return self.codec.decode(ids, skip_special_tokens=skip_special_tokens)
+
+
+@pytest.mark.parametrize("text", ["hi", TEXT * 4])
+def test_a_broadcast_encodes_its_text_once_for_all_links_and_cuts_it_once_per_budget(tiny_tok, text):
+    """Four out-links, three of one budget and one tighter: each record is the text cut to its
+    link's budget, with one tokenizer call for the text and, per distinct budget, only the
+    calls that re-measure its cut."""
+    receivers = ["b", "c", "d", "e"]
+    bus = BusSpec(max_message_tokens=12, max_message_bytes=64, links=[LinkOverride(source="a", target="e", max_message_tokens=5)])
+    policies = link_policies(bus, [("a", r) for r in receivers])
+    codec = _CountingCodec(tiny_tok)
+    records = outgoing_messages("a", text, 3, receivers, policies, codec, 0)
+    remeasured = 0
+    for budget in {(p.max_message_tokens, p.max_message_bytes) for p in policies.values()}:
+        alone = _CountingCodec(tiny_tok)
+        enforce_budget(text, alone, *budget)
+        remeasured += alone.encoded - 1  # its first call encodes the whole text
+    for record in records:
+        policy = policies[("a", record.receiver)]
+        cut, n_tokens, n_bytes, truncated = enforce_budget(text, tiny_tok, policy.max_message_tokens, policy.max_message_bytes)
+        assert (record.text, record.n_tokens, record.n_bytes, record.truncated) == (cut, n_tokens, n_bytes, truncated)
+    assert records[0].text == records[1].text == records[2].text
+    assert records[3].truncated == (text != "hi") == (remeasured > 0)
+    assert codec.encoded == 1 + remeasured

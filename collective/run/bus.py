@@ -80,12 +80,16 @@ def _tightest(bus: BusSpec, graph: nx.DiGraph, name: str) -> dict[str, int]:
     }
 
 
-def enforce_budget(text: str, codec: TextCodec, max_tokens: int, max_bytes: int) -> tuple[str, int, int, bool]:
-    """Cut `text` to at most `max_tokens` tokens and `max_bytes` UTF-8 bytes.
+def enforce_budget(
+    text: str, codec: TextCodec, max_tokens: int, max_bytes: int, ids: Sequence[int] | None = None
+) -> tuple[str, int, int, bool]:
+    """Cut `text` to at most `max_tokens` tokens and `max_bytes` UTF-8 bytes (`ids`: the text's
+    tokens, when the caller has them already).
 
     Returns (text, n_tokens, n_bytes, truncated). Bytes are cut at a character boundary.
     """
-    ids = codec.encode(text, add_special_tokens=False)
+    if ids is None:
+        ids = codec.encode(text, add_special_tokens=False)
     raw = text.encode("utf-8")
     if len(ids) <= max_tokens and len(raw) <= max_bytes:
         return text, len(ids), len(raw), False  # fits as it is: nothing cut, nothing to measure again
@@ -139,13 +143,18 @@ def outgoing_messages(
     codec: TextCodec,
     seed: int,
 ) -> list[MessageRecord]:
-    """The broadcast of `text` from `sender` as one record per out-link."""
+    """The broadcast of `text` from `sender` as one record per out-link. The text is encoded
+    once for all links, and cut once per distinct budget (the tokenizer is most of what a
+    message costs the bus)."""
+    ids = codec.encode(text, add_special_tokens=False)
+    cuts: dict[tuple[int, int], tuple[str, int, int, bool]] = {}
     records = []
     for receiver in receivers:
         policy = policies[(sender, receiver)]
-        cut, n_tokens, n_bytes, truncated = enforce_budget(
-            text, codec, policy.max_message_tokens, policy.max_message_bytes
-        )
+        budget = (policy.max_message_tokens, policy.max_message_bytes)
+        if budget not in cuts:
+            cuts[budget] = enforce_budget(text, codec, *budget, ids=ids)
+        cut, n_tokens, n_bytes, truncated = cuts[budget]
         records.append(
             MessageRecord(
                 sender=sender,
