@@ -118,12 +118,13 @@ class Traffic:
         self.screened: dict[tuple[str, int], list[ScreenRecord]] = {}
         send, accept = MqttExecutor._send_request, RoundCollector.accept
 
-        async def sending(executor: MqttExecutor, node_id: str, payload: RequestPayload, round_index: int) -> None:
-            self.requests[(node_id, round_index)] = payload
-            await send(executor, node_id, payload, round_index)
+        async def sending(executor: MqttExecutor, target: str, payloads: list[RequestPayload], round_index: int) -> None:
+            for payload in payloads:  # a lone node's request, or a host's nodes' (one envelope)
+                self.requests[(payload.node_id, round_index)] = payload
+            await send(executor, target, payloads, round_index)
 
-        def accepting(collector: RoundCollector, node_id: str, round_index: int, result: ResultPayload) -> None:
-            accept(collector, node_id, round_index, result)
+        def accepting(collector: RoundCollector, node_id: str, round_index: int, result: ResultPayload, via: str | None = None) -> None:
+            accept(collector, node_id, round_index, result, via)
             self.screened[(node_id, round_index)] = list(result.screened)
 
         monkeypatch.setattr(MqttExecutor, "_send_request", sending)

@@ -115,15 +115,18 @@ def encode_packed(
     run_id: str, sender: str, round_index: int, parts: Sequence[T], pack: Callable[[Sequence[T]], Payload], max_bytes: int
 ) -> list[bytes]:
     """The envelopes that carry `parts` (a host's nodes' requests or results), each at most
-    `max_bytes`: all in one when they fit, else split in halves until each fits. One part
-    that alone is over `max_bytes` goes alone (the receiver rejects it as oversized)."""
+    `max_bytes`: all in one when they fit, else cut into as many even slices as the whole's
+    size asks for, and each slice again until it fits. A part that alone is over `max_bytes`
+    goes alone (its receiver drops it as oversized)."""
     raw = encode(envelope(run_id, sender, pack(parts), round_index))
     if len(raw) <= max_bytes or len(parts) <= 1:
         return [raw]
-    half = len(parts) // 2
+    n_slices = min(len(parts), max(2, -(-len(raw) // max_bytes)))
+    bounds = [len(parts) * k // n_slices for k in range(n_slices + 1)]
     return [
-        *encode_packed(run_id, sender, round_index, parts[:half], pack, max_bytes),
-        *encode_packed(run_id, sender, round_index, parts[half:], pack, max_bytes),
+        packed
+        for start, end in zip(bounds, bounds[1:])
+        for packed in encode_packed(run_id, sender, round_index, parts[start:end], pack, max_bytes)
     ]
 
 
