@@ -16,6 +16,7 @@ from collective.run.bus import (
     outgoing_messages,
 )
 from collective.scenario import BusSpec, LinkOverride
+from tests.test_scale import CountingCodec
 
 TEXT = "The quick brown fox jumps over the lazy dog, and then the dog sleeps again."
 
@@ -218,20 +219,6 @@ def test_a_dropped_message_never_reaches_the_inbox(tiny_tok):
             assert shown == f"a: m{round_index}\n"
 
 
-class _CountingCodec:
-    """A tokenizer that counts its encode calls."""
-
-    def __init__(self, codec) -> None:
-        self.codec, self.encoded = codec, 0
-
-    def encode(self, text, add_special_tokens=True):
-        self.encoded += 1
-        return self.codec.encode(text, add_special_tokens=add_special_tokens)
-
-    def decode(self, ids, skip_special_tokens=False):
-        return self.codec.decode(ids, skip_special_tokens=skip_special_tokens)
-
-
 @pytest.mark.parametrize("text", ["hi", TEXT * 4])
 def test_a_broadcast_encodes_its_text_once_for_all_links_and_cuts_it_once_per_budget(tiny_tok, text):
     """Four out-links, three of one budget and one tighter: each record is the text cut to its
@@ -240,11 +227,11 @@ def test_a_broadcast_encodes_its_text_once_for_all_links_and_cuts_it_once_per_bu
     receivers = ["b", "c", "d", "e"]
     bus = BusSpec(max_message_tokens=12, max_message_bytes=64, links=[LinkOverride(source="a", target="e", max_message_tokens=5)])
     policies = link_policies(bus, [("a", r) for r in receivers])
-    codec = _CountingCodec(tiny_tok)
+    codec = CountingCodec(tiny_tok)
     records = outgoing_messages("a", text, 3, receivers, policies, codec, 0)
     remeasured = 0
     for budget in {(p.max_message_tokens, p.max_message_bytes) for p in policies.values()}:
-        alone = _CountingCodec(tiny_tok)
+        alone = CountingCodec(tiny_tok)
         enforce_budget(text, alone, *budget)
         remeasured += alone.encoded - 1  # its first call encodes the whole text
     for record in records:

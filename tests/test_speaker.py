@@ -82,19 +82,24 @@ def test_the_speak_objective_lowers_the_receivers_train_nll_as_a_run_of_the_coll
     assert found.validation_loss == pytest.approx(_receivers_nll(prepared, held_out), abs=1e-4)
 
 
-def test_the_end_to_end_objective_decides_which_candidate_is_kept_not_the_surrogate(tiny_model_dir, tmp_path, monkeypatch):
-    """Among prompts the surrogate ranks A < B and the true objective B < A (and B below the
-    initial prompt), a step that proposes both keeps B."""
-    spec = {**SPEAK, "steps": 1, "validation_rounds": 0}
-    prepared = _prepared(tmp_path, tiny_model_dir, spec)
+def _word_prompts(tmp_path, model_dir, spec: dict[str, Any]):
+    """The prepared run with node a at its initial prompt, the speak objective on its training
+    rounds, and 64 three-word prompts (64, 3) to hand a search."""
+    prepared = _prepared(tmp_path, model_dir, spec)
     init = _initial_ids(GCGController.model_validate(spec), prepared.tokenizer)
     prepared.control_ids["a"] = init
     training = _Training.of(prepared)
     objective = SpeakObjective(prepared, "a", _record(prepared, training.scenario), [r for r, _ in training.last(3)], "x")
-    tokenizer = prepared.tokenizer
-    words = [tokenizer.encode(f" {w}", add_special_tokens=False) for w in ["the", "a", "of", "is", "to", "in", "and", "for"]]
-    prompts = torch.tensor([w1 + w2 + w3 for w1 in words[:4] for w2 in words[2:6] for w3 in words[4:]])  # (64, 3)
+    words = [prepared.tokenizer.encode(f" {w}", add_special_tokens=False) for w in ["the", "a", "of", "is", "to", "in", "and", "for"]]
+    prompts = torch.tensor([w1 + w2 + w3 for w1 in words[:4] for w2 in words[2:6] for w3 in words[4:]])
     assert prompts.shape == (64, 3)
+    return prepared, init, objective, prompts
+
+
+def test_the_end_to_end_objective_decides_which_candidate_is_kept_not_the_surrogate(tiny_model_dir, tmp_path, monkeypatch):
+    """Among prompts the surrogate ranks A < B and the true objective B < A (and B below the
+    initial prompt), a step that proposes both keeps B."""
+    prepared, init, objective, prompts = _word_prompts(tmp_path, tiny_model_dir, {**SPEAK, "steps": 1, "validation_rounds": 0})
     true = objective.losses(prompts)
     surrogate = relay_surrogate(objective).scores(prompts).loss.cpu()
     initial = float(objective.losses(torch.tensor([init]))[0])
@@ -157,14 +162,7 @@ def test_the_validation_slice_scores_the_lowest_training_loss_prompt_so_far_not_
     """Patience counts as `objective: local` and `collective` count it: after each step the slice
     scores the best prompt so far. Steps whose best is worse than an earlier step's leave that
     earlier prompt the one validated, and it is not scored again."""
-    spec = {**SPEAK, "steps": 3, "patience": 2}
-    prepared = _prepared(tmp_path, tiny_model_dir, spec)
-    init = _initial_ids(GCGController.model_validate(spec), prepared.tokenizer)
-    prepared.control_ids["a"] = init
-    training = _Training.of(prepared)
-    objective = SpeakObjective(prepared, "a", _record(prepared, training.scenario), [r for r, _ in training.last(3)], "x")
-    words = [prepared.tokenizer.encode(f" {w}", add_special_tokens=False) for w in ["the", "a", "of", "is", "to", "in", "and", "for"]]
-    prompts = torch.tensor([w1 + w2 + w3 for w1 in words[:4] for w2 in words[2:6] for w3 in words[4:]])  # (64, 3)
+    prepared, init, objective, prompts = _word_prompts(tmp_path, tiny_model_dir, {**SPEAK, "steps": 3, "patience": 2})
     true = objective.losses(prompts)
     best, worst = int(true.argmin()), int(true.argmax())
     assert float(true[best]) < float(objective.losses(torch.tensor([init]))[0]) - 1e-3 < float(true[worst])
