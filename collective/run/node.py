@@ -148,11 +148,7 @@ def compute_rounds(
     listeners = {i: sequences.add(collective_contexts[i], r) for i, r in enumerate(requests) if i not in speakers}
     parts = (sequences.items[:n_without_bus], sequences.items[n_without_bus:])
     token_rows = _token_rows(requests)  # else byte rows, by `_row_reader`
-    scored_parts = [
-        score_items(model, part, pad_id=pad, top_k=top_k, batch_tokens=batch_tokens) for part in parts if part and token_rows
-    ]
-    # None also when only speakers' rows are asked for (every node speaks, no isolated or plain row)
-    scored = TokenPredictions.stack(scored_parts) if scored_parts else None
+    scored = _score_parts(model, parts, pad, top_k, batch_tokens) if token_rows else None
     collective_rows = {} if scored is None else {i: scored.select([slot]) for i, slot in listeners.items()}
     said: dict[int, list[int]] = {}
     if speakers:
@@ -183,6 +179,15 @@ def compute_rounds(
         )
         for index, (request, (isolated, plain)) in enumerate(zip(requests, without_bus))
     ]
+
+
+def _score_parts(
+    model: torch.nn.Module, parts: tuple[list[ScoreItem], ...], pad: int, top_k: int, batch_tokens: int
+) -> TokenPredictions | None:
+    """The token rows of every part's sequences, each part in batches of its own; None when
+    there is nothing to score (every node speaks and no isolated or plain row is asked for)."""
+    scored = [score_items(model, part, pad_id=pad, top_k=top_k, batch_tokens=batch_tokens) for part in parts if part]
+    return TokenPredictions.stack(scored) if scored else None
 
 
 RowReader = Callable[[int, int | None], TokenPredictions]
