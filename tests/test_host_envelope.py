@@ -86,6 +86,15 @@ def test_an_honest_host_envelope_counts_each_of_its_nodes(tiny_tok):
     assert dropped == {} and counted == {"a", "b"}
 
 
+def _not_base64(state: HostRound) -> ResultPayload:
+    """b's rows with a blob of the right length that is not base64 (checked when decoded)."""
+    honest = state.result("b", 0)
+    row = honest.collective
+    blob = row.target_logprob.model_copy(update={"data": "!!!!" + row.target_logprob.data[4:]})  # type: ignore[union-attr]
+    bad = row.model_copy(update={"target_logprob": blob})
+    return honest.model_copy(update={"collective": bad, "isolated": bad, "plain": bad})
+
+
 def _long_record(state: HostRound):
     record = state.result("b", 0, text="hi").messages[0]
     return record.model_copy(update={"text": "x" * 500})
@@ -100,6 +109,7 @@ CORRUPTIONS = {
         ),
         "malformed",
     ),
+    "malformed: rows that are not base64": (_not_base64, "malformed"),
     "malformed: a missing row": (lambda s: s.result("b", 0).model_copy(update={"plain": None}), "malformed"),
     "malformed: records without a text": (lambda s: s.result("b", 0, text="hi").model_copy(update={"message_text": None}), "malformed"),
     "malformed: screen records without a firewall": (
