@@ -97,6 +97,12 @@ def host_groups(node_ids: list[str], per_host: int | None) -> list[list[str]]:
     return [node_ids[i : i + size] for i in range(0, len(node_ids), size)]
 
 
+def hosts_of(n_nodes: int, per_host: int, max_hosts: int) -> int:
+    """Nodes per host in the per-host configuration: `per_host`, or more when that would start
+    more than `max_hosts` processes (each loads torch and the model: memory)."""
+    return max(per_host, -(-n_nodes // max(1, max_hosts)))
+
+
 def scenario_spec(n_nodes: int, model_dir: Path, rounds: int, warmup: int, round_tokens: int, top_k: int) -> dict[str, Any]:
     """N tiny nodes on a ring (relay messages: each node's message is a slice of what it read)."""
     lagged = {"kind": "lagged", "tokens": 16, "lag": round_tokens}
@@ -389,9 +395,12 @@ def run_sweep(args: argparse.Namespace) -> int:
           f"(medians); Mosquitto on 127.0.0.1 {'with a login and ACL per host' if args.logins else 'anonymous, no ACL'}; {os.cpu_count()} cores, load {os.getloadavg()[0]:.1f}", flush=True)
     points = []
     for n_nodes in counts:
-        for per_host in (None, args.per_host):
+        for per_host in (None, hosts_of(n_nodes, args.per_host, args.max_hosts)):
             if per_host is not None and per_host >= n_nodes:
                 continue  # one host per 16 of 16 nodes is the one-host configuration
+            if per_host is not None and per_host != args.per_host:
+                print(f"  {n_nodes} nodes: hosts of {per_host} (--max-hosts {args.max_hosts}: a host process holds "
+                      f"~300 MiB of its own)", flush=True)
             points.append(_point(args, n_nodes, per_host, folder))
             low, high = spread(points[-1], "overhead_ms")
             print(f"  {n_nodes} nodes, {points[-1]['config']}: overhead {points[-1]['overhead_ms']:.1f} ms/round "
@@ -424,6 +433,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=2, help="rounds not measured (joins, first passes)")
     parser.add_argument("--repeats", type=int, default=3, help="runs of each point (each a fresh process); the median and the spread are shown")
     parser.add_argument("--per-host", type=int, default=16, help="nodes per host process in the second configuration")
+    parser.add_argument("--max-hosts", type=int, default=16,
+                        help="at most this many host processes (about 300 MiB each): more nodes go into larger hosts")
     parser.add_argument("--round-tokens", type=int, default=8)
     parser.add_argument("--top-k", type=int, default=64, help="candidates kept per position (the scenario default: 64)")
     parser.add_argument("--out", help="folder for scale.csv, scale.json and scale.png (default: a temp folder)")

@@ -11,13 +11,19 @@ from types import SimpleNamespace
 import pytest
 import yaml
 
-from bench.scale import host_groups, scenario_spec
+from bench.scale import host_groups, hosts_of, scenario_spec
 from bench.scale_fit import growth, linear_fit, segment_exponents, top_segment_range
 from collective.distributed import backend as node_backend
 from collective.distributed.host_batch import HostBackend
 from collective.distributed.protocol import Rejected
 from collective.distributed.volunteer import NodeModel, SoloBackend, published_scenario
 from collective.scenario import EvaluationSpec
+
+
+def test_hosts_grow_past_their_size_only_where_the_host_count_would_pass_its_limit():
+    assert [hosts_of(n, 16, 16) for n in (64, 256, 1024)] == [16, 16, 64]  # 1024 in 16 hosts of 64, not 64 of 16
+    assert hosts_of(1000, 16, 16) == 63 and len(host_groups([str(i) for i in range(1000)], 63)) == 16
+    assert hosts_of(1024, 16, 64) == 16
 
 
 def test_a_fixed_cost_plus_a_cost_per_node_is_fitted_as_a_plus_b_n():
