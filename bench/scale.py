@@ -202,7 +202,7 @@ def run_point(args: argparse.Namespace) -> dict[str, Any]:
 
     torch.set_num_threads(1)
     from bench.bus import reaped
-    from collective.distributed.broker import users_for
+    from collective.distributed.broker import max_packet_size_for, users_for
     from collective.distributed.coordinator import connect_executor
     from collective.lm.models import ModelPool
     from collective.run.runner import prepare, run_prepared
@@ -227,7 +227,9 @@ def run_point(args: argparse.Namespace) -> dict[str, Any]:
     host_peaks: list[float] = []
     logins = {f"host{k}": group for k, group in enumerate(groups)} if args.logins else {}
     users = {**users_for(scenario), **{login: f"{login}-pass" for login in logins}} if args.logins else {}
-    with running_broker(folder / "broker", users=users, hosts=logins) as broker:
+    # the packet size `collective broker --scenario` writes: a host envelope is packed up to it
+    packet = max_packet_size_for(scenario)
+    with running_broker(folder / "broker", users=users, hosts=logins, max_packet_size=packet) as broker:
         broker_pid = broker.process.pid
         urls = [broker.url(login) for login in logins] if args.logins else [broker.url()] * len(groups)
         hosts = _start_hosts(folder, urls, "scale", groups, profile)
