@@ -315,10 +315,10 @@ def plot(pooled: dict[tuple[str, str, str, int], Pooled], path: Path) -> None:
                            color=colours.get(base, "C4"), label=policy, alpha=0.6 if base != policy else 1.0)
         panel.axhline(0, color="black", lw=0.8)
         panel.set_xscale("log")
-        panel.set_title(f"{shape}, {source}")
+        panel.set_title(f"{shape}, {source} (bars: 95% CI within the stretches)", fontsize=9)
         panel.set_xlabel("bytes delivered per link per round")
         panel.grid(alpha=0.3)
-    panels[0].set_ylabel("communication gain, nats/token (95% CI within the stretches)")
+    panels[0].set_ylabel("communication gain, nats/token")
     panels[0].legend(fontsize=8)
     _save(figure, path)
 
