@@ -218,8 +218,9 @@ def _broker_from_hostfile(tmp_path: Path, hosts_yaml: str, port: int) -> tuple[i
 
 
 async def _what_arrives(port: int, topics) -> tuple[list[str], list[str]]:
-    """The box login publishes as its node a and as b, c (not its own), and listens to a's and
-    b's requests; the coordinator listens to every node topic and sends a request to a and b."""
+    """The box login publishes as its node a and as b, c (not its own), and listens to a's, b's
+    and its own login's requests (protocol 6: a host's requests come on coord/to/<host>); the
+    coordinator listens to every node topic and sends a request to a, b and box."""
     import asyncio
     import contextlib
 
@@ -231,7 +232,7 @@ async def _what_arrives(port: int, topics) -> tuple[list[str], list[str]]:
         "127.0.0.1", port, username="coordinator", password="coord-pass"
     ) as coordinator:
         await coordinator.subscribe(f"{topics.root}/nodes/#", qos=1)
-        for node in ("a", "b"):
+        for node in ("a", "b", "box"):
             await box.subscribe(topics.to_node(node), qos=1)
             await coordinator.publish(topics.to_node(node), b"{}", qos=1)
         for topic in (topics.result("b"), topics.status("c"), topics.message("b", "a"), topics.result("a")):
@@ -273,4 +274,5 @@ def test_a_host_login_of_a_broker_without_a_scenario_cannot_publish_as_or_read_f
         process.terminate()
         process.wait(timeout=10)
     assert heard_coordinator == [topics.result("a")], "the broker let box publish as a node it does not hold"
-    assert heard_box == [topics.to_node("a")], "the broker let box read a node's requests it does not hold"
+    # a host reads its requests on its own login's topic only: not a node's, held or not
+    assert heard_box == [topics.to_node("box")], "the broker let box read a node's requests"
