@@ -16,7 +16,8 @@ disconnect). The model runs in a worker thread, so the connection keeps answerin
 broker while a round is computed. What a person should see goes to `report`, one line
 an event. Where the model comes from and where a round is computed is its `NodeBackend`
 (`backend`): `SoloBackend` (its own copy, its one request), or a host's shared models and
-batched rounds in `host` (one process serving several nodes).
+batched rounds in `host` (one process serving several nodes), where a node has no connection of
+its own (`link`: the host's) and hands its round's messages and result to the host (`sink`).
 """
 
 from __future__ import annotations
@@ -92,15 +93,12 @@ class NodeLink(Protocol):
     """How a node talks to the broker: its own `Connection`, or its host's (`host.MemberLink`)."""
 
     async def run(self) -> None: ...
-
     def stop(self) -> None: ...
-
     async def publish(self, topic: str, payload: bytes, *, retain: bool = False) -> bool: ...
 
 
 Sent = list[tuple[str, bytes]]  # (topic, envelope) of a round's messages
-# a host's node hands its round to the host: the round, the node, its messages, its result
-ResultSink = Callable[[int, str, Sent, ResultPayload], Awaitable[None]]
+ResultSink = Callable[[int, str, Sent, ResultPayload], Awaitable[None]]  # a host's node's round: to its host
 
 
 class Volunteer:
