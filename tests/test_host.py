@@ -42,7 +42,9 @@ pytestmark = pytest.mark.mqtt
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory, tiny_tok, tiny_lm) -> World:
+def world(tmp_path_factory, tiny_tok, tiny_lm, one_torch_thread) -> World:
+    # the embedded numbers on one thread, as the host computes them (`--threads 1`): a matmul
+    # split over two threads sums in another order, and the bitwise comparison would see it
     return build_world(tmp_path_factory.mktemp("host"), tiny_tok, tiny_lm)
 
 
