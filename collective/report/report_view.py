@@ -87,8 +87,8 @@ def _gain(gain: Gain, n_rounds: int, unit: Unit = "token") -> str:
 
 
 BYTE_UNIT_NOTE = (
-    "the members have different tokenizers: every row is scored on each next byte of the eval text (NLL in "
-    "nats/byte, perplexity per byte, top-1 over bytes; bits/byte = NLL / ln 2)"
+    "a byte-unit run (models with different tokenizers, or evaluation.unit: byte): every row is scored on each "
+    "next byte of the eval text (NLL in nats/byte, perplexity per byte, top-1 over bytes; bits/byte = NLL / ln 2)"
 )
 
 
