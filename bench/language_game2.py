@@ -37,7 +37,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import subprocess
 import sys
 from collections import defaultdict
 from dataclasses import dataclass
@@ -46,6 +45,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.language_game import _call  # noqa: E402  (one way to run a sweep command, shared)
 from collective.evaluate.compare import mean_ci  # noqa: E402
 from collective.evaluate.paired import PairedComparison, compare_cells, read_cell_run  # noqa: E402
 from collective.evaluate.sweep import Cell, cell_folder  # noqa: E402
@@ -117,11 +117,6 @@ def run(args: argparse.Namespace) -> None:
                 else:
                     sets = policy_sets(policy, args)
                 _call(sweep_command(args, seed, offset, str(budget), sets, stretch / f"{policy}-b{budget}"))
-
-
-def _call(command: list[str]) -> None:
-    print("$", " ".join(command), flush=True)
-    subprocess.run(command, check=True, cwd=ROOT)
 
 
 # ---------------------------------------------------------------------------- reading the cells
