@@ -204,7 +204,7 @@ def parse_report(run_dir: Path) -> Any:
     return Report.model_validate_json((run_dir / "report.json").read_text())
 
 
-def main() -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m", help="a model reference, or `tiny` (random, float32)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
@@ -218,7 +218,11 @@ def main() -> int:
         "capped at the core count (see the rule above)",
     )
     parser.add_argument("--host-threads", type=int, default=None, help="torch threads of the one host process (default: --threads)")
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> int:
+    args = build_parser().parse_args()
     import os
 
     import torch

@@ -69,6 +69,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -195,18 +196,35 @@ async def _disable(profile: cProfile.Profile) -> None:
     profile.disable()
 
 
-def run_point(args: argparse.Namespace) -> dict[str, Any]:
-    """One (N, configuration) point: broker, hosts, the coordinator here; returns its measures."""
-    import torch
+def per_round_measures(samples: list[dict[str, float]], walls: list[float], compute: list[float], collect: list[float],
+                       warmup: int) -> list[dict[str, float]]:
+    """Each measured round's columns (ms, bytes) from the samples taken before and after it
+    (`samples[i]` before round i: one more sample than rounds), its wall time, the slowest
+    node's compute and the coordinator's collect time; the first `warmup` rounds left out."""
+    per_round = []
+    for index in range(warmup, len(walls)):
+        before, after = samples[index], samples[index + 1]
+        per_round.append({
+            "round_ms": 1000 * walls[index],
+            "compute_ms": 1000 * compute[index],
+            "overhead_ms": 1000 * (walls[index] - compute[index]),
+            "bus_ms": 1000 * (collect[index] - compute[index]),
+            "engine_ms": 1000 * (walls[index] - collect[index]),
+            "coord_cpu_ms": 1000 * (after["cpu"] - before["cpu"]),
+            "mqtt_cpu_ms": 1000 * (after["mqtt"] - before["mqtt"]),
+            "broker_cpu_ms": 1000 * (after["broker"] - before["broker"]),
+            "hosts_cpu_ms": 1000 * (after["hosts"] - before["hosts"]),
+            "bytes_in": after["in"] - before["in"],
+            "bytes_out": after["out"] - before["out"],
+        })
+    return per_round
 
-    torch.set_num_threads(1)
-    from bench.bus import reaped
-    from collective.distributed.broker import max_packet_size_for, users_for
-    from collective.distributed.coordinator import connect_executor
+
+def _prepare_point(args: argparse.Namespace) -> tuple[Path, Any]:
+    """A fresh folder with the tiny model and the point's scenario, prepared (models loaded)."""
     from collective.lm.models import ModelPool
-    from collective.run.runner import prepare, run_prepared
+    from collective.run.runner import prepare
     from collective.scenario import load_scenario
-    from tests.mosquitto import running_broker
     from tests.tiny import tiny_llama, tiny_tokenizer
 
     folder = Path(tempfile.mkdtemp(prefix=f"bench-scale-{args.point}-"))
@@ -216,9 +234,31 @@ def run_point(args: argparse.Namespace) -> dict[str, Any]:
     spec = scenario_spec(args.point, folder / "tiny", args.rounds, args.warmup, args.round_tokens, args.top_k)
     (folder / "scenario.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
     scenario = load_scenario(folder / "scenario.yaml")
-    prepared = prepare(scenario, ModelPool(cache_dir=folder / "cache"), base_dir=folder)
-    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    groups = host_groups(scenario.node_ids, None if args.one_host else args.per_host)
+    return folder, prepare(scenario, ModelPool(cache_dir=folder / "cache"), base_dir=folder)
+
+
+@dataclass(frozen=True)
+class MeasuredRun:
+    """A point's distributed run as sampled: `samples` once before the first round and after
+    each round, each round's wall time, the hosts' peak memory at the last round, the time
+    every node took to join, and the executor's round collector (its collect and compute times)."""
+
+    samples: list[dict[str, float]]
+    walls: list[float]
+    host_peaks: list[float]
+    joined_s: float
+    rounds: Any
+
+
+def _run_measured(args: argparse.Namespace, folder: Path, prepared: Any, groups: list[list[str]]) -> MeasuredRun:
+    """The distributed run of the point: broker, hosts, the coordinator here (see `MeasuredRun`)."""
+    from bench.bus import reaped
+    from collective.distributed.broker import max_packet_size_for, users_for
+    from collective.distributed.coordinator import connect_executor
+    from collective.run.runner import run_prepared
+    from tests.mosquitto import running_broker
+
+    scenario = prepared.scenario
     profile = Path(args.profile) if args.profile else None
     label = f"{args.point}-{'one' if len(groups) == 1 else f'per{args.per_host}'}"
     samples: list[dict[str, float]] = []
@@ -252,23 +292,19 @@ def run_point(args: argparse.Namespace) -> dict[str, Any]:
             samples.append(_sample(broker_pid, loop_clock, hosts))
             profiler = RoundProfiler(executor, None if profile is None else profile / f"coordinator-{label}.prof")
             run_prepared(prepared, folder / "run", executor=executor, runtime="mqtt", on_event=on_event)
-    compute, collect = executor.rounds.round_compute_s, executor.rounds.round_wall_s
-    per_round = []
-    for index in range(args.warmup, len(walls)):
-        before, after = samples[index], samples[index + 1]
-        per_round.append({
-            "round_ms": 1000 * walls[index],
-            "compute_ms": 1000 * compute[index],
-            "overhead_ms": 1000 * (walls[index] - compute[index]),
-            "bus_ms": 1000 * (collect[index] - compute[index]),
-            "engine_ms": 1000 * (walls[index] - collect[index]),
-            "coord_cpu_ms": 1000 * (after["cpu"] - before["cpu"]),
-            "mqtt_cpu_ms": 1000 * (after["mqtt"] - before["mqtt"]),
-            "broker_cpu_ms": 1000 * (after["broker"] - before["broker"]),
-            "hosts_cpu_ms": 1000 * (after["hosts"] - before["hosts"]),
-            "bytes_in": after["in"] - before["in"],
-            "bytes_out": after["out"] - before["out"],
-        })
+    return MeasuredRun(samples, walls, host_peaks, joined_s, executor.rounds)
+
+
+def run_point(args: argparse.Namespace) -> dict[str, Any]:
+    """One (N, configuration) point: broker, hosts, the coordinator here; returns its measures."""
+    import torch
+
+    torch.set_num_threads(1)
+    folder, prepared = _prepare_point(args)
+    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    groups = host_groups(prepared.scenario.node_ids, None if args.one_host else args.per_host)
+    run = _run_measured(args, folder, prepared, groups)
+    per_round = per_round_measures(run.samples, run.walls, run.rounds.round_compute_s, run.rounds.round_wall_s, args.warmup)
     medians = {name: statistics.median(r[name] for r in per_round) for name in COLUMNS}
     # the broker's CPU time moves in clock ticks (10 ms): its mean over the measured rounds
     medians["broker_cpu_ms"] = statistics.fmean(r["broker_cpu_ms"] for r in per_round)
@@ -276,9 +312,9 @@ def run_point(args: argparse.Namespace) -> dict[str, Any]:
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return {
         "nodes": args.point, "config": CONFIGS[0] if len(groups) == 1 else CONFIGS[1], "hosts": len(groups),
-        "rounds": len(per_round), "join_s": joined_s, **medians,
+        "rounds": len(per_round), "join_s": run.joined_s, **medians,
         "ms_per_node": medians["overhead_ms"] / args.point, "coord_mib": rss, "coord_growth_mib": rss - rss_before,
-        "host_mib": max(host_peaks, default=math.nan), "per_round": per_round,
+        "host_mib": max(run.host_peaks, default=math.nan), "per_round": per_round,
     }
 
 

@@ -11,7 +11,7 @@ from types import SimpleNamespace
 import pytest
 import yaml
 
-from bench.scale import host_groups, hosts_of, scenario_spec
+from bench.scale import host_groups, hosts_of, per_round_measures, scenario_spec
 from bench.scale_fit import growth, linear_fit, segment_exponents, top_segment_range
 from collective.distributed import backend as node_backend
 from collective.distributed.host_batch import HostBackend
@@ -61,6 +61,22 @@ def test_growth_fits_every_repeat_and_gives_the_top_segment_with_its_range():
     assert (fit["a"], fit["b"]) == pytest.approx((40.0, 0.5))
     assert fit["segments"][-1][2] == pytest.approx(math.log(168 / 72) / math.log(4))
     assert fit["top_range"] == pytest.approx((math.log(167 / 73) / math.log(4), math.log(169 / 71) / math.log(4)))
+
+
+def test_a_rounds_measures_are_the_samples_after_it_less_those_before_it_and_the_warm_up_is_left_out():
+    """Three rounds, one of warm-up: samples before round 0 and after each round; round r's CPU
+    and bytes are sample r+1 less sample r, its overhead its wall less the slowest compute."""
+    samples = [
+        {"t": 0.0, "cpu": 10.0 * k * k, "mqtt": 2.0 * k, "broker": 0.5 * k, "in": 100 * k, "out": 7 * k * k, "hosts": 3.0 * k}
+        for k in range(4)
+    ]
+    walls, compute, collect = [9.0, 0.5, 0.25], [8.0, 0.125, 0.0625], [8.5, 0.375, 0.1875]
+    rows = per_round_measures(samples, walls, compute, collect, warmup=1)
+    assert [row["coord_cpu_ms"] for row in rows] == [1000 * (40.0 - 10.0), 1000 * (90.0 - 40.0)]
+    assert [row["bytes_out"] for row in rows] == [28 - 7, 63 - 28]
+    assert [row["round_ms"] for row in rows] == [500.0, 250.0]
+    assert [(row["overhead_ms"], row["bus_ms"], row["engine_ms"]) for row in rows] == [(375.0, 250.0, 125.0), (187.5, 125.0, 62.5)]
+    assert all(row["mqtt_cpu_ms"] == 2000.0 and row["hosts_cpu_ms"] == 3000.0 and row["bytes_in"] == 100 for row in rows)
 
 
 def test_host_groups_hold_every_node_once_in_order():

@@ -116,6 +116,29 @@ def distinct_starts(links: Sequence[tuple[ViewSpec, int]], train_tokens: int, ro
     return starts
 
 
+BenignLink = tuple[str, int, int]  # an in-link's sender, its relay's tokens, the link's byte budget
+
+
+def benign_links(scenario: Scenario, graph: nx.DiGraph, receiver: str, field: str) -> list[BenignLink]:
+    """The in-links of `receiver` that carry benign messages: (sender, tokens, max bytes), the
+    tokens its relay quotes (the sender's budget, cut to this link's), a silent sender's or a
+    0-token link left out; a `ValueError` (naming `field`) when none is left."""
+    policies = link_policies(scenario.bus, graph.edges())
+    budgets = message_token_budgets(scenario.bus, graph)
+    links = [
+        (sender, min(budgets[sender], policies[(sender, receiver)].max_message_tokens), policies[(sender, receiver)].max_message_bytes)
+        for sender in graph.predecessors(receiver)
+        if _benign_policy(scenario.node(sender).message) != "silent"
+    ]
+    links = [link for link in links if link[1] > 0]
+    if not links:
+        raise ValueError(
+            f"{field}: no in-neighbour sends a benign message to fit the threshold on (every sender is silent "
+            "or has a 0-token budget); give the filter a `threshold`"
+        )
+    return links
+
+
 def benign_messages(
     scenario: Scenario, graph: nx.DiGraph, observer: Observer, tokenizer: TextCodec, receiver: str, index: int
 ) -> FitSample:
@@ -131,20 +154,8 @@ def benign_messages(
     assert isinstance(spec, PerplexityFilter)
     bus = scenario.bus
     train = len(observer.stream)
-    policies = link_policies(bus, graph.edges())
-    budgets = message_token_budgets(bus, graph)
-    links = [
-        (sender, min(budgets[sender], policies[(sender, receiver)].max_message_tokens), policies[(sender, receiver)].max_message_bytes)
-        for sender in graph.predecessors(receiver)
-        if _benign_policy(scenario.node(sender).message) != "silent"
-    ]
-    links = [link for link in links if link[1] > 0]
     field = f"nodes.{receiver}.firewall[{index}] (perplexity)"
-    if not links:
-        raise ValueError(
-            f"{field}: no in-neighbour sends a benign message to fit the threshold on (every sender is silent "
-            "or has a 0-token budget); give the filter a `threshold`"
-        )
+    links = benign_links(scenario, graph, receiver, field)
     longest = max(tokens for _, tokens, _ in links)
     context = scenario.evaluation.context_tokens
     starts = distinct_starts([(scenario.node(s).view, t) for s, t, _ in links], train, bus.round_tokens, context)
@@ -165,18 +176,25 @@ def benign_messages(
     out: list[list[MessageRecord]] = [[], []]
     for half, rounds in zip(out, halves, strict=True):
         for m, at in enumerate(rounds):
-            sender, tokens, max_bytes = links[m % len(links)]
-            seen = observer.observe(sender, at)
-            relayed = torch.cat([seen.prefix_ids, seen.round_inputs])[-tokens:]
-            if _benign_policy(scenario.node(sender).message) == "shuffle":
-                relayed = relayed[torch.randperm(len(relayed), generator=gen)]
-            text = tokenizer.decode(relayed.tolist(), skip_special_tokens=True)
-            text, n_tokens, n_bytes, _ = enforce_budget(text, tokenizer, tokens, max_bytes)
             sent = -1 - len(out[0]) - len(out[1])
-            half.append(
-                MessageRecord(sender=sender, receiver=receiver, round_sent=sent, deliver_round=0, text=text, n_tokens=n_tokens, n_bytes=n_bytes)
-            )
+            half.append(_relay(scenario, observer, tokenizer, gen, links[m % len(links)], receiver, at, sent))
     return FitSample(out[0], out[1], len(starts))
+
+
+def _relay(
+    scenario: Scenario, observer: Observer, tokenizer: TextCodec, gen: torch.Generator, link: BenignLink, receiver: str,
+    at: int, sent: int,
+) -> MessageRecord:
+    """The link's sender's relay of the round at `at` (shuffled with `gen` for a shuffling
+    sender), decoded and cut to the link's budgets, as a record sent in round `sent`."""
+    sender, tokens, max_bytes = link
+    seen = observer.observe(sender, at)
+    relayed = torch.cat([seen.prefix_ids, seen.round_inputs])[-tokens:]
+    if _benign_policy(scenario.node(sender).message) == "shuffle":
+        relayed = relayed[torch.randperm(len(relayed), generator=gen)]
+    text = tokenizer.decode(relayed.tolist(), skip_special_tokens=True)
+    text, n_tokens, n_bytes, _ = enforce_budget(text, tokenizer, tokens, max_bytes)
+    return MessageRecord(sender=sender, receiver=receiver, round_sent=sent, deliver_round=0, text=text, n_tokens=n_tokens, n_bytes=n_bytes)
 
 
 def fitted_threshold(scores: torch.Tensor, spec: PerplexityFilter) -> float:
