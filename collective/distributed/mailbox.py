@@ -54,7 +54,6 @@ class Mailbox:
 
     def __post_init__(self) -> None:
         self.inbox = Inbox(self.node_id, self.in_neighbours, self.scenario.bus.retain)
-        self._run_nodes = frozenset(self.scenario.node_ids)  # once: a host holds a mailbox per node
 
     def hold(self, sender: str, record: MessageRecord, now: int) -> None:
         """Check a message that arrived on the link sender -> this node (`now`: the latest round
@@ -62,8 +61,10 @@ class Mailbox:
         a message of this run."""
         if record.sender != sender or record.receiver != self.node_id:
             raise Rejected("spoofed", f"a record {record.sender} -> {record.receiver} on the link {sender} -> {self.node_id}")
-        if sender not in self._run_nodes:
-            raise Rejected("unknown_node", f"{sender!r} is not a node of this run")
+        try:
+            self.scenario.node_index(sender)  # O(1): the scenario keeps its ids by position
+        except KeyError:
+            raise Rejected("unknown_node", f"{sender!r} is not a node of this run") from None
         if sender not in self.in_neighbours:
             raise Rejected("not_neighbour", f"{sender} -> {self.node_id} is not a link of the topology")
         policy = self.policies[(sender, self.node_id)]
