@@ -241,3 +241,21 @@ def test_a_broadcast_encodes_its_text_once_for_all_links_and_cuts_it_once_per_bu
     assert records[0].text == records[1].text == records[2].text
     assert records[3].truncated == (text != "hi") == (remeasured > 0)
     assert codec.encoded == 1 + remeasured
+
+
+def test_two_budgets_that_cut_a_message_to_the_same_text_encode_that_cut_once(tiny_tok):
+    """Two links of 5 tokens, one of 64 bytes and one of 200: the token cut binds on both, so
+    both carry the same cut, and the broadcast encodes the message once and that cut once (the
+    two budgets' cuts measured separately would encode it twice)."""
+    receivers = ["b", "c"]
+    bus = BusSpec(max_message_tokens=5, max_message_bytes=64, links=[LinkOverride(source="a", target="c", max_message_bytes=200)])
+    policies = link_policies(bus, [("a", r) for r in receivers])
+    codec = CountingCodec(tiny_tok)
+    records = outgoing_messages("a", TEXT * 4, 3, receivers, policies, codec, 0)
+    assert records[0].text == records[1].text and records[0].truncated and records[0].n_tokens <= 5
+    assert (records[0].text, records[0].n_tokens, records[0].n_bytes) == enforce_budget(TEXT * 4, tiny_tok, 5, 64)[:3]
+    assert codec.encoded == 2
+    ids = tiny_tok.encode(TEXT * 4, add_special_tokens=False)
+    again = CountingCodec(tiny_tok)
+    assert outgoing_messages("a", TEXT * 4, 3, receivers, policies, again, 0, ids=ids) == records
+    assert again.encoded == 1  # the caller's tokens of the message: only the cut is encoded

@@ -199,3 +199,28 @@ def test_checking_a_results_messages_encodes_each_text_once_and_gives_the_link_p
     check = ResultCheck(top_k=4, seed=0, vocab_sizes={}, out_neighbours={"a": receivers}, policies=policies, codec=codec)
     assert check.messages("a", 3, SimpleNamespace(message_text=text, messages=records)) == records  # type: ignore[arg-type]
     assert codec.encoded == len({text, records[0].text})
+
+
+def test_records_claiming_more_than_a_links_budget_are_over_budget_and_each_text_is_encoded_once(tiny_tok):
+    """A node that sends its uncut text over four links of 8 tokens: rejected as over budget,
+    with one tokenizer call for its text and one for the cut the check computed (the forged
+    records' texts are the message's: not encoded again, per link or at all)."""
+    from collective.distributed.validation import ResultCheck
+    from collective.run.bus import link_policies, outgoing_messages
+    from collective.specs import BusSpec
+
+    text = "a message far longer than any link of this run lets through, cut to fit " * 3
+    receivers = ["b", "c", "d", "e"]
+    policies = link_policies(BusSpec(max_message_tokens=8, max_message_bytes=1000), [("a", r) for r in receivers])
+    loose = link_policies(BusSpec(max_message_tokens=1000, max_message_bytes=1000), [("a", r) for r in receivers])
+    forged = outgoing_messages("a", text, 3, receivers, loose, tiny_tok, 0)
+    codec = CountingCodec(tiny_tok)
+    check = ResultCheck(top_k=4, seed=0, vocab_sizes={}, out_neighbours={"a": receivers}, policies=policies, codec=codec)
+    with pytest.raises(Rejected) as caught:
+        check.messages("a", 3, SimpleNamespace(message_text=text, messages=forged))  # type: ignore[arg-type]
+    assert caught.value.reason == "over_budget"
+    assert codec.encoded == 2
+    honest = outgoing_messages("a", text, 3, receivers, policies, tiny_tok, 0)
+    ids = tiny_tok.encode(text, add_special_tokens=False)
+    assert check.messages("a", 3, SimpleNamespace(message_text=text, messages=honest), ids=ids) == honest  # type: ignore[arg-type]
+    assert codec.encoded == 3  # with the text's tokens given: the cut alone

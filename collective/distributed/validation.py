@@ -29,24 +29,6 @@ from collective.run.node import NodeRoundResult
 from collective.scenario import CharsetFilter, FirewallFilter, PerplexityFilter
 
 
-class EncodeOnce:
-    """A codec that encodes each text once: a message is cut to every out-link's budget, mostly
-    to the same text, and the tokenizer is most of what checking a result costs."""
-
-    def __init__(self, codec: TextCodec) -> None:
-        self.codec = codec
-        self._ids: dict[tuple[str, bool], list[int]] = {}
-
-    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        key = (text, add_special_tokens)
-        if key not in self._ids:
-            self._ids[key] = list(self.codec.encode(text, add_special_tokens=add_special_tokens))
-        return list(self._ids[key])
-
-    def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
-        return self.codec.decode(ids, skip_special_tokens=skip_special_tokens)
-
-
 @dataclass(frozen=True)
 class ResultCheck:
     """The run's facts a result is checked against."""
@@ -83,23 +65,29 @@ class ResultCheck:
             if problem is not None:
                 raise Rejected("malformed", f"{node_id}'s {name} row: {problem}")
 
-    def messages(self, node_id: str, round_index: int, result: ResultPayload) -> list[MessageRecord]:
-        """The node's message records, which must be exactly what the link policies make of its text."""
+    def messages(
+        self, node_id: str, round_index: int, result: ResultPayload, ids: Sequence[int] | None = None
+    ) -> list[MessageRecord]:
+        """The node's message records, which must be exactly what the link policies make of its
+        text (`ids`: the text's tokens in the sender's tokenizer, when the caller encoded them)."""
         if result.message_text is None:
             if result.messages:
                 raise Rejected("malformed", f"{node_id} reported messages but no message text")
             return []
-        codec = EncodeOnce(self.codecs.get(node_id, self.codec))
-        expected = outgoing_messages(
-            node_id, result.message_text, round_index, self.out_neighbours[node_id], self.policies, codec, self.seed
-        )
+        codec = self.codecs.get(node_id, self.codec)
+        text = result.message_text
+        if ids is None:
+            ids = codec.encode(text, add_special_tokens=False)
+        expected = outgoing_messages(node_id, text, round_index, self.out_neighbours[node_id], self.policies, codec, self.seed, ids)
         if result.messages != expected:
+            counted = {text: len(ids), **{record.text: record.n_tokens for record in expected}}  # any other text: encoded once
             for record in result.messages:
                 policy = self.policies.get((record.sender, record.receiver))
-                if policy is not None and (
-                    len(record.text.encode("utf-8")) > policy.max_message_bytes
-                    or len(codec.encode(record.text, add_special_tokens=False)) > policy.max_message_tokens
-                ):
+                if policy is None:
+                    continue
+                if record.text not in counted:
+                    counted[record.text] = len(codec.encode(record.text, add_special_tokens=False))
+                if len(record.text.encode("utf-8")) > policy.max_message_bytes or counted[record.text] > policy.max_message_tokens:
                     raise Rejected("over_budget", f"{node_id} -> {record.receiver}: {record.n_tokens} tokens, {record.n_bytes} bytes")
             raise Rejected("malformed", f"{node_id}'s message records are not what the link policies make of its text")
         return expected

@@ -88,8 +88,21 @@ def enforce_budget(
 
     Returns (text, n_tokens, n_bytes, truncated). Bytes are cut at a character boundary.
     """
-    if ids is None:
-        ids = codec.encode(text, add_special_tokens=False)
+    return _cut(text, codec, max_tokens, max_bytes, {} if ids is None else {text: ids})
+
+
+def _cut(
+    text: str, codec: TextCodec, max_tokens: int, max_bytes: int, measured: dict[str, Sequence[int]]
+) -> tuple[str, int, int, bool]:
+    """`enforce_budget` with `measured` (text -> its tokens): what was encoded before, by this
+    cut or by another budget's cut of the same message (each text is encoded once)."""
+
+    def tokens(piece: str) -> Sequence[int]:
+        if piece not in measured:
+            measured[piece] = codec.encode(piece, add_special_tokens=False)
+        return measured[piece]
+
+    ids = tokens(text)
     raw = text.encode("utf-8")
     if len(ids) <= max_tokens and len(raw) <= max_bytes:
         return text, len(ids), len(raw), False  # fits as it is: nothing cut, nothing to measure again
@@ -104,7 +117,7 @@ def enforce_budget(
     # decode(encode(x)) may differ from x; re-measure what will travel, and drop characters
     # from the end until it fits (a cut text can re-tokenize longer; this always ends).
     while True:
-        ids = codec.encode(text, add_special_tokens=False)
+        ids = tokens(text)
         raw = text.encode("utf-8")
         if len(ids) <= max_tokens and len(raw) <= max_bytes:
             break
@@ -142,18 +155,20 @@ def outgoing_messages(
     policies: dict[tuple[str, str], LinkPolicy],
     codec: TextCodec,
     seed: int,
+    ids: Sequence[int] | None = None,
 ) -> list[MessageRecord]:
-    """The broadcast of `text` from `sender` as one record per out-link. The text is encoded
-    once for all links, and cut once per distinct budget (the tokenizer is most of what a
-    message costs the bus)."""
-    ids = codec.encode(text, add_special_tokens=False)
+    """The broadcast of `text` from `sender` as one record per out-link (`ids`: the text's
+    tokens in `codec`, when the caller has them already). Each text is encoded once for all
+    links, the message and every cut of it, and the message is cut once per distinct budget
+    (the tokenizer is most of what a message costs the bus and the coordinator's check)."""
+    measured: dict[str, Sequence[int]] = {} if ids is None else {text: ids}
     cuts: dict[tuple[int, int], tuple[str, int, int, bool]] = {}
     records = []
     for receiver in receivers:
         policy = policies[(sender, receiver)]
         budget = (policy.max_message_tokens, policy.max_message_bytes)
         if budget not in cuts:
-            cuts[budget] = enforce_budget(text, codec, *budget, ids=ids)
+            cuts[budget] = _cut(text, codec, *budget, measured)
         cut, n_tokens, n_bytes, truncated = cuts[budget]
         records.append(
             MessageRecord(
