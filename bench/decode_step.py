@@ -11,6 +11,8 @@ tokens) with each variant of the decode loop, side by side (interleaved, median 
   finished rows kept in the batch)
 - + drop finished: finished rows leave the batch (`drop_finished`, the default)
 - + packed linears: the same, with oneDNN's packed linear weights (`packed_linear`)
+- + cache in place: the same, the KV cache grown in place instead of by concatenation (the
+  default of `decoding.decode`)
 
 The bound is one pass reading every weight of the model (a sum over each parameter).
 
@@ -20,6 +22,7 @@ The bound is one pass reading every weight of the model (a sum over each paramet
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -32,7 +35,6 @@ import torch
 from collective.lm.codec import start_token, stop_ids
 from collective.lm.decoding import decode, output_cache
 from collective.lm.models import ModelPool
-from collective.lm.packed_linear import packed_linears
 from collective.lm.scoring import left_pad
 from collective.run.runner import prepare
 from collective.scenario import load_scenario
@@ -68,6 +70,27 @@ def decode_before(model: Any, cache: object, logits: torch.Tensor, mask: torch.T
     return [ids[:cap] for ids, cap in zip(new_ids, budgets)]
 
 
+def prepare_rows(budget: int) -> tuple[Any, Any, list[torch.Tensor]]:
+    """The quickstart's model, tokenizer and the 4 rows' prompts (text, then the speak prompt)."""
+    scenario = load_scenario(Path(__file__).parent.parent / "scenarios" / "quickstart.yaml")
+    prepared = prepare(scenario, ModelPool(), base_dir=Path.cwd())
+    lm = prepared.models["smol"]
+    speak = lm.tokenizer.encode(scenario.nodes[0].message.speak_prompt, add_special_tokens=False)  # type: ignore[union-attr]
+    starts, lengths = (0, 200, 400, 600), (150, 190, 170, 160)
+    prompts = [torch.cat([torch.tensor([start_token(lm.tokenizer)]), prepared.stream[s : s + n], torch.tensor(speak)])
+               for s, n in zip(starts, lengths)]
+    return lm.model, lm.tokenizer, prompts
+
+
+VARIANTS: dict[str, tuple[Callable[..., list[list[int]]], dict[str, Any]]] = {
+    "before": (decode_before, {}),
+    "+ own budgets": (decode, {"drop_finished": False, "packed": False, "in_place": False}),
+    "+ drop finished": (decode, {"drop_finished": True, "packed": False, "in_place": False}),
+    "+ packed linears": (decode, {"drop_finished": True, "packed": True, "in_place": False}),
+    "+ cache in place": (decode, {"drop_finished": True, "packed": True, "in_place": True}),
+}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--threads", type=int, default=None)
@@ -76,61 +99,40 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    scenario = load_scenario(Path(__file__).parent.parent / "scenarios" / "quickstart.yaml")
-    prepared = prepare(scenario, ModelPool(), base_dir=Path.cwd())
-    lm = prepared.models["smol"]
-    model, tok = lm.model, lm.tokenizer
-    speak = tok.encode(scenario.nodes[0].message.speak_prompt, add_special_tokens=False)  # type: ignore[union-attr]
-    starts, lengths = (0, 200, 400, 600), (150, 190, 170, 160)
-    prompts = [torch.cat([torch.tensor([start_token(tok)]), prepared.stream[s : s + n], torch.tensor(speak)])
-               for s, n in zip(starts, lengths)]
+    model, tok, prompts = prepare_rows(args.budget)
     ids, mask, positions = left_pad(prompts, start_token(tok))
 
-    def run(loop: Callable[..., list[list[int]]], wrap: bool, **options: Any) -> tuple[float, list[list[int]], int]:
+    def run(loop: Callable[..., list[list[int]]], **options: Any) -> tuple[float, list[list[int]], int]:
         with torch.no_grad():
             out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
             gens = [torch.Generator().manual_seed(i) for i in range(len(prompts))]
             began = time.perf_counter()
-            with packed_linears(model, enabled=wrap):
-                said = loop(model, output_cache(out), out.logits[:, -1, :], mask, positions[:, -1:] + 1,
-                            budgets=[args.budget] * len(prompts), stop_ids=stop_ids(tok), generators=gens,
-                            temperatures=[0.7] * len(prompts), **options)
+            said = loop(model, output_cache(out), out.logits[:, -1, :], mask, positions[:, -1:] + 1,
+                        budgets=[args.budget] * len(prompts), stop_ids=stop_ids(tok), generators=gens,
+                        temperatures=[0.7] * len(prompts), **options)
             return time.perf_counter() - began, said, max(len(s) for s in said)
 
-    variants: dict[str, tuple[Callable[..., list[list[int]]], bool, dict[str, Any]]] = {
-        "before": (decode_before, False, {}),
-        "+ own budgets": (decode, False, {"drop_finished": False, "packed": False}),
-        "+ drop finished": (decode, False, {"drop_finished": True, "packed": False}),
-        "+ packed linears": (decode, False, {"drop_finished": True, "packed": True}),
-    }
-    params = list(model.parameters())
-
-    def read_weights() -> tuple[float, list[list[int]], int]:
-        began = time.perf_counter()
-        for p in params:
-            p.sum()
-        return time.perf_counter() - began, [], 1
-
-    times: dict[str, list[float]] = {name: [] for name in [*variants, "bound"]}
+    times: dict[str, list[float]] = {name: [] for name in [*VARIANTS, "bound"]}
     said: dict[str, list[list[int]]] = {}
     for repeat in range(args.repeats + 1):  # the first round is a warm-up
-        for name, (loop, wrap, options) in variants.items():
-            seconds, said[name], steps = run(loop, wrap, **options)
+        for name, (loop, options) in VARIANTS.items():
+            seconds, said[name], steps = run(loop, **options)
             if repeat:
                 times[name].append(seconds / steps)
-        seconds, _, _ = read_weights()
+        began = time.perf_counter()
+        for p in model.parameters():  # the bound: read every weight once
+            p.sum()
         if repeat:
-            times["bound"].append(seconds)
-    lengths_said = [len(s) for s in said["before"]]
-    print(f"{len(prompts)} rows, prompts {[len(p) for p in prompts]} tokens, messages {lengths_said} tokens, "
-          f"{torch.get_num_threads()} threads; median of {args.repeats}")
+            times["bound"].append(time.perf_counter() - began)
+    print(f"{len(prompts)} rows, prompts {[len(p) for p in prompts]} tokens, messages {[len(s) for s in said['before']]} "
+          f"tokens, {torch.get_num_threads()} threads; median of {args.repeats}; load average {os.getloadavg()[0]:.1f}")
     print("\n| decode loop | ms/step | x bound | same tokens as before |\n| --- | ---: | ---: | --- |")
     bound = statistics.median(times["bound"])
-    for name in variants:
+    for name in VARIANTS:
         ms = statistics.median(times[name])
         print(f"| {name} | {1e3 * ms:.1f} | {ms / bound:.1f} | {said[name] == said['before']} |")
     print(f"| read every weight once | {1e3 * bound:.1f} | 1.0 | |")
-    return 0 if all(said[name] == said["before"] for name in variants) else 1
+    return 0 if all(said[name] == said["before"] for name in VARIANTS) else 1
 
 
 if __name__ == "__main__":
