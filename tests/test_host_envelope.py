@@ -134,6 +134,55 @@ def test_a_bad_part_of_a_host_envelope_is_dropped_for_its_reason_and_the_other_n
     assert dropped == {reason: 1} and counted == {"a"}
 
 
+class CallCounting:
+    """A fast tokenizer that counts its calls, one text or a batch."""
+
+    is_fast = True
+
+    def __init__(self, tokenizer) -> None:
+        self.tokenizer, self.calls = tokenizer, 0
+
+    def __len__(self) -> int:
+        return len(self.tokenizer)
+
+    def __call__(self, texts, **kwargs):
+        self.calls += 1
+        return self.tokenizer(texts, **kwargs)
+
+    def encode(self, text, add_special_tokens=True):
+        self.calls += 1
+        return self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
+
+    def decode(self, ids, skip_special_tokens=False):
+        return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
+
+
+def test_a_host_envelopes_message_texts_are_encoded_in_one_call_and_give_each_part_its_records(tiny_tok):
+    """a's and b's texts fit their links: the coordinator encodes both in one batched call (one
+    call per part before) and books for each part exactly the records a lone node's check makes."""
+    counting = CallCounting(tiny_tok)
+    texts = {"a": "café", "b": "the value"}  # each within its link's 8 tokens: nothing cut, nothing re-measured
+
+    def payload(state: HostRound) -> tuple[int, HostResultPayload]:
+        results = {n: state.result(n, 0, text=t) for n, t in texts.items()}
+        counting.calls = 0  # the calls of the coordinator's check alone
+        return 0, HostResultPayload(results=results)
+
+    state, dropped, counted = _host_round(counting, payload)
+    assert dropped == {} and counted == {"a", "b"} and counting.calls == 1
+    for node_id, text in texts.items():
+        assert state.collector._results[node_id].messages == state.result(node_id, 0, text=text).messages
+
+
+def test_a_text_the_tokenizer_cannot_take_drops_its_own_part_of_a_batch_only(tiny_tok):
+    """b's text holds a lone surrogate (the tokenizer raises): the batched call fails, each part
+    is then checked on its own, and only b's part is dropped."""
+    bad = lambda s: s.result("b", 0, text="hi").model_copy(update={"message_text": "h\ud800i"})  # noqa: E731
+    payload = lambda s: (0, HostResultPayload(results={"a": s.result("a", 0, text="hi"), "b": bad(s)}))  # noqa: E731
+    _, dropped, counted = _host_round(tiny_tok, payload)
+    assert dropped == {"malformed": 1} and counted == {"a"}
+
+
 def test_a_host_envelope_with_a_node_it_does_not_serve_or_the_run_does_not_have_is_dropped_per_node(tiny_tok):
     payload = lambda s: (0, HostResultPayload(results={"a": s.result("a", 0), "c": s.result("c", 0), "zz": s.result("a", 0)}))  # noqa: E731
     _, dropped, counted = _host_round(tiny_tok, payload)

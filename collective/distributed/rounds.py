@@ -152,15 +152,19 @@ class RoundCollector:
         """A host's envelope: each node's result is taken or dropped (and counted in `rejections`)
         on its own, with every check of a lone node's result; a node the host does not serve
         is `spoofed`, a node id the run does not have `unknown_node`."""
+        message_ids = self.check.message_ids(payload.results)  # the parts' texts encoded together
         for node_id, result in payload.results.items():
             with rejections.dropping(f"{topic} ({node_id})"):
                 if node_id not in self.roster.nodes:
                     raise Rejected("unknown_node", f"{host_id}'s envelope carries {node_id!r}, not a node of this scenario")
-                self.accept(node_id, round_index, result, via=host_id)
+                self.accept(node_id, round_index, result, via=host_id, message_ids=message_ids.get(node_id))
 
-    def accept(self, node_id: str, round_index: int, result: ResultPayload, via: str | None = None) -> None:
+    def accept(
+        self, node_id: str, round_index: int, result: ResultPayload, via: str | None = None, message_ids: list[int] | None = None
+    ) -> None:
         """Take a node's result for the current round, which came on `via`'s result topic (its
-        own, or in its host's envelope: default its own); raises `Rejected` when it cannot count."""
+        own, or in its host's envelope: default its own; `message_ids`: its message text's
+        tokens, when the caller encoded them); raises `Rejected` when it cannot count."""
         if via is not None and via != self.roster.via(node_id):
             raise Rejected("spoofed", f"{node_id}'s result from {via!r}; it is served through {self.roster.via(node_id)!r}")
         if self._round is None or round_index != self._round:
@@ -178,7 +182,7 @@ class RoundCollector:
         except ValueError as exc:
             raise Rejected("malformed", f"{node_id}'s rows: {exc}") from None
         self.check.rows(node_id, decoded, request)
-        decoded.messages = self.check.messages(node_id, round_index, result)
+        decoded.messages = self.check.messages(node_id, round_index, result, message_ids)
         decoded.screened = self.check.screened(node_id, round_index, result.screened)
         self._results[node_id] = decoded
         self._compute_s[node_id] = result.compute_seconds

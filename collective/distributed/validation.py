@@ -15,7 +15,7 @@ the coordinator sent). A failed check raises `Rejected`.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from collective.distributed.payloads import RequestPayload, ResultPayload
@@ -64,6 +64,25 @@ class ResultCheck:
                 )
             if problem is not None:
                 raise Rejected("malformed", f"{node_id}'s {name} row: {problem}")
+
+    def message_ids(self, results: Mapping[str, ResultPayload]) -> dict[str, list[int]]:
+        """The tokens of the message texts of a host envelope's parts (node id -> its text's
+        tokens in its tokenizer), encoded together: one call per tokenizer (see `encode_texts`).
+        Empty when that call fails: each part's check then encodes its own text, so that a text
+        the tokenizer cannot take drops its own part only."""
+        by_codec: dict[int, tuple[TextCodec, list[str]]] = {}
+        for node_id, result in results.items():
+            if result.message_text is not None:
+                codec = self.codecs.get(node_id, self.codec)
+                by_codec.setdefault(id(codec), (codec, []))[1].append(node_id)
+        found: dict[str, list[int]] = {}
+        for codec, node_ids in by_codec.values():
+            try:
+                encoded = encode_texts(codec, [str(results[n].message_text) for n in node_ids])
+            except Exception:  # any text it cannot take: each part's check finds its own
+                return {}
+            found.update(zip(node_ids, encoded, strict=True))
+        return found
 
     def messages(
         self, node_id: str, round_index: int, result: ResultPayload, ids: Sequence[int] | None = None
@@ -115,6 +134,15 @@ class ResultCheck:
         if any(sum(s == sender for s, _ in seen) > self.retain for sender in senders):
             raise Rejected("malformed", f"{node_id} screened more than {self.retain} message(s) of one in-neighbour (bus.retain)")
         return list(records)
+
+
+def encode_texts(codec: TextCodec, texts: list[str]) -> list[list[int]]:
+    """Each text's tokens as `codec.encode(text, add_special_tokens=False)` gives them, in one
+    call of a fast Hugging Face tokenizer's batch encoder where `codec` is one (its per-call
+    overhead is most of what encoding a short message costs), else one call each."""
+    if len(texts) > 1 and getattr(codec, "is_fast", False) and callable(codec):
+        return [list(ids) for ids in codec(texts, add_special_tokens=False)["input_ids"]]
+    return [list(codec.encode(text, add_special_tokens=False)) for text in texts]
 
 
 def _drops(spec: FirewallFilter) -> bool:
