@@ -70,7 +70,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.round_work import distinct, engine_padding, padded_share  # noqa: E402
 
 ROWS = ("collective", "isolated", "plain")
-EVERY, DISTINCT = "limit, every row", "limit, distinct rows"
+EVERY, DISTINCT, WITH_MESSAGES = "limit, every row", "limit, distinct rows", "limit, distinct rows + messages"
 TOLERANCE = {"float32": 1e-4, "float16": 0.25, "bfloat16": 0.25}  # max |delta log p| per token, nats
 Scorer = Callable[[torch.nn.Module, torch.Tensor, torch.Tensor, torch.Tensor, int], TokenPredictions]
 
@@ -171,6 +171,7 @@ class LoopExecutor:
         self.scenario, self.models, self.bus = scenario, models, bus
         self.scorer, self.speaker = scorer, speaker
         self.work: list[ScoreItem] = []
+        self.spoken: list[tuple[int, torch.Tensor, int]] = []  # (work index of its collective row, prompt, decode steps)
 
     def score(self, model: torch.nn.Module, context: torch.Tensor, round_inputs: torch.Tensor,
               targets: torch.Tensor) -> TokenPredictions:
@@ -217,6 +218,9 @@ class LoopExecutor:
         prompt = torch.cat([context, request.round_inputs, torch.tensor(speak, dtype=torch.long)])
         cap = min(spec.max_tokens or request.message_tokens, request.message_tokens)
         new = self.speaker(lm.model, prompt, cap, stop_ids(tok), start_token(tok))
+        # its rows were just scored, collective first; a batched decode needs one forward per new
+        # token after the first (the prompt's pass gives it), and one more to choose a stop token
+        self.spoken.append((len(self.work) - len(ROWS), prompt, len(new) - (len(new) == cap)))
         return tok.decode(new, skip_special_tokens=True)
 
 
@@ -235,6 +239,7 @@ class Recorded:
     cpu_s: float = 0.0
     report: Report | None = None
     work: list[ScoreItem] = field(default_factory=list)
+    spoken: list[tuple[int, torch.Tensor, int]] = field(default_factory=list)
 
 
 class Recording:
@@ -288,6 +293,7 @@ def run_engine(prepared: Prepared, name: str, rounds: int | None = None) -> Reco
     record.wall_s, record.cpu_s = time.perf_counter() - wall, time.process_time() - cpu
     record.report = None if rounds is not None else build_report(scenario, result, run_id="bench")
     record.work = [] if loop is None else executor.work
+    record.spoken = [] if loop is None else executor.spoken
     return record
 
 
@@ -302,6 +308,33 @@ def limit_pass(model: torch.nn.Module, work: list[ScoreItem], pad_id: int, by_le
     wall, cpu = time.perf_counter(), time.process_time()
     for ids, mask, positions in batches:
         model(input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=len(work[0].targets), use_cache=False)
+    return time.perf_counter() - wall, time.process_time() - cpu
+
+
+def with_messages(record: Recorded, n_rounds: int) -> tuple[list[ScoreItem], int]:
+    """The work of a round with its messages, for the limit that includes them: the distinct
+    rows, each speaker's collective row replaced by its message prompt ([context][round][speak
+    prompt], one sequence: the engine scores the row and feeds the speak prompt onto its cache),
+    and the decode steps, per round those of its longest message (each step reads every weight
+    once)."""
+    work = list(record.work)
+    for index, prompt, _ in record.spoken:
+        item = work[index]
+        keep = len(item.targets) - 1  # the prompt's last R - 1 tokens stand where the round's were
+        work[index] = ScoreItem(prompt[: len(prompt) - keep], torch.cat([prompt[len(prompt) - keep :], prompt[-1:]]), item.targets)
+    per_round = len(record.work) // n_rounds
+    longest: dict[int, int] = {}
+    for index, _, new in record.spoken:
+        longest[index // per_round] = max(longest.get(index // per_round, 0), new)
+    return distinct(work), sum(longest.values())
+
+
+def read_weights(model: torch.nn.Module) -> tuple[float, float]:
+    """(wall, cpu) seconds of reading every weight of the model once (a sum over each): the
+    bound of a decode step, which multiplies a few rows by every weight."""
+    wall, cpu = time.perf_counter(), time.process_time()
+    for parameter in model.parameters():
+        parameter.sum()
     return time.perf_counter() - wall, time.process_time() - cpu
 
 
@@ -393,6 +426,22 @@ def timing_table(runs: dict[str, list[Recorded]], limits: dict[str, list[tuple[f
         line(name, limit_wall[name], statistics.median(c for _, c in timed))
 
 
+def time_limits(model: torch.nn.Module, fair: Recorded, n_rounds: int, pad_id: int,
+                limits: dict[str, list[tuple[float, float]]]) -> tuple[dict[str, list[ScoreItem]], int]:
+    """Time each limit once over the fair baseline's work (appended to `limits`). Returns the
+    work of the two scoring limits and the decode steps of the limit with messages."""
+    work = {EVERY: fair.work, DISTINCT: distinct(fair.work)}
+    for name, items in work.items():
+        limits[name].append(limit_pass(model, items, pad_id, by_length=name == DISTINCT))
+    items, steps = with_messages(fair, n_rounds)
+    wall, cpu = limit_pass(model, items, pad_id, by_length=True)
+    for _ in range(steps):
+        step_wall, step_cpu = read_weights(model)
+        wall, cpu = wall + step_wall, cpu + step_cpu
+    limits[WITH_MESSAGES].append((wall, cpu))
+    return work, steps
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.threads:
@@ -416,19 +465,19 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  warm-up {name} (1 round): {record.wall_s:.2f} s wall, {record.cpu_s:.2f} s cpu", flush=True)
     limit_pass(lm.model, record.work, pad_id)  # the last engine is a loop: it kept its work
     runs: dict[str, list[Recorded]] = {name: [] for name in names}
-    limits: dict[str, list[tuple[float, float]]] = {EVERY: [], DISTINCT: []}
+    limits: dict[str, list[tuple[float, float]]] = {EVERY: [], DISTINCT: [], WITH_MESSAGES: []}
     for repeat in range(1, args.repeats + 1):  # interleaved, so that load hits every engine alike
         for name in names:
             runs[name].append(record := run_engine(prepared, name))
             print(f"  run {repeat} {name}: {record.wall_s:.2f} s wall, {record.cpu_s:.2f} s cpu", flush=True)
-        work = {EVERY: runs["fair"][-1].work, DISTINCT: distinct(runs["fair"][-1].work)}
-        for name, items in work.items():
-            limits[name].append(limit_pass(lm.model, items, pad_id, by_length=name == DISTINCT))
+        work, steps = time_limits(lm.model, runs["fair"][-1], n_rounds, pad_id, limits)
     assert len(work[EVERY]) == n_rounds * rows_per_round
     lengths = {len(item.input_ids()) for item in work[DISTINCT]}
     print(f"limits, no generation, no pooling: every row, one left-padded forward pass over {len(work[EVERY])} "
           f"sequences ({100 * padded_share(work[EVERY]):.0f}% of it padding); distinct rows, the {len(work[DISTINCT])} "
-          f"distinct ones in {len(lengths)} batches of equal length (no padding)")
+          f"distinct ones in {len(lengths)} batches of equal length (no padding); distinct rows + messages, the same "
+          f"with each speaker's row extended by its speak prompt, plus {steps} decode steps a run at the time of reading "
+          f"every weight once")
     one, bucketed = engine_padding(work[EVERY], n_rounds, args.nodes)
     print(f"the batched engine's scoring passes: {100 * bucketed:.0f}% of their tokens are padding, bucketed by length "
           f"(one pass per kind of row and round, before issue 24: {100 * one:.0f}%)")
