@@ -20,6 +20,7 @@ Shapes: B rows, L cached positions, V vocabulary.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -100,10 +101,8 @@ def decode(
     grown = [_InPlaceLayer(layer, max(budgets, default=0)) for layer in layers] if in_place else []
     try:
         with packed_linears(model, enabled=packed):
-            return _decode_steps(
-                model, cache, logits, mask, next_position, budgets=budgets, stop_ids=stop_ids, generators=generators,
-                temperatures=temperatures, drop_finished=drop_finished,
-            )
+            rows = _Rows(budgets, stop_ids, generators, temperatures, drop_finished)
+            return _decode_steps(model, cache, logits, mask, next_position, rows)
     finally:
         for layer in grown:
             layer.restore()
@@ -147,19 +146,20 @@ class _InPlaceLayer:
             self.layer.__dict__.pop(name, None)
 
 
+class _Rows(NamedTuple):
+    """What `decode` was asked of each row, and whether finished rows leave the batch."""
+
+    budgets: Sequence[int]
+    stop_ids: Sequence[int]
+    generators: Sequence[torch.Generator | None]
+    temperatures: Sequence[float]
+    drop_finished: bool
+
+
 def _decode_steps(
-    model: torch.nn.Module,
-    cache: object,
-    logits: torch.Tensor,
-    mask: torch.Tensor,
-    next_position: torch.Tensor,
-    *,
-    budgets: Sequence[int],
-    stop_ids: Sequence[int],
-    generators: Sequence[torch.Generator | None],
-    temperatures: Sequence[float],
-    drop_finished: bool,
+    model: torch.nn.Module, cache: object, logits: torch.Tensor, mask: torch.Tensor, next_position: torch.Tensor, asked: _Rows
 ) -> list[list[int]]:
+    budgets, stop_ids, generators, temperatures, drop_finished = asked
     n_rows = logits.shape[0]
     stop = set(int(s) for s in stop_ids)
     new_ids: list[list[int]] = [[] for _ in range(n_rows)]
