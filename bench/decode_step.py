@@ -11,8 +11,6 @@ tokens) with each variant of the decode loop, side by side (interleaved, median 
   finished rows kept in the batch)
 - + drop finished: finished rows leave the batch (`drop_finished`, the default)
 - + packed linears: the same, with oneDNN's packed linear weights (`packed_linear`)
-- + cache in place: the same, the KV cache grown in place instead of by concatenation (the
-  default of `decoding.decode`)
 
 The bound is one pass reading every weight of the model (a sum over each parameter).
 
@@ -84,10 +82,9 @@ def prepare_rows(budget: int) -> tuple[Any, Any, list[torch.Tensor]]:
 
 VARIANTS: dict[str, tuple[Callable[..., list[list[int]]], dict[str, Any]]] = {
     "before": (decode_before, {}),
-    "+ own budgets": (decode, {"drop_finished": False, "packed": False, "in_place": False}),
-    "+ drop finished": (decode, {"drop_finished": True, "packed": False, "in_place": False}),
-    "+ packed linears": (decode, {"drop_finished": True, "packed": True, "in_place": False}),
-    "+ cache in place": (decode, {"drop_finished": True, "packed": True, "in_place": True}),
+    "+ own budgets": (decode, {"drop_finished": False, "packed": False}),
+    "+ drop finished": (decode, {"drop_finished": True, "packed": False}),
+    "+ packed linears": (decode, {"drop_finished": True, "packed": True}),
 }
 
 

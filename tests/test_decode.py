@@ -33,14 +33,12 @@ def plain_loop(model, prompt: torch.Tensor, budget: int, stop: list[int], seed: 
 
 
 @torch.no_grad()
-def batched(model, prompts, budgets, stop, seeds, temperature=1.0, drop_finished=True, packed=True,
-            in_place=True) -> list[list[int]]:
+def batched(model, prompts, budgets, stop, seeds, temperature=1.0, drop_finished=True, packed=True) -> list[list[int]]:
     ids, mask, positions = left_pad(prompts, pad_id=0)
     out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
     gens = [None if s is None else torch.Generator().manual_seed(s) for s in seeds]
     return decode(model, output_cache(out), out.logits[:, -1, :], mask, positions[:, -1:] + 1, budgets=budgets,
-                  stop_ids=stop, generators=gens, temperatures=[temperature] * len(prompts), drop_finished=drop_finished, packed=packed,
-                  in_place=in_place)
+                  stop_ids=stop, generators=gens, temperatures=[temperature] * len(prompts), drop_finished=drop_finished, packed=packed)
 
 
 def _prompts(vocab: int, lengths: list[int], seed: int = 5) -> list[torch.Tensor]:
@@ -53,35 +51,15 @@ def model(tiny_tok):
     return tiny_llama(len(tiny_tok)).float().eval()
 
 
-@pytest.mark.parametrize(("drop_finished", "packed", "in_place"),
-                         [(True, True, True), (False, True, True), (True, False, True), (True, True, False)])
-def test_batched_decode_writes_what_a_plain_per_row_loop_writes(model, tiny_tok, drop_finished, packed, in_place):
+@pytest.mark.parametrize(("drop_finished", "packed"), [(True, True), (False, True), (True, False)])
+def test_batched_decode_writes_what_a_plain_per_row_loop_writes(model, tiny_tok, drop_finished, packed):
     prompts = _prompts(len(tiny_tok), [3, 17, 1, 9, 25])
     budgets = [12, 4, 0, 9, 12]
     free = [plain_loop(model, p, b, []) for p, b in zip(prompts, budgets)]
     stop = [free[1][2], free[3][5]]  # rows 1 and 3 meet a stop token before their budget
     expected = [plain_loop(model, p, b, stop) for p, b in zip(prompts, budgets)]
     assert len(expected[1]) < 4 and expected[2] == []
-    assert batched(model, prompts, budgets, stop, [None] * 5, drop_finished=drop_finished, packed=packed,
-                   in_place=in_place) == expected
-
-
-@pytest.mark.parametrize("drop_finished", [True, False])
-@torch.no_grad()
-def test_a_cache_grown_in_place_ends_as_the_concatenating_cache_and_is_a_plain_layer_again(model, tiny_tok, drop_finished):
-    prompts = _prompts(len(tiny_tok), [5, 13, 8])
-    ids, mask, positions = left_pad(prompts, pad_id=0)
-    caches = {}
-    for in_place in (False, True):
-        out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
-        cache = output_cache(out)
-        decode(model, cache, out.logits[:, -1, :], mask, positions[:, -1:] + 1, budgets=[6, 2, 9], stop_ids=[],
-               generators=[None] * 3, temperatures=[1.0] * 3, drop_finished=drop_finished, in_place=in_place)
-        caches[in_place] = cache
-    for grown, concatenated in zip(caches[True].layers, caches[False].layers):
-        assert "update" not in vars(grown) and "batch_select_indices" not in vars(grown)
-        assert grown.keys.shape == concatenated.keys.shape  # rows dropped alike, the last step's tokens not fed
-        assert torch.equal(grown.keys, concatenated.keys) and torch.equal(grown.values, concatenated.values)
+    assert batched(model, prompts, budgets, stop, [None] * 5, drop_finished=drop_finished, packed=packed) == expected
 
 
 @pytest.mark.parametrize("drop_finished", [True, False])

@@ -6,8 +6,7 @@ sampled at the row's temperature from the row's own seeded generator. A row stop
 token or at its own budget of new tokens; a finished row leaves the batch (`drop_finished`), so
 the later steps compute only the rows still writing, and the loop ends when every row is done.
 On CPU the steps run on packed linear weights (`packed_linear`): a step is bound by reading the
-weights. The KV cache grows in place (`_InPlaceLayer`: buffers with room for the budget, where
-transformers' DynamicLayer copies every layer's whole cache at every step). The tokens chosen for a row never depend on the other rows of its batch beyond
+weights. The tokens chosen for a row never depend on the other rows of its batch beyond
 floating-point rounding (tested against a plain per-row loop in tests/test_decode.py).
 
 `merge_caches` joins the caches of several prefill passes (rows bucketed by length, so that the
@@ -90,60 +89,14 @@ def decode(
     temperatures: Sequence[float],
     drop_finished: bool = True,
     packed: bool = True,
-    in_place: bool = True,
 ) -> list[list[int]]:
     """Decode from a filled cache. logits (B, V) predict each row's first new token; mask (B, L)
     covers the cache; next_position (B, 1) is each row's next position id; row i writes at most
     budgets[i] tokens. Returns each row's new ids, without the stop token. `packed`: the steps
-    run on oneDNN's packed linear weights where `packed_linear` applies (CPU, float32); `in_place`:
-    a cache of plain growing layers grows in place (`_InPlaceLayer`) instead of by concatenation."""
-    layers = _layers(cache) or []
-    grown = [_InPlaceLayer(layer, max(budgets, default=0)) for layer in layers] if in_place else []
-    try:
-        with packed_linears(model, enabled=packed):
-            rows = _Rows(budgets, stop_ids, generators, temperatures, drop_finished)
-            return _decode_steps(model, cache, logits, mask, next_position, rows)
-    finally:
-        for layer in grown:
-            layer.restore()
-
-
-class _InPlaceLayer:
-    """A DynamicLayer's growth without copies: its keys and values move into buffers with room
-    for `room` more positions, and each step writes its key and value into the next free slot
-    (a DynamicLayer concatenates, copying the whole cache of every layer at every step). The
-    layer's keys and values stay views of the filled positions, so attention reads exactly the
-    tensors it read before. `restore` leaves the layer a plain DynamicLayer again."""
-
-    def __init__(self, layer: object, room: int) -> None:
-        keys, values = layer.keys, layer.values  # type: ignore[attr-defined]  # (B, H, L, D)
-        self.layer, self.length = layer, int(keys.shape[2])
-        self.buffers = [t.new_empty((t.shape[0], t.shape[1], self.length + room, t.shape[3])) for t in (keys, values)]
-        for buffer, t in zip(self.buffers, (keys, values)):
-            buffer[:, :, : self.length] = t
-        self._views()
-        layer.update = self.update  # type: ignore[attr-defined]
-        layer.batch_select_indices = self.batch_select_indices  # type: ignore[attr-defined]
-
-    def _views(self) -> None:
-        self.layer.keys, self.layer.values = (b[:, :, : self.length] for b in self.buffers)  # type: ignore[attr-defined]
-
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: object, **kwargs: object) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write the step's (B, H, q, D) keys and values after the filled positions."""
-        end = self.length + int(key_states.shape[2])
-        self.buffers[0][:, :, self.length : end] = key_states
-        self.buffers[1][:, :, self.length : end] = value_states
-        self.length = end
-        self._views()
-        return self.layer.keys, self.layer.values  # type: ignore[attr-defined]
-
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        self.buffers = [b[indices] for b in self.buffers]
-        self._views()
-
-    def restore(self) -> None:
-        for name in ("update", "batch_select_indices"):
-            self.layer.__dict__.pop(name, None)
+    run on oneDNN's packed linear weights where `packed_linear` applies (CPU, float32)."""
+    with packed_linears(model, enabled=packed):
+        rows = _Rows(budgets, stop_ids, generators, temperatures, drop_finished)
+        return _decode_steps(model, cache, logits, mask, next_position, rows)
 
 
 class _Rows(NamedTuple):
