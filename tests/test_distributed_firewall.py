@@ -123,8 +123,8 @@ class Traffic:
                 self.requests[(payload.node_id, round_index)] = payload
             await send(executor, target, payloads, round_index)
 
-        def accepting(collector: RoundCollector, node_id: str, round_index: int, result: ResultPayload, via: str | None = None) -> None:
-            accept(collector, node_id, round_index, result, via)
+        def accepting(collector: RoundCollector, node_id: str, round_index: int, result: ResultPayload, **given: Any) -> None:
+            accept(collector, node_id, round_index, result, **given)  # via, message_ids
             self.screened[(node_id, round_index)] = list(result.screened)
 
         monkeypatch.setattr(MqttExecutor, "_send_request", sending)
