@@ -58,7 +58,7 @@ from collective.evaluate.evaluator import build_report
 from collective.lm.codec import start_token, stop_ids
 from collective.lm.models import LoadedModel, ModelPool
 from collective.lm.predictions import TokenPredictions, predictions_from_logits
-from collective.lm.scoring import ScoreItem, left_pad
+from collective.lm.scoring import ScoreItem
 from collective.records import Report
 from collective.run.bus import InMemoryBus
 from collective.run.engine import EmbeddedExecutor, RoundEngine
@@ -67,10 +67,17 @@ from collective.run.runner import Prepared, prepare
 from collective.scenario import GenerateMessage, RelayMessage, Scenario, parse_scenario
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.round_work import distinct, engine_padding, padded_share  # noqa: E402
+from bench.round_work import (  # noqa: E402
+    DISTINCT,
+    EVERY,
+    WITH_MESSAGES,
+    engine_padding,
+    limit_pass,
+    padded_share,
+    time_limits,
+)
 
 ROWS = ("collective", "isolated", "plain")
-EVERY, DISTINCT, WITH_MESSAGES = "limit, every row", "limit, distinct rows", "limit, distinct rows + messages"
 TOLERANCE = {"float32": 1e-4, "float16": 0.25, "bfloat16": 0.25}  # max |delta log p| per token, nats
 Scorer = Callable[[torch.nn.Module, torch.Tensor, torch.Tensor, torch.Tensor, int], TokenPredictions]
 
@@ -297,47 +304,6 @@ def run_engine(prepared: Prepared, name: str, rounds: int | None = None) -> Reco
     return record
 
 
-@torch.no_grad()
-def limit_pass(model: torch.nn.Module, work: list[ScoreItem], pad_id: int, by_length: bool = False) -> tuple[float, float]:
-    """(wall, cpu) seconds of scoring every sequence in `work`: one forward over all of them in
-    one left-padded batch, or (`by_length`) one forward per group of equal length, no padding."""
-    groups: dict[int, list[torch.Tensor]] = {}
-    for item in work:
-        groups.setdefault(len(item.input_ids()) if by_length else 0, []).append(item.input_ids())
-    batches = [left_pad(rows, pad_id) for rows in groups.values()]  # ids, mask, positions (b, L) each
-    wall, cpu = time.perf_counter(), time.process_time()
-    for ids, mask, positions in batches:
-        model(input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=len(work[0].targets), use_cache=False)
-    return time.perf_counter() - wall, time.process_time() - cpu
-
-
-def with_messages(record: Recorded, n_rounds: int) -> tuple[list[ScoreItem], int]:
-    """The work of a round with its messages, for the limit that includes them: the distinct
-    rows, each speaker's collective row replaced by its message prompt ([context][round][speak
-    prompt], one sequence: the engine scores the row and feeds the speak prompt onto its cache),
-    and the decode steps, per round those of its longest message (each step reads every weight
-    once)."""
-    work = list(record.work)
-    for index, prompt, _ in record.spoken:
-        item = work[index]
-        keep = len(item.targets) - 1  # the prompt's last R - 1 tokens stand where the round's were
-        work[index] = ScoreItem(prompt[: len(prompt) - keep], torch.cat([prompt[len(prompt) - keep :], prompt[-1:]]), item.targets)
-    per_round = len(record.work) // n_rounds
-    longest: dict[int, int] = {}
-    for index, _, new in record.spoken:
-        longest[index // per_round] = max(longest.get(index // per_round, 0), new)
-    return distinct(work), sum(longest.values())
-
-
-def read_weights(model: torch.nn.Module) -> tuple[float, float]:
-    """(wall, cpu) seconds of reading every weight of the model once (a sum over each): the
-    bound of a decode step, which multiplies a few rows by every weight."""
-    wall, cpu = time.perf_counter(), time.process_time()
-    for parameter in model.parameters():
-        parameter.sum()
-    return time.perf_counter() - wall, time.process_time() - cpu
-
-
 def compare(batched: Recorded, other: Recorded, n_rounds: int, node_ids: list[str]) -> dict[str, Any]:
     """Max |delta log p| per row kind; message-dependent rows up to the first differing message."""
     diverged = next(
@@ -426,22 +392,6 @@ def timing_table(runs: dict[str, list[Recorded]], limits: dict[str, list[tuple[f
         line(name, limit_wall[name], statistics.median(c for _, c in timed))
 
 
-def time_limits(model: torch.nn.Module, fair: Recorded, n_rounds: int, pad_id: int,
-                limits: dict[str, list[tuple[float, float]]]) -> tuple[dict[str, list[ScoreItem]], int]:
-    """Time each limit once over the fair baseline's work (appended to `limits`). Returns the
-    work of the two scoring limits and the decode steps of the limit with messages."""
-    work = {EVERY: fair.work, DISTINCT: distinct(fair.work)}
-    for name, items in work.items():
-        limits[name].append(limit_pass(model, items, pad_id, by_length=name == DISTINCT))
-    items, steps = with_messages(fair, n_rounds)
-    wall, cpu = limit_pass(model, items, pad_id, by_length=True)
-    for _ in range(steps):
-        step_wall, step_cpu = read_weights(model)
-        wall, cpu = wall + step_wall, cpu + step_cpu
-    limits[WITH_MESSAGES].append((wall, cpu))
-    return work, steps
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.threads:
@@ -470,7 +420,7 @@ def main(argv: list[str] | None = None) -> int:
         for name in names:
             runs[name].append(record := run_engine(prepared, name))
             print(f"  run {repeat} {name}: {record.wall_s:.2f} s wall, {record.cpu_s:.2f} s cpu", flush=True)
-        work, steps = time_limits(lm.model, runs["fair"][-1], n_rounds, pad_id, limits)
+        work, steps = time_limits(lm.model, runs["fair"][-1].work, runs["fair"][-1].spoken, n_rounds, pad_id, limits)
     assert len(work[EVERY]) == n_rounds * rows_per_round
     lengths = {len(item.input_ids()) for item in work[DISTINCT]}
     print(f"limits, no generation, no pooling: every row, one left-padded forward pass over {len(work[EVERY])} "
