@@ -12,17 +12,27 @@ import argparse
 import math
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypedDict
 
 import torch
 
 from collective.lm.byte_exact import cover_chain_logprobs
-from collective.lm.byte_vocab import byte_vocab, encode_prefix
+from collective.lm.byte_vocab import ByteVocab, byte_vocab, encode_prefix
 from collective.lm.bytes import model_tree_scorer, next_byte_distributions
 from collective.lm.codec import start_token
 from collective.lm.models import load_model
 
 WIKI = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw"
+
+
+class ChainArgs(TypedDict):
+    """The keywords both byte paths share (typed, so that `**kw` is checked per key)."""
+
+    vocab: ByteVocab
+    encode: Callable[[bytes], list[int]]
+    root_token: int
 
 
 def main() -> None:
@@ -42,7 +52,7 @@ def main() -> None:
     ids = tok.encode(text, add_special_tokens=False)[: args.context_tokens + args.span_tokens]
     data = vocab.decode(ids)
     start = len(vocab.decode(ids[: args.context_tokens]))
-    kw = dict(vocab=vocab, encode=lambda b: encode_prefix(tok, vocab, b), root_token=root)
+    kw = ChainArgs(vocab=vocab, encode=lambda b: encode_prefix(tok, vocab, b), root_token=root)
 
     def token_pass() -> float:
         with torch.no_grad():

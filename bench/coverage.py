@@ -80,7 +80,7 @@ def synthetic(kind: str, n_series: int, n_rounds: int, generator: torch.Generato
 def load_real(path: Path = FIXTURE) -> dict[str, tuple[torch.Tensor, ...]]:
     """Per 'scenario: gain', the two rows' nll_sum and n_tokens (L,) of the whole recording."""
     data = json.loads(path.read_text())
-    series = {}
+    series: dict[str, tuple[torch.Tensor, ...]] = {}
     for scenario, record in data["scenarios"].items():
         rows = {name: (torch.tensor(row["nll_sum"], dtype=torch.float64), torch.tensor(row["n_tokens"], dtype=torch.float64))
                 for name, row in record["rows"].items()}

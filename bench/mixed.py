@@ -24,7 +24,7 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NotRequired, TypedDict
 
 import torch
 import yaml
@@ -40,8 +40,17 @@ from collective.run.runner import prepare
 from collective.scenario import parse_scenario
 
 ROOT = Path(__file__).resolve().parents[1]
-POOLS = {"mean": {"kind": "mean"}, "hedge": {"kind": "weighted", "method": "hedge"}, "logpool": {"kind": "logpool"}}
-VIEWS = {
+
+
+class PoolSpec(TypedDict):
+    """make_aggregator's keywords for one pool (typed, so that `**spec` is checked per key)."""
+
+    kind: str
+    method: NotRequired[str]
+
+
+POOLS: dict[str, PoolSpec] = {"mean": {"kind": "mean"}, "hedge": {"kind": "weighted", "method": "hedge"}, "logpool": {"kind": "logpool"}}
+VIEWS: dict[str, list[dict[str, Any]]] = {
     "full": [{"kind": "full"}] * 4,
     "window": [{"kind": "window", "tokens": 48}, {"kind": "window", "tokens": 16}] * 2,
     "lagged": [{"kind": "window", "tokens": 48}, {"kind": "lagged", "tokens": 48, "lag": 32}] * 2,

@@ -288,7 +288,10 @@ def _run_measured(args: argparse.Namespace, folder: Path, prepared: Any, groups:
             prepared, coordinator, run_id="scale", on_status=lambda line: None, join_timeout=900
         ) as executor:
             joined_s = time.perf_counter() - began
-            loop_clock = time.pthread_getcpuclockid(executor._thread._thread.ident)  # its MQTT loop thread
+            loop_ident = executor._thread._thread.ident  # its MQTT loop thread
+            if loop_ident is None:
+                raise RuntimeError("the coordinator's MQTT loop thread has not started: no CPU clock to read")
+            loop_clock = time.pthread_getcpuclockid(loop_ident)
             samples.append(_sample(broker_pid, loop_clock, hosts))
             profiler = RoundProfiler(executor, None if profile is None else profile / f"coordinator-{label}.prof")
             run_prepared(prepared, folder / "run", executor=executor, runtime="mqtt", on_event=on_event)

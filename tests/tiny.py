@@ -7,7 +7,7 @@ Python's own `pydoc_data.topics` text, the model weights come from a seeded gene
 from __future__ import annotations
 
 import functools
-from typing import TypeVar
+from typing import TypedDict, TypeVar
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -54,7 +54,21 @@ def tiny_tokenizer(vocab_size: int = 512) -> PreTrainedTokenizerFast:
     return tok
 
 
-def _tiny_dims(vocab_size: int, hidden_size: int = 32) -> dict[str, int]:
+class TinyDims(TypedDict):
+    """The config keywords every tiny model shares (typed, so that `**dims` is checked per key)."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    bos_token_id: int
+    eos_token_id: int
+    pad_token_id: int
+
+
+def _tiny_dims(vocab_size: int, hidden_size: int = 32) -> TinyDims:
     """The sizes every tiny model shares: 2 layers, 4 query heads over 2 key/value heads."""
     return {
         "vocab_size": vocab_size,
