@@ -63,8 +63,9 @@ def with_messages(scored: list[ScoreItem], spoken: list[tuple[int, torch.Tensor,
     """The work of `n_rounds` rounds with their messages, for the limit that includes them: the distinct
     rows, each speaker's collective row replaced by its message prompt ([context][round][speak
     prompt], one sequence: the engine scores the row and feeds the speak prompt onto its cache),
-    and the decode steps, per round those of its longest message (each step reads every weight
-    once)."""
+    a row whose sequence begins a prompt left out (the prompt's pass computes it: a speaker with
+    an empty inbox reads its isolated row), and the decode steps, per round those of its longest
+    message (each step reads every weight once)."""
     work = list(scored)
     for index, prompt, _ in spoken:
         item = work[index]
@@ -74,7 +75,14 @@ def with_messages(scored: list[ScoreItem], spoken: list[tuple[int, torch.Tensor,
     longest: dict[int, int] = {}
     for index, _, new in spoken:
         longest[index // per_round] = max(longest.get(index // per_round, 0), new)
-    return distinct(work), sum(longest.values())
+    prompts = [tuple(prompt.tolist()) for _, prompt, _ in spoken]
+    kept = [item for item in distinct(work) if not _begins_a_prompt(tuple(item.input_ids().tolist()), prompts)]
+    return kept, sum(longest.values())
+
+
+def _begins_a_prompt(ids: tuple[int, ...], prompts: list[tuple[int, ...]]) -> bool:
+    """Whether `ids` is a strict beginning of one of `prompts`."""
+    return any(len(ids) < len(prompt) and prompt[: len(ids)] == ids for prompt in prompts)
 
 
 def read_weights(model: torch.nn.Module) -> tuple[float, float]:

@@ -34,6 +34,14 @@ def test_with_messages_takes_the_longest_message_of_a_round_not_the_sum():
     assert steps == 11
 
 
+def test_with_messages_leaves_out_a_row_the_prompts_pass_computes():
+    # a speaker with an empty inbox: its collective row is its isolated row, which begins its prompt
+    scored = [_item([1, 2], [5, 6, 7]), _item([1, 2], [5, 6, 7])]
+    prompt = torch.tensor([1, 2, 5, 6, 7, 40])
+    items, _ = with_messages(scored, [(0, prompt, 3)], n_rounds=1)
+    assert [item.input_ids().tolist() for item in items] == [prompt.tolist()]
+
+
 def test_distinct_keeps_the_first_of_identical_sequences():
     rows = [_item([1, 2], [3, 4]), _item([1, 2], [3, 4]), _item([1], [2, 3])]
     assert len(distinct(rows)) == 2
