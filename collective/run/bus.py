@@ -80,15 +80,12 @@ def _tightest(bus: BusSpec, graph: nx.DiGraph, name: str) -> dict[str, int]:
     }
 
 
-def enforce_budget(
-    text: str, codec: TextCodec, max_tokens: int, max_bytes: int, ids: Sequence[int] | None = None
-) -> tuple[str, int, int, bool]:
-    """Cut `text` to at most `max_tokens` tokens and `max_bytes` UTF-8 bytes (`ids`: the text's
-    tokens, when the caller has them already).
+def enforce_budget(text: str, codec: TextCodec, max_tokens: int, max_bytes: int) -> tuple[str, int, int, bool]:
+    """Cut `text` to at most `max_tokens` tokens and `max_bytes` UTF-8 bytes.
 
     Returns (text, n_tokens, n_bytes, truncated). Bytes are cut at a character boundary.
     """
-    return _cut(text, codec, max_tokens, max_bytes, {} if ids is None else {text: ids})
+    return _cut(text, codec, max_tokens, max_bytes, {})
 
 
 def _cut(
