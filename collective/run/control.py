@@ -51,7 +51,7 @@ from collective.lm.codec import TextCodec, start_token
 from collective.lm.predictions import TokenPredictions
 from collective.records import Controls, ControlSearch, MessageRecord
 from collective.run.engine import EmbeddedExecutor, Results, RoundEngine
-from collective.run.node import NodeRoundRequest
+from collective.run.node import NodeRoundRequest, text_ids
 from collective.run.observation import Observer
 from collective.run.pools import pool_linear, pool_log, uniform_weights
 from collective.run.prepared import Prepared, RunError
@@ -164,7 +164,7 @@ class _Recorder(EmbeddedExecutor):
     def inbox_ids(self, train_round: int, node_id: str, tokenizer: TextCodec) -> list[int]:
         """What node `node_id` read in its inbox in the `train_round`-th training round."""
         request = next(q for q in self.rounds[train_round][0] if q.node_id == node_id)
-        return list(tokenizer.encode(request.inbox_text, add_special_tokens=False)) if request.inbox_text else []
+        return text_ids(tokenizer, request.inbox_text)
 
     def members(self, train_round: int, node_ids: list[str]) -> TokenPredictions:
         """(N, n) every member's row in collective in that training round, in node order."""
