@@ -281,12 +281,13 @@ class ResultPayload(WireModel):
         """in_bytes: the round was asked in bytes (its request carried them): byte rows go out."""
         collective = _wire(result.collective, in_bytes)
         assert collective is not None
+        plain_is_isolated = _same_rows(result.isolated, result.plain)
         return ResultPayload(
             session=session,
             collective=collective,
             isolated=_wire(result.isolated, in_bytes),
-            plain=None if _same_rows(result.isolated, result.plain) else _wire(result.plain, in_bytes),
-            plain_is_isolated=_same_rows(result.isolated, result.plain),
+            plain=None if plain_is_isolated else _wire(result.plain, in_bytes),
+            plain_is_isolated=plain_is_isolated,
             message_text=result.message_text,
             inbox_tokens=result.inbox_tokens,
             messages=list(result.messages),
