@@ -40,7 +40,6 @@ stops and chooses the same way).
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -55,7 +54,7 @@ from collective.run.node import NodeRoundRequest, text_ids
 from collective.run.observation import Observer
 from collective.run.pools import pool_linear, pool_log, uniform_weights
 from collective.run.prepared import Prepared, RunError
-from collective.run.speaker import search_speaker
+from collective.run.speaker import Progress, node_progress, search_speaker
 from collective.scenario import GCGController, NodeSpec, Scenario
 from collective.seeding import derive_seed
 from controllers import GCGConfig, MeanObjective, run_gcg, stream_objective
@@ -64,8 +63,6 @@ from controllers.held_out import HeldOut
 from controllers.objectives import LogProbLoss, SequenceObjective
 
 log = logging.getLogger(__name__)
-
-Progress = Callable[[str, int, int], None]  # (node_id, step, total_steps)
 
 
 def training_scenario(scenario: Scenario, train_rounds: int) -> Scenario:
@@ -328,12 +325,10 @@ def _search_node(
     initial_loss = _loss(objective, init)
     validation = _validation(prepared, node, training, recorder, init)
     config = _gcg_config(spec, derive_seed(scenario.seed, "gcg", node.id, sweep) % (2**31))
-
-    def tick(step: int, total: int) -> None:
-        if progress is not None:
-            progress(node.id, step, total)
-
-    result = run_gcg(loaded.model, loaded.tokenizer, objective, config, init_ids=init, progress=tick, on_step=validation)
+    result = run_gcg(
+        loaded.model, loaded.tokenizer, objective, config, init_ids=init, progress=node_progress(progress, node.id),
+        on_step=validation,
+    )
     ids, loss = list(result.best_ids), result.best_loss
     if validation is not None and validation.best_ids != ids:
         ids = validation.best_ids

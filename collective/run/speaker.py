@@ -78,6 +78,11 @@ log = logging.getLogger(__name__)
 Progress = Callable[[str, int, int], None]  # (node_id, step, total_steps)
 
 
+def node_progress(progress: Progress | None, node_id: str) -> Callable[[int, int], None] | None:
+    """GCG's progress callback (step, total) for node `node_id`'s search (None: no progress)."""
+    return None if progress is None else lambda step, total: progress(node_id, step, total)
+
+
 class Recording(Protocol):
     """A run of the collective over the training rounds (control's `_Recorder`): per
     recorded round, every node's request with its inbox and the results, and each node's
@@ -259,13 +264,11 @@ def search_speaker(
         validation = HeldOut(
             lambda ids: float(slice_objective.losses(torch.tensor([ids]))[0]), init, patience, config.num_steps
         )
-
-    def tick(step: int, total: int) -> None:
-        if progress is not None:
-            progress(node.id, step, total)
-
     loaded = objective.objective.loaded
-    result = run_gcg(loaded.model, loaded.tokenizer, objective, config, init_ids=init, progress=tick, on_step=validation)
+    result = run_gcg(
+        loaded.model, loaded.tokenizer, objective, config, init_ids=init, progress=node_progress(progress, node.id),
+        on_step=validation,
+    )
     ids = result.best_ids if validation is None else validation.best_ids
     loss, initial_loss = objective.seen[tuple(ids)], objective.seen[tuple(init)]
     prepared.control_ids[node.id] = ids
