@@ -14,7 +14,6 @@ import yaml
 
 from collective.cli import main
 from collective.lm.models import ModelPool
-from collective.run import speaker as speaker_module
 from collective.run.control import _initial_ids, _record, _Training, search_controls
 from collective.run.prepared import RunError, build_graph
 from collective.run.runner import prepare
@@ -168,7 +167,6 @@ def test_the_validation_slice_scores_the_lowest_training_loss_prompt_so_far_not_
     assert float(true[best]) < float(objective.losses(torch.tensor([init]))[0]) - 1e-3 < float(true[worst])
     proposals = iter([prompts[[best]], prompts[[worst]], prompts[[worst]]])  # steps 1, 2, 3
     monkeypatch.setattr(gcg_module, "filter_candidates", lambda candidates, tokenizer, retokenize: next(proposals))
-    monkeypatch.setattr(speaker_module, "filter_candidates", lambda candidates, tokenizer, retokenize: next(proposals), raising=False)
     validated: list[list[int]] = []
     built, losses = SpeakObjective.__init__, SpeakObjective.losses
 
