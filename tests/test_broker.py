@@ -77,8 +77,7 @@ def test_the_packet_limit_holds_a_result_of_the_scenario_with_room_to_spare():
 
 
 def test_the_packet_limit_holds_a_round_record_of_a_large_complete_collective():
-    from collective.distributed.broker import link_count
-    from collective.distributed.limits import round_event_bytes_bound
+    from collective.distributed.limits import link_count, round_event_bytes_bound
 
     base = _scenario(max_message_tokens=64, max_message_bytes=4000)
     nodes = [base.nodes[0].model_copy(update={"id": f"n{i}"}) for i in range(40)]

@@ -37,8 +37,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from collective.distributed.limits import DEFAULT_MAX_PACKET_BYTES as DEFAULT_MAX_PACKET_BYTES
-from collective.distributed.limits import MIN_MAX_PACKET_BYTES as MIN_MAX_PACKET_BYTES
-from collective.distributed.limits import link_count as link_count
 from collective.distributed.limits import (
     max_packet_size_for as max_packet_size_for,  # `collective broker` sizes with it
 )
