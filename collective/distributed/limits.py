@@ -22,6 +22,7 @@ from collective.scenario import Scenario
 DEFAULT_MAX_PACKET_BYTES = 8 << 20
 MIN_MAX_PACKET_BYTES = 1 << 20
 PACKET_HEADROOM_BYTES = 1_024  # an MQTT PUBLISH's fixed header, topic and properties, at most
+BYTES_PER_TOKEN_BOUND = 64  # a node's message text is counted at this many UTF-8 bytes per token
 
 
 def link_budget(scenario: Scenario) -> tuple[int, int]:
@@ -100,9 +101,6 @@ def message_bytes_bound(max_message_bytes: int) -> int:
     return 2_048 + 6 * max_message_bytes
 
 
-BYTES_PER_TOKEN_BOUND = 64  # a node's message text is counted at this many UTF-8 bytes per token
-
-
 def round_event_bytes_bound(
     n_nodes: int, n_links: int, max_message_tokens: int, max_message_bytes: int, screened_bytes: int = 0
 ) -> int:
@@ -118,7 +116,6 @@ def start_event_bytes_bound(n_nodes: int, n_links: int, scenario_yaml_bytes: int
     """A start record's envelope: names, views and policies (all in the scenario), each node's
     control text (a fixed one is in the scenario, a searched one at most 64 tokens), the edges."""
     return 16_384 + 2 * scenario_yaml_bytes + n_nodes * (768 + 6 * BYTES_PER_TOKEN_BOUND * 64) + n_links * 640
-
 
 
 def link_count(scenario: Scenario) -> int:
@@ -152,10 +149,8 @@ def max_packet_size_for(scenario: Scenario) -> int:
     result = result_bytes_bound(
         bus.round_tokens, scenario.evaluation.top_k, max_bytes, n_nodes, screened_bytes_bound(scenario, n_nodes), round_bytes=round_bytes
     )
-    if round_bytes is None:
-        request = node_request_bound(scenario)
-    else:
-        request = node_request_bound(scenario, view_bytes=BYTES_PER_TOKEN_BOUND * scenario.max_reach, round_bytes=round_bytes)
+    view_bytes = 0 if round_bytes is None else BYTES_PER_TOKEN_BOUND * scenario.max_reach
+    request = node_request_bound(scenario, view_bytes=view_bytes, round_bytes=round_bytes or 0)
     scenario_bytes = 64 * 1024 + 2 * yaml_bytes
     round_event = round_event_bytes_bound(n_nodes, n_links, max_tokens, max_bytes, screened_bytes_bound(scenario, n_links))
     events = max(round_event, start_event_bytes_bound(n_nodes, n_links, yaml_bytes))
