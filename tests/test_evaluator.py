@@ -7,13 +7,12 @@ import math
 import pytest
 import torch
 
-from collective.evaluate.book import RoundBook
+from collective.evaluate.book import EngineResult, RoundBook
 from collective.evaluate.evaluator import build_report, describe_aggregator
 from collective.evaluate.intervals import METHOD
 from collective.evaluate.metrics import RoundStats
 from collective.records import MEMBER_ROWS, Report
 from collective.report.report_view import report_markdown
-from collective.run.engine import EngineResult
 from collective.scenario import parse_scenario
 from tests.test_intervals import loop_interval
 from tests.test_scenario import _base

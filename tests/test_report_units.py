@@ -10,12 +10,12 @@ import math
 from pathlib import Path
 
 from collective.cli import main
+from collective.evaluate.book import EngineResult
 from collective.evaluate.evaluator import build_report
 from collective.evaluate.gains import verdict
 from collective.evaluate.metrics import Estimate
 from collective.records import REPORT_SCHEMA_VERSION, Report
 from collective.report.report_view import report_markdown
-from collective.run.engine import EngineResult
 from tests.report_fixtures import as_byte_report, full_token_report, renderings
 from tests.test_evaluator import _result, _rows, _scenario
 from tests.test_report_view import quickstart
