@@ -14,7 +14,7 @@ import pytest
 
 from collective.distributed.connection import Connection
 from collective.distributed.host import Host, HostConfig
-from collective.distributed.limits import PacketLimit, max_packet_size_for
+from collective.distributed.limits import PacketLimit, node_result_bound
 from collective.distributed.mqtt import DistributedError, parse_broker_url
 from collective.distributed.payloads import (
     HostRequestPayload,
@@ -24,6 +24,7 @@ from collective.distributed.payloads import (
     RequestPayload,
     ResultPayload,
     ScreenRecord,
+    WelcomePayload,
 )
 from collective.distributed.protocol import (
     COORDINATOR,
@@ -270,7 +271,11 @@ def test_a_host_envelope_of_many_nodes_is_split_so_that_every_envelope_fits(tiny
 def test_the_packet_limit_leaves_room_for_the_mqtt_header_and_holds_two_node_results():
     scenario = ring_scenario()
     packet = PacketLimit.of(scenario)
-    assert packet.packet_bytes == max_packet_size_for(scenario) and packet.envelope_bytes < packet.packet_bytes
+    longest_topic = Topics("r" * 64).result("h" * 64)  # a run id and a sender are at most 64 characters
+    # a PUBLISH's fixed header (at most 5 bytes), the topic's length and bytes, a packet id, properties
+    assert packet.packet_bytes - packet.envelope_bytes >= 5 + 2 + len(longest_topic.encode()) + 2 + 16
+    n = len(scenario.nodes)
+    assert packet.envelope_bytes >= node_result_bound(scenario, n - 1, n - 1)  # twice a result over every link
 
 
 # ---------------------------------------------------------------------------- a protocol mismatch
@@ -324,3 +329,5 @@ def test_a_join_names_its_host_and_a_welcome_its_node_on_the_wire():
     join = JoinPayload(session="s", model="m", vocab_size=5, tokenizer_digest="d", device="cpu", via="box")
     env = decode_envelope(encode(envelope("r1", "a", join)), 4096)
     assert isinstance(env.payload, JoinPayload) and env.payload.via == "box"
+    welcome = decode_envelope(encode(envelope("r1", COORDINATOR, WelcomePayload(session="s", node_id="a"))), 4096)
+    assert isinstance(welcome.payload, WelcomePayload) and welcome.payload.node_id == "a"
