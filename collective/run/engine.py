@@ -303,7 +303,7 @@ class RoundEngine:
                 tally.add_eval(results, targets, token_bytes)
             messages, screened = tally.add(results, self.scenario.node_ids)
             if on_event is not None:
-                on_event(self._event(round_index, results, (messages, screened), pools, round_began, began))
+                on_event(self._event(round_index, results, messages, screened, pools, round_began, began))
         return EngineResult(
             book=book,
             rounds_done=tally.rounds_done,
@@ -384,12 +384,13 @@ class RoundEngine:
         self,
         round_index: int,
         results: Results,
-        sent: tuple[list[MessageRecord], list[ScreenRecord]],
+        messages: list[MessageRecord],
+        screened: list[ScreenRecord],
         pools: RoundPools,
         round_began: float,
         began: float,
     ) -> RoundEvent:
-        """The round's event; `sent`: its messages and screen records, as the tally took them."""
+        """The round's event; its messages and screen records as the tally took them."""
         phase = self.phase(round_index)
         now = time.perf_counter()
         return RoundEvent(
@@ -400,8 +401,8 @@ class RoundEngine:
             start_token=self.round_start(round_index),
             n_tokens=self.round_tokens,
             nodes=[node_round(node_id, results.get(node_id)) for node_id in self.scenario.node_ids],
-            messages=sent[0],
-            screened=sent[1],
+            messages=messages,
+            screened=screened,
             nll_collective=_nanmean_nll(pools.collective.target_logprob),
             nll_silent=_nanmean_nll(pools.silent.target_logprob),
             nll_reference=float(-pools.reference.target_logprob.mean()),
