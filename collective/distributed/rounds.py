@@ -117,11 +117,6 @@ class RoundCollector:
         self._booked[receiver] = [(d, k) for d, k in booked if d > round_index]
         return due
 
-    @property
-    def awaiting(self) -> list[str]:
-        """The nodes asked for this round that have not answered (sorted)."""
-        return sorted(self._awaiting)
-
     async def send_again(self, node_id: str) -> None:
         """Send `node_id` its request of the current round (again: a reconnect may have lost it)."""
         payload = self._requests.get(node_id)
