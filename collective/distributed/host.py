@@ -123,14 +123,17 @@ class Host:
         self.session = uuid.uuid4().hex[:12]  # every node of the host joins in it: the host's will leaves them all
         self.report = report or (lambda line: None)
         self.rejections = Rejections(f"host {self.host_id}")
-        self.volunteers: list[Volunteer] = []
-        self.by_node: dict[str, Volunteer] = {}
+        self.by_node: dict[str, Volunteer] = {}  # one per node the host serves, in the order given
         self._ranks: dict[str, int] | None = None  # node id -> its place in the scenario, once known
         self.backend = HostBackend(config.cache_dir, self._expected, self._rank, self.report)
         self.packet = PacketLimit(DEFAULT_MAX_PACKET_BYTES)  # the scenario's, once it is known
         self._outgoing: dict[int, tuple[Sent, dict[str, ResultPayload]]] = {}  # round -> what its flush sends
         self._background: set[asyncio.Future[Any]] = set()
         self.connection: Connection | None = None
+
+    @property
+    def volunteers(self) -> list[Volunteer]:
+        return list(self.by_node.values())
 
     @property
     def rounds_served(self) -> int:
@@ -176,7 +179,6 @@ class Host:
                 report_rounds=False, via=self.host_id, session=self.session,
             )
             volunteer = Volunteer(node_config, self._node_report(node_id), self.backend, link=MemberLink(connection), sink=self._collect)
-            self.volunteers.append(volunteer)
             self.by_node[node_id] = volunteer
 
     async def _check_topics(self, node_ids: list[str]) -> None:
