@@ -33,7 +33,8 @@ class EnvelopeTap:
         self._thread = threading.Thread(target=lambda: asyncio.run(self._listen()), daemon=True)
 
     @property
-    def kinds_by_topic(self) -> set[str]:
+    def heard_on(self) -> set[str]:
+        """Where anything was heard ("to/box", "result/a"), in any round."""
         return {where for where, _ in self.kinds}
 
     def __enter__(self) -> EnvelopeTap:

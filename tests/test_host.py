@@ -86,7 +86,7 @@ def test_a_host_with_every_node_sends_one_envelope_each_way_a_round_and_gives_th
     assert len(rounds_asked) == len(_rounds(run_dir))
     for r in rounds_asked:  # one request and one result envelope a round, for all three nodes
         assert tap.kinds[("to/box", r)] == ["host_request"] and tap.kinds[("result/box", r)] == ["host_result"], r
-    assert not any(topic in tap.kinds_by_topic for topic in ("to/a", "to/b", "to/c", "result/a", "result/b", "result/c"))
+    assert not any(topic in tap.heard_on for topic in ("to/a", "to/b", "to/c", "result/a", "result/b", "result/c"))
     output = nodes.output("box")
     rounds = len([line for line in (run_dir / "events.jsonl").read_text().splitlines() if '"kind":"round"' in line])
     assert all(f"round {r}: a, b, c in 1 batch(es)" in output for r in range(rounds)), output
