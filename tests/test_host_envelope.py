@@ -39,6 +39,7 @@ from collective.distributed.protocol import (
 from collective.distributed.watcher import EventSequencer, EventSubscription
 from tests.ring_scenario import ring_scenario
 from tests.test_rounds import Round, _requests
+from tests.test_scale import CountingCodec
 
 OLD = PROTOCOL_SCHEMA_VERSION - 1
 
@@ -135,27 +136,17 @@ def test_a_bad_part_of_a_host_envelope_is_dropped_for_its_reason_and_the_other_n
     assert dropped == {reason: 1} and counted == {"a"}
 
 
-class CallCounting:
-    """A fast tokenizer that counts its calls, one text or a batch."""
+class CallCounting(CountingCodec):
+    """A fast tokenizer that counts its calls (`encoded`), one text or a batch."""
 
     is_fast = True
 
-    def __init__(self, tokenizer) -> None:
-        self.tokenizer, self.calls = tokenizer, 0
-
     def __len__(self) -> int:
-        return len(self.tokenizer)
+        return len(self.codec)
 
     def __call__(self, texts, **kwargs):
-        self.calls += 1
-        return self.tokenizer(texts, **kwargs)
-
-    def encode(self, text, add_special_tokens=True):
-        self.calls += 1
-        return self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
-
-    def decode(self, ids, skip_special_tokens=False):
-        return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
+        self.encoded += 1
+        return self.codec(texts, **kwargs)
 
 
 def test_a_host_envelopes_message_texts_are_encoded_in_one_call_and_give_each_part_its_records(tiny_tok):
@@ -166,11 +157,11 @@ def test_a_host_envelopes_message_texts_are_encoded_in_one_call_and_give_each_pa
 
     def payload(state: HostRound) -> tuple[int, HostResultPayload]:
         results = {n: state.result(n, 0, text=t) for n, t in texts.items()}
-        counting.calls = 0  # the calls of the coordinator's check alone
+        counting.encoded = 0  # the calls of the coordinator's check alone
         return 0, HostResultPayload(results=results)
 
     state, dropped, counted = _host_round(counting, payload)
-    assert dropped == {} and counted == {"a", "b"} and counting.calls == 1
+    assert dropped == {} and counted == {"a", "b"} and counting.encoded == 1
     for node_id, text in texts.items():
         assert state.collector._results[node_id].messages == state.result(node_id, 0, text=text).messages
 
