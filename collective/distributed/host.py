@@ -286,10 +286,8 @@ class Host:
             try:
                 env = open_envelope(raw, limit, run_id=self.config.run_id, sender=info.owner)
             except Rejected as rejected:
-                if rejected.reason == "wrong_schema" and info.channel in ("scenario", "control"):
-                    problem = DistributedError(f"run {self.config.run_id}'s coordinator speaks another protocol: {rejected.detail}")
-                    for volunteer in self.volunteers:
-                        volunteer._fail(problem)
+                for volunteer in self.volunteers:
+                    volunteer.fail_on_mismatch(rejected, info.channel)
                 raise
             if info.channel == "to" and info.target == self.host_id:
                 await self._on_direct(topic, info, env)

@@ -237,10 +237,15 @@ class Volunteer:
             try:
                 env = open_envelope(raw, self._limit(info.channel), run_id=self.run_id, sender=info.owner)
             except Rejected as rejected:
-                if rejected.reason == "wrong_schema" and info.channel in ("scenario", "control"):
-                    self._fail(DistributedError(f"run {self.run_id}'s coordinator speaks another protocol: {rejected.detail}"))
+                self.fail_on_mismatch(rejected, info.channel)
                 raise
             await self.dispatch(info, env)
+
+    def fail_on_mismatch(self, rejected: Rejected, channel: str) -> None:
+        """The run's scenario or control in another protocol: this node cannot serve the run
+        (a host checks once for all its nodes)."""
+        if rejected.reason == "wrong_schema" and channel in ("scenario", "control"):
+            self._fail(DistributedError(f"run {self.run_id}'s coordinator speaks another protocol: {rejected.detail}"))
 
     async def dispatch(self, info: TopicInfo, env: Envelope) -> None:
         """An envelope that passed `open_envelope`, to what its topic and kind ask (a host
