@@ -27,7 +27,8 @@ the receiver's own checks (round, neighbour, budget); anything that fails is dro
 counted in `Rejections` (`Rejections.dropping`), never raised to the round logic. A
 host's node is joined on its own status topic (the ACL's proof that the login may act for
 it), then served through the host's topics: one request and one result envelope a round
-for all of its nodes, each node's part checked as strictly as a lone node's envelope.
+for all of its nodes, each node's part checked as a lone node's envelope is, except its size:
+a part is bounded by the host envelope's packet, not by a lone node's result limit.
 """
 
 from __future__ import annotations
